@@ -1,0 +1,1 @@
+"""Image worlds (domains) and their oracles."""

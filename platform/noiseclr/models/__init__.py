@@ -1,0 +1,1 @@
+"""Base diffusion models: the embedded shapes model, its recipe, and the loader."""

@@ -1,0 +1,52 @@
+"""Plain text-to-image sampling from a loaded base model (seeded, batched)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from noiseclr.models.loader import BaseModel
+
+
+def default_guidance(model: BaseModel) -> float:
+    return float((model.world or {}).get("guidance_scale", 7.5))
+
+
+@torch.no_grad()
+def generate(
+    model: BaseModel,
+    prompt: str,
+    n: int = 8,
+    seed: int = 0,
+    steps: int = 25,
+    guidance_scale: float | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> np.ndarray:
+    """n images for one prompt as (n, H, W, 3) float in [0, 1]; image i depends only on
+    (seed, i), so the same seed gives the same images whatever the batch size."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    model.check_prompt(prompt)
+    guidance = default_guidance(model) if guidance_scale is None else guidance_scale
+    pipe = model.pipe
+    size = model.resolution
+    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc="generate", disable=not progress):
+        idx = range(start, min(n, start + batch_size))
+        latents = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)) for i in idx]
+        ).to(pipe.device, pipe.unet.dtype)
+        images = pipe(
+            prompt=[prompt] * len(idx),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=latents,
+            output_type="np",
+        ).images
+        out.append(images)
+    return np.concatenate(out)

@@ -1,0 +1,304 @@
+"""The embedded model's training recipe: a plain torch loop in two stages.
+
+1. VAE: AutoencoderKL on rendered images (L1 + L2 + a small KL), then the latent scaling
+   factor that makes latents unit-variance, as Stable Diffusion's 0.18215 does.
+2. Diffusion: UNet2DConditionModel and CLIPTextModel trained together on epsilon prediction
+   with the DDPM schedule of SD 1.x. Captions name the world's factors; each factor's words
+   are dropped at random (so partial prompts work) and the whole caption is dropped at
+   random (so classifier-free guidance works). EMA weights are the ones saved.
+
+Images are rendered on the fly (the world is infinite) except word combinations held out
+for measuring quality. Every `eval_every` steps the oracle scores generations from held-out
+captions and a short table is printed, so a run that is not learning a factor shows it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from noiseclr.domains import shapes
+from noiseclr.models.architecture import ArchitectureConfig, build_pipeline, training_scheduler
+from noiseclr.models.quality import QUALITY_BAR, evaluate_quality, meets_bar
+
+
+class RecipeConfig(BaseModel):
+    """Everything that decides the trained weights (with the seed and the hardware)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = Field("no", pattern="^(no|bf16)$")
+    vae_steps: int = Field(3000, ge=0)
+    vae_batch: int = Field(64, ge=1)
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    steps: int = Field(8000, ge=0)
+    # If set, the diffusion stage measures its speed after 100 steps and shortens `steps`
+    # (and the LR schedule with it) to end within this many seconds.
+    time_budget_s: float | None = Field(None, gt=0)
+    batch: int = Field(256, ge=2)
+    lr: float = 5e-4
+    warmup: int = 500
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.999
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    word_dropout: float = Field(0.15, ge=0, le=1)
+    eval_every: int = 1000
+    eval_images: int = 64
+    final_eval_images: int = 256
+    guidance_scale: float = 4.0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _lr_lambda(warmup: int, total: int | list[int]):
+    """Linear warm-up then cosine to 10%; `total` may be a one-item list changed mid-run."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        end = total[0] if isinstance(total, list) else total
+        progress = (step - warmup) / max(1, end - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def random_caption(scene: shapes.Scene, rng: np.random.Generator, cfg: RecipeConfig) -> str:
+    """A caption with each factor's word dropped at random, or "" for the CFG null prompt."""
+    if rng.random() < cfg.caption_dropout:
+        return ""
+    words: dict[str, str | None] = {
+        f: (None if rng.random() < cfg.word_dropout else w) for f, w in scene.words.items()
+    }
+    return shapes.caption(words)
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    noise_sched,
+    latents: torch.Tensor,  # (B, 4, h, w), already scaled
+    input_ids: torch.Tensor,  # (B, L)
+    noise: torch.Tensor,  # (B, 4, h, w)
+    t: torch.Tensor,  # (B,)
+) -> torch.Tensor:
+    """Epsilon-prediction MSE of SD training, text encoder included in the graph."""
+    noisy = noise_sched.add_noise(latents, noise, t)
+    cond = text_encoder(input_ids)[0]
+    pred = unet(noisy, t, cond).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log) -> float:
+    """Stage 1. Returns the latent scaling factor it sets on the VAE."""
+    vae = pipe.vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(min(200, cfg.vae_steps // 10 + 1), cfg.vae_steps)
+    )
+    bar = tqdm(range(cfg.vae_steps), desc="vae")
+    for step in bar:
+        scenes = shapes.sample_scenes(cfg.vae_batch, seed=cfg.seed * 1_000_003 + step)
+        x = shapes.render(scenes, cfg.arch.resolution, device) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        scenes = shapes.sample_scenes(512, seed=cfg.seed + 777)
+        x = shapes.render(scenes, cfg.arch.resolution, device) * 2 - 1
+        latents = vae.encode(x).latent_dist.sample()
+        recon = vae.decode(latents).sample
+        scaling = float(1.0 / latents.std())
+        err = float((recon - x).abs().mean() / 2)
+    vae.register_to_config(scaling_factor=scaling)
+    log({"stage": "vae", "scaling_factor": scaling, "recon_mae": err})
+    return scaling
+
+
+def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log):
+    """Stage 2. Returns (ema_unet, ema_text_encoder, steps run)."""
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    unet.to(device).train()
+    text_encoder.to(device).train()
+    vae.to(device)
+    noise_sched = training_scheduler(pipe)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = [cfg.steps]
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, total))
+    ema_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False).eval()
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    held_out = shapes.held_out_combinations()
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    eval_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": ema_unet, "text_encoder": ema_text})
+    eval_pipe.set_progress_bar_config(disable=True)
+
+    bar = tqdm(total=cfg.steps, desc="diffusion")
+    t0 = time.time()
+    step = 0
+    while step < total[0]:
+        if cfg.time_budget_s and step == 100:
+            fit = int(cfg.time_budget_s / ((time.time() - t0) / 100))
+            if fit < total[0]:
+                total[0] = max(101, fit)
+                bar.total = total[0]
+                log({"stage": "diffusion", "note": "time budget", "steps": total[0]})
+        scenes = shapes.sample_scenes(cfg.batch, seed=cfg.seed * 1_000_003 + 10**6 + step, exclude=held_out)
+        with torch.no_grad():
+            x = shapes.render(scenes, cfg.arch.resolution, device) * 2 - 1
+            latents = vae.encode(x).latent_dist.sample(gen) * vae.config.scaling_factor
+        ids = tokenizer(
+            [random_caption(s, rng, cfg) for s in scenes],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        t = torch.randint(
+            0, noise_sched.config.num_train_timesteps, (len(scenes),), generator=gen, device=device
+        )
+        with autocast:
+            loss = diffusion_loss(unet, text_encoder, noise_sched, latents, ids, noise, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total[0]:
+            scores = evaluate_quality(
+                eval_pipe, cfg.eval_images, seed=1, guidance_scale=cfg.guidance_scale, progress=False
+            )
+            log({"stage": "diffusion", "step": step, "loss": loss.item(), "sec": time.time() - t0, **scores})
+    bar.close()
+    return ema_unet, ema_text, step
+
+
+def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
+    """Run both stages, save the pipeline to `out` with a model card, return the metrics."""
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    history: list[dict] = []
+
+    def log(row: dict) -> None:
+        history.append(row)
+        tqdm.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    pipe = build_pipeline(cfg.arch, shapes.vocabulary())
+    started = time.time()
+    train_vae(pipe, cfg, device, log)
+    ema_unet, ema_text, steps_done = train_diffusion(pipe, cfg, device, log)
+    final = StableDiffusionPipeline(**{**pipe.components, "unet": ema_unet, "text_encoder": ema_text})
+    final.set_progress_bar_config(disable=True)
+    scores = evaluate_quality(final, cfg.final_eval_images, seed=12345, guidance_scale=cfg.guidance_scale)
+    metrics = {
+        "quality": scores,
+        "meets_bar": meets_bar(scores),
+        "train_seconds": time.time() - started,
+        "diffusion_steps": steps_done,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "history": history,
+    }
+    log({"stage": "final", **scores})
+    save_pipeline(final, cfg, metrics, out)
+    return metrics
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, cfg: RecipeConfig, metrics: dict, out: Path) -> None:
+    """Write the diffusers layout + world.json + recipe.json + README.md, atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    world = {
+        "world": "shapes",
+        "vocabulary": shapes.vocabulary(),
+        "factors": shapes.FACTOR_WORDS,
+        "resolution": cfg.arch.resolution,
+        "guidance_scale": cfg.guidance_scale,
+    }
+    (tmp / "world.json").write_text(json.dumps(world, indent=2))
+    (tmp / "recipe.json").write_text(json.dumps({"config": cfg.model_dump(), "metrics": metrics}, indent=2))
+    (tmp / "README.md").write_text(model_card(cfg, metrics))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def model_card(cfg: RecipeConfig, metrics: dict) -> str:
+    q = metrics["quality"]
+    rows = "\n".join(
+        f"| {k} | {v:.3f} | {QUALITY_BAR.get(k, float('nan')):.2f} |"
+        if k in QUALITY_BAR
+        else f"| {k} | {v:.3f} | - |"
+        for k, v in q.items()
+    )
+    return f"""# shapes: the embedded base model of the NoiseCLR platform
+
+A small text-to-image latent diffusion model in Stable Diffusion's layout (AutoencoderKL,
+UNet2DConditionModel, CLIPTextModel, CLIP-style tokenizer, DDIM scheduler with SD 1.x's
+betas), trained from scratch on the procedural *shapes world* (`noiseclr.domains.shapes`).
+Load it with `StableDiffusionPipeline.from_pretrained(this_folder)` or `noiseclr.models.load_model("shapes")`.
+
+## How it was trained
+
+`noiseclr base train` (recipe: `noiseclr/models/recipe.py`; full config in `recipe.json`):
+VAE {cfg.vae_steps} steps (batch {cfg.vae_batch}), then UNet + text encoder {metrics["diffusion_steps"]} steps
+(batch {cfg.batch}, AdamW lr {cfg.lr}, warm-up {cfg.warmup}, cosine, EMA {cfg.ema_decay},
+caption dropout {cfg.caption_dropout}, per-factor word dropout {cfg.word_dropout},
+precision {cfg.mixed_precision}), seed {cfg.seed}, on {metrics["device"]} in
+{metrics["train_seconds"]:.0f} s. {len(shapes.held_out_combinations())} of
+{len(shapes.all_combinations())} word combinations were held out of training.
+
+## Measured quality
+
+{cfg.final_eval_images} images from held-out captions, DDIM 25 steps, guidance
+{cfg.guidance_scale}, scored by the oracle (`noiseclr.domains.oracle`). Hue within 20 degrees
+of the named hue; x, y and position (Euclidean) within 6 px of the named bin centre; size and
+lightness: nearest bin; one_object: exactly one object found.
+
+| check | share passing | bar |
+|---|---|---|
+{rows}
+
+Meets the bar: {metrics["meets_bar"]}.
+"""

@@ -1,0 +1,97 @@
+"""The committed embedded model, the loader, and seeded generation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from noiseclr.models.generate import generate
+from noiseclr.models.loader import EMBEDDED, ModelLoadError, load_model
+from noiseclr.models.quality import QUALITY_BAR, evaluate_quality
+
+FOLDER = EMBEDDED["shapes"]
+
+
+def test_committed_weights_load_with_diffusers_itself():
+    pipe = StableDiffusionPipeline.from_pretrained(FOLDER, safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae.config.scaling_factor != 1.0  # set by the recipe from the latents' spread
+    size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20
+    assert all(not f.name.endswith((".bin", ".pt", ".ckpt")) for f in FOLDER.rglob("*"))
+
+
+def test_model_card_reports_a_quality_that_meets_the_bar():
+    recipe = json.loads((FOLDER / "recipe.json").read_text())
+    quality = recipe["metrics"]["quality"]
+    assert all(quality[k] >= v for k, v in QUALITY_BAR.items()), quality
+    assert f"{quality['shape']:.3f}" in (FOLDER / "README.md").read_text()
+
+
+def test_seeded_generation_is_deterministic_and_batch_independent(shapes_model):
+    prompt = "a large red circle at top left on a dark plain background"
+    a = generate(shapes_model, prompt, n=3, seed=0, steps=10, progress=False)
+    b = generate(shapes_model, prompt, n=3, seed=0, steps=10, batch_size=1, progress=False)
+    c = generate(shapes_model, prompt, n=3, seed=1, steps=10, progress=False)
+    assert a.shape == (3, 64, 64, 3)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert np.abs(a - c).max() > 0.05
+
+
+def test_generations_follow_held_out_captions(shapes_model):
+    # A small sample (48) with slack for sampling error; the full 256-image figure is in
+    # the model card. Catches a broken scheduler, tokenizer or loader, which drop to chance.
+    scores = evaluate_quality(shapes_model.pipe, n=48, seed=99, guidance_scale=4.0, steps=20, progress=False)
+    for k, bar in QUALITY_BAR.items():
+        assert scores[k] >= bar - 0.15, (k, scores)
+
+
+def test_fingerprint_identifies_the_model(shapes_model):
+    again = load_model("shapes")
+    assert again.fingerprint == shapes_model.fingerprint
+    with torch.no_grad():
+        again.pipe.unet.conv_in.weight[0, 0, 0, 0] += 1.0
+    from noiseclr.models.loader import fingerprint
+
+    assert fingerprint(again.pipe) != shapes_model.fingerprint
+
+
+def test_unknown_model_name():
+    with pytest.raises(ModelLoadError, match="unknown model 'shapez'"):
+        load_model("shapez")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match="not a diffusers pipeline folder"):
+        load_model(str(tmp_path))
+
+
+def test_broken_pipeline_folder(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_model(str(tmp_path))
+
+
+def test_unreachable_hub_id_gives_a_clear_error():
+    with pytest.raises(ModelLoadError, match="network access"):
+        load_model("nobody-here/no-such-model")
+
+
+def test_prompt_with_unknown_words(shapes_model):
+    with pytest.raises(ValueError, match=r"does not know.*'cat'"):
+        generate(shapes_model, "a red cat", n=1, progress=False)
+
+
+def test_a_saved_copy_loads_from_a_folder(shapes_model, tmp_path):
+    shapes_model.pipe.save_pretrained(tmp_path / "copy")
+    again = load_model(str(tmp_path / "copy"))
+    assert again.fingerprint == shapes_model.fingerprint
+    assert again.world is None  # a plain diffusers folder: no world, any prompt goes
