@@ -18,3 +18,26 @@ def shapes_model():
     from noiseclr.models.loader import load_model
 
     return load_model("shapes", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """An untrained, very small pipeline of the same classes: fast for trainer mechanics."""
+    from diffusers import DDIMScheduler
+
+    from noiseclr.domains import shapes
+    from noiseclr.models.architecture import ArchitectureConfig, build_pipeline
+    from noiseclr.models.loader import BaseModel, fingerprint
+
+    torch.manual_seed(0)
+    arch = ArchitectureConfig(
+        unet_channels=(16, 16, 16),
+        vae_channels=(16, 16, 16),
+        text_layers=1,
+        text_hidden=32,
+        attention_heads=4,
+    )
+    pipe = build_pipeline(arch, shapes.vocabulary())
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return BaseModel(pipe=pipe, source="tiny", fingerprint=fingerprint(pipe), world=None)

@@ -119,5 +119,129 @@ def base_quality(
     typer.echo(f"meets bar: {meets_bar(scores)}")
 
 
+@app.command()
+def discover(
+    config: Path = typer.Option(Path("jobs/shapes.yaml"), exists=True, help="Discovery job YAML."),
+    out: Path = typer.Option(Path("out/discovery"), help="Output folder: bank/, gallery/, checkpoints/."),
+    data: str | None = typer.Option(None, help="Image folder URI (overrides the config's `data`)."),
+    steps: int | None = typer.Option(None, help="Override the config's steps."),
+    k: int | None = typer.Option(None, help="Override the number of directions."),
+    device: str | None = typer.Option(None, help="Override the device."),
+    fresh: bool = typer.Option(False, help="Ignore checkpoints in OUT and start over."),
+) -> None:
+    """Discover K directions on a domain of images (single process) and write bank + gallery."""
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.run import run_discovery
+
+    cfg = DiscoveryConfig.from_yaml(config, data=data, steps=steps, k=k, device=device)
+    result = run_discovery(cfg, out, resume=not fresh)
+    if result["corrupt_images"]:
+        typer.echo(f"skipped {result['corrupt_images']} corrupt image(s)")
+    typer.echo(f"bank:    {result['bank']}")
+    typer.echo(f"gallery: {result['gallery']}")
+    typer.echo(f"page:    {result['html']}")
+    typer.echo(f"done in {result['seconds']} s on {result['images']} images")
+
+
+@app.command()
+def gallery(
+    bank: list[Path] = typer.Argument(..., help="Bank folder(s)."),
+    model: str = typer.Option("shapes"),
+    out: Path | None = typer.Option(None, help="Default: BANK/../gallery."),
+    scale: float = typer.Option(6.0, min=0.0, help="Columns go from -scale to +scale."),
+    columns: int = typer.Option(5, min=2),
+    seeds: int = typer.Option(3, min=1),
+    prompt: str | None = typer.Option(None, help="Default: unconditional samples."),
+    steps: int = typer.Option(25, min=1),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Write a PNG grid (directions x scales, over seeds) and an HTML page for each bank."""
+    import numpy as np
+
+    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.editing.gallery import write_gallery
+    from noiseclr.models.loader import load_model
+
+    base = load_model(model, device=_device(device))
+    scales = [round(float(s), 4) for s in np.linspace(-scale, scale, columns)]
+    for folder in bank:
+        b = DirectionBank.load(folder, base)
+        target = out or folder.parent / "gallery"
+        pages = write_gallery(base, b, target, scales, list(range(seeds)), prompt, steps)
+        typer.echo(f"{folder}: {pages['grid']} {pages['html']}")
+
+
+@app.command()
+def edit(
+    edits: list[str] = typer.Argument(
+        ..., help="[bank:]direction=scale[@t_high-t_low], e.g. 3=4 or bg:2=-3@800-200"
+    ),
+    bank: list[Path] = typer.Option(..., help="Bank folder(s); its name in bank.json addresses it."),
+    model: str = typer.Option("shapes"),
+    image: Path | None = typer.Option(None, help="A real image to edit (DDIM inversion); else a seed."),
+    seed: int = typer.Option(0),
+    prompt: str | None = typer.Option(None, help="Prompt for a generated image (default: unconditional)."),
+    sweep: str | None = typer.Option(None, help="Interpolate the first edit over scales, e.g. -6,-3,0,3,6."),
+    steps: int = typer.Option(25, min=1),
+    device: str = typer.Option("auto"),
+    out: Path = typer.Option(Path("edit.png")),
+) -> None:
+    """Edit a generated image (a seed) or a real image with one or more directions."""
+    import numpy as np
+    import torch
+
+    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.discovery.data import decode_image
+    from noiseclr.editing import sampler
+    from noiseclr.models.generate import default_guidance
+    from noiseclr.models.loader import load_model
+    from noiseclr.utils.images import make_grid, save_png
+
+    base = load_model(model, device=_device(device))
+    banks = {}
+    for folder in bank:
+        b = DirectionBank.load(folder, base)
+        if b.name in banks:
+            raise typer.BadParameter(f"two banks are named {b.name!r}")
+        banks[b.name] = b
+    parsed = [sampler.parse_edit(e, banks) for e in edits]
+    if image is not None:
+        pixels = torch.from_numpy(decode_image(image.read_bytes(), base.resolution)).permute(2, 0, 1)[None]
+        pixels = pixels.float() / 127.5 - 1
+        x_T = sampler.invert(base, sampler.encode(base, pixels), steps)
+        recon = sampler.decode(base, sampler.sample(base, x_T, [], steps=steps))
+        err = float(np.abs(recon - (pixels[0].permute(1, 2, 0).numpy() + 1) / 2).mean())
+        typer.echo(f"inversion reconstruction error (mean abs, 0..1): {err:.4f}")
+        prompt, guidance = None, 1.0
+    else:
+        x_T = sampler.seed_latents(base, [seed])
+        guidance = default_guidance(base) if prompt else 1.0
+    if sweep:
+        scales = [float(s) for s in sweep.split(",")]
+        images = sampler.scale_sweep(base, x_T, parsed[0], scales, prompt, guidance, steps)[0]
+    else:
+        before = sampler.decode(
+            base, sampler.sample(base, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps)
+        )
+        after = sampler.decode(
+            base, sampler.sample(base, x_T, parsed, prompt=prompt, guidance_scale=guidance, steps=steps)
+        )
+        images = np.concatenate([before, after])
+    save_png(make_grid(images, cols=len(images), scale=2 if base.resolution < 128 else 1), out)
+    typer.echo(f"wrote {out}: " + ", ".join(f"{e.label} x{e.scale:g}" for e in parsed))
+
+
+@app.command("export-ti")
+def export_ti(
+    bank: Path = typer.Argument(..., help="Bank folder."),
+    out: Path = typer.Option(..., help="Folder for the textual-inversion files."),
+) -> None:
+    """Export a bank as textual-inversion files for `StableDiffusionPipeline.load_textual_inversion`."""
+    from noiseclr.discovery.bank import DirectionBank
+
+    paths = DirectionBank.load(bank).export_textual_inversion(out)
+    typer.echo(f"wrote {len(paths)} files to {out}")
+
+
 if __name__ == "__main__":
     app()

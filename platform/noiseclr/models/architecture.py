@@ -40,7 +40,7 @@ class ArchitectureConfig(BaseModel):
     resolution: int = 64
     vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels: 64 px -> 16x16 latents
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (64, 96, 96)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
     unet_layers_per_block: int = 1
     attention_heads: int = 8
     text_hidden: int = 128

@@ -9,6 +9,18 @@ from tqdm.auto import tqdm
 from noiseclr.models.loader import BaseModel
 
 
+def initial_latents(model: BaseModel, raw_seeds: list[int]) -> torch.Tensor:
+    """x_T (N, C, h, w) on the CPU, one torch.Generator per raw seed: the same on every device."""
+    pipe, size = model.pipe, model.resolution
+    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in raw_seeds])
+
+
+def image_seed(seed: int, index: int = 0) -> int:
+    """Raw generator seed of image `index` of a run with `seed` (so images are batch-independent)."""
+    return seed * 100_003 + index
+
+
 def default_guidance(model: BaseModel) -> float:
     return float((model.world or {}).get("guidance_scale", 7.5))
 
@@ -33,14 +45,10 @@ def generate(
     model.check_prompt(prompt)
     guidance = default_guidance(model) if guidance_scale is None else guidance_scale
     pipe = model.pipe
-    size = model.resolution
-    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     out = []
     for start in tqdm(range(0, n, batch_size), desc="generate", disable=not progress):
         idx = range(start, min(n, start + batch_size))
-        latents = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)) for i in idx]
-        ).to(pipe.device, pipe.unet.dtype)
+        latents = initial_latents(model, [image_seed(seed, i) for i in idx]).to(pipe.device, pipe.unet.dtype)
         images = pipe(
             prompt=[prompt] * len(idx),
             num_inference_steps=steps,

@@ -47,9 +47,10 @@ class RecipeConfig(BaseModel):
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     steps: int = Field(8000, ge=0)
-    # If set, the diffusion stage measures its speed after 100 steps and shortens `steps`
-    # (and the LR schedule with it) to end within this many seconds.
+    # If set, the diffusion stage re-measures its speed every 100 steps and shortens `steps`
+    # (and the LR schedule with it) to end within this many seconds (likewise the VAE stage).
     time_budget_s: float | None = Field(None, gt=0)
+    vae_time_budget_s: float | None = Field(None, gt=0)
     batch: int = Field(256, ge=2)
     lr: float = 5e-4
     warmup: int = 500
@@ -116,7 +117,11 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.de
         opt, _lr_lambda(min(200, cfg.vae_steps // 10 + 1), cfg.vae_steps)
     )
     bar = tqdm(range(cfg.vae_steps), desc="vae")
+    t0 = time.time()
     for step in bar:
+        if cfg.vae_time_budget_s and time.time() - t0 > cfg.vae_time_budget_s:
+            log({"stage": "vae", "note": "time budget reached", "steps": step})
+            break
         scenes = shapes.sample_scenes(cfg.vae_batch, seed=cfg.seed * 1_000_003 + step)
         x = shapes.render(scenes, cfg.arch.resolution, device) * 2 - 1
         posterior = vae.encode(x).latent_dist
@@ -166,12 +171,12 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
     t0 = time.time()
     step = 0
     while step < total[0]:
-        if cfg.time_budget_s and step == 100:
-            fit = int(cfg.time_budget_s / ((time.time() - t0) / 100))
+        if cfg.time_budget_s and step and step % 100 == 0:  # re-fit the plan to the time left
+            elapsed = time.time() - t0
+            fit = step + int((cfg.time_budget_s - elapsed) / (elapsed / step))
             if fit < total[0]:
-                total[0] = max(101, fit)
+                total[0] = max(step + 1, fit)
                 bar.total = total[0]
-                log({"stage": "diffusion", "note": "time budget", "steps": total[0]})
         scenes = shapes.sample_scenes(cfg.batch, seed=cfg.seed * 1_000_003 + 10**6 + step, exclude=held_out)
         with torch.no_grad():
             x = shapes.render(scenes, cfg.arch.resolution, device) * 2 - 1

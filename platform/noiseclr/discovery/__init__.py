@@ -1,0 +1,1 @@
+"""NoiseCLR discovery: direction banks, the contrastive loss, batched noise evaluation, the trainer."""

@@ -1,0 +1,275 @@
+"""Direction banks: K learned token embeddings, how the text encoder sees them, and their files.
+
+A direction d_k is a token embedding in the text encoder's input space (textual inversion
+style); the UNet sees it through the frozen text encoder as the one-token prompt "<d_k>".
+During training and editing the directions are fed by `DirectionEmbedding`, which wraps the
+encoder's own token table (`get_input_embeddings` / `set_input_embeddings`, the stable API on
+transformers 4 and 5) and maps ids past the vocabulary to direction rows. So the only
+trainable tensor is the (K, D) direction matrix and every other weight stays bit-identical;
+several banks compose by stacking their rows. `install` adds real tokens to a tokenizer and
+encoder for tools that expect them, and `export_textual_inversion` writes the files diffusers'
+`load_textual_inversion` reads.
+
+On disk a bank is a folder: `directions.safetensors` (tensor "directions", (K, D)) and
+`bank.json` (base model identity, token names, training config, metrics, labels).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from noiseclr.utils.images import atomic_write_bytes
+
+DIRECTIONS_FILE = "directions.safetensors"
+META_FILE = "bank.json"
+FORMAT_VERSION = 1
+
+
+class BankError(ValueError):
+    """A bank does not fit the model or request; the message says what does not match."""
+
+
+class DirectionEmbedding(nn.Module):
+    """Token embedding table that maps ids >= vocab_size to rows of `directions`."""
+
+    def __init__(self, base: nn.Embedding, directions: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.directions = directions  # (M, D); a Parameter while training, else a tensor
+        self.vocab_size = base.num_embeddings
+
+    @property
+    def weight(self) -> torch.Tensor:  # what callers of get_input_embeddings().weight expect
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_dir = input_ids >= self.vocab_size
+        base = self.base(input_ids.clamp(max=self.vocab_size - 1))
+        if not is_dir.any():
+            return base
+        dirs = self.directions.to(base.dtype)[(input_ids - self.vocab_size).clamp(min=0)]
+        return torch.where(is_dir[..., None], dirs, base)
+
+
+@contextmanager
+def directions_in(text_encoder: nn.Module, directions: torch.Tensor):
+    """Temporarily let `text_encoder` read direction rows for ids >= its vocabulary."""
+    base = text_encoder.get_input_embeddings()
+    if isinstance(base, DirectionEmbedding):
+        base = base.base
+    text_encoder.set_input_embeddings(DirectionEmbedding(base, directions))
+    try:
+        yield
+    finally:
+        text_encoder.set_input_embeddings(base)
+
+
+def prompt_ids(tokenizer, text_encoder, n_directions: int, device: torch.device) -> torch.Tensor:
+    """Input ids (n_directions + 1, L): row k is the prompt "<d_k>", the last row is "" (empty).
+
+    Built directly as [BOS, vocab + k, EOS, PAD...], the same ids a tokenizer that had the
+    tokens added would produce, so no tokenizer has to be changed.
+    """
+    length = tokenizer.model_max_length
+    empty = tokenizer(
+        "", padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids
+    vocab = (
+        text_encoder.get_input_embeddings().base.num_embeddings
+        if isinstance(text_encoder.get_input_embeddings(), DirectionEmbedding)
+        else text_encoder.get_input_embeddings().num_embeddings
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((n_directions, length), pad, dtype=torch.long)
+    ids[:, 0] = tokenizer.bos_token_id
+    ids[:, 1] = vocab + torch.arange(n_directions)
+    ids[:, 2] = tokenizer.eos_token_id
+    return torch.cat([ids, empty]).to(device)
+
+
+def encode_directions(text_encoder: nn.Module, tokenizer, directions: torch.Tensor) -> torch.Tensor:
+    """Text-encoder hidden states for every direction prompt plus the empty prompt.
+
+    directions: (M, D) -> (M + 1, L, H); row M is the empty prompt. One encoder call.
+    """
+    ids = prompt_ids(tokenizer, text_encoder, directions.shape[0], directions.device)
+    with directions_in(text_encoder, directions):
+        return text_encoder(ids)[0]
+
+
+def init_directions(
+    text_encoder: nn.Module,
+    k: int,
+    generator: torch.Generator,
+    tokenizer=None,
+    init_tokens: list[str] | None = None,
+) -> torch.Tensor:
+    """(K, D) initial directions: random with the mean norm of the token table, or copies
+    of given tokens' embeddings (cycled if fewer than K)."""
+    table = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    if init_tokens:
+        if tokenizer is None:
+            raise ValueError("init_tokens needs the tokenizer")
+        rows = []
+        for tok in init_tokens:
+            ids = tokenizer(tok, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise BankError(
+                    f"init token {tok!r} is not a single token of this tokenizer ({len(ids)} tokens)"
+                )
+            rows.append(table[ids[0]])
+        return torch.stack([rows[i % len(rows)] for i in range(k)]).clone()
+    norm = table.norm(dim=1).mean()
+    vectors = torch.randn(k, table.shape[1], generator=generator)
+    return vectors / vectors.norm(dim=1, keepdim=True) * norm
+
+
+@dataclass
+class DirectionBank:
+    """K directions plus what they were learnt on and how."""
+
+    directions: torch.Tensor  # (K, D) float32
+    base_model: dict[str, Any]  # {"source", "fingerprint", "hidden_size"}
+    name: str = "bank"
+    tokens: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)  # token -> {"auto", "human"}
+
+    def __post_init__(self) -> None:
+        if self.directions.ndim != 2:
+            raise BankError(f"directions must be (K, D), got shape {tuple(self.directions.shape)}")
+        if not self.tokens:
+            self.tokens = [f"<{self.name}-{i}>" for i in range(len(self.directions))]
+        if len(self.tokens) != len(self.directions):
+            raise BankError(f"{len(self.tokens)} token names for {len(self.directions)} directions")
+
+    def __len__(self) -> int:
+        return len(self.directions)
+
+    def index(self, key: str | int) -> int:
+        """Direction index from an index, a token name ("<bank-3>"), or a label."""
+        if isinstance(key, int) or (isinstance(key, str) and key.lstrip("-").isdigit()):
+            i = int(key)
+            if not 0 <= i < len(self):
+                raise BankError(f"direction {i} does not exist: bank {self.name!r} has 0..{len(self) - 1}")
+            return i
+        if key in self.tokens:
+            return self.tokens.index(key)
+        for token, lab in self.labels.items():
+            if key in lab.values():
+                return self.tokens.index(token)
+        raise BankError(
+            f"direction {key!r} does not exist in bank {self.name!r}; known: indices 0..{len(self) - 1}, "
+            f"tokens {self.tokens[:4]}{'...' if len(self) > 4 else ''}"
+        )
+
+    def check_model(self, model) -> None:
+        """Raise BankError if this bank was not learnt on `model` (a loader.BaseModel)."""
+        hidden = model.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+        if hidden != self.directions.shape[1]:
+            raise BankError(
+                f"bank {self.name!r} has {self.directions.shape[1]}-dim directions but the model's "
+                f"text encoder takes {hidden}-dim token embeddings"
+            )
+        if self.base_model.get("fingerprint") != model.fingerprint:
+            raise BankError(
+                f"bank {self.name!r} was learnt on base model {self.base_model.get('source')!r} "
+                f"(fingerprint {self.base_model.get('fingerprint')}), not on {model.source!r} "
+                f"(fingerprint {model.fingerprint})"
+            )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write both files atomically (tensor first, then the JSON that names it)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not torch.isfinite(self.directions).all():
+            raise BankError("refusing to save a bank with non-finite directions")
+        tmp = folder / f".{DIRECTIONS_FILE}.tmp"
+        save_file({"directions": self.directions.detach().float().cpu().contiguous()}, str(tmp))
+        tmp.replace(folder / DIRECTIONS_FILE)
+        meta = {
+            "format": FORMAT_VERSION,
+            "name": self.name,
+            "base_model": self.base_model,
+            "tokens": self.tokens,
+            "shape": list(self.directions.shape),
+            "config": self.config,
+            "metrics": self.metrics,
+            "labels": self.labels,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2, default=_json_default).encode())
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, model=None) -> DirectionBank:
+        """Read a bank folder; with `model`, also check it was learnt on that model."""
+        folder = Path(folder)
+        if not (folder / META_FILE).exists() or not (folder / DIRECTIONS_FILE).exists():
+            raise BankError(
+                f"{str(folder)!r} is not a direction bank (needs {DIRECTIONS_FILE} and {META_FILE})"
+            )
+        meta = json.loads((folder / META_FILE).read_text())
+        directions = load_file(str(folder / DIRECTIONS_FILE))["directions"]
+        if list(directions.shape) != meta.get("shape"):
+            shape = list(directions.shape)
+            raise BankError(f"{folder}: directions have shape {shape}, bank.json says {meta.get('shape')}")
+        bank = cls(
+            directions=directions,
+            base_model=meta["base_model"],
+            name=meta.get("name", folder.name),
+            tokens=meta["tokens"],
+            config=meta.get("config", {}),
+            metrics=meta.get("metrics", {}),
+            labels=meta.get("labels", {}),
+        )
+        if model is not None:
+            bank.check_model(model)
+        return bank
+
+    def install(self, tokenizer, text_encoder) -> list[int]:
+        """Add this bank's tokens to a tokenizer and encoder (for plain-diffusers prompts)."""
+        clash = [t for t in self.tokens if t in tokenizer.get_vocab()]
+        if clash:
+            raise BankError(f"tokens already in the tokenizer: {clash[:4]}")
+        tokenizer.add_tokens(self.tokens)
+        text_encoder.resize_token_embeddings(len(tokenizer))
+        ids = tokenizer.convert_tokens_to_ids(self.tokens)
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight[ids] = self.directions.to(
+                text_encoder.get_input_embeddings().weight.dtype
+            )
+        return ids
+
+    def export_textual_inversion(self, folder: str | Path) -> list[Path]:
+        """One `<token>.safetensors` per direction in diffusers' format ({token: vector}),
+        loadable with `pipe.load_textual_inversion(paths)`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, token in enumerate(self.tokens):
+            path = folder / f"{token.strip('<>')}.safetensors"
+            save_file({token: self.directions[i].detach().float().cpu().contiguous()}, str(path))
+            paths.append(path)
+        return paths
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,77 @@
+"""The discovery config: one schema for the single-process and the distributed paths.
+
+Validated once at the edge: unknown keys and impossible values fail with the field's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DiscoveryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # what
+    model: str = "shapes"  # "shapes", a diffusers folder, or a hub id
+    data: str | None = None  # image folder URI; None: write `n_images` images of the shapes world
+    world_fixed: dict[str, str] = Field(default_factory=dict)  # factors held constant in that world
+    n_images: int = Field(64, ge=2)  # images used (the paper's N)
+    name: str = Field("bank", pattern=r"^[A-Za-z0-9_.-]+$")
+    # the method
+    k: int = Field(16, ge=2)  # directions to learn (K)
+    negatives: int = Field(7, ge=1)  # other directions sampled per step (paper: 20)
+    batch: int = Field(6, ge=2)  # images per step (paper: 6)
+    tau: float = Field(0.5, gt=0)
+    t_min: int = Field(0, ge=0)
+    t_max: int = Field(999, ge=0)
+    loss: Literal["paper", "symmetric"] = "paper"
+    init: Literal["random", "tokens"] = "random"
+    init_tokens: list[str] = Field(default_factory=list)
+    # optimisation
+    steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup: int = Field(20, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    # execution
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    max_rows: int | None = Field(None, ge=1)  # UNet rows per call (memory budget); None: one call
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    # pictures
+    gallery_scales: list[float] = Field(default_factory=lambda: [-6.0, -3.0, 0.0, 3.0, 6.0])
+    gallery_seeds: int = Field(3, ge=1)
+    gallery_steps: int = Field(25, ge=1)
+    gallery_prompt: str | None = None  # None: unconditional samples (the paper's prompt-free form)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiscoveryConfig:
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must be <= t_max ({self.t_max})")
+        if self.negatives >= self.k:
+            raise ValueError(
+                f"negatives ({self.negatives}) must be < k ({self.k}): they are other directions"
+            )
+        if self.init == "tokens" and not self.init_tokens:
+            raise ValueError("init: tokens needs init_tokens")
+        return self
+
+    @property
+    def directions_per_step(self) -> int:
+        return self.negatives + 1
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> DiscoveryConfig:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

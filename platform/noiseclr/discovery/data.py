@@ -1,0 +1,85 @@
+"""Images for discovery: read a folder on any fsspec storage, decode, crop, encode to latents.
+
+Corrupt or unreadable files are skipped, counted and named in a warning; the run goes on.
+An empty folder, or one where nothing decodes, is an error.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class ImageSet:
+    pixels: torch.Tensor  # (N, 3, H, W) in [-1, 1]
+    files: list[str]
+    bad_files: list[str] = field(default_factory=list)
+
+
+def list_images(uri: str) -> list[str]:
+    """Image files under `uri` (recursive), sorted, as full URIs."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"image folder {uri!r} does not exist")
+    files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri!r}")
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in files]
+
+
+def decode_image(data: bytes, resolution: int) -> np.ndarray:
+    """Bytes -> (resolution, resolution, 3) uint8: RGB, shorter side resized, centre crop."""
+    img = Image.open(io.BytesIO(data))
+    img.load()  # raises on truncated data
+    img = img.convert("RGB")
+    scale = resolution / min(img.size)
+    if scale != 1:
+        img = img.resize(
+            (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+            Image.BICUBIC,
+        )
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+
+
+def load_images(uri: str, resolution: int, limit: int | None = None, progress: bool = True) -> ImageSet:
+    """Decode up to `limit` good images under `uri`; skip and count the bad ones."""
+    good, names, bad = [], [], []
+    for path in tqdm(list_images(uri), desc="images", disable=not progress):
+        if limit is not None and len(good) >= limit:
+            break
+        try:
+            with fsspec.open(path, "rb") as f:
+                good.append(decode_image(f.read(), resolution))
+            names.append(path)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            bad.append(path)
+            log.warning("skipping unreadable image %s: %s", path, err)
+    if bad:
+        log.warning("skipped %d unreadable image(s) under %s", len(bad), uri)
+    if not good:
+        raise ValueError(f"none of the images under {uri!r} could be read ({len(bad)} corrupt)")
+    pixels = torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return ImageSet(pixels=pixels, files=names, bad_files=bad)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled latents (N, C, h, w); the posterior mean (deterministic)."""
+    out = []
+    for s in range(0, len(pixels), batch):
+        x = pixels[s : s + batch].to(vae.device, vae.dtype)
+        out.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    return torch.cat(out).float()

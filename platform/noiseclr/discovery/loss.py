@@ -1,0 +1,61 @@
+"""The NoiseCLR contrastive loss (Dalva & Yanardag, CVPR 2024, eq. 2).
+
+    delta_k^n = eps(x_t^n, d_k) - eps(x_t^n, empty)
+    L_j = -log( sum_{a != b} exp(sim(delta_j^a, delta_j^b) / tau)
+              / sum_{a, i != j} exp(sim(delta_j^a, delta_i^a) / tau) )
+
+Positives: the anchor direction j on two different images. Negatives: the anchor and another
+sampled direction on the same image. `sim` is cosine similarity of the flattened noise
+differences. The official code divides each sum by its count; that only adds the constant
+log(n_neg / n_pos) to the loss and changes no gradient, so we keep the formula's sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _similarities(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """deltas (B images, S directions, ...) -> (across images (S, B, B), across dirs (B, S, S))."""
+    z = F.normalize(deltas.flatten(2).float(), dim=-1, eps=1e-12)  # (B, S, F)
+    across_images = torch.einsum("asf,bsf->sab", z, z)  # sim(delta_s^a, delta_s^b)
+    across_dirs = torch.einsum("aif,ajf->aij", z, z)  # sim(delta_i^a, delta_j^a)
+    return across_images, across_dirs
+
+
+def noiseclr_loss(deltas: torch.Tensor, tau: float = 0.5, anchor: int = 0) -> torch.Tensor:
+    """Paper loss for one anchor direction.
+
+    deltas: (B, S, C, H, W) noise differences of B images under S sampled directions;
+    direction `anchor` is j, the other S - 1 are its negatives. Needs B >= 2 and S >= 2.
+    """
+    n_img, n_dir = deltas.shape[:2]
+    if n_img < 2:
+        raise ValueError(f"NoiseCLR needs at least 2 images per step for positive pairs, got {n_img}")
+    if n_dir < 2:
+        raise ValueError(f"NoiseCLR needs at least 2 directions per step (anchor + negatives), got {n_dir}")
+    across_images, across_dirs = _similarities(deltas)
+    off_diag = ~torch.eye(n_img, dtype=torch.bool, device=deltas.device)
+    pos = across_images[anchor][off_diag] / tau  # all a != b
+    others = torch.arange(n_dir, device=deltas.device) != anchor
+    neg = across_dirs[:, anchor, others].reshape(-1) / tau  # all a, i != j
+    return torch.logsumexp(neg, 0) - torch.logsumexp(pos, 0)
+
+
+def symmetric_noiseclr_loss(deltas: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """Every sampled direction serves as the anchor in turn (mean of the S paper losses).
+
+    Same UNet work as the paper loss (the deltas are shared), S times the contrastive signal.
+    """
+    n_img, n_dir = deltas.shape[:2]
+    if n_img < 2 or n_dir < 2:
+        raise ValueError(f"NoiseCLR needs >= 2 images and >= 2 directions per step, got {n_img} and {n_dir}")
+    across_images, across_dirs = _similarities(deltas)
+    off_diag = ~torch.eye(n_img, dtype=torch.bool, device=deltas.device)
+    pos = across_images[:, off_diag] / tau  # (S, B*(B-1))
+    not_self = ~torch.eye(n_dir, dtype=torch.bool, device=deltas.device)
+    # neg[j] = sim(delta_j^a, delta_i^a) for all a and i != j
+    neg = across_dirs.permute(1, 0, 2)[not_self[:, None, :].expand(n_dir, n_img, n_dir)]
+    neg = neg.view(n_dir, n_img * (n_dir - 1)) / tau
+    return (torch.logsumexp(neg, 1) - torch.logsumexp(pos, 1)).mean()

@@ -1,0 +1,1 @@
+"""Editing with discovered directions: the sampler, DDIM inversion, galleries."""

@@ -1,0 +1,89 @@
+"""Galleries: what each direction of a bank does, as a PNG grid and an HTML page.
+
+Rows are (direction, seed) pairs, columns are scales from -s to +s; the middle column (scale 0)
+is the unedited image. Each direction's strip is also saved alone for the page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.editing.sampler import Edit, scale_sweep, seed_latents
+from noiseclr.models.generate import default_guidance
+from noiseclr.models.loader import BaseModel
+from noiseclr.utils.images import atomic_write_bytes, make_grid, save_png
+
+
+def render_gallery(
+    model: BaseModel,
+    bank: DirectionBank,
+    scales: list[float],
+    seeds: list[int],
+    prompt: str | None = None,
+    steps: int = 25,
+    progress: bool = True,
+) -> np.ndarray:
+    """(K, n_seeds, n_scales, H, W, 3) images: every direction swept over `scales` at each seed."""
+    from tqdm.auto import tqdm
+
+    x_T = seed_latents(model, seeds)
+    guidance = default_guidance(model) if prompt else 1.0
+    out = []
+    for k in tqdm(range(len(bank)), desc="gallery", disable=not progress):
+        edit = Edit(bank.directions[k], 1.0, label=bank.tokens[k])
+        out.append(scale_sweep(model, x_T, edit, scales, prompt=prompt, guidance_scale=guidance, steps=steps))
+    return np.stack(out)
+
+
+def write_gallery(
+    model: BaseModel,
+    bank: DirectionBank,
+    out_dir: str | Path,
+    scales: list[float],
+    seeds: list[int],
+    prompt: str | None = None,
+    steps: int = 25,
+) -> dict[str, Path]:
+    """Write gallery.png, one strip PNG per direction and index.html under out_dir."""
+    out_dir = Path(out_dir)
+    (out_dir / "directions").mkdir(parents=True, exist_ok=True)
+    images = render_gallery(model, bank, scales, seeds, prompt, steps)  # (K, S, C, H, W, 3)
+    k, n_seeds, n_scales = images.shape[:3]
+    scale_up = 2 if model.resolution < 128 else 1
+    grid = make_grid(images.reshape(k * n_seeds * n_scales, *images.shape[3:]), cols=n_scales, scale=scale_up)
+    save_png(grid, out_dir / "gallery.png")
+    rows = []
+    for i in range(k):
+        strip = make_grid(
+            images[i].reshape(n_seeds * n_scales, *images.shape[3:]), cols=n_scales, scale=scale_up
+        )
+        save_png(strip, out_dir / "directions" / f"{i:03d}.png")
+        labels = bank.labels.get(bank.tokens[i], {})
+        label = " / ".join(html.escape(v) for v in labels.values() if v) or "&mdash;"
+        rows.append(
+            f"<tr><td>{i}</td><td><code>{html.escape(bank.tokens[i])}</code></td><td>{label}</td>"
+            f'<td><img src="directions/{i:03d}.png" alt="direction {i}"></td></tr>'
+        )
+    head = "".join(f"<th>{s:+g}</th>" for s in scales)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>NoiseCLR bank {html.escape(bank.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 8px;vertical-align:middle}}
+img{{image-rendering:pixelated}} code{{background:#eee;padding:1px 4px}}</style></head><body>
+<h1>Direction bank <code>{html.escape(bank.name)}</code></h1>
+<p>{k} directions on base model <code>{html.escape(str(bank.base_model.get("source")))}</code>
+(fingerprint {html.escape(str(bank.base_model.get("fingerprint")))}). Each strip: rows are seeds
+{", ".join(map(str, seeds))}; columns are scales {head and ", ".join(f"{s:+g}" for s in scales)}
+(0 = unedited). Prompt: <code>{html.escape(prompt or "(none: unconditional)")}</code>.</p>
+<table><thead><tr><th>#</th><th>token</th><th>label</th><th>scales &rarr;</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
+<h2>Training</h2><pre>{html.escape(json.dumps(bank.metrics, indent=2, default=str))}</pre>
+<pre>{html.escape(json.dumps(bank.config, indent=2, default=str))}</pre>
+</body></html>
+"""
+    atomic_write_bytes(out_dir / "index.html", page.encode())
+    return {"grid": out_dir / "gallery.png", "html": out_dir / "index.html"}

@@ -1,0 +1,230 @@
+"""The editing sampler: a DDIM loop with direction terms added to the guided noise.
+
+    eps~ = eps(x_t, empty) + g * (eps(x_t, c) - eps(x_t, empty))          # CFG on the prompt
+           + sum_i lambda_i * [t in window_i] * (eps(x_t, d_i) - eps(x_t, empty))
+
+Real images are first inverted to x_T with DDIM inversion under the empty prompt and then
+edited with no prompt (the paper's real-image form: eps~ = eps(x_t, empty) + sum ...).
+
+Every trajectory (an image at one set of scales) and every prompt it needs (empty, prompt,
+active directions) go through the UNet in one batched call per denoising step; the
+unconditional pass is shared by the prompt and all directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+from tqdm.auto import tqdm
+
+from noiseclr.discovery.bank import BankError, DirectionBank, encode_directions
+from noiseclr.discovery.noise import unet_rows
+from noiseclr.models.generate import default_guidance, image_seed, initial_latents
+from noiseclr.models.loader import BaseModel
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One direction applied with a scale, only while t_low <= t <= t_high."""
+
+    vector: torch.Tensor  # (D,)
+    scale: float
+    t_high: int = 1000
+    t_low: int = 0
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scale):
+            raise ValueError(f"edit {self.label or ''} scale must be a finite number, got {self.scale}")
+        if not 0 <= self.t_low <= self.t_high <= 1000:
+            raise ValueError(
+                f"edit {self.label or ''} window must satisfy 0 <= t_low <= t_high <= 1000, "
+                f"got t_low={self.t_low}, t_high={self.t_high}"
+            )
+        if self.vector.ndim != 1:
+            raise ValueError(f"edit vector must be 1-D, got shape {tuple(self.vector.shape)}")
+
+
+def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
+    """`[bank:]direction=scale[@t_high-t_low]`, e.g. `shapes:3=4`, `hue+=-2.5@800-200`.
+
+    The bank may be left out when only one is loaded; a direction is an index, token or label.
+    """
+    if "=" not in text:
+        raise ValueError(f"edit {text!r}: expected [bank:]direction=scale[@t_high-t_low]")
+    target, value = text.rsplit("=", 1)
+    window = (1000, 0)
+    if "@" in value:
+        value, win = value.split("@", 1)
+        try:
+            hi, lo = (int(v) for v in win.split("-"))
+        except ValueError:
+            raise ValueError(
+                f"edit {text!r}: window must be @t_high-t_low with integers, got @{win}"
+            ) from None
+        window = (hi, lo)
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError(f"edit {text!r}: scale {value!r} is not a number") from None
+    if ":" in target:
+        bank_name, direction = target.split(":", 1)
+        if bank_name not in banks:
+            raise BankError(f"edit {text!r}: no bank named {bank_name!r}; loaded: {sorted(banks)}")
+        bank = banks[bank_name]
+    else:
+        if len(banks) != 1:
+            raise BankError(
+                f"edit {text!r}: name the bank (bank:direction) when {len(banks)} banks are loaded"
+            )
+        bank_name, direction = next(iter(banks)), target
+        bank = banks[bank_name]
+    i = bank.index(direction)
+    return Edit(bank.directions[i], scale, window[0], window[1], label=f"{bank_name}:{bank.tokens[i]}")
+
+
+def seed_latents(model: BaseModel, seeds: list[int]) -> torch.Tensor:
+    """x_T for each seed: the first image `noiseclr generate --seed s` makes."""
+    return initial_latents(model, [image_seed(s) for s in seeds])
+
+
+def _encode_prompt(model: BaseModel, prompt: str) -> torch.Tensor:
+    tok = model.pipe.tokenizer
+    ids = tok(
+        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
+    return model.pipe.text_encoder(ids.input_ids.to(model.device))[0]
+
+
+@torch.no_grad()
+def sample(
+    model: BaseModel,
+    x_T: torch.Tensor,  # (N, C, h, w)
+    edits: list[Edit],
+    scales: torch.Tensor | None = None,  # (N, M): per-trajectory scale of each edit; default edit.scale
+    prompt: str | None = None,
+    guidance_scale: float = 1.0,
+    steps: int = 25,
+    max_rows: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Denoise x_T with CFG on `prompt` (if any) plus the edits. Returns x_0 latents (N, C, h, w)."""
+    pipe, device = model.pipe, model.device
+    n, m = x_T.shape[0], len(edits)
+    if scales is None:
+        scales = torch.tensor([[e.scale for e in edits]] * n, dtype=torch.float32).reshape(n, m)
+    if scales.shape != (n, m):
+        raise ValueError(f"scales must be (trajectories, edits) = {(n, m)}, got {tuple(scales.shape)}")
+    if not torch.isfinite(scales).all():
+        raise ValueError("edit scales must be finite numbers")
+    scales = scales.to(device)
+    dtype = pipe.unet.dtype
+    vectors = torch.stack([e.vector for e in edits]).to(device) if edits else torch.zeros(0, 1, device=device)
+    ctx = encode_directions(pipe.text_encoder, pipe.tokenizer, vectors)  # (M + 1, L, H); last = empty
+    ctx = torch.cat([ctx[-1:], ctx[:-1]])  # row 0 = empty, rows 1..M = directions
+    if prompt is not None:
+        model.check_prompt(prompt)
+        ctx = torch.cat([ctx, _encode_prompt(model, prompt)])  # row M + 1 = prompt
+    windows = torch.tensor([[e.t_low, e.t_high] for e in edits], device=device).reshape(m, 2)
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps, device=device)
+    x = x_T.to(device, dtype) * sched.init_noise_sigma
+    for t in tqdm(sched.timesteps, desc="edit", disable=not progress):
+        active = ((windows[:, 0] <= t) & (t <= windows[:, 1]) & (scales != 0).any(0)).nonzero().flatten()
+        rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), active + 1])
+        if prompt is not None:
+            rows = torch.cat([rows, torch.tensor([m + 1], device=device)])
+        eps = unet_rows(pipe.unet, sched.scale_model_input(x, t), t.expand(n), ctx[rows].to(dtype), max_rows)
+        eps = eps.float()
+        eps_u = eps[:, 0]
+        guided = eps_u + guidance_scale * (eps[:, -1] - eps_u) if prompt is not None else eps_u.clone()
+        if len(active):
+            deltas = eps[:, 1 : 1 + len(active)] - eps_u[:, None]  # (N, A, C, h, w)
+            guided += torch.einsum("na,na...->n...", scales[:, active], deltas)
+        x = sched.step(guided.to(dtype), t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def decode(model: BaseModel, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> (N, H, W, 3) float images in [0, 1]."""
+    vae = model.pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode(model: BaseModel, pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> scaled latents (posterior mean)."""
+    vae = model.pipe.vae
+    return vae.encode(pixels.to(model.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def invert(
+    model: BaseModel, latents: torch.Tensor, steps: int = 50, max_rows: int | None = None
+) -> torch.Tensor:
+    """DDIM inversion under the empty prompt: x_0 latents -> x_T (diffusers' DDIMInverseScheduler)."""
+    pipe, device = model.pipe, model.device
+    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    inverse.set_timesteps(steps, device=device)
+    empty = encode_directions(pipe.text_encoder, pipe.tokenizer, torch.zeros(0, 1, device=device))
+    x = latents.to(device, pipe.unet.dtype)
+    for t in inverse.timesteps:
+        eps = unet_rows(pipe.unet, x, t.expand(len(x)), empty.to(x.dtype), max_rows)[:, 0]
+        x = inverse.step(eps, t, x).prev_sample
+    return x
+
+
+def edit_generated(
+    model: BaseModel,
+    prompt: str,
+    seeds: list[int],
+    edits: list[Edit],
+    guidance_scale: float | None = None,
+    steps: int = 25,
+) -> np.ndarray:
+    """Generate from `prompt` at each seed with the edits applied; (N, H, W, 3)."""
+    g = default_guidance(model) if guidance_scale is None else guidance_scale
+    x0 = sample(model, seed_latents(model, seeds), edits, prompt=prompt, guidance_scale=g, steps=steps)
+    return decode(model, x0)
+
+
+def edit_real(
+    model: BaseModel, pixels: torch.Tensor, edits: list[Edit], steps: int = 50
+) -> tuple[np.ndarray, float]:
+    """Invert real images ((N, 3, H, W) in [-1, 1]) and edit them with no prompt.
+
+    Returns the edited images and the inversion's reconstruction error (mean absolute pixel
+    error in [0, 1] units of the unedited round trip).
+    """
+    x_T = invert(model, encode(model, pixels), steps)
+    recon = decode(model, sample(model, x_T, [], steps=steps))
+    target = ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+    error = float(np.abs(recon - target).mean())
+    edited = decode(model, sample(model, x_T, edits, steps=steps)) if edits else recon
+    return edited, error
+
+
+def scale_sweep(
+    model: BaseModel,
+    x_T: torch.Tensor,  # (N, C, h, w)
+    edit: Edit,
+    scales: list[float],
+    prompt: str | None = None,
+    guidance_scale: float = 1.0,
+    steps: int = 25,
+) -> np.ndarray:
+    """Interpolation: one direction at several scales, all in one batch. (N, S, H, W, 3)."""
+    n, s = x_T.shape[0], len(scales)
+    x = x_T.repeat_interleave(s, dim=0)
+    sc = torch.tensor(scales, dtype=torch.float32).repeat(n)[:, None]
+    out = decode(
+        model, sample(model, x, [edit], sc, prompt=prompt, guidance_scale=guidance_scale, steps=steps)
+    )
+    return out.reshape(n, s, *out.shape[1:])

@@ -1,0 +1,207 @@
+"""Direction banks, batched noise evaluation and the single-process trainer."""
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from noiseclr.discovery import trainer as trainer_mod
+from noiseclr.discovery.bank import BankError, DirectionBank, encode_directions
+from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.discovery.data import load_images
+from noiseclr.discovery.noise import direction_deltas, direction_deltas_sequential
+from noiseclr.discovery.trainer import DiscoveryTrainer, TrainingDiverged
+from noiseclr.domains import shapes
+
+
+def small_cfg(**kw) -> DiscoveryConfig:
+    base = dict(k=6, negatives=3, batch=3, steps=6, checkpoint_every=2, n_images=8, warmup=2)
+    return DiscoveryConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_model):
+    from noiseclr.discovery.data import encode_latents
+
+    return encode_latents(tiny_model.pipe.vae, shapes.render(shapes.sample_scenes(8, seed=0)) * 2 - 1)
+
+
+def frozen_state(model) -> dict[str, torch.Tensor]:
+    pipe = model.pipe
+    return {
+        f"{name}.{k}": v.clone()
+        for name in ("unet", "text_encoder", "vae")
+        for k, v in getattr(pipe, name).state_dict().items()
+    }
+
+
+def test_batched_deltas_equal_the_one_call_per_direction_loop(tiny_model):
+    pipe = tiny_model.pipe
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(5, pipe.text_encoder.config.hidden_size, generator=g)
+    x_t, t = torch.randn(3, 4, 16, 16, generator=g), torch.full((3,), 400)
+    batched = direction_deltas(pipe.unet, pipe.text_encoder, pipe.tokenizer, dirs, x_t, t)
+    chunked = direction_deltas(pipe.unet, pipe.text_encoder, pipe.tokenizer, dirs, x_t, t, max_rows=4)
+    loop = direction_deltas_sequential(pipe.unet, pipe.text_encoder, pipe.tokenizer, dirs, x_t, t)
+    assert batched.shape == (3, 5, 4, 16, 16)
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, loop, atol=1e-5, rtol=1e-4)
+
+
+def test_one_text_encoder_call_and_one_unet_call_per_step(tiny_model, latents, tmp_path):
+    calls = {"unet": 0, "text": 0}
+    pipe = tiny_model.pipe
+    h1 = pipe.unet.register_forward_hook(lambda *a: calls.__setitem__("unet", calls["unet"] + 1))
+    h2 = pipe.text_encoder.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1))
+    try:
+        DiscoveryTrainer(small_cfg(steps=3), tiny_model, latents, tmp_path).fit()
+    finally:
+        h1.remove()
+        h2.remove()
+    assert calls == {"unet": 3, "text": 3}
+
+
+def test_only_the_directions_train(tiny_model, latents, tmp_path):
+    before = frozen_state(tiny_model)
+    tr = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path)
+    init = tr.directions.detach().clone()
+    bank = tr.fit()
+    after = frozen_state(tiny_model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical
+    assert not torch.equal(init, bank.directions)
+    assert [p for p in tr.opt.param_groups[0]["params"]] == [tr.directions]
+
+
+def test_exact_resume(tiny_model, latents, tmp_path):
+    straight = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path / "a").fit()
+    first = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path / "b")
+    first.fit(stop_after=3)  # "interrupted" after step 3; checkpoints at 2 and 3 are not both there
+    assert first.step == 3
+    del first
+    resumed = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path / "b")
+    bank = resumed.fit()
+    assert resumed.step == 6
+    assert torch.equal(bank.directions, straight.directions)
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
+    tiny_model, latents, tmp_path, monkeypatch
+):
+    real = trainer_mod.noiseclr_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(trainer_mod, "noiseclr_loss", flaky)
+    tr = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"step 4.*Last good checkpoint.*step-0000004"):
+        tr.fit()
+    assert torch.isfinite(tr.directions).all()
+    latest = tr.latest_checkpoint()
+    assert latest.name == "step-0000004"
+    assert json.loads((latest / "state.json").read_text())["step"] == 4
+
+
+def test_bank_round_trip_and_checks(tiny_model, shapes_model, tmp_path):
+    bank = DiscoveryTrainer(small_cfg(steps=2), tiny_model, torch.randn(8, 4, 16, 16), tmp_path).fit()
+    bank.labels = {bank.tokens[1]: {"auto": "hue+", "human": "redder"}}
+    bank.save(tmp_path / "bank")
+    assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == ["bank.json", "directions.safetensors"]
+    again = DirectionBank.load(tmp_path / "bank", tiny_model)
+    assert torch.equal(again.directions, bank.directions)
+    assert again.config["k"] == 6 and again.index("redder") == 1 and again.index("hue+") == 1
+    with pytest.raises(BankError, match="direction 'sideways' does not exist"):
+        again.index("sideways")
+    with pytest.raises(BankError, match="direction 9 does not exist"):
+        again.index(9)
+    with pytest.raises(BankError, match="32-dim directions but the model's text encoder takes 128-dim"):
+        DirectionBank.load(tmp_path / "bank", shapes_model)
+    other = DirectionBank(torch.randn(3, 32), {"source": "other", "fingerprint": "abc"}, name="o")
+    with pytest.raises(BankError, match="learnt on base model 'other'"):
+        other.check_model(tiny_model)
+    with pytest.raises(BankError, match="is not a direction bank"):
+        DirectionBank.load(tmp_path)
+
+
+def test_textual_inversion_export_loads_with_diffusers(shapes_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from noiseclr.models.loader import EMBEDDED
+
+    hidden = shapes_model.pipe.text_encoder.config.hidden_size
+    bank = DirectionBank(torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)), {}, name="ti")
+    paths = bank.export_textual_inversion(tmp_path / "ti")
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED["shapes"], safety_checker=None)
+    pipe.load_textual_inversion([str(p) for p in paths])
+    ids = pipe.tokenizer.convert_tokens_to_ids(bank.tokens)
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[ids], bank.directions)
+    # The prompt "<ti-1>" through diffusers' tokenizer equals our direct direction encoding.
+    prompt_ids = pipe.tokenizer(
+        bank.tokens[1], padding="max_length", max_length=16, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        via_tokens = pipe.text_encoder(prompt_ids)[0]
+        ours = encode_directions(
+            shapes_model.pipe.text_encoder, shapes_model.pipe.tokenizer, bank.directions
+        )[1:2]
+    torch.testing.assert_close(via_tokens, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"k": 1}, "k"),
+        ({"k": 4, "negatives": 4}, "negatives \\(4\\) must be < k \\(4\\)"),
+        ({"batch": 1}, "batch"),
+        ({"t_min": 800, "t_max": 200}, "t_min \\(800\\) must be <= t_max \\(200\\)"),
+        ({"tau": 0}, "tau"),
+        ({"stepz": 3}, "stepz"),
+        ({"loss": "triplet"}, "loss"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_field_named(kw, message):
+    with pytest.raises(ValidationError, match=message):
+        DiscoveryConfig(**kw)
+
+
+def test_config_from_yaml_rejects_unknown_keys(tmp_path):
+    (tmp_path / "c.yaml").write_text("k: 8\ntemprature: 0.3\n")
+    with pytest.raises(ValidationError, match="temprature"):
+        DiscoveryConfig.from_yaml(tmp_path / "c.yaml")
+    assert DiscoveryConfig.from_yaml("jobs/shapes.yaml").name == "shapes"
+
+
+def test_image_folder_with_corrupt_files(tmp_path):
+    for i, px in enumerate(shapes.to_uint8(shapes.render(shapes.sample_scenes(3, seed=0), 80))):
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, format="PNG")
+        (tmp_path / f"{i}.png").write_bytes(buf.getvalue())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "0.png").read_bytes()[:100])
+    (tmp_path / "notes.txt").write_text("not an image")
+    images = load_images(str(tmp_path), 64, progress=False)
+    assert images.pixels.shape == (3, 3, 64, 64)
+    assert len(images.bad_files) == 2
+    assert images.pixels.min() >= -1 and images.pixels.max() <= 1
+
+
+def test_empty_or_unreadable_image_folders(tmp_path):
+    with pytest.raises(ValueError, match="no images"):
+        load_images(str(tmp_path), 64)
+    (tmp_path / "a.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"none of the images .* could be read \(1 corrupt\)"):
+        load_images(str(tmp_path), 64)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_images(str(tmp_path / "missing"), 64)
+
+
+def test_batch_larger_than_the_data(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="batch \\(6\\) is larger than the number of images \\(4\\)"):
+        DiscoveryTrainer(small_cfg(batch=6), tiny_model, torch.randn(4, 4, 16, 16), tmp_path)

@@ -1,0 +1,164 @@
+"""The editing sampler, inversion, composition of banks, galleries, and the discover CLI."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from noiseclr.cli import app
+from noiseclr.discovery.bank import BankError, DirectionBank
+from noiseclr.domains import shapes
+from noiseclr.editing import sampler
+from noiseclr.editing.gallery import write_gallery
+from noiseclr.models.generate import generate
+
+
+def make_bank(model, name: str, k: int = 3, seed: int = 0) -> DirectionBank:
+    hidden = model.pipe.text_encoder.config.hidden_size
+    table = model.pipe.text_encoder.get_input_embeddings().weight.detach()
+    vectors = (
+        torch.randn(k, hidden, generator=torch.Generator().manual_seed(seed)) * table.norm(dim=1).mean() / 11
+    )
+    return DirectionBank(vectors, {"source": model.source, "fingerprint": model.fingerprint}, name=name)
+
+
+def test_no_edit_reproduces_the_diffusers_pipeline(shapes_model):
+    prompt = "a small green square at bottom right on a light plain background"
+    expected = generate(shapes_model, prompt, n=1, seed=4, steps=10, progress=False)
+    ours = sampler.edit_generated(shapes_model, prompt, [4], [], steps=10)
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_one_batched_unet_call_per_denoising_step(shapes_model):
+    a, b = make_bank(shapes_model, "a"), make_bank(shapes_model, "b", seed=1)
+    edits = [sampler.parse_edit("a:0=2", {"a": a, "b": b}), sampler.parse_edit("b:2=-2", {"a": a, "b": b})]
+    calls = []
+    hook = shapes_model.pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        sampler.sample(
+            shapes_model,
+            sampler.seed_latents(shapes_model, [0, 1]),
+            edits,
+            prompt="a shape",
+            guidance_scale=4.0,
+            steps=6,
+        )
+    finally:
+        hook.remove()
+    assert len(calls) == 6
+    assert calls == [2 * 4] * 6  # 2 images x (empty + 2 directions + prompt): shared unconditional pass
+
+
+def test_composing_two_banks_equals_one_merged_bank(shapes_model):
+    a, b = make_bank(shapes_model, "a"), make_bank(shapes_model, "b", seed=1)
+    banks = {"a": a, "b": b}
+    merged = DirectionBank(torch.cat([a.directions, b.directions]), a.base_model, name="m")
+    x_T = sampler.seed_latents(shapes_model, [3])
+    two = sampler.sample(
+        shapes_model, x_T, [sampler.parse_edit(e, banks) for e in ("a:1=3", "b:0=-2")], steps=8
+    )
+    one = sampler.sample(
+        shapes_model, x_T, [sampler.parse_edit(e, {"m": merged}) for e in ("1=3", "3=-2")], steps=8
+    )
+    only_a = sampler.sample(shapes_model, x_T, [sampler.parse_edit("a:1=3", banks)], steps=8)
+    torch.testing.assert_close(two, one)
+    assert (two - only_a).abs().max() > 1e-3  # the second bank's edit does something
+
+
+def test_window_outside_the_trajectory_is_no_edit(shapes_model):
+    bank = make_bank(shapes_model, "a")
+    x_T = sampler.seed_latents(shapes_model, [1])
+    plain = sampler.sample(shapes_model, x_T, [], steps=5)
+    never = sampler.sample(shapes_model, x_T, [sampler.parse_edit("0=5@3-0", {"a": bank})], steps=5)
+    always = sampler.sample(shapes_model, x_T, [sampler.parse_edit("0=5", {"a": bank})], steps=5)
+    torch.testing.assert_close(plain, never)
+    assert (plain - always).abs().max() > 1e-3
+
+
+def test_inversion_round_trip_reconstructs_real_images(shapes_model):
+    pixels = shapes.render(shapes.sample_scenes(4, seed=21)) * 2 - 1
+    edited, error = sampler.edit_real(shapes_model, pixels, [], steps=25)
+    assert edited.shape == (4, 64, 64, 3)
+    assert error < 0.06, error
+
+
+def test_scale_sweep_is_monotone_in_effect(shapes_model):
+    bank = make_bank(shapes_model, "a")
+    x_T = sampler.seed_latents(shapes_model, [0])
+    sweep = sampler.scale_sweep(
+        shapes_model, x_T, sampler.parse_edit("2=1", {"a": bank}), [0, 2, 6], steps=8
+    )[0]
+    d_small, d_large = np.abs(sweep[1] - sweep[0]).mean(), np.abs(sweep[2] - sweep[0]).mean()
+    assert sweep.shape == (3, 64, 64, 3)
+    assert 0 < d_small < d_large
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "message"),
+    [
+        ("a:7=1", BankError, "direction 7 does not exist"),
+        ("a:up=1", BankError, "direction 'up' does not exist"),
+        ("c:1=1", BankError, "no bank named 'c'"),
+        ("a:1=nan", ValueError, "scale must be a finite number"),
+        ("a:1=inf", ValueError, "scale must be a finite number"),
+        ("a:1=big", ValueError, "is not a number"),
+        ("a:1", ValueError, "expected"),
+        ("a:1=2@100-900", ValueError, "window must satisfy"),
+        ("1=2", BankError, "name the bank"),
+    ],
+)
+def test_bad_edit_requests(shapes_model, text, error, message):
+    banks = {"a": make_bank(shapes_model, "a"), "b": make_bank(shapes_model, "b")}
+    with pytest.raises(error, match=message):
+        sampler.parse_edit(text, banks)
+
+
+def test_nan_scales_in_a_matrix_are_rejected(shapes_model):
+    bank = make_bank(shapes_model, "a")
+    edit = sampler.parse_edit("0=1", {"a": bank})
+    with pytest.raises(ValueError, match="finite"):
+        sampler.sample(
+            shapes_model, sampler.seed_latents(shapes_model, [0]), [edit], torch.tensor([[float("nan")]])
+        )
+
+
+def test_gallery_writes_grid_and_page(shapes_model, tmp_path):
+    bank = make_bank(shapes_model, "g", k=2)
+    bank.labels = {bank.tokens[0]: {"auto": "hue+"}}
+    pages = write_gallery(shapes_model, bank, tmp_path, [-3.0, 0.0, 3.0], [0, 1], steps=4)
+    html = pages["html"].read_text()
+    assert pages["grid"].stat().st_size > 0 and (tmp_path / "directions" / "001.png").exists()
+    assert "hue+" in html and "&lt;g-1&gt;" in html and html.count("<tr>") == 3
+
+
+def test_discover_cli_end_to_end_with_a_corrupt_file(tmp_path):
+    from noiseclr.domains.dataset import write_world
+
+    data = tmp_path / "data"
+    write_world(str(data), n=8, seed=1, progress=False)
+    (data / "images" / "zz-corrupt.png").write_bytes(b"not a png")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "k: 4\nnegatives: 2\nbatch: 3\nsteps: 3\nn_images: 9\ngallery_seeds: 1\ngallery_steps: 3\n"
+        "gallery_scales: [-2, 0, 2]\ncheckpoint_every: 2\nname: tiny\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["discover", "--config", str(cfg), "--data", str(data), "--out", str(out), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 corrupt image" in result.output
+    bank = DirectionBank.load(out / "bank")
+    assert len(bank) == 4 and bank.metrics["corrupt_images"] == 1 and bank.metrics["steps"] == 3
+    assert (out / "gallery" / "gallery.png").exists() and (out / "gallery" / "index.html").exists()
+    # `noiseclr edit` on the new bank, with a bad direction first: clear error, nothing written.
+    bad = CliRunner().invoke(
+        app, ["edit", "9=2", "--bank", str(out / "bank"), "--out", str(tmp_path / "e.png")]
+    )
+    assert bad.exit_code != 0 and "direction 9 does not exist" in str(bad.exception)
+    assert not (tmp_path / "e.png").exists()
+    ok = CliRunner().invoke(
+        app, ["edit", "1=2", "--bank", str(out / "bank"), "--steps", "3", "--out", str(tmp_path / "e.png")]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "e.png").exists()

@@ -1,0 +1,58 @@
+"""The NoiseCLR loss against a plain double loop written straight from the paper's formula."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from noiseclr.discovery.loss import noiseclr_loss, symmetric_noiseclr_loss
+
+
+def reference_loss(deltas: torch.Tensor, tau: float, j: int) -> float:
+    n_img, n_dir = deltas.shape[:2]
+    flat = deltas.flatten(2).double()
+
+    def sim(u, v):
+        return float(F.cosine_similarity(u, v, dim=0))
+
+    pos = sum(
+        math.exp(sim(flat[a, j], flat[b, j]) / tau) for a in range(n_img) for b in range(n_img) if a != b
+    )
+    neg = sum(
+        math.exp(sim(flat[a, j], flat[a, i]) / tau) for a in range(n_img) for i in range(n_dir) if i != j
+    )
+    return -math.log(pos / neg)
+
+
+@pytest.mark.parametrize("anchor", [0, 3])
+@pytest.mark.parametrize("tau", [0.5, 0.1])
+def test_paper_loss_matches_the_formula(anchor, tau):
+    deltas = torch.randn(5, 6, 4, 8, 8, generator=torch.Generator().manual_seed(anchor))
+    assert noiseclr_loss(deltas, tau, anchor).item() == pytest.approx(
+        reference_loss(deltas, tau, anchor), abs=1e-5
+    )
+
+
+def test_symmetric_loss_is_the_mean_over_anchors():
+    deltas = torch.randn(4, 5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = sum(reference_loss(deltas, 0.5, j) for j in range(5)) / 5
+    assert symmetric_noiseclr_loss(deltas, 0.5).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_loss_rewards_consistent_directions():
+    # Direction 0 does the same thing to every image and differs from the others: low loss.
+    g = torch.Generator().manual_seed(0)
+    per_dir = torch.randn(1, 4, 64, generator=g)
+    consistent = per_dir.expand(6, 4, 64) + 0.1 * torch.randn(6, 4, 64, generator=g)
+    random = torch.randn(6, 4, 64, generator=g)
+    assert noiseclr_loss(consistent, 0.5) < noiseclr_loss(random, 0.5) - 1.0
+
+
+def test_loss_needs_two_images_and_two_directions():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        noiseclr_loss(torch.randn(1, 4, 8))
+    with pytest.raises(ValueError, match="at least 2 directions"):
+        noiseclr_loss(torch.randn(3, 1, 8))
+    with pytest.raises(ValueError, match=">= 2 images"):
+        symmetric_noiseclr_loss(torch.randn(1, 4, 8))
