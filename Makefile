@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEVICE ?= auto
-OUT ?= out/demo
+OUT ?= out/discovery
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -21,10 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/noiseclr generate --model shapes --prompt "a red circle" --n 16 --seed 0 \
-		--device $(DEVICE) --out $(OUT)/samples.png
-	$(BIN)/noiseclr generate --model shapes --device $(DEVICE) --n 8 --seed 0 \
-		--prompt "a large blue triangle at top left on a light striped background" --out $(OUT)/composed.png
+	$(BIN)/noiseclr discover --config jobs/shapes.yaml --out $(OUT) --device $(DEVICE)
 
 test: $(STAMP)
 	$(BIN)/ruff check platform tests jobs

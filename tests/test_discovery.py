@@ -121,7 +121,7 @@ def test_bank_round_trip_and_checks(tiny_model, shapes_model, tmp_path):
         again.index("sideways")
     with pytest.raises(BankError, match="direction 9 does not exist"):
         again.index(9)
-    with pytest.raises(BankError, match="32-dim directions but the model's text encoder takes 128-dim"):
+    with pytest.raises(BankError, match="32-dim directions but the model's token embeddings are 128-dim"):
         DirectionBank.load(tmp_path / "bank", shapes_model)
     other = DirectionBank(torch.randn(3, 32), {"source": "other", "fingerprint": "abc"}, name="o")
     with pytest.raises(BankError, match="learnt on base model 'other'"):

@@ -231,6 +231,104 @@ def edit(
     typer.echo(f"wrote {out}: " + ", ".join(f"{e.label} x{e.scale:g}" for e in parsed))
 
 
+@app.command()
+def evaluate(
+    bank: Path = typer.Argument(..., help="Bank folder."),
+    model: str = typer.Option("shapes"),
+    n: int = typer.Option(8, min=1, help="Generated and real images per direction."),
+    scales: str | None = typer.Option(None, help="Comma-separated scales (default: the method's)."),
+    steps: int = typer.Option(20, min=1),
+    out: Path | None = typer.Option(None, help="Default: BANK/../evaluation."),
+    label: bool = typer.Option(True, help="Write the automatic labels into bank.json."),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Measure what every direction does to every factor of the shapes world."""
+    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.evaluation.evaluate import evaluate_bank, label_bank
+    from noiseclr.evaluation.report import markdown_table, write_report
+    from noiseclr.models.loader import load_model
+
+    base = load_model(model, device=_device(device))
+    b = DirectionBank.load(bank, base)
+    parsed = [float(s) for s in scales.split(",")] if scales else None
+    result = evaluate_bank(base, b, n_images=n, scales=parsed, steps=steps)
+    paths = write_report(result, out or bank.parent / "evaluation")
+    if label:
+        label_bank(b, result)
+        b.metrics["evaluation"] = {k: result[k] for k in ("coverage", "alignment", "best_purity_per_factor")}
+        b.save(bank)
+    typer.echo(markdown_table(result))
+    typer.echo(f"report: {paths['html']}")
+
+
+@app.command()
+def pullback(
+    model: str = typer.Option("shapes"),
+    k: int = typer.Option(8, min=1),
+    n_images: int = typer.Option(16, min=1),
+    t_edit: int = typer.Option(700, min=1, max=999),
+    iters: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+    data: str | None = typer.Option(None, help="Image folder URI; default: images of the shapes world."),
+    out: Path = typer.Option(Path("out/pullback/bank")),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Discover global x_t directions with the pullback method (seed 004) and save them as a bank."""
+    from noiseclr.discovery.data import encode_latents, load_images
+    from noiseclr.discovery.pullback import discover_pullback
+    from noiseclr.domains import shapes
+    from noiseclr.models.loader import load_model
+
+    base = load_model(model, device=_device(device))
+    if data:
+        pixels = load_images(data, base.resolution, limit=n_images).pixels
+    else:
+        pixels = shapes.render(shapes.sample_scenes(n_images, seed=seed), base.resolution) * 2 - 1
+    bank = discover_pullback(base, encode_latents(base.pipe.vae, pixels), k, t_edit, iters, seed)
+    typer.echo(f"bank: {bank.save(out)}")
+
+
+@app.command()
+def compare(
+    config: Path = typer.Option(Path("jobs/shapes.yaml"), exists=True, help="NoiseCLR job YAML."),
+    out: Path = typer.Option(Path("out/compare")),
+    n: int = typer.Option(8, min=1, help="Generated and real images per direction."),
+    steps: int = typer.Option(20, min=1, help="Sampling steps of the evaluation."),
+    device: str = typer.Option("auto"),
+) -> None:
+    """NoiseCLR (paper loss, symmetric), pullback and random directions on the same images."""
+    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.data import encode_latents, load_images
+    from noiseclr.discovery.pullback import discover_pullback
+    from noiseclr.discovery.run import run_discovery
+    from noiseclr.evaluation.evaluate import evaluate_bank, random_bank
+    from noiseclr.evaluation.report import comparison_table, write_report
+    from noiseclr.models.loader import load_model
+    from noiseclr.utils.images import atomic_write_bytes
+
+    banks: dict[str, Path] = {}
+    for loss in ("paper", "symmetric"):
+        cfg = DiscoveryConfig.from_yaml(config, loss=loss, name=f"noiseclr-{loss}", device=device)
+        banks[f"noiseclr-{loss}"] = run_discovery(cfg, out / f"noiseclr-{loss}")["bank"]
+    base = load_model(cfg.model, device=_device(device))
+    first = DirectionBank.load(banks["noiseclr-paper"], base)
+    data = first.metrics["data"]
+    pixels = load_images(data, base.resolution, limit=cfg.n_images).pixels
+    pb = discover_pullback(base, encode_latents(base.pipe.vae, pixels[:16]), k=min(cfg.k, 8), seed=cfg.seed)
+    banks["pullback"] = pb.save(out / "pullback" / "bank")
+    banks["random"] = random_bank(base, first, seed=cfg.seed).save(out / "random" / "bank")
+    results = {}
+    for name, folder in banks.items():
+        bank = DirectionBank.load(folder, base)
+        results[name] = evaluate_bank(base, bank, n_images=n, steps=steps)
+        write_report(results[name], folder.parent / "evaluation")
+    table = comparison_table(results)
+    atomic_write_bytes(out / "compare.md", table.encode())
+    typer.echo(table)
+    typer.echo(f"wrote {out / 'compare.md'}")
+
+
 @app.command("export-ti")
 def export_ti(
     bank: Path = typer.Argument(..., help="Bank folder."),

@@ -157,6 +157,11 @@ class DirectionBank:
     def __len__(self) -> int:
         return len(self.directions)
 
+    @property
+    def method(self) -> str:
+        """ "noiseclr" (token-embedding directions) or "pullback" (x_t directions)."""
+        return self.config.get("method", "noiseclr")
+
     def index(self, key: str | int) -> int:
         """Direction index from an index, a token name ("<bank-3>"), or a label."""
         if isinstance(key, int) or (isinstance(key, str) and key.lstrip("-").isdigit()):
@@ -176,11 +181,16 @@ class DirectionBank:
 
     def check_model(self, model) -> None:
         """Raise BankError if this bank was not learnt on `model` (a loader.BaseModel)."""
-        hidden = model.pipe.text_encoder.get_input_embeddings().weight.shape[1]
-        if hidden != self.directions.shape[1]:
+        if self.method == "pullback":  # directions live in x_t, not in the token space
+            pipe = model.pipe
+            side = model.resolution // pipe.vae_scale_factor
+            want, what = pipe.unet.config.in_channels * side * side, "latent"
+        else:
+            want, what = model.pipe.text_encoder.get_input_embeddings().weight.shape[1], "token embedding"
+        if want != self.directions.shape[1]:
             raise BankError(
                 f"bank {self.name!r} has {self.directions.shape[1]}-dim directions but the model's "
-                f"text encoder takes {hidden}-dim token embeddings"
+                f"{what}s are {want}-dim"
             )
         if self.base_model.get("fingerprint") != model.fingerprint:
             raise BankError(

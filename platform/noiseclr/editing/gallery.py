@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from noiseclr.discovery.bank import DirectionBank
-from noiseclr.editing.sampler import Edit, scale_sweep, seed_latents
+from noiseclr.editing.sampler import seed_latents, sweep_direction
 from noiseclr.models.generate import default_guidance
 from noiseclr.models.loader import BaseModel
 from noiseclr.utils.images import atomic_write_bytes, make_grid, save_png
@@ -35,8 +35,7 @@ def render_gallery(
     guidance = default_guidance(model) if prompt else 1.0
     out = []
     for k in tqdm(range(len(bank)), desc="gallery", disable=not progress):
-        edit = Edit(bank.directions[k], 1.0, label=bank.tokens[k])
-        out.append(scale_sweep(model, x_T, edit, scales, prompt=prompt, guidance_scale=guidance, steps=steps))
+        out.append(sweep_direction(model, bank, k, x_T, scales, prompt, guidance, steps))
     return np.stack(out)
 
 

@@ -111,8 +111,14 @@ def sample(
     steps: int = 25,
     max_rows: int | None = None,
     progress: bool = False,
+    latent_shift: torch.Tensor | None = None,
+    shift_at: int = 0,
 ) -> torch.Tensor:
-    """Denoise x_T with CFG on `prompt` (if any) plus the edits. Returns x_0 latents (N, C, h, w)."""
+    """Denoise x_T with CFG on `prompt` (if any) plus the edits. Returns x_0 latents (N, C, h, w).
+
+    latent_shift (N, C, h, w) is added to x_t once, at the first step with t <= shift_at (the
+    pullback method's edit in x_t).
+    """
     pipe, device = model.pipe, model.device
     n, m = x_T.shape[0], len(edits)
     if scales is None:
@@ -135,6 +141,9 @@ def sample(
     sched.set_timesteps(steps, device=device)
     x = x_T.to(device, dtype) * sched.init_noise_sigma
     for t in tqdm(sched.timesteps, desc="edit", disable=not progress):
+        if latent_shift is not None and t <= shift_at:
+            x = x + latent_shift.to(device, dtype)
+            latent_shift = None
         active = ((windows[:, 0] <= t) & (t <= windows[:, 1]) & (scales != 0).any(0)).nonzero().flatten()
         rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), active + 1])
         if prompt is not None:
@@ -227,4 +236,35 @@ def scale_sweep(
     out = decode(
         model, sample(model, x, [edit], sc, prompt=prompt, guidance_scale=guidance_scale, steps=steps)
     )
+    return out.reshape(n, s, *out.shape[1:])
+
+
+def sweep_direction(
+    model: BaseModel,
+    bank: DirectionBank,
+    k: int,
+    x_T: torch.Tensor,
+    scales: list[float],
+    prompt: str | None = None,
+    guidance_scale: float = 1.0,
+    steps: int = 25,
+) -> np.ndarray:
+    """Direction k of any bank (NoiseCLR or pullback) at several scales: (N, S, H, W, 3)."""
+    if bank.method != "pullback":
+        edit = Edit(bank.directions[k], 1.0, label=bank.tokens[k])
+        return scale_sweep(model, x_T, edit, scales, prompt, guidance_scale, steps)
+    n, s = x_T.shape[0], len(scales)
+    v = bank.directions[k].view(1, *x_T.shape[1:])
+    shift = torch.tensor(scales, dtype=torch.float32).repeat(n).view(-1, 1, 1, 1) * v
+    x0 = sample(
+        model,
+        x_T.repeat_interleave(s, dim=0),
+        [],
+        prompt=prompt,
+        guidance_scale=guidance_scale,
+        steps=steps,
+        latent_shift=shift,
+        shift_at=int(bank.config["t_edit"]),
+    )
+    out = decode(model, x0)
     return out.reshape(n, s, *out.shape[1:])

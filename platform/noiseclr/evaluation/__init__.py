@@ -1,0 +1,1 @@
+"""Measuring discovery on the shapes world: effects, purity, coverage, reports, comparisons."""

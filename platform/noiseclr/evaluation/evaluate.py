@@ -1,0 +1,92 @@
+"""`noiseclr evaluate BANK`: edit generated and real world images with every direction, measure
+every factor before and after with the oracle, and score the bank (metrics.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.domains import shapes
+from noiseclr.domains.oracle import measure
+from noiseclr.editing.sampler import decode, encode, invert, sample, seed_latents, sweep_direction
+from noiseclr.evaluation.metrics import BankScores, direction_effects, score_bank
+from noiseclr.models.generate import default_guidance
+from noiseclr.models.loader import BaseModel
+
+DEFAULT_SCALES = {"noiseclr": [-6.0, 6.0], "pullback": [-15.0, 15.0]}
+
+
+def evaluate_bank(
+    model: BaseModel,
+    bank: DirectionBank,
+    n_images: int = 8,
+    scales: list[float] | None = None,
+    steps: int = 20,
+    prompt: str | None = "a shape",
+    seed: int = 1000,
+    real: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Scores of `bank` on n generated (seeded, from `prompt`) and n real (inverted) images.
+
+    Seeds and real images depend only on `seed`, so every bank is measured on the same images.
+    """
+    scales = scales or DEFAULT_SCALES[bank.method]
+    guidance = default_guidance(model) if prompt else 1.0
+    sources: list[tuple[str, torch.Tensor, str | None, float]] = [
+        ("generated", seed_latents(model, list(range(seed, seed + n_images))), prompt, guidance)
+    ]
+    fidelity = None
+    if real:
+        pixels = shapes.render(shapes.sample_scenes(n_images, seed=seed), model.resolution) * 2 - 1
+        x_T = invert(model, encode(model, pixels), steps)
+        recon = decode(model, sample(model, x_T, [], steps=steps))
+        fidelity = float(np.abs(recon - ((pixels + 1) / 2).permute(0, 2, 3, 1).numpy()).mean())
+        sources.append(("real", x_T, None, 1.0))
+
+    befores = {}
+    for name, x_T, p, g in sources:
+        base = decode(model, sample(model, x_T, [], prompt=p, guidance_scale=g, steps=steps))
+        befores[name] = [measure(img) for img in base]
+    per_direction = []
+    for k in tqdm(range(len(bank)), desc=f"evaluate {bank.name}", disable=not progress):
+        after_rows: list[list] = [[] for _ in scales]
+        before_all = []
+        for name, x_T, p, g in sources:
+            imgs = sweep_direction(model, bank, k, x_T, scales, p, g, steps)  # (N, S, H, W, 3)
+            for s in range(len(scales)):
+                after_rows[s].extend(measure(img) for img in imgs[:, s])
+            before_all.extend(befores[name])
+        per_direction.append(direction_effects(before_all, after_rows, model.resolution))
+    scores: BankScores = score_bank(per_direction, scales)
+    result = scores.as_dict()
+    result.update(
+        bank=bank.name,
+        method=bank.method,
+        directions=len(bank),
+        scales=scales,
+        images={"generated": n_images, "real": n_images if real else 0},
+        prompt=prompt,
+        steps=steps,
+        fidelity=fidelity,
+        base_broken={k: float(np.mean([m.count != 1 for m in v])) for k, v in befores.items()},
+    )
+    return result
+
+
+def label_bank(bank: DirectionBank, result: dict) -> None:
+    """Store the automatic labels in bank.labels next to any human label."""
+    for token, label in zip(bank.tokens, result["labels"], strict=True):
+        bank.labels.setdefault(token, {})["auto"] = label
+
+
+def random_bank(model: BaseModel, like: DirectionBank, seed: int = 0) -> DirectionBank:
+    """The floor: random token-embedding directions of the same count and norm as `like`."""
+    g = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(like.directions.shape, generator=g)
+    vectors = vectors / vectors.norm(dim=1, keepdim=True) * like.directions.norm(dim=1, keepdim=True)
+    return DirectionBank(
+        vectors, dict(like.base_model), name="random", config={"method": "noiseclr", "random": True}
+    )
