@@ -13,11 +13,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# DeepSpeed is built against the torch just installed (no isolated build env that would pull
+# another torch); its ops compile lazily at first use and are cached in ~/.cache.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
+	$(BIN)/python -m pip install -q -e ".[dev,dist]"
 	touch $(STAMP)
 
 demo: $(STAMP)

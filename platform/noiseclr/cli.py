@@ -128,12 +128,30 @@ def discover(
     k: int | None = typer.Option(None, help="Override the number of directions."),
     device: str | None = typer.Option(None, help="Override the device."),
     fresh: bool = typer.Option(False, help="Ignore checkpoints in OUT and start over."),
+    workers: int = typer.Option(0, min=0, help="Ray Train workers (DeepSpeed); 0: single process."),
+    address: str | None = typer.Option(None, help="Ray cluster to join (ray://host:10001); default local."),
+    zero_stage: int | None = typer.Option(None, min=0, max=3, help="Override the DeepSpeed ZeRO stage."),
+    storage_path: str | None = typer.Option(None, help="Ray Train checkpoint storage (local or s3://)."),
 ) -> None:
-    """Discover K directions on a domain of images (single process) and write bank + gallery."""
+    """Discover K directions on a domain of images and write the bank and its gallery.
+
+    One process by default; with --workers N, Ray Train runs N DeepSpeed workers fed by Ray Data
+    (same config schema), on a local Ray or the cluster at --address.
+    """
     from noiseclr.discovery.config import DiscoveryConfig
+
+    cfg = DiscoveryConfig.from_yaml(config, data=data, steps=steps, k=k, device=device, zero_stage=zero_stage)
+    if workers:
+        from noiseclr.training.distributed import run_distributed
+
+        result = run_distributed(cfg, out, workers, address=address, storage_path=storage_path)
+        typer.echo(
+            f"bank: {result['bank']} ({result['steps']} steps on {workers} workers, "
+            f"{result['corrupt_images']} corrupt image(s) skipped)"
+        )
+        return
     from noiseclr.discovery.run import run_discovery
 
-    cfg = DiscoveryConfig.from_yaml(config, data=data, steps=steps, k=k, device=device)
     result = run_discovery(cfg, out, resume=not fresh)
     if result["corrupt_images"]:
         typer.echo(f"skipped {result['corrupt_images']} corrupt image(s)")

@@ -45,6 +45,11 @@ class DiscoveryConfig(BaseModel):
     gradient_checkpointing: bool = False
     max_rows: int | None = Field(None, ge=1)  # UNet rows per call (memory budget); None: one call
     checkpoint_every: int = Field(100, ge=1)
+    # distributed execution (Ray Train + DeepSpeed); ignored by the single-process path
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload: bool = False  # ZeRO optimizer state on the CPU
+    max_failures: int = Field(2, ge=0)  # worker restarts from the last checkpoint
+    cache_latents: bool = True  # workers keep their shard's latents after the first pass
     keep_checkpoints: int = Field(2, ge=1)
     # pictures
     gallery_scales: list[float] = Field(default_factory=lambda: [-6.0, -3.0, 0.0, 3.0, 6.0])

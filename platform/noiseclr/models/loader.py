@@ -104,8 +104,9 @@ def load_model(
     """Load a base model as a StableDiffusionPipeline with a DDIM scheduler."""
     source, world = _resolve(name_or_path)
     try:
+        extra = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            source, safety_checker=None, requires_safety_checker=False, **extra
         )
     except (OSError, ValueError) as err:  # hub unreachable, missing files, wrong layout
         raise ModelLoadError(

@@ -39,6 +39,9 @@ class RecipeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     arch: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
+    # Continue from a trained pipeline folder: its VAE is kept (stage 1 skipped) and the
+    # diffusion stage starts from its UNet and text encoder.
+    init_from: str | None = None
     seed: int = 0
     device: str = "auto"
     mixed_precision: str = Field("no", pattern="^(no|bf16)$")
@@ -229,9 +232,16 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
         history.append(row)
         tqdm.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
-    pipe = build_pipeline(cfg.arch, shapes.vocabulary())
     started = time.time()
-    train_vae(pipe, cfg, device, log)
+    if cfg.init_from:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            cfg.init_from, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.vae.to(device).requires_grad_(False)
+        log({"stage": "init", "from": cfg.init_from})
+    else:
+        pipe = build_pipeline(cfg.arch, shapes.vocabulary())
+        train_vae(pipe, cfg, device, log)
     ema_unet, ema_text, steps_done = train_diffusion(pipe, cfg, device, log)
     final = StableDiffusionPipeline(**{**pipe.components, "unet": ema_unet, "text_encoder": ema_text})
     final.set_progress_bar_config(disable=True)
@@ -271,6 +281,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, cfg: RecipeConfig, metrics: dic
 
 def model_card(cfg: RecipeConfig, metrics: dict) -> str:
     q = metrics["quality"]
+    continued = f" (continuing from {cfg.init_from}, whose VAE it keeps)" if cfg.init_from else ""
     rows = "\n".join(
         f"| {k} | {v:.3f} | {QUALITY_BAR.get(k, float('nan')):.2f} |"
         if k in QUALITY_BAR
@@ -291,7 +302,8 @@ VAE {cfg.vae_steps} steps (batch {cfg.vae_batch}), then UNet + text encoder {met
 (batch {cfg.batch}, AdamW lr {cfg.lr}, warm-up {cfg.warmup}, cosine, EMA {cfg.ema_decay},
 caption dropout {cfg.caption_dropout}, per-factor word dropout {cfg.word_dropout},
 precision {cfg.mixed_precision}), seed {cfg.seed}, on {metrics["device"]} in
-{metrics["train_seconds"]:.0f} s. {len(shapes.held_out_combinations())} of
+{metrics["train_seconds"]:.0f} s{continued}.
+{len(shapes.held_out_combinations())} of
 {len(shapes.all_combinations())} word combinations were held out of training.
 
 ## Measured quality

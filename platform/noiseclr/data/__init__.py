@@ -1,0 +1,1 @@
+"""Data input for the distributed path: Ray Data streaming from fsspec storage."""

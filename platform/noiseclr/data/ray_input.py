@@ -1,0 +1,125 @@
+"""Ray Data input: image files on any fsspec storage -> decoded pixels -> VAE latents, streamed.
+
+    read_binary_files (fsspec filesystem wrapped for pyarrow)
+      -> decode / resize / crop / normalise (corrupt files dropped, counted by an actor)
+      -> VAE encode in an actor pool (one GPU each when there are GPUs)
+      -> rows {"index", "latent"} that Ray Train workers take with get_dataset_shard
+
+Nothing here materialises the data set; every stage streams. `memory://` works only where the
+reading process is the one that wrote it (Ray tasks run in other processes): use file://, s3://
+(s3fs) or gs:// (gcsfs) with Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import fsspec
+import numpy as np
+import ray
+import torch
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from noiseclr.discovery.data import IMAGE_SUFFIXES, decode_image
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    """Counts corrupt files across decode tasks (fire-and-forget adds, one read at the end)."""
+
+    def __init__(self) -> None:
+        self.n, self.examples = 0, []
+
+    def add(self, n: int, examples: list[str]) -> None:
+        self.n += n
+        self.examples = (self.examples + examples)[:20]
+
+    def get(self) -> dict:
+        return {"corrupt": self.n, "examples": self.examples}
+
+
+def filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSystem, str, list[str]]:
+    """pyarrow view of the fsspec filesystem behind `uri`, the root path, and the image paths."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(root):
+        raise FileNotFoundError(f"image folder {uri!r} does not exist")
+    paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri!r}")
+    return PyFileSystem(FSSpecHandler(fs)), root, paths
+
+
+class Decode:
+    """bytes -> (3, H, W) float32 in [-1, 1]; rows that do not decode are dropped and counted."""
+
+    def __init__(self, resolution: int, index_of: dict[str, int], counter) -> None:
+        self.resolution, self.index_of, self.counter = resolution, index_of, counter
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels, index, bad = [], [], []
+        for data, path in zip(batch["bytes"], batch["path"], strict=True):
+            try:
+                img = decode_image(bytes(data), self.resolution)
+            except Exception as err:  # corrupt / truncated / not an image: counted, never fatal
+                bad.append(f"{path}: {type(err).__name__}")
+                continue
+            pixels.append(img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
+            index.append(self.index_of[path])
+        if bad:
+            self.counter.add.remote(len(bad), bad)
+        shape = (0, 3, self.resolution, self.resolution)
+        return {
+            "index": np.asarray(index, dtype=np.int64),
+            "pixels": np.stack(pixels) if pixels else np.zeros(shape, np.float32),
+        }
+
+
+class VaeEncode:
+    """Actor-pool stage: loads the base model's VAE once per actor, encodes batches to latents."""
+
+    def __init__(self, model: str) -> None:
+        from noiseclr.models.loader import load_model
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae = load_model(model, device=device).pipe.vae
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from noiseclr.discovery.data import encode_latents
+
+        if len(batch["index"]) == 0:
+            return {"index": batch["index"], "latent": np.zeros((0, 1), np.float32)}
+        latents = encode_latents(self.vae, torch.from_numpy(batch["pixels"]))
+        return {"index": batch["index"], "latent": latents.cpu().numpy()}
+
+
+def latent_dataset(
+    uri: str,
+    model: str,
+    resolution: int,
+    storage_options: dict | None = None,
+    encoders: int = 1,
+    batch_size: int = 16,
+    limit: int | None = None,
+):
+    """The streaming latent dataset and the corrupt-file counter actor."""
+    pa_fs, _, paths = filesystem(uri, storage_options)
+    paths = paths[:limit] if limit else paths
+    index_of = {p: i for i, p in enumerate(paths)}
+    counter = Counter.remote()
+    ds = ray.data.read_binary_files(paths, filesystem=pa_fs, include_paths=True)
+    ds = ds.map_batches(
+        Decode,
+        fn_constructor_kwargs={"resolution": resolution, "index_of": index_of, "counter": counter},
+        batch_size=batch_size,
+        concurrency=1,
+    )
+    ds = ds.map_batches(
+        VaeEncode,
+        fn_constructor_kwargs={"model": model},
+        batch_size=batch_size,
+        concurrency=encoders,
+        num_gpus=1 if torch.cuda.is_available() else 0,
+    )
+    return ds, counter, len(paths)

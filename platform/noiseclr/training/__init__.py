@@ -1,0 +1,1 @@
+"""Distributed training: Ray Train workers running the NoiseCLR step in DeepSpeed."""
