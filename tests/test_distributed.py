@@ -58,7 +58,7 @@ def test_two_workers_with_zero_match_one_process(reference, tmp_path, stage):
 
 
 def test_killed_worker_resumes_from_the_last_checkpoint(reference, tmp_path):
-    ref, data = reference
+    _, data = reference
     storage = tmp_path / "ray"
     killed = {}
 
