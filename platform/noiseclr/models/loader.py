@@ -56,7 +56,10 @@ def fingerprint(pipe: StableDiffusionPipeline) -> str:
     convolutions + the text encoder's token embeddings (before any added tokens)."""
     h = hashlib.sha256()
     for cfg in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config):
-        h.update(json.dumps(dict(cfg), sort_keys=True, default=str).encode())
+        # private keys (_name_or_path, _diffusers_version...) and versions say where it came
+        # from, not what it is
+        arch = {k: v for k, v in dict(cfg).items() if not k.startswith("_") and not k.endswith("_version")}
+        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
     n_vocab = pipe.text_encoder.config.vocab_size
     for t in (
         pipe.unet.conv_in.weight,
@@ -108,7 +111,7 @@ def load_model(
         pipe = StableDiffusionPipeline.from_pretrained(
             source, safety_checker=None, requires_safety_checker=False, **extra
         )
-    except (OSError, ValueError) as err:  # hub unreachable, missing files, wrong layout
+    except Exception as err:  # hub unreachable, missing files, wrong layout: one clear error
         raise ModelLoadError(
             f"could not load {name_or_path!r}: {err}. A hub id needs network access or the model "
             "in the local Hugging Face cache; a folder needs the full diffusers layout."

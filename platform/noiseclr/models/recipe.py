@@ -113,7 +113,7 @@ def diffusion_loss(
 
 
 def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log) -> float:
-    """Stage 1. Returns the latent scaling factor it sets on the VAE."""
+    """Stage 1: trains the VAE and sets its latent scaling factor. Returns the steps run."""
     vae = pipe.vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -125,6 +125,8 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.de
         if cfg.vae_time_budget_s and time.time() - t0 > cfg.vae_time_budget_s:
             log({"stage": "vae", "note": "time budget reached", "steps": step})
             break
+    else:
+        step = cfg.vae_steps
         scenes = shapes.sample_scenes(cfg.vae_batch, seed=cfg.seed * 1_000_003 + step)
         x = shapes.render(scenes, cfg.arch.resolution, device) * 2 - 1
         posterior = vae.encode(x).latent_dist
@@ -145,8 +147,8 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.de
         scaling = float(1.0 / latents.std())
         err = float((recon - x).abs().mean() / 2)
     vae.register_to_config(scaling_factor=scaling)
-    log({"stage": "vae", "scaling_factor": scaling, "recon_mae": err})
-    return scaling
+    log({"stage": "vae", "scaling_factor": scaling, "recon_mae": err, "steps_run": step})
+    return step
 
 
 def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log):
@@ -233,6 +235,7 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
         tqdm.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     started = time.time()
+    vae_steps = 0
     if cfg.init_from:
         pipe = StableDiffusionPipeline.from_pretrained(
             cfg.init_from, safety_checker=None, requires_safety_checker=False
@@ -241,7 +244,7 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
         log({"stage": "init", "from": cfg.init_from})
     else:
         pipe = build_pipeline(cfg.arch, shapes.vocabulary())
-        train_vae(pipe, cfg, device, log)
+        vae_steps = train_vae(pipe, cfg, device, log)
     ema_unet, ema_text, steps_done = train_diffusion(pipe, cfg, device, log)
     final = StableDiffusionPipeline(**{**pipe.components, "unet": ema_unet, "text_encoder": ema_text})
     final.set_progress_bar_config(disable=True)
@@ -251,6 +254,7 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
         "meets_bar": meets_bar(scores),
         "train_seconds": time.time() - started,
         "diffusion_steps": steps_done,
+        "vae_steps": vae_steps,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "history": history,
     }
@@ -298,7 +302,8 @@ Load it with `StableDiffusionPipeline.from_pretrained(this_folder)` or `noiseclr
 ## How it was trained
 
 `noiseclr base train` (recipe: `noiseclr/models/recipe.py`; full config in `recipe.json`):
-VAE {cfg.vae_steps} steps (batch {cfg.vae_batch}), then UNet + text encoder {metrics["diffusion_steps"]} steps
+VAE {metrics["vae_steps"]} steps (batch {cfg.vae_batch}), then UNet + text encoder
+{metrics["diffusion_steps"]} steps
 (batch {cfg.batch}, AdamW lr {cfg.lr}, warm-up {cfg.warmup}, cosine, EMA {cfg.ema_decay},
 caption dropout {cfg.caption_dropout}, per-factor word dropout {cfg.word_dropout},
 precision {cfg.mixed_precision}), seed {cfg.seed}, on {metrics["device"]} in
