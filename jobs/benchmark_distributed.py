@@ -23,16 +23,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=6)
     args = ap.parse_args()
-    base = dict(model=args.model, k=12, negatives=7, batch=args.batch, n_images=24, steps=args.steps,
-                checkpoint_every=args.steps, name="bench")
+    base = dict(
+        model=args.model,
+        k=12,
+        negatives=7,
+        batch=args.batch,
+        n_images=24,
+        steps=args.steps,
+        checkpoint_every=args.steps,
+        name="bench",
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workers, stage in ((1, 2), (2, 2), (2, 0), (2, 3)):
             out = f"{tmp}/w{workers}z{stage}"
             r = run_distributed(DiscoveryConfig(**base, zero_stage=stage), out, workers=workers)
             rows[(workers, stage)] = r["metrics"]
-            print(f"workers={workers} zero={stage}: {r['metrics']['pairs_per_s']:.1f} pairs/s, "
-                  f"{r['metrics']['param_mib']:.2f} MiB of parameters per worker")
+            print(
+                f"workers={workers} zero={stage}: {r['metrics']['pairs_per_s']:.1f} pairs/s, "
+                f"{r['metrics']['param_mib']:.2f} MiB of parameters per worker"
+            )
     one, two = rows[(1, 2)]["pairs_per_s"], rows[(2, 2)]["pairs_per_s"]
     z0, z3 = rows[(2, 0)]["param_mib"], rows[(2, 3)]["param_mib"]
     print(f"pairs/s 2 workers / 1 worker: {two / one:.2f}x")

@@ -114,12 +114,17 @@ def latent_dataset(
         fn_constructor_kwargs={"resolution": resolution, "index_of": index_of, "counter": counter},
         batch_size=batch_size,
         concurrency=1,
+        num_cpus=0.25,
     )
+    gpu = torch.cuda.is_available()
+    # Fractional CPUs on CPU-only machines: the decode and encode actors must fit beside the
+    # training workers or the read tasks starve (2 workers + these in 4 logical CPUs).
     ds = ds.map_batches(
         VaeEncode,
         fn_constructor_kwargs={"model": model},
         batch_size=batch_size,
         concurrency=encoders,
-        num_gpus=1 if torch.cuda.is_available() else 0,
+        num_gpus=1 if gpu else 0,
+        num_cpus=1 if gpu else 0.5,
     )
     return ds, counter, len(paths)

@@ -35,6 +35,30 @@ from noiseclr.discovery.noise import direction_deltas
 from noiseclr.discovery.trainer import lr_factor
 
 
+class GatherBatch(torch.autograd.Function):
+    """All-gather the per-worker deltas into the global batch (forward); in backward, keep
+    this worker's slice of the gradient times the world size.
+
+    Every worker computes the same loss on the same gathered batch, so its gradient for its
+    own slice is exact; DeepSpeed then averages the direction gradients over the W workers,
+    hence the factor W: the result equals the single-process gradient on the global batch.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous())
+        ctx.world, ctx.rank, ctx.n = world, rank, local.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n] * ctx.world
+
+
 class NoiseCLRModule(nn.Module):
     """What DeepSpeed wraps: frozen UNet + text encoder, trainable directions."""
 
@@ -151,7 +175,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry point. config: {"discovery": DiscoveryConfig dict, "fingerprint", ...}."""
     import deepspeed
     import ray.train
-    import torch.distributed.nn.functional as dist_nn
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file, save_file
 
@@ -228,7 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
             group["lr"] = cfg.lr * lr_factor(cfg, step)
         deltas = engine(x_t, ts, dirs.to(device)).float()
         if world > 1:
-            deltas = torch.cat(dist_nn.all_gather(deltas))
+            deltas = GatherBatch.apply(deltas)
         loss = (
             noiseclr_loss(deltas, cfg.tau)
             if cfg.loss == "paper"
