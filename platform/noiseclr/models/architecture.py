@@ -32,6 +32,21 @@ SD_SCHEDULE = dict(
 )
 
 
+def noise_schedule(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> dict:
+    """SD 1.x's betas, optionally rescaled to zero terminal SNR (Lin et al., 2023).
+
+    With SD's own betas, x_T still holds sqrt(0.0047) of the image: at 16x16 latents that is
+    enough for a small model to read the object's position and the background's lightness
+    from the noise instead of from the caption, so position words get ignored. Zero terminal
+    SNR removes the leak; it needs v-prediction (epsilon is undefined at SNR 0) and
+    "trailing" timesteps so that sampling starts at t = 999, the step trained on pure noise.
+    """
+    schedule = dict(SD_SCHEDULE, prediction_type=prediction_type)
+    if zero_terminal_snr:
+        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return schedule
+
+
 class ArchitectureConfig(BaseModel):
     """Sizes of the embedded model. Defaults fit the 25 MB budget in float32."""
 
@@ -96,15 +111,17 @@ def build_text_encoder(cfg: ArchitectureConfig, tokenizer: CLIPTokenizer) -> CLI
     return CLIPTextModel(config)
 
 
-def build_pipeline(cfg: ArchitectureConfig, words: list[str]) -> StableDiffusionPipeline:
-    """A freshly initialised embedded pipeline (untrained weights)."""
+def build_pipeline(
+    cfg: ArchitectureConfig, words: list[str], schedule: dict | None = None
+) -> StableDiffusionPipeline:
+    """A freshly initialised embedded pipeline (untrained weights); schedule: noise_schedule()."""
     tokenizer = build_tokenizer(words, cfg.max_tokens)
     return StableDiffusionPipeline(
         vae=build_vae(cfg),
         text_encoder=build_text_encoder(cfg, tokenizer),
         tokenizer=tokenizer,
         unet=build_unet(cfg),
-        scheduler=DDIMScheduler(**SD_SCHEDULE),
+        scheduler=DDIMScheduler(**(schedule or SD_SCHEDULE)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

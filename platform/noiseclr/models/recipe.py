@@ -2,8 +2,10 @@
 
 1. VAE: AutoencoderKL on rendered images (L1 + L2 + a small KL), then the latent scaling
    factor that makes latents unit-variance, as Stable Diffusion's 0.18215 does.
-2. Diffusion: UNet2DConditionModel and CLIPTextModel trained together on epsilon prediction
-   with the DDPM schedule of SD 1.x. Captions name the world's factors; each factor's words
+2. Diffusion: UNet2DConditionModel and CLIPTextModel trained together, by default on
+   v-prediction with SD 1.x's betas rescaled to zero terminal SNR (see
+   `architecture.noise_schedule` for why; epsilon prediction on SD's own schedule is an
+   option). Captions name the world's factors; each factor's words
    are dropped at random (so partial prompts work) and the whole caption is dropped at
    random (so classifier-free guidance works). EMA weights are the ones saved.
 
@@ -24,12 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from noiseclr.domains import shapes
-from noiseclr.models.architecture import ArchitectureConfig, build_pipeline, training_scheduler
+from noiseclr.models.architecture import (
+    ArchitectureConfig,
+    build_pipeline,
+    noise_schedule,
+    training_scheduler,
+)
 from noiseclr.models.quality import QUALITY_BAR, evaluate_quality, meets_bar
 
 
@@ -42,6 +49,10 @@ class RecipeConfig(BaseModel):
     # Continue from a trained pipeline folder: its VAE is kept (stage 1 skipped) and the
     # diffusion stage starts from its UNet and text encoder.
     init_from: str | None = None
+    # The noise schedule the UNet learns (saved in the pipeline's scheduler config). Changing
+    # it with init_from fine-tunes the old weights to the new schedule, as Lin et al. did.
+    prediction_type: str = Field("v_prediction", pattern="^(epsilon|v_prediction)$")
+    zero_terminal_snr: bool = True
     seed: int = 0
     device: str = "auto"
     mixed_precision: str = Field("no", pattern="^(no|bf16)$")
@@ -50,6 +61,10 @@ class RecipeConfig(BaseModel):
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     steps: int = Field(8000, ge=0)
+    # > 0: render and VAE-encode this many scenes once and draw training batches from them
+    # (fresh noise, timesteps and caption dropout each step). On a CPU the VAE encoder is a
+    # quarter of a step; 0 renders a new batch every step.
+    latent_pool: int = Field(0, ge=0)
     # If set, the diffusion stage re-measures its speed every 100 steps and shortens `steps`
     # (and the LR schedule with it) to end within this many seconds (likewise the VAE stage).
     time_budget_s: float | None = Field(None, gt=0)
@@ -105,14 +120,18 @@ def diffusion_loss(
     noise: torch.Tensor,  # (B, 4, h, w)
     t: torch.Tensor,  # (B,)
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE of SD training, text encoder included in the graph."""
+    """SD's training MSE (epsilon or v target, from the scheduler), text encoder in the graph."""
     noisy = noise_sched.add_noise(latents, noise, t)
     cond = text_encoder(input_ids)[0]
     pred = unet(noisy, t, cond).sample
-    return F.mse_loss(pred.float(), noise.float())
+    if noise_sched.config.prediction_type == "v_prediction":
+        target = noise_sched.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float())
 
 
-def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log) -> float:
+def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log) -> int:
     """Stage 1: trains the VAE and sets its latent scaling factor. Returns the steps run."""
     vae = pipe.vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -121,12 +140,12 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.de
     )
     bar = tqdm(range(cfg.vae_steps), desc="vae")
     t0 = time.time()
+    steps_run = cfg.vae_steps
     for step in bar:
         if cfg.vae_time_budget_s and time.time() - t0 > cfg.vae_time_budget_s:
             log({"stage": "vae", "note": "time budget reached", "steps": step})
+            steps_run = step
             break
-    else:
-        step = cfg.vae_steps
         scenes = shapes.sample_scenes(cfg.vae_batch, seed=cfg.seed * 1_000_003 + step)
         x = shapes.render(scenes, cfg.arch.resolution, device) * 2 - 1
         posterior = vae.encode(x).latent_dist
@@ -147,8 +166,15 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.de
         scaling = float(1.0 / latents.std())
         err = float((recon - x).abs().mean() / 2)
     vae.register_to_config(scaling_factor=scaling)
-    log({"stage": "vae", "scaling_factor": scaling, "recon_mae": err, "steps_run": step})
-    return step
+    log({"stage": "vae", "scaling_factor": scaling, "recon_mae": err, "steps_run": steps_run})
+    return steps_run
+
+
+@torch.no_grad()
+def encode_scenes(vae, scenes: list[shapes.Scene], resolution: int, gen: torch.Generator) -> torch.Tensor:
+    """Render scenes and sample their scaled VAE latents."""
+    x = shapes.render(scenes, resolution, vae.device) * 2 - 1
+    return vae.encode(x).latent_dist.sample(gen) * vae.config.scaling_factor
 
 
 def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log):
@@ -172,6 +198,17 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
     eval_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": ema_unet, "text_encoder": ema_text})
     eval_pipe.set_progress_bar_config(disable=True)
 
+    pool = None
+    if cfg.latent_pool:
+        scenes = shapes.sample_scenes(cfg.latent_pool, seed=cfg.seed * 1_000_003 + 10**6, exclude=held_out)
+        moments = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(scenes), 256), desc="latent pool"):
+                x = shapes.render(scenes[i : i + 256], cfg.arch.resolution, device) * 2 - 1
+                dist = vae.encode(x).latent_dist
+                moments.append((dist.mean, dist.std))
+        pool = (scenes, torch.cat([m for m, _ in moments]), torch.cat([s for _, s in moments]))
+
     bar = tqdm(total=cfg.steps, desc="diffusion")
     t0 = time.time()
     step = 0
@@ -182,10 +219,17 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
             if fit < total[0]:
                 total[0] = max(step + 1, fit)
                 bar.total = total[0]
-        scenes = shapes.sample_scenes(cfg.batch, seed=cfg.seed * 1_000_003 + 10**6 + step, exclude=held_out)
-        with torch.no_grad():
-            x = shapes.render(scenes, cfg.arch.resolution, device) * 2 - 1
-            latents = vae.encode(x).latent_dist.sample(gen) * vae.config.scaling_factor
+        if pool is None:
+            scenes = shapes.sample_scenes(
+                cfg.batch, seed=cfg.seed * 1_000_003 + 10**6 + step, exclude=held_out
+            )
+            latents = encode_scenes(vae, scenes, cfg.arch.resolution, gen)
+        else:
+            pick = torch.randint(0, len(pool[0]), (cfg.batch,), generator=gen, device=device)
+            scenes = [pool[0][i] for i in pick.tolist()]
+            mean, std = pool[1][pick], pool[2][pick]
+            latents = mean + std * torch.randn(mean.shape, generator=gen, device=device)
+            latents = latents * vae.config.scaling_factor
         ids = tokenizer(
             [random_caption(s, rng, cfg) for s in scenes],
             padding="max_length",
@@ -236,14 +280,16 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
 
     started = time.time()
     vae_steps = 0
+    schedule = noise_schedule(cfg.prediction_type, cfg.zero_terminal_snr)
     if cfg.init_from:
         pipe = StableDiffusionPipeline.from_pretrained(
             cfg.init_from, safety_checker=None, requires_safety_checker=False
         )
         pipe.vae.to(device).requires_grad_(False)
+        pipe.scheduler = DDIMScheduler(**schedule)
         log({"stage": "init", "from": cfg.init_from})
     else:
-        pipe = build_pipeline(cfg.arch, shapes.vocabulary())
+        pipe = build_pipeline(cfg.arch, shapes.vocabulary(), schedule)
         vae_steps = train_vae(pipe, cfg, device, log)
     ema_unet, ema_text, steps_done = train_diffusion(pipe, cfg, device, log)
     final = StableDiffusionPipeline(**{**pipe.components, "unet": ema_unet, "text_encoder": ema_text})
@@ -277,6 +323,9 @@ def save_pipeline(pipe: StableDiffusionPipeline, cfg: RecipeConfig, metrics: dic
     }
     (tmp / "world.json").write_text(json.dumps(world, indent=2))
     (tmp / "recipe.json").write_text(json.dumps({"config": cfg.model_dump(), "metrics": metrics}, indent=2))
+    parent = Path(cfg.init_from) / "recipe.json" if cfg.init_from else None
+    if parent is not None and parent.exists():  # keep the earlier stage's record with the weights
+        shutil.copy(parent, tmp / "parent_recipe.json")
     (tmp / "README.md").write_text(model_card(cfg, metrics))
     if out.exists():
         shutil.rmtree(out)
@@ -285,7 +334,21 @@ def save_pipeline(pipe: StableDiffusionPipeline, cfg: RecipeConfig, metrics: dic
 
 def model_card(cfg: RecipeConfig, metrics: dict) -> str:
     q = metrics["quality"]
-    continued = f" (continuing from {cfg.init_from}, whose VAE it keeps)" if cfg.init_from else ""
+    continued = ""
+    if cfg.init_from:
+        continued = f" (continuing from {cfg.init_from}, whose VAE it keeps)"
+        parent = Path(cfg.init_from) / "recipe.json"
+        if parent.exists():
+            p = json.loads(parent.read_text())
+            pm, pc = p["metrics"], p["config"]
+            pq = ", ".join(f"{k} {v:.3f}" for k, v in pm["quality"].items())
+            continued += (
+                f". That earlier stage (its record: `parent_recipe.json`) trained from scratch: "
+                f"VAE {pm.get('vae_steps', '?')} steps, then {pm['diffusion_steps']} diffusion "
+                f"steps ({pc.get('prediction_type', 'epsilon')} prediction, zero terminal SNR: "
+                f"{pc.get('zero_terminal_snr', False)}) in {pm['train_seconds']:.0f} s on "
+                f"{pm['device']}; its quality: {pq}"
+            )
     rows = "\n".join(
         f"| {k} | {v:.3f} | {QUALITY_BAR.get(k, float('nan')):.2f} |"
         if k in QUALITY_BAR
@@ -296,7 +359,8 @@ def model_card(cfg: RecipeConfig, metrics: dict) -> str:
 
 A small text-to-image latent diffusion model in Stable Diffusion's layout (AutoencoderKL,
 UNet2DConditionModel, CLIPTextModel, CLIP-style tokenizer, DDIM scheduler with SD 1.x's
-betas), trained from scratch on the procedural *shapes world* (`noiseclr.domains.shapes`).
+betas{", rescaled to zero terminal SNR" if cfg.zero_terminal_snr else ""}, {cfg.prediction_type} prediction),
+trained on the procedural *shapes world* (`noiseclr.domains.shapes`).
 Load it with `StableDiffusionPipeline.from_pretrained(this_folder)` or `noiseclr.models.load_model("shapes")`.
 
 ## How it was trained
