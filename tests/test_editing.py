@@ -83,6 +83,27 @@ def test_inversion_round_trip_reconstructs_real_images(shapes_model):
     assert error < 0.06, error
 
 
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_inversion_stops_short_of_snr_zero(tiny_model, zero_snr):
+    """On a zero-terminal-SNR schedule a step into t = 999 would replace the image by noise:
+    inversion ends one step below it and sampling resumes from there."""
+    from dataclasses import replace
+
+    from diffusers import DDIMScheduler
+
+    from noiseclr.models.architecture import noise_schedule
+
+    schedule = noise_schedule("v_prediction" if zero_snr else "epsilon", zero_snr)
+    pipe = type(tiny_model.pipe)(**{**tiny_model.pipe.components, "scheduler": DDIMScheduler(**schedule)})
+    model = replace(tiny_model, pipe=pipe)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_t, t = sampler.invert(model, latents, steps=4)
+    assert t == (749 if zero_snr else 751)  # trailing: 999 749 499 249; leading: 751 501 251 1
+    assert pipe.scheduler.alphas_cumprod[t] > 0.01
+    out = sampler.sample(model, x_t, [], steps=4, start_t=t)
+    assert out.shape == latents.shape and torch.isfinite(out).all()
+
+
 def test_scale_sweep_is_monotone_in_effect(shapes_model):
     bank = make_bank(shapes_model, "a")
     x_T = sampler.seed_latents(shapes_model, [0])

@@ -128,7 +128,9 @@ def discover(
     k: int | None = typer.Option(None, help="Override the number of directions."),
     device: str | None = typer.Option(None, help="Override the device."),
     fresh: bool = typer.Option(False, help="Ignore checkpoints in OUT and start over."),
-    workers: int = typer.Option(0, min=0, help="Ray Train workers (DeepSpeed); 0: single process."),
+    workers: int | None = typer.Option(
+        None, min=0, help="Ray Train workers (DeepSpeed); 0: single process. Default: the config's."
+    ),
     address: str | None = typer.Option(None, help="Ray cluster to join (ray://host:10001); default local."),
     zero_stage: int | None = typer.Option(None, min=0, max=3, help="Override the DeepSpeed ZeRO stage."),
     storage_path: str | None = typer.Option(None, help="Ray Train checkpoint storage (local or s3://)."),
@@ -140,13 +142,22 @@ def discover(
     """
     from noiseclr.discovery.config import DiscoveryConfig
 
-    cfg = DiscoveryConfig.from_yaml(config, data=data, steps=steps, k=k, device=device, zero_stage=zero_stage)
-    if workers:
+    cfg = DiscoveryConfig.from_yaml(
+        config,
+        data=data,
+        steps=steps,
+        k=k,
+        device=device,
+        zero_stage=zero_stage,
+        workers=workers,
+        storage_path=storage_path,
+    )
+    if cfg.workers:
         from noiseclr.training.distributed import run_distributed
 
-        result = run_distributed(cfg, out, workers, address=address, storage_path=storage_path)
+        result = run_distributed(cfg, out, cfg.workers, address=address)
         typer.echo(
-            f"bank: {result['bank']} ({result['steps']} steps on {workers} workers, "
+            f"bank: {result['bank']} ({result['steps']} steps on {cfg.workers} workers, "
             f"{result['corrupt_images']} corrupt image(s) skipped)"
         )
         return
@@ -226,23 +237,29 @@ def edit(
     if image is not None:
         pixels = torch.from_numpy(decode_image(image.read_bytes(), base.resolution)).permute(2, 0, 1)[None]
         pixels = pixels.float() / 127.5 - 1
-        x_T = sampler.invert(base, sampler.encode(base, pixels), steps)
-        recon = sampler.decode(base, sampler.sample(base, x_T, [], steps=steps))
+        x_T, start_t = sampler.invert(base, sampler.encode(base, pixels), steps)
+        recon = sampler.decode(base, sampler.sample(base, x_T, [], steps=steps, start_t=start_t))
         err = float(np.abs(recon - (pixels[0].permute(1, 2, 0).numpy() + 1) / 2).mean())
         typer.echo(f"inversion reconstruction error (mean abs, 0..1): {err:.4f}")
         prompt, guidance = None, 1.0
     else:
-        x_T = sampler.seed_latents(base, [seed])
+        x_T, start_t = sampler.seed_latents(base, [seed]), None
         guidance = default_guidance(base) if prompt else 1.0
     if sweep:
         scales = [float(s) for s in sweep.split(",")]
-        images = sampler.scale_sweep(base, x_T, parsed[0], scales, prompt, guidance, steps)[0]
+        images = sampler.scale_sweep(base, x_T, parsed[0], scales, prompt, guidance, steps, start_t)[0]
     else:
         before = sampler.decode(
-            base, sampler.sample(base, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps)
+            base,
+            sampler.sample(
+                base, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps, start_t=start_t
+            ),
         )
         after = sampler.decode(
-            base, sampler.sample(base, x_T, parsed, prompt=prompt, guidance_scale=guidance, steps=steps)
+            base,
+            sampler.sample(
+                base, x_T, parsed, prompt=prompt, guidance_scale=guidance, steps=steps, start_t=start_t
+            ),
         )
         images = np.concatenate([before, after])
     save_png(make_grid(images, cols=len(images), scale=2 if base.resolution < 128 else 1), out)

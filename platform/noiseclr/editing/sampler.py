@@ -113,8 +113,12 @@ def sample(
     progress: bool = False,
     latent_shift: torch.Tensor | None = None,
     shift_at: int = 0,
+    start_t: int | None = None,
 ) -> torch.Tensor:
     """Denoise x_T with CFG on `prompt` (if any) plus the edits. Returns x_0 latents (N, C, h, w).
+
+    start_t: the timestep x_T sits at when it is not pure noise (what :func:`invert` returns);
+    sampling steps above it are skipped.
 
     latent_shift (N, C, h, w) is added to x_t once, at the first step with t <= shift_at (the
     pullback method's edit in x_t).
@@ -140,7 +144,8 @@ def sample(
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps, device=device)
     x = x_T.to(device, dtype) * sched.init_noise_sigma
-    for t in tqdm(sched.timesteps, desc="edit", disable=not progress):
+    timesteps = sched.timesteps if start_t is None else sched.timesteps[sched.timesteps <= start_t]
+    for t in tqdm(timesteps, desc="edit", disable=not progress):
         if latent_shift is not None and t <= shift_at:
             x = x + latent_shift.to(device, dtype)
             latent_shift = None
@@ -177,17 +182,25 @@ def encode(model: BaseModel, pixels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def invert(
     model: BaseModel, latents: torch.Tensor, steps: int = 50, max_rows: int | None = None
-) -> torch.Tensor:
-    """DDIM inversion under the empty prompt: x_0 latents -> x_T (diffusers' DDIMInverseScheduler)."""
+) -> tuple[torch.Tensor, int]:
+    """DDIM inversion under the empty prompt (diffusers' DDIMInverseScheduler).
+
+    Returns (x_t, t): pass t to :func:`sample` as `start_t`. t is the top sampling timestep,
+    except on a zero-terminal-SNR schedule, where a step into SNR 0 would erase the image
+    (x_T = noise alone), so inversion stops one step short.
+    """
     pipe, device = model.pipe, model.device
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(steps, device=device)
     empty = encode_directions(pipe.text_encoder, pipe.tokenizer, torch.zeros(0, 1, device=device))
     x = latents.to(device, pipe.unet.dtype)
-    for t in inverse.timesteps:
-        eps = unet_rows(pipe.unet, x, t.expand(len(x)), empty.to(x.dtype), max_rows)[:, 0]
-        x = inverse.step(eps, t, x).prev_sample
-    return x
+    timesteps = [t for t in inverse.timesteps if inverse.alphas_cumprod[t] > 0]
+    # Step i goes from the previous sampling timestep (what the UNet sees) up to timesteps[i].
+    below = [max(0, int(t) - inverse.config.num_train_timesteps // steps) for t in timesteps]
+    for t, t_in in zip(timesteps, below, strict=True):
+        out = unet_rows(pipe.unet, x, torch.full((len(x),), t_in, device=device), empty.to(x.dtype), max_rows)
+        x = inverse.step(out[:, 0], t, x).prev_sample
+    return x, int(timesteps[-1])
 
 
 def edit_generated(
@@ -212,11 +225,11 @@ def edit_real(
     Returns the edited images and the inversion's reconstruction error (mean absolute pixel
     error in [0, 1] units of the unedited round trip).
     """
-    x_T = invert(model, encode(model, pixels), steps)
-    recon = decode(model, sample(model, x_T, [], steps=steps))
+    x_t, t = invert(model, encode(model, pixels), steps)
+    recon = decode(model, sample(model, x_t, [], steps=steps, start_t=t))
     target = ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
     error = float(np.abs(recon - target).mean())
-    edited = decode(model, sample(model, x_T, edits, steps=steps)) if edits else recon
+    edited = decode(model, sample(model, x_t, edits, steps=steps, start_t=t)) if edits else recon
     return edited, error
 
 
@@ -228,14 +241,16 @@ def scale_sweep(
     prompt: str | None = None,
     guidance_scale: float = 1.0,
     steps: int = 25,
+    start_t: int | None = None,
 ) -> np.ndarray:
     """Interpolation: one direction at several scales, all in one batch. (N, S, H, W, 3)."""
     n, s = x_T.shape[0], len(scales)
     x = x_T.repeat_interleave(s, dim=0)
     sc = torch.tensor(scales, dtype=torch.float32).repeat(n)[:, None]
-    out = decode(
-        model, sample(model, x, [edit], sc, prompt=prompt, guidance_scale=guidance_scale, steps=steps)
+    x0 = sample(
+        model, x, [edit], sc, prompt=prompt, guidance_scale=guidance_scale, steps=steps, start_t=start_t
     )
+    out = decode(model, x0)
     return out.reshape(n, s, *out.shape[1:])
 
 
@@ -248,11 +263,12 @@ def sweep_direction(
     prompt: str | None = None,
     guidance_scale: float = 1.0,
     steps: int = 25,
+    start_t: int | None = None,
 ) -> np.ndarray:
     """Direction k of any bank (NoiseCLR or pullback) at several scales: (N, S, H, W, 3)."""
     if bank.method != "pullback":
         edit = Edit(bank.directions[k], 1.0, label=bank.tokens[k])
-        return scale_sweep(model, x_T, edit, scales, prompt, guidance_scale, steps)
+        return scale_sweep(model, x_T, edit, scales, prompt, guidance_scale, steps, start_t)
     n, s = x_T.shape[0], len(scales)
     v = bank.directions[k].view(1, *x_T.shape[1:])
     shift = torch.tensor(scales, dtype=torch.float32).repeat(n).view(-1, 1, 1, 1) * v
@@ -265,6 +281,7 @@ def sweep_direction(
         steps=steps,
         latent_shift=shift,
         shift_at=int(bank.config["t_edit"]),
+        start_t=start_t,
     )
     out = decode(model, x0)
     return out.reshape(n, s, *out.shape[1:])

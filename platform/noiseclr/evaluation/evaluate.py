@@ -24,6 +24,7 @@ def evaluate_bank(
     n_images: int = 8,
     scales: list[float] | None = None,
     steps: int = 20,
+    inversion_steps: int = 50,
     prompt: str | None = "a shape",
     seed: int = 1000,
     real: bool = True,
@@ -31,31 +32,36 @@ def evaluate_bank(
 ) -> dict:
     """Scores of `bank` on n generated (seeded, from `prompt`) and n real (inverted) images.
 
+    Real images are inverted and edited with `inversion_steps` DDIM steps: DDIM inversion is
+    only as exact as its steps are small (on the embedded model, 8 images: 0.071 mean abs
+    error at 20 steps, 0.028 at 50), and an edit cannot be told from a poor round trip.
+
     Seeds and real images depend only on `seed`, so every bank is measured on the same images.
     """
     scales = scales or DEFAULT_SCALES[bank.method]
     guidance = default_guidance(model) if prompt else 1.0
-    sources: list[tuple[str, torch.Tensor, str | None, float]] = [
-        ("generated", seed_latents(model, list(range(seed, seed + n_images))), prompt, guidance)
+    # (name, x_T, start_t, prompt, guidance, steps)
+    sources: list[tuple[str, torch.Tensor, int | None, str | None, float, int]] = [
+        ("generated", seed_latents(model, list(range(seed, seed + n_images))), None, prompt, guidance, steps)
     ]
     fidelity = None
     if real:
         pixels = shapes.render(shapes.sample_scenes(n_images, seed=seed), model.resolution) * 2 - 1
-        x_T = invert(model, encode(model, pixels), steps)
-        recon = decode(model, sample(model, x_T, [], steps=steps))
+        x_t, t = invert(model, encode(model, pixels), inversion_steps)
+        recon = decode(model, sample(model, x_t, [], steps=inversion_steps, start_t=t))
         fidelity = float(np.abs(recon - ((pixels + 1) / 2).permute(0, 2, 3, 1).numpy()).mean())
-        sources.append(("real", x_T, None, 1.0))
+        sources.append(("real", x_t, t, None, 1.0, inversion_steps))
 
     befores = {}
-    for name, x_T, p, g in sources:
-        base = decode(model, sample(model, x_T, [], prompt=p, guidance_scale=g, steps=steps))
+    for name, x_T, t, p, g, n_steps in sources:
+        base = decode(model, sample(model, x_T, [], prompt=p, guidance_scale=g, steps=n_steps, start_t=t))
         befores[name] = [measure(img) for img in base]
     per_direction = []
     for k in tqdm(range(len(bank)), desc=f"evaluate {bank.name}", disable=not progress):
         after_rows: list[list] = [[] for _ in scales]
         before_all = []
-        for name, x_T, p, g in sources:
-            imgs = sweep_direction(model, bank, k, x_T, scales, p, g, steps)  # (N, S, H, W, 3)
+        for name, x_T, t, p, g, n_steps in sources:
+            imgs = sweep_direction(model, bank, k, x_T, scales, p, g, n_steps, t)  # (N, S, H, W, 3)
             for s in range(len(scales)):
                 after_rows[s].extend(measure(img) for img in imgs[:, s])
             before_all.extend(befores[name])
@@ -70,6 +76,7 @@ def evaluate_bank(
         images={"generated": n_images, "real": n_images if real else 0},
         prompt=prompt,
         steps=steps,
+        inversion_steps=inversion_steps if real else None,
         fidelity=fidelity,
         base_broken={k: float(np.mean([m.count != 1 for m in v])) for k, v in befores.items()},
     )
