@@ -126,12 +126,21 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, tmp_
         fs.pipe(f"shapes-bucket/imgs/{i}.png", buf.getvalue())
     fs.pipe("shapes-bucket/imgs/broken.png", b"\x89PNG\r\n\x1a\n garbage")
     fs.pipe("shapes-bucket/imgs/empty.jpg", b"")
-    result = run_distributed(
-        cfg(zero_stage=2, data="s3://shapes-bucket/imgs", n_images=6, steps=2),
-        tmp_path,
-        workers=2,
+    # Data and Ray Train checkpoints both on the S3 server, options from the job config.
+    job = cfg(
+        zero_stage=2,
+        data="s3://shapes-bucket/imgs",
+        n_images=6,
+        steps=2,
+        checkpoint_every=1,
+        storage_path="s3://shapes-bucket/ray",
         storage_options=s3_server,
     )
+    result = run_distributed(job, tmp_path, workers=2)
     assert result["corrupt_images"] == 2
     bank = DirectionBank.load(result["bank"])
     assert bank.metrics["corrupt_images"] == 2 and bank.metrics["files"] == 6 and bank.metrics["steps"] == 2
+    fs.invalidate_cache()
+    saved = fs.glob("shapes-bucket/ray/**/state.safetensors")
+    assert saved, "no checkpoint reached the bucket"
+    assert not (tmp_path / "ray").exists()
