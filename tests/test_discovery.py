@@ -88,19 +88,21 @@ def test_exact_resume(tiny_model, latents, tmp_path):
     assert torch.equal(bank.directions, straight.directions)
 
 
+@pytest.mark.parametrize("loss", ["paper", "symmetric"])
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
-    tiny_model, latents, tmp_path, monkeypatch
+    tiny_model, latents, tmp_path, monkeypatch, loss
 ):
-    real = trainer_mod.noiseclr_loss
+    name = "noiseclr_loss" if loss == "paper" else "symmetric_noiseclr_loss"
+    real = getattr(trainer_mod, name)
     calls = {"n": 0}
 
     def flaky(*args, **kw):
         calls["n"] += 1
-        loss = real(*args, **kw)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        out = real(*args, **kw)
+        return out * float("nan") if calls["n"] == 5 else out
 
-    monkeypatch.setattr(trainer_mod, "noiseclr_loss", flaky)
-    tr = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path)
+    monkeypatch.setattr(trainer_mod, name, flaky)
+    tr = DiscoveryTrainer(small_cfg(loss=loss), tiny_model, latents, tmp_path)
     with pytest.raises(TrainingDiverged, match=r"step 4.*Last good checkpoint.*step-0000004"):
         tr.fit()
     assert torch.isfinite(tr.directions).all()
