@@ -334,8 +334,10 @@ def save_pipeline(pipe: StableDiffusionPipeline, cfg: RecipeConfig, metrics: dic
 
 def model_card(cfg: RecipeConfig, metrics: dict) -> str:
     q = metrics["quality"]
+    vae_text = f"VAE {metrics['vae_steps']} steps (batch {cfg.vae_batch})"
     continued = ""
     if cfg.init_from:
+        vae_text = "VAE kept from the earlier stage"
         continued = f" (continuing from {cfg.init_from}, whose VAE it keeps)"
         parent = Path(cfg.init_from) / "recipe.json"
         if parent.exists():
@@ -366,7 +368,7 @@ Load it with `StableDiffusionPipeline.from_pretrained(this_folder)` or `noiseclr
 ## How it was trained
 
 `noiseclr base train` (recipe: `noiseclr/models/recipe.py`; full config in `recipe.json`):
-VAE {metrics["vae_steps"]} steps (batch {cfg.vae_batch}), then UNet + text encoder
+{vae_text}, then UNet + text encoder
 {metrics["diffusion_steps"]} steps
 (batch {cfg.batch}, AdamW lr {cfg.lr}, warm-up {cfg.warmup}, cosine, EMA {cfg.ema_decay},
 caption dropout {cfg.caption_dropout}, per-factor word dropout {cfg.word_dropout},
