@@ -40,15 +40,23 @@ class Counter:
         return {"corrupt": self.n, "examples": self.examples}
 
 
+def pyarrow_filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSystem, str]:
+    """pyarrow view of the fsspec filesystem behind `uri` (what Ray Data and Ray Train take),
+    and the path inside it, scheme stripped."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return PyFileSystem(FSSpecHandler(fs)), root
+
+
 def filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSystem, str, list[str]]:
     """pyarrow view of the fsspec filesystem behind `uri`, the root path, and the image paths."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    pa_fs, root = pyarrow_filesystem(uri, storage_options)
+    fs = pa_fs.handler.fs
     if not fs.exists(root):
         raise FileNotFoundError(f"image folder {uri!r} does not exist")
     paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri!r}")
-    return PyFileSystem(FSSpecHandler(fs)), root, paths
+    return pa_fs, root, paths
 
 
 class Decode:

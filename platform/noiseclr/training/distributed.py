@@ -301,26 +301,6 @@ def param_bytes_per_worker(engine) -> int:
     return total
 
 
-def checkpoint_filesystem(storage_path: str | None, options: dict | None):
-    """pyarrow S3 filesystem for an s3:// storage path with a custom endpoint; else None
-    (Ray then resolves the path itself, with the environment's credentials)."""
-    if not storage_path or not storage_path.startswith("s3://") or not options:
-        return None
-    from urllib.parse import urlparse
-
-    import pyarrow.fs
-
-    kwargs: dict = {}
-    if endpoint := options.get("endpoint_url"):
-        url = urlparse(str(endpoint))
-        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme or "https")
-    if "key" in options:
-        kwargs.update(access_key=options["key"], secret_key=options.get("secret"))
-    if region := (options.get("client_kwargs") or {}).get("region_name"):
-        kwargs["region"] = region
-    return pyarrow.fs.S3FileSystem(**kwargs) if kwargs else None
-
-
 def run_distributed(
     cfg: DiscoveryConfig,
     out: str | Path,
@@ -332,20 +312,22 @@ def run_distributed(
     """Start (or join) Ray, stream latents with Ray Data, train with a TorchTrainer, save the bank.
 
     storage_path / storage_options default to the config's; the options reach fsspec for the
-    data and, for an s3:// storage_path, pyarrow's S3 filesystem for Ray Train's checkpoints.
+    data and, through the same fsspec filesystem, Ray Train's checkpoints.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from noiseclr.data.ray_input import latent_dataset
+    from noiseclr.data.ray_input import latent_dataset, pyarrow_filesystem
     from noiseclr.models.loader import load_model
 
     storage_path = storage_path or cfg.storage_path
     storage_options = storage_options if storage_options is not None else cfg.storage_options
-    fs = checkpoint_filesystem(storage_path, storage_options)
-    if fs is not None:  # Ray wants the path without its scheme when it is given the filesystem
-        storage_path = storage_path.removeprefix("s3://")
+    fs = None
+    if storage_path and storage_options:
+        # The data's fsspec filesystem, options and all, serves the checkpoints too (Ray then
+        # wants the path without its scheme); without options Ray resolves the path itself.
+        fs, storage_path = pyarrow_filesystem(storage_path, storage_options)
     if cfg.batch % workers:
         raise ValueError(f"batch ({cfg.batch}) must be divisible by workers ({workers})")
     out = Path(out).resolve()
