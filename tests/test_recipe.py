@@ -40,3 +40,24 @@ def test_recipe_config_rejects_unknown_keys_and_bad_values():
         RecipeConfig(mixed_precision="fp8")
     with pytest.raises(ValidationError, match="batch"):
         RecipeConfig(batch=1)
+
+
+def test_vae_stage_trains_every_configured_step():
+    from noiseclr.models.recipe import train_vae
+
+    arch = ArchitectureConfig(vae_channels=(16, 16, 16), unet_channels=(16, 16, 16), text_layers=1)
+    pipe = build_pipeline(arch, shapes.vocabulary())
+    decode, calls = pipe.vae.decode, {"n": 0}
+
+    def counting_decode(*args, **kw):
+        calls["n"] += 1
+        return decode(*args, **kw)
+
+    pipe.vae.decode = counting_decode
+    before = [p.detach().clone() for p in pipe.vae.parameters()]
+    steps = train_vae(
+        pipe, RecipeConfig(arch=arch, vae_steps=3, vae_batch=2), torch.device("cpu"), lambda row: None
+    )
+    assert steps == 3
+    assert calls["n"] == 3 + 1  # one decode per training step, one for the final measurement
+    assert any(not torch.equal(a, b) for a, b in zip(before, pipe.vae.parameters(), strict=True))

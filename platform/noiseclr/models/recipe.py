@@ -171,10 +171,9 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.de
 
 
 @torch.no_grad()
-def encode_scenes(vae, scenes: list[shapes.Scene], resolution: int, gen: torch.Generator) -> torch.Tensor:
-    """Render scenes and sample their scaled VAE latents."""
-    x = shapes.render(scenes, resolution, vae.device) * 2 - 1
-    return vae.encode(x).latent_dist.sample(gen) * vae.config.scaling_factor
+def posterior(vae, scenes: list[shapes.Scene], resolution: int):
+    """Render scenes and encode them: the VAE's latent distribution (unscaled)."""
+    return vae.encode(shapes.render(scenes, resolution, vae.device) * 2 - 1).latent_dist
 
 
 def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log):
@@ -204,8 +203,7 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
         moments = []
         with torch.no_grad():
             for i in tqdm(range(0, len(scenes), 256), desc="latent pool"):
-                x = shapes.render(scenes[i : i + 256], cfg.arch.resolution, device) * 2 - 1
-                dist = vae.encode(x).latent_dist
+                dist = posterior(vae, scenes[i : i + 256], cfg.arch.resolution)
                 moments.append((dist.mean, dist.std))
         pool = (scenes, torch.cat([m for m, _ in moments]), torch.cat([s for _, s in moments]))
 
@@ -223,7 +221,7 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
             scenes = shapes.sample_scenes(
                 cfg.batch, seed=cfg.seed * 1_000_003 + 10**6 + step, exclude=held_out
             )
-            latents = encode_scenes(vae, scenes, cfg.arch.resolution, gen)
+            latents = posterior(vae, scenes, cfg.arch.resolution).sample(gen) * vae.config.scaling_factor
         else:
             pick = torch.randint(0, len(pool[0]), (cfg.batch,), generator=gen, device=device)
             scenes = [pool[0][i] for i in pick.tolist()]
