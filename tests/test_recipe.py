@@ -1,5 +1,8 @@
+import json
+
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from pydantic import ValidationError
 
 from noiseclr.domains import shapes
@@ -61,3 +64,71 @@ def test_vae_stage_trains_every_configured_step():
     assert steps == 3
     assert calls["n"] == 3 + 1  # one decode per training step, one for the final measurement
     assert any(not torch.equal(a, b) for a, b in zip(before, pipe.vae.parameters(), strict=True))
+
+
+def test_default_unet_reaches_2x2_with_cross_attention_where_cells_see_the_border():
+    from noiseclr.models.architecture import build_unet
+
+    arch = ArchitectureConfig()
+    unet = build_unet(arch)
+    assert unet.config.down_block_types == (
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+    )
+    assert unet.config.up_block_types == (
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "UpBlock2D",
+    )
+    seen = []
+    unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    with torch.no_grad():
+        out = unet(torch.zeros(1, 4, 16, 16), 10, torch.zeros(1, 16, arch.text_hidden)).sample
+    assert out.shape == (1, 4, 16, 16) and seen == [2]
+    with pytest.raises(ValidationError, match="3 entries for 4 UNet levels"):
+        ArchitectureConfig(unet_cross_attention=(False, True, True))
+
+
+def test_fresh_unet_stage_keeps_vae_and_words_and_records_every_earlier_stage(tmp_path):
+    from noiseclr.models.recipe import save_pipeline, train_base_model
+
+    arch = ArchitectureConfig(
+        vae_channels=(16, 16, 16), unet_channels=(16, 16), text_layers=1, text_hidden=32, attention_heads=4
+    )
+    parent = build_pipeline(arch, shapes.vocabulary())
+    metrics = {"quality": {}, "meets_bar": False, "train_seconds": 1.0, "diffusion_steps": 0, "vae_steps": 0}
+    metrics |= {"device": "cpu", "history": []}
+    grandparent_record = {
+        "config": {"arch": {"unet_channels": [8]}},
+        "metrics": {**metrics, "note": "stage 1"},
+    }
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "parent_recipe.json").write_text(json.dumps(grandparent_record))
+    (tmp_path / "p" / "recipe.json").write_text(json.dumps({"config": {}, "metrics": metrics}))
+    save_pipeline(parent, RecipeConfig(arch=arch), metrics, tmp_path / "parent")
+    for name in ("recipe.json", "parent_recipe.json"):  # an older stage record layout
+        (tmp_path / "parent" / name).write_text((tmp_path / "p" / name).read_text())
+
+    deeper = arch.model_copy(
+        update={"unet_channels": (16, 32, 32), "unet_cross_attention": (False, True, True)}
+    )
+    cfg = RecipeConfig(
+        arch=deeper, init_from=str(tmp_path / "parent"), fresh_unet=True, steps=2, batch=2,
+        eval_every=0, final_eval_images=2, latent_pool=4,
+    )  # fmt: skip
+    train_base_model(cfg, tmp_path / "child")
+    child = StableDiffusionPipeline.from_pretrained(tmp_path / "child")
+    assert list(child.unet.config.block_out_channels) == [16, 32, 32]
+    for a, b in zip(child.vae.parameters(), parent.vae.parameters(), strict=True):
+        assert torch.equal(a, b)  # VAE kept as is
+    lineage = json.loads((tmp_path / "child" / "lineage.json").read_text())
+    assert [r["metrics"].get("note") for r in lineage] == [None, "stage 1"]  # newest first
+    assert "new UNet" in (tmp_path / "child" / "README.md").read_text()
+
+    with pytest.raises(ValueError, match="text_hidden 128 vs 32"):
+        train_base_model(
+            cfg.model_copy(update={"arch": ArchitectureConfig(vae_channels=(16, 16, 16))}), tmp_path / "bad"
+        )

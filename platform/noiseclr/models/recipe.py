@@ -34,6 +34,7 @@ from noiseclr.domains import shapes
 from noiseclr.models.architecture import (
     ArchitectureConfig,
     build_pipeline,
+    build_unet,
     noise_schedule,
     training_scheduler,
 )
@@ -49,6 +50,10 @@ class RecipeConfig(BaseModel):
     # Continue from a trained pipeline folder: its VAE is kept (stage 1 skipped) and the
     # diffusion stage starts from its UNet and text encoder.
     init_from: str | None = None
+    # With init_from: start the diffusion stage from a new UNet built from `arch` (keeping
+    # init_from's VAE and text encoder), to change the UNet's architecture without
+    # retraining the VAE and the words.
+    fresh_unet: bool = False
     # The noise schedule the UNet learns (saved in the pipeline's scheduler config). Changing
     # it with init_from fine-tunes the old weights to the new schedule, as Lin et al. did.
     prediction_type: str = Field("v_prediction", pattern="^(epsilon|v_prediction)$")
@@ -209,14 +214,17 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
 
     bar = tqdm(total=cfg.steps, desc="diffusion")
     t0 = time.time()
+    last = (t0, 0)
     step = 0
     while step < total[0]:
         if cfg.time_budget_s and step and step % 100 == 0:  # re-fit the plan to the time left
-            elapsed = time.time() - t0
-            fit = step + int((cfg.time_budget_s - elapsed) / (elapsed / step))
-            if fit < total[0]:
-                total[0] = max(step + 1, fit)
-                bar.total = total[0]
+            # From the speed of the last 100 steps, so that a passing slowdown (another job
+            # on the machine) shortens the run only while it lasts.
+            now = time.time()
+            speed, last = (now - last[0]) / (step - last[1]), (now, step)
+            fit = step + int((cfg.time_budget_s - (now - t0)) / speed)
+            total[0] = min(cfg.steps, max(step + 1, fit))
+            bar.total = total[0]
         if pool is None:
             scenes = shapes.sample_scenes(
                 cfg.batch, seed=cfg.seed * 1_000_003 + 10**6 + step, exclude=held_out
@@ -285,7 +293,9 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
         )
         pipe.vae.to(device).requires_grad_(False)
         pipe.scheduler = DDIMScheduler(**schedule)
-        log({"stage": "init", "from": cfg.init_from})
+        if cfg.fresh_unet:
+            pipe.unet = fresh_unet(cfg.arch, pipe)
+        log({"stage": "init", "from": cfg.init_from, "fresh_unet": cfg.fresh_unet})
     else:
         pipe = build_pipeline(cfg.arch, shapes.vocabulary(), schedule)
         vae_steps = train_vae(pipe, cfg, device, log)
@@ -307,6 +317,23 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
     return metrics
 
 
+def fresh_unet(arch: ArchitectureConfig, pipe: StableDiffusionPipeline):
+    """A new UNet built from `arch` for `pipe`'s VAE and text encoder (checked to fit them)."""
+    fits = {
+        "text_hidden": (arch.text_hidden, pipe.text_encoder.config.hidden_size),
+        "latent_channels": (arch.latent_channels, pipe.vae.config.latent_channels),
+        "vae levels": (len(arch.vae_channels), len(pipe.vae.config.block_out_channels)),
+        "resolution": (arch.resolution, pipe.vae.config.sample_size),
+    }
+    wrong = {k: v for k, v in fits.items() if v[0] != v[1]}
+    if wrong:
+        raise ValueError(
+            "fresh_unet: arch does not fit the kept VAE / text encoder (arch, kept): "
+            + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in wrong.items())
+        )
+    return build_unet(arch)
+
+
 def save_pipeline(pipe: StableDiffusionPipeline, cfg: RecipeConfig, metrics: dict, out: Path) -> None:
     """Write the diffusers layout + world.json + recipe.json + README.md, atomically."""
     tmp = out.with_name(out.name + ".tmp")
@@ -322,33 +349,57 @@ def save_pipeline(pipe: StableDiffusionPipeline, cfg: RecipeConfig, metrics: dic
     (tmp / "world.json").write_text(json.dumps(world, indent=2))
     (tmp / "recipe.json").write_text(json.dumps({"config": cfg.model_dump(), "metrics": metrics}, indent=2))
     parent = Path(cfg.init_from) / "recipe.json" if cfg.init_from else None
-    if parent is not None and parent.exists():  # keep the earlier stage's record with the weights
-        shutil.copy(parent, tmp / "parent_recipe.json")
-    (tmp / "README.md").write_text(model_card(cfg, metrics))
+    lineage: list[dict] = []
+    if parent is not None and parent.exists():  # keep the earlier stages' records, newest first
+        earlier = Path(cfg.init_from) / "lineage.json"
+        older = Path(cfg.init_from) / "parent_recipe.json"
+        if earlier.exists():
+            lineage = json.loads(earlier.read_text())
+        elif older.exists():  # written by the recipe before lineage.json existed
+            lineage = [json.loads(older.read_text())]
+        lineage = [json.loads(parent.read_text()), *lineage]
+        (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2))
+    (tmp / "README.md").write_text(model_card(cfg, metrics, lineage))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
 
 
-def model_card(cfg: RecipeConfig, metrics: dict) -> str:
+def _stage_text(record: dict) -> str:
+    """One earlier stage, from its recipe.json record, as a model-card table row."""
+    c, m = record["config"], record["metrics"]
+    if not c.get("init_from"):
+        what = f"from scratch: VAE {m.get('vae_steps', '?')} steps, UNet + text encoder"
+    elif c.get("fresh_unet"):
+        what = f"new UNet, VAE + text encoder from `{c['init_from']}`"
+    else:
+        what = f"UNet + text encoder continued from `{c['init_from']}`"
+    unet = tuple(c["arch"]["unet_channels"]) if "arch" in c else "?"
+    q = ", ".join(f"{k} {v:.3f}" for k, v in m["quality"].items())
+    return (
+        f"| {what} | {unet} | {m['diffusion_steps']} | {c.get('prediction_type', 'epsilon')}"
+        f"{', zero terminal SNR' if c.get('zero_terminal_snr') else ''} | "
+        f"{m['train_seconds']:.0f} s on {m['device']} | {q} |"
+    )
+
+
+def model_card(cfg: RecipeConfig, metrics: dict, lineage: list[dict] | None = None) -> str:
+    """The README of a saved pipeline; lineage: records of the stages before this one, newest first."""
     q = metrics["quality"]
     vae_text = f"VAE {metrics['vae_steps']} steps (batch {cfg.vae_batch})"
     continued = ""
     if cfg.init_from:
         vae_text = "VAE kept from the earlier stage"
-        continued = f" (continuing from {cfg.init_from}, whose VAE it keeps)"
-        parent = Path(cfg.init_from) / "recipe.json"
-        if parent.exists():
-            p = json.loads(parent.read_text())
-            pm, pc = p["metrics"], p["config"]
-            pq = ", ".join(f"{k} {v:.3f}" for k, v in pm["quality"].items())
-            continued += (
-                f". That earlier stage (its record: `parent_recipe.json`) trained from scratch: "
-                f"VAE {pm.get('vae_steps', '?')} steps, then {pm['diffusion_steps']} diffusion "
-                f"steps ({pc.get('prediction_type', 'epsilon')} prediction, zero terminal SNR: "
-                f"{pc.get('zero_terminal_snr', False)}) in {pm['train_seconds']:.0f} s on "
-                f"{pm['device']}; its quality: {pq}"
-            )
+        kept = "VAE and text encoder" if cfg.fresh_unet else "VAE"
+        unet = "a new UNet" if cfg.fresh_unet else "its UNet"
+        continued = f" (starting from {cfg.init_from}: its {kept} kept, {unet} trained)"
+    earlier = ""
+    if lineage:
+        earlier = (
+            "\nEarlier stages (their full records: `lineage.json`), newest first:\n\n"
+            "| stage | UNet channels | diffusion steps | schedule | time | quality |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(_stage_text(r) for r in lineage) + "\n"
+        )
     rows = "\n".join(
         f"| {k} | {v:.3f} | {QUALITY_BAR.get(k, float('nan')):.2f} |"
         if k in QUALITY_BAR
@@ -374,7 +425,7 @@ precision {cfg.mixed_precision}), seed {cfg.seed}, on {metrics["device"]} in
 {metrics["train_seconds"]:.0f} s{continued}.
 {len(shapes.held_out_combinations())} of
 {len(shapes.all_combinations())} word combinations were held out of training.
-
+{earlier}
 ## Measured quality
 
 {cfg.final_eval_images} images from held-out captions, DDIM 25 steps, guidance
