@@ -92,8 +92,8 @@ def test_default_unet_reaches_2x2_with_cross_attention_where_cells_see_the_borde
         ArchitectureConfig(unet_cross_attention=(False, True, True))
 
 
-def test_fresh_unet_stage_keeps_vae_and_words_and_records_every_earlier_stage(tmp_path):
-    from noiseclr.models.recipe import save_pipeline, train_base_model
+def test_fresh_stage_keeps_the_vae_rebuilds_the_named_parts_and_records_every_earlier_stage(tmp_path):
+    from noiseclr.models.recipe import rebuild, save_pipeline, train_base_model
 
     arch = ArchitectureConfig(
         vae_channels=(16, 16, 16), unet_channels=(16, 16), text_layers=1, text_hidden=32, attention_heads=4
@@ -112,11 +112,11 @@ def test_fresh_unet_stage_keeps_vae_and_words_and_records_every_earlier_stage(tm
     for name in ("recipe.json", "parent_recipe.json"):  # an older stage record layout
         (tmp_path / "parent" / name).write_text((tmp_path / "p" / name).read_text())
 
-    deeper = arch.model_copy(
-        update={"unet_channels": (16, 32, 32), "unet_cross_attention": (False, True, True)}
+    deeper = ArchitectureConfig(
+        **{**arch.model_dump(), "unet_channels": (16, 32, 32), "unet_cross_attention": None}
     )
     cfg = RecipeConfig(
-        arch=deeper, init_from=str(tmp_path / "parent"), fresh_unet=True, steps=2, batch=2,
+        arch=deeper, init_from=str(tmp_path / "parent"), fresh=["unet"], steps=2, batch=2,
         eval_every=0, final_eval_images=2, latent_pool=4,
     )  # fmt: skip
     train_base_model(cfg, tmp_path / "child")
@@ -126,9 +126,19 @@ def test_fresh_unet_stage_keeps_vae_and_words_and_records_every_earlier_stage(tm
         assert torch.equal(a, b)  # VAE kept as is
     lineage = json.loads((tmp_path / "child" / "lineage.json").read_text())
     assert [r["metrics"].get("note") for r in lineage] == [None, "stage 1"]  # newest first
-    assert "new UNet" in (tmp_path / "child" / "README.md").read_text()
+    assert "its VAE kept, a new unet" in (tmp_path / "child" / "README.md").read_text()
 
     with pytest.raises(ValueError, match="text_hidden 128 vs 32"):
         train_base_model(
             cfg.model_copy(update={"arch": ArchitectureConfig(vae_channels=(16, 16, 16))}), tmp_path / "bad"
         )
+
+    # Rebuilding only the text encoder keeps the UNet object and replaces the encoder's weights.
+    unet, old = parent.unet, [p.detach().clone() for p in parent.text_encoder.parameters()]
+    rebuild(arch, parent, ["text_encoder"])
+    assert parent.unet is unet
+    assert not all(torch.equal(a, b) for a, b in zip(old, parent.text_encoder.parameters(), strict=True))
+    encoder = parent.text_encoder
+    with pytest.raises(ValueError, match="text_hidden 128 vs 32"):
+        rebuild(ArchitectureConfig(vae_channels=(16, 16, 16)), parent, ["text_encoder"])
+    assert parent.text_encoder is encoder  # nothing replaced on a bad config

@@ -22,6 +22,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from noiseclr.domains import shapes
 from noiseclr.models.architecture import (
     ArchitectureConfig,
     build_pipeline,
+    build_text_encoder,
     build_unet,
     noise_schedule,
     training_scheduler,
@@ -50,10 +52,10 @@ class RecipeConfig(BaseModel):
     # Continue from a trained pipeline folder: its VAE is kept (stage 1 skipped) and the
     # diffusion stage starts from its UNet and text encoder.
     init_from: str | None = None
-    # With init_from: start the diffusion stage from a new UNet built from `arch` (keeping
-    # init_from's VAE and text encoder), to change the UNet's architecture without
-    # retraining the VAE and the words.
-    fresh_unet: bool = False
+    # With init_from: parts rebuilt from `arch` with fresh weights instead of loaded (the VAE
+    # is always kept), e.g. to change the UNet's architecture without retraining the VAE, or
+    # to drop a text encoder that learned to ignore some words.
+    fresh: list[Literal["unet", "text_encoder"]] = Field(default_factory=list)
     # The noise schedule the UNet learns (saved in the pipeline's scheduler config). Changing
     # it with init_from fine-tunes the old weights to the new schedule, as Lin et al. did.
     prediction_type: str = Field("v_prediction", pattern="^(epsilon|v_prediction)$")
@@ -293,9 +295,8 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
         )
         pipe.vae.to(device).requires_grad_(False)
         pipe.scheduler = DDIMScheduler(**schedule)
-        if cfg.fresh_unet:
-            pipe.unet = fresh_unet(cfg.arch, pipe)
-        log({"stage": "init", "from": cfg.init_from, "fresh_unet": cfg.fresh_unet})
+        rebuild(cfg.arch, pipe, cfg.fresh)
+        log({"stage": "init", "from": cfg.init_from, "fresh": ",".join(cfg.fresh) or "none"})
     else:
         pipe = build_pipeline(cfg.arch, shapes.vocabulary(), schedule)
         vae_steps = train_vae(pipe, cfg, device, log)
@@ -317,21 +318,31 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
     return metrics
 
 
-def fresh_unet(arch: ArchitectureConfig, pipe: StableDiffusionPipeline):
-    """A new UNet built from `arch` for `pipe`'s VAE and text encoder (checked to fit them)."""
-    fits = {
-        "text_hidden": (arch.text_hidden, pipe.text_encoder.config.hidden_size),
-        "latent_channels": (arch.latent_channels, pipe.vae.config.latent_channels),
-        "vae levels": (len(arch.vae_channels), len(pipe.vae.config.block_out_channels)),
-        "resolution": (arch.resolution, pipe.vae.config.sample_size),
-    }
+def rebuild(arch: ArchitectureConfig, pipe: StableDiffusionPipeline, parts: list[str]) -> None:
+    """Replace `parts` of a loaded pipeline by fresh ones built from `arch`.
+
+    Checked to fit the kept parts before anything is replaced.
+    """
+    text_hidden = arch.text_hidden if "text_encoder" in parts else pipe.text_encoder.config.hidden_size
+    if "unet" in parts:
+        fits = {
+            "text_hidden": (arch.text_hidden, text_hidden),
+            "latent_channels": (arch.latent_channels, pipe.vae.config.latent_channels),
+            "vae levels": (len(arch.vae_channels), len(pipe.vae.config.block_out_channels)),
+            "resolution": (arch.resolution, pipe.vae.config.sample_size),
+        }
+    else:
+        fits = {"text_hidden": (text_hidden, pipe.unet.config.cross_attention_dim)}
     wrong = {k: v for k, v in fits.items() if v[0] != v[1]}
     if wrong:
         raise ValueError(
-            "fresh_unet: arch does not fit the kept VAE / text encoder (arch, kept): "
+            f"fresh {parts}: arch does not fit the kept parts (arch, kept): "
             + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in wrong.items())
         )
-    return build_unet(arch)
+    if "text_encoder" in parts:
+        pipe.text_encoder = build_text_encoder(arch, pipe.tokenizer)
+    if "unet" in parts:
+        pipe.unet = build_unet(arch)
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, cfg: RecipeConfig, metrics: dict, out: Path) -> None:
@@ -370,8 +381,8 @@ def _stage_text(record: dict) -> str:
     c, m = record["config"], record["metrics"]
     if not c.get("init_from"):
         what = f"from scratch: VAE {m.get('vae_steps', '?')} steps, UNet + text encoder"
-    elif c.get("fresh_unet"):
-        what = f"new UNet, VAE + text encoder from `{c['init_from']}`"
+    elif c.get("fresh"):
+        what = f"new {' + '.join(c['fresh'])}, the rest from `{c['init_from']}`"
     else:
         what = f"UNet + text encoder continued from `{c['init_from']}`"
     unet = tuple(c["arch"]["unet_channels"]) if "arch" in c else "?"
@@ -390,9 +401,8 @@ def model_card(cfg: RecipeConfig, metrics: dict, lineage: list[dict] | None = No
     continued = ""
     if cfg.init_from:
         vae_text = "VAE kept from the earlier stage"
-        kept = "VAE and text encoder" if cfg.fresh_unet else "VAE"
-        unet = "a new UNet" if cfg.fresh_unet else "its UNet"
-        continued = f" (starting from {cfg.init_from}: its {kept} kept, {unet} trained)"
+        new = " and ".join(f"a new {p.replace('_', ' ')}" for p in cfg.fresh)
+        continued = f" (starting from {cfg.init_from}: its VAE kept{', ' + new if new else ''})"
     earlier = ""
     if lineage:
         earlier = (
