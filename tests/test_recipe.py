@@ -66,30 +66,26 @@ def test_vae_stage_trains_every_configured_step():
     assert any(not torch.equal(a, b) for a, b in zip(before, pipe.vae.parameters(), strict=True))
 
 
-def test_default_unet_reaches_2x2_with_cross_attention_where_cells_see_the_border():
+def test_cross_attention_is_chosen_per_level_and_the_default_is_the_committed_architecture():
     from noiseclr.models.architecture import build_unet
+    from noiseclr.models.loader import EMBEDDED
 
-    arch = ArchitectureConfig()
+    committed = json.loads((EMBEDDED["shapes"] / "unet" / "config.json").read_text())
+    default = build_unet(ArchitectureConfig()).config
+    for key in ("down_block_types", "up_block_types", "block_out_channels"):
+        assert list(default[key]) == committed[key], key
+    assert default["cross_attention_dim"] == committed["cross_attention_dim"]
+
+    arch = ArchitectureConfig(unet_channels=(16, 32, 32, 32), unet_cross_attention=(False, True, True, True))
     unet = build_unet(arch)
-    assert unet.config.down_block_types == (
-        "DownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-    )
-    assert unet.config.up_block_types == (
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "UpBlock2D",
-    )
+    assert unet.config.down_block_types[0] == "DownBlock2D" and unet.config.up_block_types[-1] == "UpBlock2D"
     seen = []
     unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
     with torch.no_grad():
         out = unet(torch.zeros(1, 4, 16, 16), 10, torch.zeros(1, 16, arch.text_hidden)).sample
-    assert out.shape == (1, 4, 16, 16) and seen == [2]
+    assert out.shape == (1, 4, 16, 16) and seen == [2]  # four levels reach 2x2
     with pytest.raises(ValidationError, match="3 entries for 4 UNet levels"):
-        ArchitectureConfig(unet_cross_attention=(False, True, True))
+        ArchitectureConfig(unet_channels=(16, 32, 32, 32), unet_cross_attention=(False, True, True))
 
 
 def test_fresh_stage_keeps_the_vae_rebuilds_the_named_parts_and_records_every_earlier_stage(tmp_path):
@@ -142,3 +138,18 @@ def test_fresh_stage_keeps_the_vae_rebuilds_the_named_parts_and_records_every_ea
     with pytest.raises(ValueError, match="text_hidden 128 vs 32"):
         rebuild(ArchitectureConfig(vae_channels=(16, 16, 16)), parent, ["text_encoder"])
     assert parent.text_encoder is encoder  # nothing replaced on a bad config
+
+
+def test_high_noise_share_draws_that_share_of_timesteps_from_the_top_of_the_schedule():
+    from noiseclr.models.recipe import sample_timesteps
+
+    def draw(**kw):
+        return sample_timesteps(20000, 1000, RecipeConfig(**kw), torch.Generator().manual_seed(0), "cpu")
+
+    uniform, emphasised = draw(), draw(high_noise_share=0.5, high_noise_from=800)
+    assert int(uniform.min()) >= 0 and int(uniform.max()) <= 999
+    assert abs(float((uniform >= 800).float().mean()) - 0.2) < 0.02
+    assert abs(float((emphasised >= 800).float().mean()) - (0.5 + 0.5 * 0.2)) < 0.02
+    assert int(emphasised.max()) <= 999
+    with pytest.raises(ValidationError, match="high_noise_share"):
+        RecipeConfig(high_noise_share=1.0)

@@ -81,6 +81,11 @@ class RecipeConfig(BaseModel):
     warmup: int = 500
     weight_decay: float = 1e-2
     ema_decay: float = 0.999
+    # Share of each batch whose timesteps are drawn from [high_noise_from, T) instead of
+    # [0, T). Position is readable from x_t until high noise, so only those steps teach the
+    # model to place objects from the caption; this raises their share of the gradient.
+    high_noise_share: float = Field(0.0, ge=0, lt=1)
+    high_noise_from: int = Field(800, ge=0, lt=1000)
     caption_dropout: float = Field(0.1, ge=0, le=1)
     word_dropout: float = Field(0.15, ge=0, le=1)
     eval_every: int = 1000
@@ -116,6 +121,14 @@ def random_caption(scene: shapes.Scene, rng: np.random.Generator, cfg: RecipeCon
         f: (None if rng.random() < cfg.word_dropout else w) for f, w in scene.words.items()
     }
     return shapes.caption(words)
+
+
+def sample_timesteps(n: int, steps: int, cfg: RecipeConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """Uniform training timesteps, a `high_noise_share` of them from [high_noise_from, steps)."""
+    t = torch.randint(0, steps, (n,), generator=gen, device=device)
+    high = torch.rand(n, generator=gen, device=device) < cfg.high_noise_share
+    late = torch.randint(min(cfg.high_noise_from, steps - 1), steps, (n,), generator=gen, device=device)
+    return torch.where(high, late, t)
 
 
 def diffusion_loss(
@@ -246,9 +259,7 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
             return_tensors="pt",
         ).input_ids.to(device)
         noise = torch.randn(latents.shape, generator=gen, device=device)
-        t = torch.randint(
-            0, noise_sched.config.num_train_timesteps, (len(scenes),), generator=gen, device=device
-        )
+        t = sample_timesteps(len(scenes), noise_sched.config.num_train_timesteps, cfg, gen, device)
         with autocast:
             loss = diffusion_loss(unet, text_encoder, noise_sched, latents, ids, noise, t)
         opt.zero_grad(set_to_none=True)
