@@ -414,6 +414,11 @@ def model_card(cfg: RecipeConfig, metrics: dict, lineage: list[dict] | None = No
         vae_text = "VAE kept from the earlier stage"
         new = " and ".join(f"a new {p.replace('_', ' ')}" for p in cfg.fresh)
         continued = f" (starting from {cfg.init_from}: its VAE kept{', ' + new if new else ''})"
+    below = ", ".join(f"{k} {q[k]:.3f} < {v:.2f}" for k, v in QUALITY_BAR.items() if q.get(k, 0.0) < v)
+    below = f" Below it: {below}." if below else ""
+    timesteps = ""
+    if cfg.high_noise_share:
+        timesteps = f"\n{cfg.high_noise_share:.0%} of each batch at timesteps >= {cfg.high_noise_from},"
     earlier = ""
     if lineage:
         earlier = (
@@ -441,7 +446,7 @@ Load it with `StableDiffusionPipeline.from_pretrained(this_folder)` or `noiseclr
 {vae_text}, then UNet + text encoder
 {metrics["diffusion_steps"]} steps
 (batch {cfg.batch}, AdamW lr {cfg.lr}, warm-up {cfg.warmup}, cosine, EMA {cfg.ema_decay},
-caption dropout {cfg.caption_dropout}, per-factor word dropout {cfg.word_dropout},
+caption dropout {cfg.caption_dropout}, per-factor word dropout {cfg.word_dropout},{timesteps}
 precision {cfg.mixed_precision}), seed {cfg.seed}, on {metrics["device"]} in
 {metrics["train_seconds"]:.0f} s{continued}.
 {len(shapes.held_out_combinations())} of
@@ -458,5 +463,5 @@ lightness: nearest bin; one_object: exactly one object found.
 |---|---|---|
 {rows}
 
-Meets the bar: {metrics["meets_bar"]}.
+Meets the bar: {metrics["meets_bar"]}.{below}
 """
