@@ -414,7 +414,7 @@ def model_card(cfg: RecipeConfig, metrics: dict, lineage: list[dict] | None = No
         vae_text = "VAE kept from the earlier stage"
         new = " and ".join(f"a new {p.replace('_', ' ')}" for p in cfg.fresh)
         continued = f" (starting from {cfg.init_from}: its VAE kept{', ' + new if new else ''})"
-    below = ", ".join(f"{k} {q[k]:.3f} < {v:.2f}" for k, v in QUALITY_BAR.items() if q.get(k, 0.0) < v)
+    below = ", ".join(f"{k} {q[k]:.3f} < {v:.2f}" for k, v in QUALITY_BAR.items() if k in q and q[k] < v)
     below = f" Below it: {below}." if below else ""
     timesteps = ""
     if cfg.high_noise_share:
