@@ -153,3 +153,40 @@ def test_high_noise_share_draws_that_share_of_timesteps_from_the_top_of_the_sche
     assert int(emphasised.max()) <= 999
     with pytest.raises(ValidationError, match="high_noise_share"):
         RecipeConfig(high_noise_share=1.0)
+
+
+def test_object_mask_covers_the_object_and_its_rim_but_no_background_stripes():
+    from noiseclr.models.recipe import object_mask
+
+    square = shapes.Scene("square", "blue", "large", "middle", "center", "light", "striped",
+                          240.0, 12 / 64, 0.5, 0.5, 0.8)  # fmt: skip
+    mask = object_mask(shapes.render([square]) * 2 - 1)[0, 0]
+    assert mask[32, 32] == 1 and mask[0, 0] == 0 and mask[32, 2] == 0  # a stripe is grey
+    area = float(mask.sum())
+    assert 24**2 <= area <= 28**2  # the 24 px square plus at most a 2 px rim
+
+
+def test_decoder_stage_keeps_the_latent_space_and_lowers_the_reconstruction_error():
+    from noiseclr.models.recipe import finetune_decoder
+
+    torch.manual_seed(0)
+    arch = ArchitectureConfig(vae_channels=(16, 16, 16), unet_channels=(16, 16, 16), text_layers=1)
+    pipe = build_pipeline(arch, shapes.vocabulary())
+    vae = pipe.vae
+    encoder = [p.detach().clone() for p in [*vae.encoder.parameters(), *vae.quant_conv.parameters()]]
+    decoder = [p.detach().clone() for p in vae.decoder.parameters()]
+    x = shapes.render(shapes.sample_scenes(8, seed=3)) * 2 - 1
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((vae.decode(vae.encode(x).latent_dist.mode()).sample - x).abs().mean())
+
+    before, rows = error(), []
+    cfg = RecipeConfig(arch=arch, decoder_steps=20, vae_batch=8, decoder_lr=3e-3)
+    finetune_decoder(pipe, cfg, torch.device("cpu"), rows.append)
+    after = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(encoder, after, strict=True))  # same latents
+    assert any(not torch.equal(a, b) for a, b in zip(decoder, vae.decoder.parameters(), strict=True))
+    assert error() < before
+    assert not any(p.requires_grad for p in vae.parameters())
+    assert rows[-1]["stage"] == "decoder" and rows[-1]["steps"] == 20

@@ -109,7 +109,7 @@ def base_quality(
     """Score generations from held-out captions with the oracle."""
     from noiseclr.models.generate import default_guidance
     from noiseclr.models.loader import load_model
-    from noiseclr.models.quality import QUALITY_BAR, evaluate_quality, meets_bar
+    from noiseclr.models.quality import QUALITY_BAR, evaluate_quality, meets_bar, vae_roundtrip_quality
 
     base = load_model(model, device=_device(device))
     scores = evaluate_quality(base.pipe, n=n, seed=seed, guidance_scale=default_guidance(base), steps=steps)
@@ -117,6 +117,8 @@ def base_quality(
         bar = f"(bar {QUALITY_BAR[k]:.2f})" if k in QUALITY_BAR else ""
         typer.echo(f"{k:<11} {v:.3f} {bar}")
     typer.echo(f"meets bar: {meets_bar(scores)}")
+    ceiling = vae_roundtrip_quality(base.pipe, n=n, seed=seed)
+    typer.echo("VAE round trip (ceiling): " + ", ".join(f"{k} {ceiling[k]:.3f}" for k in QUALITY_BAR))
 
 
 @app.command()
