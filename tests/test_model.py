@@ -39,8 +39,6 @@ def test_vae_round_trip_keeps_what_the_record_says(shapes_model):
     # The decoder decides the ceiling for shape (blurred corners read as a circle); a VAE
     # swapped for another, or one decoding at the wrong scale, falls far below the record.
     metrics = json.loads((FOLDER / "recipe.json").read_text())["metrics"]
-    if "vae_roundtrip" not in metrics:
-        pytest.skip("this record predates the round-trip measure")
     live = vae_roundtrip_quality(shapes_model.pipe, n=64, seed=7)
     for k in ("shape", "hue", "position", "one_object"):
         assert live[k] >= metrics["vae_roundtrip"][k] - 0.1, (k, live, metrics["vae_roundtrip"])
