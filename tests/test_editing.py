@@ -77,10 +77,14 @@ def test_window_outside_the_trajectory_is_no_edit(shapes_model):
 
 
 def test_inversion_round_trip_reconstructs_real_images(shapes_model):
+    # 50 DDIM steps, as the evaluation inverts: at 25 the inversion's own discretisation error
+    # swings 0.04-0.16 from one set of 4 images (or one set of weights) to the next.
     pixels = shapes.render(shapes.sample_scenes(4, seed=21)) * 2 - 1
-    edited, error = sampler.edit_real(shapes_model, pixels, [], steps=25)
+    edited, error = sampler.edit_real(shapes_model, pixels, [], steps=50)
     assert edited.shape == (4, 64, 64, 3)
     assert error < 0.06, error
+    others = ((pixels.roll(1, dims=0) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    assert error < float(np.abs(edited - others).mean()) / 3  # far closer to its own image
 
 
 @pytest.mark.parametrize("zero_snr", [False, True])
