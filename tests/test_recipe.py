@@ -113,7 +113,7 @@ def test_fresh_stage_keeps_the_vae_rebuilds_the_named_parts_and_records_every_ea
     )
     cfg = RecipeConfig(
         arch=deeper, init_from=str(tmp_path / "parent"), fresh=["unet"], steps=2, batch=2,
-        eval_every=0, final_eval_images=2, latent_pool=4,
+        eval_every=0, final_eval_images=2, latent_pool=4, diffusion_object_weight=10.0,
     )  # fmt: skip
     train_base_model(cfg, tmp_path / "child")
     child = StableDiffusionPipeline.from_pretrained(tmp_path / "child")
@@ -190,3 +190,39 @@ def test_decoder_stage_keeps_the_latent_space_and_lowers_the_reconstruction_erro
     assert error() < before
     assert not any(p.requires_grad for p in vae.parameters())
     assert rows[-1]["stage"] == "decoder" and rows[-1]["steps"] == 20
+
+
+def test_object_weighted_diffusion_loss_counts_object_latents_that_many_times_more():
+    from noiseclr.models.architecture import noise_schedule
+    from noiseclr.models.recipe import posterior
+
+    torch.manual_seed(0)
+    arch = ArchitectureConfig(vae_channels=(16, 16, 16), unet_channels=(16, 16, 16), text_layers=1)
+    pipe = build_pipeline(arch, shapes.vocabulary(), noise_schedule("v_prediction", True))  # as trained
+    small = shapes.Scene("triangle", "red", "small", "top", "left", "light", "plain",
+                         0.0, 6 / 64, 0.25, 0.25, 0.8)  # fmt: skip
+    dist, mask = posterior(pipe.vae, [small, small], 64)
+    assert mask.shape == (2, 1, *dist.mean.shape[-2:]) == (2, 1, 16, 16)
+    assert mask[0, 0, 4, 4] == 1 and mask[0, 0, 12, 12] == 0  # under the object, far from it
+    assert 1 <= float(mask[0].sum()) <= 16  # a small object is a few latent pixels
+
+    sched = training_scheduler(pipe)
+    latents = dist.mean * pipe.vae.config.scaling_factor
+    ids = pipe.tokenizer(["a small red triangle"] * 2, padding="max_length", max_length=16,
+                         return_tensors="pt").input_ids  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(latents.shape, generator=g), torch.tensor([300, 700])
+    args = (pipe.unet, pipe.text_encoder, sched, latents, ids, noise, t)
+    with torch.no_grad():
+        plain = diffusion_loss(*args)
+        assert torch.allclose(diffusion_loss(*args, torch.ones_like(mask)), plain)
+        only_object = diffusion_loss(*args, mask)
+        pred = pipe.unet(sched.add_noise(latents, noise, t), t, pipe.text_encoder(ids)[0]).sample
+        err = (pred - sched.get_velocity(latents, noise, t)).pow(2)
+        inside = err[mask.expand_as(err) > 0].mean()  # the MSE over object latents alone
+        assert torch.allclose(only_object, inside, rtol=1e-5)
+        weighted = diffusion_loss(*args, 1 + 10 * mask)
+        n_in, n_all = float(mask.sum()), float(mask.numel())
+        outside = err[mask.expand_as(err) == 0].mean()
+        expected = (11 * n_in * inside + (n_all - n_in) * outside) / (11 * n_in + n_all - n_in)
+        assert torch.allclose(weighted, expected, rtol=1e-5)
