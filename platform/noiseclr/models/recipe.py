@@ -497,6 +497,13 @@ def model_card(cfg: RecipeConfig, metrics: dict, lineage: list[dict] | None = No
     timesteps = ""
     if cfg.high_noise_share:
         timesteps = f"\n{cfg.high_noise_share:.0%} of each batch at timesteps >= {cfg.high_noise_from},"
+    diffusion_text = (
+        f"UNet + text encoder\n{metrics['diffusion_steps']} steps\n(batch {cfg.batch}, AdamW lr {cfg.lr},"
+        f" warm-up {cfg.warmup}, cosine, EMA {cfg.ema_decay},\ncaption dropout {cfg.caption_dropout},"
+        f" per-factor word dropout {cfg.word_dropout},{timesteps}\nprecision {cfg.mixed_precision})"
+    )
+    if cfg.init_from and not metrics["diffusion_steps"]:
+        diffusion_text = "UNet and text encoder kept as they were (no diffusion steps)"
     earlier = ""
     if lineage:
         earlier = (
@@ -528,18 +535,14 @@ Load it with `StableDiffusionPipeline.from_pretrained(this_folder)` or `noiseclr
 ## How it was trained
 
 `noiseclr base train` (recipe: `noiseclr/models/recipe.py`; full config in `recipe.json`):
-{vae_text}, then UNet + text encoder
-{metrics["diffusion_steps"]} steps
-(batch {cfg.batch}, AdamW lr {cfg.lr}, warm-up {cfg.warmup}, cosine, EMA {cfg.ema_decay},
-caption dropout {cfg.caption_dropout}, per-factor word dropout {cfg.word_dropout},{timesteps}
-precision {cfg.mixed_precision}), seed {cfg.seed}, on {metrics["device"]} in
+{vae_text}, then {diffusion_text}, seed {cfg.seed}, on {metrics["device"]} in
 {metrics["train_seconds"]:.0f} s{continued}.
 {len(shapes.held_out_combinations())} of
 {len(shapes.all_combinations())} word combinations were held out of training.
 {earlier}
 ## Measured quality
 
-{cfg.final_eval_images} images from held-out captions, DDIM 25 steps, guidance
+{cfg.final_eval_images} images from held-out captions (scene sample seed 12345), DDIM 25 steps, guidance
 {cfg.guidance_scale}, scored by the oracle (`noiseclr.domains.oracle`). Hue within 20 degrees
 of the named hue; x, y and position (Euclidean) within 6 px of the named bin centre; size and
 lightness: nearest bin; one_object: exactly one object found.
