@@ -165,10 +165,14 @@ def diffusion_loss(
         target = noise_sched.get_velocity(latents, noise, t)
     else:
         target = noise
+    return weighted_mean((pred.float() - target.float()).pow(2), weight)
+
+
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of err (B, C, h, w) with per-pixel weights (B, 1, h, w) shared by the channels."""
     if weight is None:
-        return F.mse_loss(pred.float(), target.float())
-    err = (pred.float() - target.float()).pow(2) * weight
-    return err.sum() / (weight.expand_as(err).sum())
+        return err.mean()
+    return (err * weight).sum() / (weight.sum() * err.shape[1])
 
 
 def train_vae(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log) -> int:
@@ -240,7 +244,7 @@ def finetune_decoder(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: t
             latents = vae.encode(x).latent_dist.sample()  # samples, as the UNet is trained on
         recon = vae.decode(latents).sample
         weight = 1 + cfg.decoder_object_weight * object_mask(x)
-        loss = ((recon - x).abs() * weight).sum() / (weight.sum() * x.shape[1])
+        loss = weighted_mean((recon - x).abs(), weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
