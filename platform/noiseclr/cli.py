@@ -20,6 +20,13 @@ app.add_typer(world_app, name="world")
 app.add_typer(base_app, name="base")
 
 
+SEED_STEPS = 25
+# DDIM inversion's own discretisation error shrinks with steps: the committed model's mean
+# round-trip error on 16 held-out renders is 0.056 at 50 steps and 0.025 at 100 (on one set of
+# 4 it swung to 0.088 at 50 vs 0.033 at 100). Real images get the slower, faithful default.
+INVERSION_STEPS = 100
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -213,7 +220,9 @@ def edit(
     seed: int = typer.Option(0),
     prompt: str | None = typer.Option(None, help="Prompt for a generated image (default: unconditional)."),
     sweep: str | None = typer.Option(None, help="Interpolate the first edit over scales, e.g. -6,-3,0,3,6."),
-    steps: int = typer.Option(25, min=1),
+    steps: int | None = typer.Option(
+        None, min=1, help=f"DDIM steps (default {SEED_STEPS}; {INVERSION_STEPS} when inverting --image)."
+    ),
     device: str = typer.Option("auto"),
     out: Path = typer.Option(Path("edit.png")),
 ) -> None:
@@ -236,6 +245,8 @@ def edit(
             raise typer.BadParameter(f"two banks are named {b.name!r}")
         banks[b.name] = b
     parsed = [sampler.parse_edit(e, banks) for e in edits]
+    if steps is None:
+        steps = INVERSION_STEPS if image is not None else SEED_STEPS
     if image is not None:
         pixels = torch.from_numpy(decode_image(image.read_bytes(), base.resolution)).permute(2, 0, 1)[None]
         pixels = pixels.float() / 127.5 - 1
