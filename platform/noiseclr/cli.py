@@ -250,24 +250,20 @@ def edit(
     if image is not None:
         pixels = torch.from_numpy(decode_image(image.read_bytes(), base.resolution)).permute(2, 0, 1)[None]
         pixels = pixels.float() / 127.5 - 1
-        x_T, start_t = sampler.invert(base, sampler.encode(base, pixels), steps)
-        recon = sampler.decode(base, sampler.sample(base, x_T, [], steps=steps, start_t=start_t))
-        err = float(np.abs(recon - (pixels[0].permute(1, 2, 0).numpy() + 1) / 2).mean())
+        x_T, start_t, before, err = sampler.invert_real(base, pixels, steps)
         typer.echo(f"inversion reconstruction error (mean abs, 0..1): {err:.4f}")
         prompt, guidance = None, 1.0
     else:
-        x_T, start_t = sampler.seed_latents(base, [seed]), None
+        x_T, start_t, before = sampler.seed_latents(base, [seed]), None, None
         guidance = default_guidance(base) if prompt else 1.0
     if sweep:
         scales = [float(s) for s in sweep.split(",")]
         images = sampler.scale_sweep(base, x_T, parsed[0], scales, prompt, guidance, steps, start_t)[0]
     else:
-        before = sampler.decode(
-            base,
-            sampler.sample(
-                base, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps, start_t=start_t
-            ),
-        )
+        if before is None:
+            before = sampler.decode(
+                base, sampler.sample(base, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps)
+            )
         after = sampler.decode(
             base,
             sampler.sample(

@@ -225,12 +225,23 @@ def edit_real(
     Returns the edited images and the inversion's reconstruction error (mean absolute pixel
     error in [0, 1] units of the unedited round trip).
     """
+    x_t, t, recon, error = invert_real(model, pixels, steps)
+    edited = decode(model, sample(model, x_t, edits, steps=steps, start_t=t)) if edits else recon
+    return edited, error
+
+
+def invert_real(
+    model: BaseModel, pixels: torch.Tensor, steps: int = 50
+) -> tuple[torch.Tensor, int, np.ndarray, float]:
+    """Invert real images ((N, 3, H, W) in [-1, 1]) and decode their unedited round trip.
+
+    Returns (x_t, t, reconstruction (N, H, W, 3) in [0, 1], its mean absolute pixel error).
+    The reconstruction is the "before" of any edit from x_t without a prompt: reuse it.
+    """
     x_t, t = invert(model, encode(model, pixels), steps)
     recon = decode(model, sample(model, x_t, [], steps=steps, start_t=t))
     target = ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-    error = float(np.abs(recon - target).mean())
-    edited = decode(model, sample(model, x_t, edits, steps=steps, start_t=t)) if edits else recon
-    return edited, error
+    return x_t, t, recon, float(np.abs(recon - target).mean())
 
 
 def scale_sweep(

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.domains.oracle import measure
-from noiseclr.editing.sampler import decode, encode, invert, sample, seed_latents, sweep_direction
+from noiseclr.editing.sampler import decode, invert_real, sample, seed_latents, sweep_direction
 from noiseclr.evaluation.metrics import BankScores, direction_effects, score_bank
 from noiseclr.models.generate import default_guidance
 from noiseclr.models.loader import BaseModel
@@ -40,22 +40,19 @@ def evaluate_bank(
     """
     scales = scales or DEFAULT_SCALES[bank.method]
     guidance = default_guidance(model) if prompt else 1.0
+    x_T = seed_latents(model, list(range(seed, seed + n_images)))
     # (name, x_T, start_t, prompt, guidance, steps)
     sources: list[tuple[str, torch.Tensor, int | None, str | None, float, int]] = [
-        ("generated", seed_latents(model, list(range(seed, seed + n_images))), None, prompt, guidance, steps)
+        ("generated", x_T, None, prompt, guidance, steps)
     ]
+    base = decode(model, sample(model, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps))
+    befores = {"generated": [measure(img) for img in base]}
     fidelity = None
     if real:
         pixels = shapes.render(shapes.sample_scenes(n_images, seed=seed), model.resolution) * 2 - 1
-        x_t, t = invert(model, encode(model, pixels), inversion_steps)
-        recon = decode(model, sample(model, x_t, [], steps=inversion_steps, start_t=t))
-        fidelity = float(np.abs(recon - ((pixels + 1) / 2).permute(0, 2, 3, 1).numpy()).mean())
+        x_t, t, recon, fidelity = invert_real(model, pixels, inversion_steps)
         sources.append(("real", x_t, t, None, 1.0, inversion_steps))
-
-    befores = {}
-    for name, x_T, t, p, g, n_steps in sources:
-        base = decode(model, sample(model, x_T, [], prompt=p, guidance_scale=g, steps=n_steps, start_t=t))
-        befores[name] = [measure(img) for img in base]
+        befores["real"] = [measure(img) for img in recon]  # the unedited round trip
     per_direction = []
     for k in tqdm(range(len(bank)), desc=f"evaluate {bank.name}", disable=not progress):
         after_rows: list[list] = [[] for _ in scales]
