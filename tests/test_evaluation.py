@@ -13,74 +13,130 @@ from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.pullback import discover_pullback, local_directions
 from noiseclr.domains import shapes
 from noiseclr.domains.oracle import measure
-from noiseclr.evaluation.metrics import direction_effects, score_bank
+from noiseclr.evaluation.evaluate import Harness, Protocol, perfect_edit, word_bank
+from noiseclr.evaluation.metrics import FACTORS, bootstrap, changes, score_bank, score_edit
 
 SCENES = shapes.sample_scenes(24, seed=3, fixed={"x": "center", "y": "middle", "size": "medium"})
+NO_FLOOR = np.zeros(len(FACTORS))
 
 
-def effects_of(edit_pos, edit_neg):
-    """Measure a hand-made edit: scenes rendered before, and after edit_neg / edit_pos."""
+def measured(scenes):
+    return [measure(img) for img in shapes.to_uint8(shapes.render(scenes))]
 
-    def m(scenes):
-        return [measure(img) for img in shapes.to_uint8(shapes.render(scenes))]
 
-    return direction_effects(
-        m(SCENES), [m([edit_neg(s) for s in SCENES]), m([edit_pos(s) for s in SCENES])], 64
-    )
+def edit_pair(edit_neg, edit_pos, scenes=SCENES):
+    """[changes at -s, changes at +s] of a hand-made edit on rendered scenes (exact oracle)."""
+    before = measured(scenes)
+    return [changes(before, measured([e(s) for s in scenes]), 64) for e in (edit_neg, edit_pos)]
 
 
 def shift(**delta):
     return lambda s: dataclasses.replace(s, **{k: getattr(s, k) + v for k, v in delta.items()})
 
 
-def test_pure_hue_shift_is_pure_consistent_and_labelled():
-    eff = effects_of(shift(hue=30.0), shift(hue=-30.0))
-    scores = score_bank([eff], [-1.0, 1.0])
-    assert scores.purity[0] > 0.97
-    assert scores.consistency[0] == 1.0
-    assert scores.labels == ["hue+"]
-    assert scores.coverage == ["hue"]
-    assert scores.effect[0, 1] == pytest.approx(30.0, abs=1.0)  # degrees
+@pytest.mark.parametrize("factor", FACTORS)
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_perfect_edit_of_any_factor_scores_near_one(factor, steps):
+    scenes = shapes.sample_scenes(30, seed=5)
+    pair = edit_pair(
+        lambda s: perfect_edit(s, factor, -steps), lambda s: perfect_edit(s, factor, steps), scenes
+    )
+    score = score_bank([pair], NO_FLOOR, factors=(factor,))
+    assert score.alignment > 0.95, [(e.label, e.purity, e.consistency) for e in score.edits[0]]
+    assert score.coverage == [factor]
 
 
-def test_position_shift_reads_in_pixels_and_sign():
-    eff = effects_of(shift(x=-10 / 64), shift(x=10 / 64))  # + scale moves left
-    scores = score_bank([eff], [-1.0, 1.0])
-    assert scores.labels == ["x-"] and scores.purity[0] > 0.95
-    assert scores.effect[0, 3] == pytest.approx(10.0, abs=1.0)
+def test_a_noop_scores_zero():
+    score = score_bank([edit_pair(lambda s: s, lambda s: s)], NO_FLOOR)
+    assert score.alignment == 0.0 and score.coverage == []
+    assert [e.label for e in score.edits[0]] == ["none", "none"]
 
 
-def test_mixed_edit_is_not_pure():
-    eff = effects_of(shift(hue=40.0, size=2 / 64), shift(hue=-40.0, size=-2 / 64))
-    scores = score_bank([eff], [-1.0, 1.0])
-    assert scores.purity[0] < 0.7 and scores.coverage == []
+def test_a_two_factor_edit_scores_low():
+    pair = edit_pair(shift(hue=-60.0, size=-3 / 64), shift(hue=60.0, size=3 / 64))
+    score = score_bank([pair], NO_FLOOR)
+    assert all(e.purity < 0.7 for e in score.edits[0])
+    assert score.coverage == [] and score.alignment < 0.1
 
 
-def test_an_edit_that_does_nothing_covers_nothing():
-    eff = effects_of(lambda s: s, lambda s: s)
-    scores = score_bank([eff], [-1.0, 1.0])
-    assert scores.labels == ["none"] and scores.coverage == [] and scores.alignment == 0.0
+def test_pure_hue_shift_is_labelled_and_measured_in_bins():
+    score = score_bank([edit_pair(shift(hue=-30.0), shift(hue=30.0))], NO_FLOOR)
+    minus, plus = score.edits[0]
+    assert (minus.label, plus.label) == ("hue-", "hue+")
+    assert plus.effect[FACTORS.index("hue")] == pytest.approx(0.5, abs=0.02)  # 30 degrees
+    assert plus.purity > 0.97 and plus.consistency == 1.0
+
+
+def test_changes_below_the_noise_floor_count_as_none():
+    pair = edit_pair(shift(x=-1 / 64), shift(x=1 / 64))  # 1 px = 1/16 of an x bin
+    floor = NO_FLOOR.copy()
+    assert score_bank([pair], floor).edits[0][1].effect[FACTORS.index("x")] > 0.05
+    floor[FACTORS.index("x")] = 0.1
+    assert score_bank([pair], floor).edits[0][1].effect[FACTORS.index("x")] == 0.0
 
 
 def test_inconsistent_direction_is_not_covered():
     signs = np.random.default_rng(0).choice([-1.0, 1.0], len(SCENES))
     lookup = {id(s): sign for s, sign in zip(SCENES, signs, strict=True)}
-    eff = effects_of(
-        lambda s: shift(hue=30.0 * lookup[id(s)])(s), lambda s: shift(hue=-30.0 * lookup[id(s)])(s)
+    pair = edit_pair(
+        lambda s: shift(hue=-30.0 * lookup[id(s)])(s), lambda s: shift(hue=30.0 * lookup[id(s)])(s)
     )
-    scores = score_bank([eff], [-1.0, 1.0])
-    assert scores.consistency[0] < 0.8 and scores.coverage == []
+    score = score_bank([pair], NO_FLOOR)
+    assert score.edits[0][1].consistency < 0.8 and score.coverage == []
 
 
-def test_shape_change_and_the_alignment_score():
-    to_circle = effects_of(lambda s: dataclasses.replace(s, shape="circle"), lambda s: s)
-    hue = effects_of(shift(hue=30.0), shift(hue=-30.0))
-    scores = score_bank([to_circle, hue], [-1.0, 1.0])
-    assert scores.labels[0] == "shape->circle"
-    assert scores.coverage == ["shape", "hue"]
-    assert scores.alignment == pytest.approx(
-        (scores.purity[0] * scores.consistency[0] + scores.purity[1]) / 7
+def test_shape_consistency_is_per_source_class():
+    scenes = shapes.sample_scenes(30, seed=6)
+    cycle = edit_pair(lambda s: perfect_edit(s, "shape", 1), lambda s: perfect_edit(s, "shape", 1), scenes)
+    rng = np.random.default_rng(1)
+    shuffled = {id(s): shapes.SHAPES[rng.integers(3)] for s in scenes}
+    scramble = edit_pair(lambda s: s, lambda s: dataclasses.replace(s, shape=shuffled[id(s)]), scenes)
+    assert score_edit(cycle[1], NO_FLOOR).consistency == 1.0
+    assert score_edit(scramble[1], NO_FLOOR).consistency < 0.8
+
+
+def test_a_hue_edit_towards_one_colour_is_consistent():
+    scenes = shapes.sample_scenes(30, seed=7, fixed={"hue": "yellow"}) + shapes.sample_scenes(
+        30, seed=8, fixed={"hue": "magenta"}
     )
+    to_red = edit_pair(lambda s: s, lambda s: dataclasses.replace(s, hue=0.0), scenes)
+    plus = score_edit(to_red[1], NO_FLOOR)  # yellow moves -60 degrees, magenta +60: no one sign
+    assert plus.label == "hue->red" and plus.consistency == 1.0 and plus.purity > 0.95
+    # a random word per image is neither one sign nor one target
+    rng = np.random.default_rng(0)
+    scramble = {id(s): float(rng.choice([0.0, 120.0, 180.0, 240.0])) for s in scenes}
+    mixed = edit_pair(lambda s: s, lambda s: dataclasses.replace(s, hue=scramble[id(s)]), scenes)
+    assert score_edit(mixed[1], NO_FLOOR).consistency < 0.75
+
+
+def test_alignment_averages_the_domains_factors_and_bootstrap_brackets_it():
+    to_circle = edit_pair(lambda s: s, lambda s: dataclasses.replace(s, shape="circle"))
+    hue = edit_pair(shift(hue=-60.0), shift(hue=60.0))
+    score = score_bank([to_circle, hue], NO_FLOOR, factors=("shape", "hue", "lightness"))
+    assert score.edits[0][1].label == "shape->circle"
+    assert score.coverage == ["shape", "hue"]
+    assert score.alignment == pytest.approx((score.edits[0][1].quality + score.edits[1][1].quality) / 3)
+    ci = bootstrap([to_circle, hue], NO_FLOOR, ("shape", "hue", "lightness"), n_boot=50)
+    assert ci["alignment"][0] <= score.alignment <= ci["alignment"][1]
+    assert ci["coverage"] == [2.0, 2.0]
+
+
+def test_harness_ceiling_floor_and_calibration_on_the_model(shapes_model):
+    """Through the model: perfect edits (VAE) score near 1, random directions far below, and
+    calibration raises a weak direction's scale until it has an effect."""
+    harness = Harness(
+        shapes_model,
+        Protocol(fixed={"x": "center", "y": "middle"}, n_images=6, steps=8, real=False, n_boot=20),
+        progress=False,
+    )
+    assert set(harness.floor.round(6)) != {0.0}  # the VAE round trip drifts a little
+    ceiling = harness.evaluate_perfect()
+    assert ceiling["alignment"] > 0.9
+    words = word_bank(shapes_model, ("red", "striped"))
+    weak = DirectionBank(words.directions * torch.tensor([[0.25], [1.0]]), dict(words.base_model), name="w")
+    result = harness.evaluate(weak)
+    assert abs(result["scales"][0][1]) > abs(result["scales"][1][1])  # the weak one got more scale
+    assert result["alignment"] < ceiling["alignment"]
 
 
 def test_pullback_finds_the_top_singular_directions(tiny_model):
@@ -121,22 +177,55 @@ def test_pullback_bank_saves_loads_and_edits(shapes_model, tmp_path):
     assert imgs.shape == (1, 2, 64, 64, 3) and np.abs(imgs[0, 1] - imgs[0, 0]).max() > 0.01
 
 
-def test_evaluate_cli_writes_reports_and_labels(shapes_model, tmp_path):
-    hidden = shapes_model.pipe.text_encoder.config.hidden_size
-    table = shapes_model.pipe.text_encoder.get_input_embeddings().weight.detach()
-    vectors = (
-        torch.randn(2, hidden, generator=torch.Generator().manual_seed(0)) * table.norm(dim=1).mean() / 11
-    )
-    bank = DirectionBank(vectors, {"source": "shapes", "fingerprint": shapes_model.fingerprint}, name="e")
+def test_evaluate_cli_writes_reports_labels_and_edit_defaults(shapes_model, tmp_path):
+    words = word_bank(shapes_model, ("striped", "red"))
+    bank = DirectionBank(words.directions, dict(words.base_model), name="e", config={"world_fixed": {}})
     bank.save(tmp_path / "bank")
     result = CliRunner().invoke(
-        app, ["evaluate", str(tmp_path / "bank"), "--n", "2", "--steps", "4", "--device", "cpu"]
+        app,
+        [
+            "evaluate",
+            str(tmp_path / "bank"),
+            "--n",
+            "2",
+            "--steps",
+            "4",
+            "--fix",
+            "x=center",
+            "--device",
+            "cpu",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
-    assert len(report["normalised"]) == 2 and len(report["normalised"][0]) == 7
-    assert report["fidelity"] is not None and 0 <= report["alignment"] <= 1
+    pooled = report["scores"]["all"]
+    assert len(pooled["edits"]) == 2 and len(pooled["edits"][0][0]["effect"]) == 7
+    assert report["protocol"]["factors"] == ["shape", "hue", "size", "y", "lightness", "pattern"]
+    assert report["fidelity"] is not None and 0 <= pooled["intervals"]["alignment"][0] <= pooled["alignment"]
+    assert set(report["scores"]) == {"all", "generated", "real"}
     for name in ("heatmap.png", "evaluation.html", "evaluation.md"):
         assert (tmp_path / "evaluation" / name).exists()
-    labels = json.loads((tmp_path / "bank" / "bank.json").read_text())["labels"]
-    assert set(labels) == set(bank.tokens) and all("auto" in v for v in labels.values())
+    meta = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    assert set(meta["labels"]) == set(bank.tokens) and all("auto" in v for v in meta["labels"].values())
+    assert meta["edit_defaults"]["scales"] == report["scales"]
+    assert meta["metrics"]["evaluation"]["alignment"] == report["alignment"]
+
+
+def test_compare_has_ceiling_and_floor_rows_and_writes_grids(shapes_model, tmp_path):
+    from noiseclr.evaluation.compare import compare
+
+    words = word_bank(shapes_model, ("striped", "blue"))
+    found = DirectionBank(words.directions * 0.9, dict(words.base_model), name="found")
+    protocol = Protocol(
+        fixed={"x": "center", "y": "middle"}, n_images=2, steps=4, inversion_steps=4, n_boot=10
+    )
+    results = compare(
+        shapes_model, {"found": found}, protocol, tmp_path, words=("striped", "blue"), progress=False
+    )
+    assert list(results) == ["domain", "full world"]
+    assert list(results["domain"]) == ["perfect", "words", "found", "random"]
+    assert results["full world"]["found"]["protocol"]["factors"] == list(FACTORS)
+    table = (tmp_path / "compare.md").read_text()
+    assert "| perfect |" in table and "| random |" in table and "x=center, y=middle" in table
+    assert (tmp_path / "grids" / "domain-found.png").exists()
+    assert (tmp_path / "grids" / "full-world-random.png").exists()

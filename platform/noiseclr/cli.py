@@ -178,6 +178,8 @@ def discover(
     typer.echo(f"bank:    {result['bank']}")
     typer.echo(f"gallery: {result['gallery']}")
     typer.echo(f"page:    {result['html']}")
+    if result["evaluation"]:
+        typer.echo(f"measured: {result['evaluation']}")
     typer.echo(f"done in {result['seconds']} s on {result['images']} images")
 
 
@@ -275,31 +277,55 @@ def edit(
     typer.echo(f"wrote {out}: " + ", ".join(f"{e.label} x{e.scale:g}" for e in parsed))
 
 
+def _protocol(fix: list[str] | None, default_fixed: dict, **values):
+    """The evaluation protocol from CLI values; --fix replaces the bank's or config's domain."""
+    from noiseclr.evaluation.evaluate import Protocol
+
+    fixed = _parse_fixed(fix) if fix else dict(default_fixed)
+    try:
+        return Protocol(fixed=fixed, **{k: v for k, v in values.items() if v is not None})
+    except ValueError as err:
+        raise typer.BadParameter(str(err).splitlines()[-1]) from None
+
+
 @app.command()
 def evaluate(
     bank: Path = typer.Argument(..., help="Bank folder."),
     model: str = typer.Option("shapes"),
-    n: int = typer.Option(8, min=1, help="Generated and real images per direction."),
-    scales: str | None = typer.Option(None, help="Comma-separated scales (default: the method's)."),
-    steps: int = typer.Option(20, min=1),
+    n: int = typer.Option(16, min=2, help="Generated and real images per direction."),
+    steps: int = typer.Option(20, min=2, help="DDIM steps of generated images."),
+    window: int = typer.Option(600, min=1, max=1000, help="Edits act for t <= this."),
+    target: float = typer.Option(0.5, min=0.01, help="Bins of effect each signed edit is scaled to."),
+    fix: list[str] = typer.Option(
+        None, help="Domain factor=word (repeatable). Default: the world the bank was trained on."
+    ),
+    real: bool = typer.Option(True, help="Also edit real (DDIM-inverted) world images."),
     out: Path | None = typer.Option(None, help="Default: BANK/../evaluation."),
-    label: bool = typer.Option(True, help="Write the automatic labels into bank.json."),
+    label: bool = typer.Option(True, help="Write labels and the measured edit defaults into bank.json."),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Measure what every direction does to every factor of the shapes world."""
+    """Measure what every direction does to every factor of the shapes world, at calibrated
+    strength, against the noise floor; intervals by bootstrap over images."""
     from noiseclr.discovery.bank import DirectionBank
-    from noiseclr.evaluation.evaluate import evaluate_bank, label_bank
+    from noiseclr.evaluation.evaluate import Harness, label_bank
     from noiseclr.evaluation.report import markdown_table, write_report
     from noiseclr.models.loader import load_model
 
     base = load_model(model, device=_device(device))
     b = DirectionBank.load(bank, base)
-    parsed = [float(s) for s in scales.split(",")] if scales else None
-    result = evaluate_bank(base, b, n_images=n, scales=parsed, steps=steps)
+    protocol = _protocol(
+        fix,
+        b.config.get("world_fixed", {}),
+        n_images=n,
+        steps=steps,
+        real=real,
+        window=(window, 0),
+        target_effect=target,
+    )
+    result = Harness(base, protocol).evaluate(b)
     paths = write_report(result, out or bank.parent / "evaluation")
     if label:
         label_bank(b, result)
-        b.metrics["evaluation"] = {k: result[k] for k in ("coverage", "alignment", "best_purity_per_factor")}
         b.save(bank)
     typer.echo(markdown_table(result))
     typer.echo(f"report: {paths['html']}")
@@ -336,41 +362,44 @@ def pullback(
 def compare(
     config: Path = typer.Option(Path("jobs/shapes.yaml"), exists=True, help="NoiseCLR job YAML."),
     out: Path = typer.Option(Path("out/compare")),
-    n: int = typer.Option(8, min=1, help="Generated and real images per direction."),
-    steps: int = typer.Option(20, min=1, help="Sampling steps of the evaluation."),
+    bank: list[str] = typer.Option(
+        None, help="NAME=FOLDER of a bank to compare instead of training the config's (repeatable)."
+    ),
+    n: int = typer.Option(16, min=2, help="Generated and real images per direction."),
+    steps: int = typer.Option(20, min=2, help="DDIM steps of generated images."),
+    full_world: bool = typer.Option(True, help="Also evaluate every row on the full world."),
     device: str = typer.Option("auto"),
 ) -> None:
-    """NoiseCLR (paper loss, symmetric), pullback and random directions on the same images."""
+    """The comparison: perfect edits (ceiling), known words, NoiseCLR, pullback and random
+    directions (floor), one protocol, on the config's domain and on the full world."""
     from noiseclr.discovery.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
-    from noiseclr.discovery.data import encode_latents, load_images
     from noiseclr.discovery.pullback import discover_pullback
     from noiseclr.discovery.run import run_discovery
-    from noiseclr.evaluation.evaluate import evaluate_bank, random_bank
-    from noiseclr.evaluation.report import comparison_table, write_report
+    from noiseclr.domains import shapes
+    from noiseclr.editing.sampler import encode
+    from noiseclr.evaluation.compare import compare as run_compare
     from noiseclr.models.loader import load_model
-    from noiseclr.utils.images import atomic_write_bytes
 
-    banks: dict[str, Path] = {}
-    for loss in ("paper", "symmetric"):
-        cfg = DiscoveryConfig.from_yaml(config, loss=loss, name=f"noiseclr-{loss}", device=device)
-        banks[f"noiseclr-{loss}"] = run_discovery(cfg, out / f"noiseclr-{loss}")["bank"]
+    cfg = DiscoveryConfig.from_yaml(config, device=device)
     base = load_model(cfg.model, device=_device(device))
-    first = DirectionBank.load(banks["noiseclr-paper"], base)
-    data = first.metrics["data"]
-    pixels = load_images(data, base.resolution, limit=cfg.n_images).pixels
-    pb = discover_pullback(base, encode_latents(base.pipe.vae, pixels[:16]), k=min(cfg.k, 8), seed=cfg.seed)
-    banks["pullback"] = pb.save(out / "pullback" / "bank")
-    banks["random"] = random_bank(base, first, seed=cfg.seed).save(out / "random" / "bank")
-    results = {}
-    for name, folder in banks.items():
-        bank = DirectionBank.load(folder, base)
-        results[name] = evaluate_bank(base, bank, n_images=n, steps=steps)
-        write_report(results[name], folder.parent / "evaluation")
-    table = comparison_table(results)
-    atomic_write_bytes(out / "compare.md", table.encode())
-    typer.echo(table)
-    typer.echo(f"wrote {out / 'compare.md'}")
+    banks: dict[str, DirectionBank] = {}
+    for item in bank or []:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--bank takes NAME=FOLDER, got {item!r}")
+        banks[name] = DirectionBank.load(folder, base)
+    if not banks:
+        banks["noiseclr"] = DirectionBank.load(run_discovery(cfg, out / "noiseclr")["bank"], base)
+        pixels = shapes.render(
+            shapes.sample_scenes(16, seed=cfg.seed, fixed=cfg.world_fixed), base.resolution
+        )
+        pb = discover_pullback(base, encode(base, pixels * 2 - 1), k=min(cfg.k, 8), seed=cfg.seed)
+        banks["pullback"] = DirectionBank.load(pb.save(out / "pullback" / "bank"), base)
+    protocol = _protocol(None, cfg.world_fixed, n_images=n, steps=steps)
+    run_compare(base, banks, protocol, out, full_world=full_world)
+    typer.echo((out / "compare.md").read_text())
+    typer.echo(f"wrote {out / 'compare.md'} and compare.json")
 
 
 @app.command("export-ti")

@@ -1,89 +1,375 @@
-"""`noiseclr evaluate BANK`: edit generated and real world images with every direction, measure
-every factor before and after with the oracle, and score the bank (metrics.py)."""
+"""The evaluation protocol: edit world images with every direction at a calibrated strength,
+measure every factor before and after with the oracle, and score against the noise floor.
+
+    harness = Harness(model, Protocol(fixed={"x": "center", "y": "middle"}))
+    result = harness.evaluate(bank)          # a NoiseCLR, word or pullback bank
+    ceiling = harness.evaluate_perfect()     # rendered one-factor edits through the VAE
+
+What the protocol fixes, so every row of a comparison is measured the same way:
+- images: n generated (seeded, prompted with the domain's fixed words, e.g. "a shape at middle
+  center") and n real ones (rendered from the domain, DDIM-inverted), the same for every bank;
+- the edit window: directions act only for t <= window[0]. Editing from t = 1000 re-draws the
+  scene on the embedded model (new position, shape, colour), which measures re-sampling, not
+  editing. The trajectory above the window is shared by all edits of an image (run once);
+- calibration: each signed edit (+s, -s) gets the smallest scale of a ladder at which its total
+  effect above the floor reaches `target_effect` bins on separate calibration images without
+  breaking the object, so weak and strong directions are compared at equal strength;
+- the noise floor: the drift of the world's factors between a rendered scene and the model's
+  rendering of it (VAE round trip, inversion round trip), per factor (metrics.noise_floor).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.domains import shapes
-from noiseclr.domains.oracle import measure
-from noiseclr.editing.sampler import decode, invert_real, sample, seed_latents, sweep_direction
-from noiseclr.evaluation.metrics import BankScores, direction_effects, score_bank
+from noiseclr.domains.oracle import Measurement, measure
+from noiseclr.editing.sampler import decode, encode, invert, sample, seed_latents, sweep_direction
+from noiseclr.evaluation.metrics import (
+    FACTORS,
+    Changes,
+    bootstrap,
+    changes,
+    noise_floor,
+    score_bank,
+    score_edit,
+    summary,
+)
 from noiseclr.models.generate import default_guidance
 from noiseclr.models.loader import BaseModel
+from noiseclr.utils.images import make_grid
 
-DEFAULT_SCALES = {"noiseclr": [-6.0, 6.0], "pullback": [-15.0, 15.0]}
+
+class Protocol(Schema):
+    """How banks are measured; every field is recorded in the result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fixed: dict[str, str] = Field(default_factory=dict)  # the domain: world factors held constant
+    n_images: int = Field(16, ge=2)  # generated and real images each
+    steps: int = Field(20, ge=2)  # DDIM steps for generated images
+    inversion_steps: int = Field(50, ge=2)  # real images: inversion and editing steps
+    real: bool = True
+    window: tuple[int, int] = (600, 0)  # t_high, t_low of every NoiseCLR edit
+    target_effect: float = Field(0.5, gt=0)  # bins of total effect each signed edit is scaled to
+    ladder: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # candidate |scale| (pullback x2.5)
+    calibration_images: int = Field(4, ge=1)
+    max_broken: float = Field(0.25, ge=0, le=1)  # share of calibration images allowed to break
+    seed: int = 1000
+    n_boot: int = Field(200, ge=10)
+
+    @field_validator("fixed")
+    @classmethod
+    def _known(cls, fixed: dict[str, str]) -> dict[str, str]:
+        for f, w in fixed.items():
+            if f not in shapes.FACTOR_WORDS or w not in shapes.FACTOR_WORDS[f]:
+                raise ValueError(f"fixed {f}={w!r}: allowed {dict(shapes.FACTOR_WORDS)}")
+        return fixed
+
+    @property
+    def factors(self) -> tuple[str, ...]:
+        """The factors that vary in the domain: the summary scores are taken over these."""
+        return tuple(f for f in FACTORS if f not in self.fixed)
+
+    @property
+    def prompt(self) -> str:
+        return shapes.caption(dict(self.fixed))
 
 
-def evaluate_bank(
-    model: BaseModel,
-    bank: DirectionBank,
-    n_images: int = 8,
-    scales: list[float] | None = None,
-    steps: int = 20,
-    inversion_steps: int = 50,
-    prompt: str | None = "a shape",
-    seed: int = 1000,
-    real: bool = True,
-    progress: bool = True,
-) -> dict:
-    """Scores of `bank` on n generated (seeded, from `prompt`) and n real (inverted) images.
+@dataclass
+class Source:
+    """One set of images to edit: x at the top of the edit window, and the unedited result."""
 
-    Real images are inverted and edited with `inversion_steps` DDIM steps: DDIM inversion is
-    only as exact as its steps are small (on the embedded model, 8 images: 0.071 mean abs
-    error at 20 steps, 0.028 at 50), and an edit cannot be told from a poor round trip.
+    name: str
+    x_top: torch.Tensor  # (N, C, h, w) at the window's top
+    images: np.ndarray  # (N, H, W, 3) the unedited images in [0, 1]
+    prompt: str | None
+    guidance: float
+    steps: int
+    top: int
 
-    Seeds and real images depend only on `seed`, so every bank is measured on the same images.
+    def __post_init__(self) -> None:
+        self.before = _measure(self.images)
+
+
+CALIBRATION_SEED_OFFSET = 10_000  # calibration images are drawn apart from the scored ones
+
+
+class Harness:
+    """Prepares the protocol's images and noise floor once; evaluates any number of banks.
+
+    Sources: "generated" and "real" are scored; "cal-generated" and "cal-real" (other seeds
+    and scenes) only choose the scales.
     """
-    scales = scales or DEFAULT_SCALES[bank.method]
-    guidance = default_guidance(model) if prompt else 1.0
-    x_T = seed_latents(model, list(range(seed, seed + n_images)))
-    # (name, x_T, start_t, prompt, guidance, steps)
-    sources: list[tuple[str, torch.Tensor, int | None, str | None, float, int]] = [
-        ("generated", x_T, None, prompt, guidance, steps)
-    ]
-    base = decode(model, sample(model, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps))
-    befores = {"generated": [measure(img) for img in base]}
-    fidelity = None
-    if real:
-        pixels = shapes.render(shapes.sample_scenes(n_images, seed=seed), model.resolution) * 2 - 1
-        x_t, t, recon, fidelity = invert_real(model, pixels, inversion_steps)
-        sources.append(("real", x_t, t, None, 1.0, inversion_steps))
-        befores["real"] = [measure(img) for img in recon]  # the unedited round trip
-    per_direction = []
-    for k in tqdm(range(len(bank)), desc=f"evaluate {bank.name}", disable=not progress):
-        after_rows: list[list] = [[] for _ in scales]
-        before_all = []
-        for name, x_T, t, p, g, n_steps in sources:
-            imgs = sweep_direction(model, bank, k, x_T, scales, p, g, n_steps, t)  # (N, S, H, W, 3)
-            for s in range(len(scales)):
-                after_rows[s].extend(measure(img) for img in imgs[:, s])
-            before_all.extend(befores[name])
-        per_direction.append(direction_effects(before_all, after_rows, model.resolution))
-    scores: BankScores = score_bank(per_direction, scales)
-    result = scores.as_dict()
-    result.update(
-        bank=bank.name,
-        method=bank.method,
-        directions=len(bank),
-        scales=scales,
-        images={"generated": n_images, "real": n_images if real else 0},
-        prompt=prompt,
-        steps=steps,
-        inversion_steps=inversion_steps if real else None,
-        fidelity=fidelity,
-        base_broken={k: float(np.mean([m.count != 1 for m in v])) for k, v in befores.items()},
-    )
-    return result
+
+    def __init__(self, model: BaseModel, protocol: Protocol | None = None, progress: bool = True):
+        self.model, self.p, self.progress = model, protocol or Protocol(), progress
+        p = self.p
+        self.res = model.resolution
+        self.guidance = default_guidance(model)
+        self.scenes = shapes.sample_scenes(p.n_images, seed=p.seed, fixed=p.fixed)
+        rendered = shapes.render(self.scenes, self.res)
+        # The VAE round trip of each rendered scene: the "before" of the perfect edits.
+        self.roundtrip = _measure(self._vae_roundtrip(rendered))
+        truth = _measure(shapes.to_uint8(rendered))
+        drifts = [changes(truth, self.roundtrip, self.res)]
+        self.inverted: dict[str, tuple[torch.Tensor, int]] = {}
+        if p.real:
+            cal = shapes.sample_scenes(
+                p.calibration_images, seed=p.seed + CALIBRATION_SEED_OFFSET, fixed=p.fixed
+            )
+            for name, scenes in (("real", self.scenes), ("cal-real", cal)):
+                pixels = shapes.render(scenes, self.res) * 2 - 1
+                self.inverted[name] = invert(model, encode(model, pixels), p.inversion_steps)
+        self.sources: dict[int, dict[str, Source]] = {}
+        sources = self._prepare(p.window[0])
+        self.fidelity: float | None = None
+        if p.real:  # the inversion round trip: its drift joins the floor
+            recon = sources["real"].images
+            self.fidelity = round(float(np.abs(recon - rendered.permute(0, 2, 3, 1).numpy()).mean()), 4)
+            drifts.append(changes(truth, sources["real"].before, self.res))
+        self.floor = noise_floor(drifts)
+
+    # --- images --------------------------------------------------------------------------
+    def _vae_roundtrip(self, rendered: torch.Tensor) -> np.ndarray:
+        return decode(self.model, encode(self.model, rendered * 2 - 1))
+
+    def _source(self, name: str, x: torch.Tensor, start_t: int | None, top: int) -> Source:
+        """Run x down to the window's top once; the unedited rest of its trajectory is "before"."""
+        generated = not name.endswith("real")
+        prompt, guidance = (self.p.prompt, self.guidance) if generated else (None, 1.0)
+        steps = self.p.steps if generated else self.p.inversion_steps
+        kw = {"prompt": prompt, "guidance_scale": guidance, "steps": steps}
+        x_top = sample(self.model, x, [], start_t=start_t, stop_t=top, **kw)
+        images = decode(self.model, sample(self.model, x_top, [], start_t=top, **kw))
+        return Source(name, x_top, images, prompt, guidance, steps, top)
+
+    def _prepare(self, top: int) -> dict[str, Source]:
+        """Sources whose trajectories stop at `top` (cached per top: pullback edits elsewhere)."""
+        if top not in self.sources:
+            p, cal = self.p, self.p.seed + CALIBRATION_SEED_OFFSET
+            seeds = {
+                "generated": range(p.seed, p.seed + p.n_images),
+                "cal-generated": range(cal, cal + p.calibration_images),
+            }
+            found = {
+                name: self._source(name, seed_latents(self.model, list(s)), None, top)
+                for name, s in seeds.items()
+            }
+            for name, (x_t, t) in self.inverted.items():
+                found[name] = self._source(name, x_t, t, top)
+            self.sources[top] = found
+        return self.sources[top]
+
+    # --- one direction --------------------------------------------------------------------
+    def _edit(self, bank: DirectionBank, k: int, src: Source, scales: list[float]) -> list[list[Measurement]]:
+        """Measurements of src's images edited by direction k at each scale: [scale][image]."""
+        imgs = sweep_direction(
+            self.model, bank, k, src.x_top, scales, src.prompt, src.guidance, src.steps, src.top
+        )
+        return [_measure(imgs[:, s]) for s in range(len(scales))]
+
+    def _calibrate(self, bank: DirectionBank, k: int, top: int) -> list[float]:
+        """[-s, +s] for direction k: for each sign, the smallest ladder scale whose total effect
+        on the calibration images reaches the target without breaking more than max_broken of
+        them (else the largest that does not break). Binary search over the ladder (effects
+        grow with the scale): about log2(len(ladder)) rounds, both signs in one batch."""
+        p = self.p
+        ladder = [a * (2.5 if bank.method == "pullback" else 1.0) for a in p.ladder]
+        cals = [s for name, s in self._prepare(top).items() if name.startswith("cal-")]
+        lo, hi = {-1: 0, 1: 0}, {-1: len(ladder) - 1, 1: len(ladder) - 1}
+        while any(lo[s] < hi[s] for s in lo):
+            probes = {s: (lo[s] + hi[s]) // 2 for s in lo if lo[s] < hi[s]}
+            scales = [s * ladder[i] for s, i in probes.items()]
+            per_cal = [[changes(c.before, r, self.res) for r in self._edit(bank, k, c, scales)] for c in cals]
+            for (sign, i), parts in zip(probes.items(), zip(*per_cal, strict=True), strict=True):
+                score = score_edit(Changes.concat(parts), self.floor)
+                if score.broken > p.max_broken:
+                    hi[sign] = max(lo[sign], i - 1)
+                elif score.effect.sum() >= p.target_effect:
+                    hi[sign] = i
+                else:
+                    lo[sign] = i + 1
+        return [-ladder[lo[-1]], ladder[lo[1]]]
+
+    def _top(self, bank: DirectionBank) -> int:
+        return int(bank.config["t_edit"]) if bank.method == "pullback" else self.p.window[0]
+
+    # --- banks ------------------------------------------------------------------------------
+    def evaluate(self, bank: DirectionBank) -> dict:
+        """Calibrated scales, per-source and pooled scores with intervals, for every direction."""
+        top = self._top(bank)
+        srcs = {name: s for name, s in self._prepare(top).items() if not name.startswith("cal-")}
+        per_source: dict[str, list[list[Changes]]] = {name: [] for name in srcs}
+        scales = []
+        for k in tqdm(range(len(bank)), desc=f"evaluate {bank.name}", disable=not self.progress):
+            s = self._calibrate(bank, k, top)
+            scales.append(s)
+            for name, src in srcs.items():
+                rows = self._edit(bank, k, src, s)
+                per_source[name].append([changes(src.before, row, self.res) for row in rows])
+        result = self._result(per_source)
+        result.update(bank=bank.name, method=bank.method, directions=len(bank), scales=scales)
+        return result
+
+    def evaluate_perfect(self, steps: int = 1) -> dict:
+        """The ceiling: every factor of the domain edited exactly (rendered, through the VAE)
+        by +-steps words (perfect_edit), scored like a bank."""
+        per: list[list[Changes]] = []
+        for f in self.p.factors:
+            pair = []
+            for sign in (-1, 1):
+                edited = [perfect_edit(s, f, sign * steps) for s in self.scenes]
+                after = _measure(self._vae_roundtrip(shapes.render(edited, self.res)))
+                pair.append(changes(self.roundtrip, after, self.res))
+            per.append(pair)
+        result = self._result({"rendered": per})
+        result.update(
+            bank="perfect", method="perfect", directions=len(per), scales=[[-steps, steps]] * len(per)
+        )
+        result["direction_factors"] = list(self.p.factors)
+        return result
+
+    def best_edits_grid(self, bank: DirectionBank, result: dict, n: int = 4) -> Image.Image:
+        """A row per domain factor: its best signed edit (by quality) on the first n generated
+        and n real images, unedited above edited at the calibrated scale; "none" rows when
+        no edit of the bank is dominated by that factor."""
+        top = self._top(bank)
+        sources = [s for name, s in self._prepare(top).items() if not name.startswith("cal-")]
+        edits = result["scores"]["all"]["edits"]
+        rows, labels = [], []
+        for f in self.p.factors:
+            cands = [
+                (e["quality"], k, i)
+                for k, pair in enumerate(edits)
+                for i, e in enumerate(pair)
+                if e["dominant"] == f
+            ]
+            q, k, i = max(cands) if cands else (0.0, None, None)
+            before = np.concatenate([src.images[:n] for src in sources])
+            if k is None:
+                after, label = np.ones_like(before), f"{f}: none"
+            else:
+                scale = result["scales"][k][i]
+                after = np.concatenate(
+                    [
+                        sweep_direction(
+                            self.model,
+                            bank,
+                            k,
+                            src.x_top[:n],
+                            [scale],
+                            src.prompt,
+                            src.guidance,
+                            src.steps,
+                            src.top,
+                        )[:, 0]
+                        for src in sources
+                    ]
+                )
+                label = f"{f}: #{k} x{scale:g} {edits[k][i]['label']} q={q:.2f}"
+            rows.append(np.concatenate([before, after]))
+            labels.append(label)
+        cols = len(rows[0]) // 2
+        scale_up = 2 if self.res < 128 else 1
+        grid = make_grid(np.concatenate(rows), cols=cols, scale=scale_up)
+        canvas = Image.new("RGB", (grid.width + 230, grid.height), "white")
+        canvas.paste(grid, (230, 0))
+        draw = ImageDraw.Draw(canvas)
+        row_h = grid.height / len(rows)
+        for j, text in enumerate(labels):
+            draw.text((4, int(j * row_h + row_h / 2 - 6)), text[:38], fill="black")
+        return canvas
+
+    def _result(self, per_source: dict[str, list[list[Changes]]]) -> dict:
+        p = self.p
+        pooled = [
+            [Changes.concat([per_source[name][k][i] for name in per_source]) for i in range(2)]
+            for k in range(len(next(iter(per_source.values()))))
+        ]
+        scored = {"all": pooled, **per_source} if len(per_source) > 1 else {"all": pooled}
+        out: dict = {
+            name: summary(
+                score_bank(per, self.floor, p.factors), bootstrap(per, self.floor, p.factors, p.n_boot)
+            )
+            for name, per in scored.items()
+        }
+        best = out["all"]
+        labels = []
+        for pair in best["edits"]:
+            labels.append(", ".join(f"{sign}:{e['label']}" for sign, e in zip("-+", pair, strict=True)))
+        return {
+            "scores": out,
+            "alignment": best["alignment"],
+            "coverage": best["coverage"],
+            "coverage_count": best["coverage_count"],
+            "labels": labels,
+            "floor": dict(zip(FACTORS, self.floor.round(4).tolist(), strict=True)),
+            "fidelity": self.fidelity,
+            "protocol": {**p.model_dump(), "prompt": p.prompt, "factors": list(p.factors)},
+        }
+
+
+def _measure(images) -> list[Measurement]:
+    return [measure(img) for img in images]
+
+
+# factor -> (Scene field of the value, Scene field of the word, word -> bin centre)
+_CONTINUOUS = {
+    "hue": ("hue", "hue_word", shapes.HUES),
+    "size": ("size", "size_word", shapes.SIZES),
+    "x": ("x", "x_word", shapes.XS),
+    "y": ("y", "y_word", shapes.YS),
+    "lightness": ("lightness", "lightness_word", shapes.LIGHTNESS),
+}
+
+
+def perfect_edit(scene: shapes.Scene, factor: str, steps: int) -> shapes.Scene:
+    """`scene` with one factor moved `steps` words along its scale (the edits the world can
+    show: the rendered value moves by whole bins and keeps its jitter). Hue and shape are
+    cyclic; size, x, y and lightness stop at their ends (an image already there is unchanged);
+    pattern: + striped, - plain."""
+    if factor == "pattern":
+        return dataclasses.replace(scene, pattern="striped" if steps > 0 else "plain")
+    words = shapes.FACTOR_WORDS[factor]
+    word = scene.words[factor]
+    i = words.index(word) + steps
+    new = words[i % len(words)] if factor in ("shape", "hue") else words[min(max(i, 0), len(words) - 1)]
+    if factor == "shape" or new == word:
+        return dataclasses.replace(scene, shape=new) if factor == "shape" else scene
+    value_field, word_field, centres = _CONTINUOUS[factor]
+    value = getattr(scene, value_field)
+    # size jitter is relative, the others' absolute
+    value = value * centres[new] / centres[word] if factor == "size" else value + centres[new] - centres[word]
+    if factor == "hue":
+        value %= 360.0
+    return dataclasses.replace(scene, **{value_field: value, word_field: new})
 
 
 def label_bank(bank: DirectionBank, result: dict) -> None:
-    """Store the automatic labels in bank.labels next to any human label."""
+    """Store the automatic labels next to any human label, the measured edit defaults (window
+    and the calibrated [-s, +s] per direction) that `noiseclr edit` then uses, and the scores."""
+    bank.metrics["evaluation"] = {k: result[k] for k in ("alignment", "coverage", "fidelity")} | {
+        "interval": result["scores"]["all"]["intervals"]["alignment"],
+        "protocol": result["protocol"],
+    }
     for token, label in zip(bank.tokens, result["labels"], strict=True):
         bank.labels.setdefault(token, {})["auto"] = label
+    if bank.method != "pullback":
+        bank.edit_defaults = {
+            "window": list(result["protocol"]["window"]),
+            "scales": [[float(a), float(b)] for a, b in result["scales"]],
+            "target_effect": result["protocol"]["target_effect"],
+        }
 
 
 def random_bank(model: BaseModel, like: DirectionBank, seed: int = 0) -> DirectionBank:
@@ -93,4 +379,26 @@ def random_bank(model: BaseModel, like: DirectionBank, seed: int = 0) -> Directi
     vectors = vectors / vectors.norm(dim=1, keepdim=True) * like.directions.norm(dim=1, keepdim=True)
     return DirectionBank(
         vectors, dict(like.base_model), name="random", config={"method": "noiseclr", "random": True}
+    )
+
+
+KNOWN_WORDS = ("square", "red", "blue", "large", "left", "top", "dark", "striped")
+
+
+def word_bank(model: BaseModel, words: tuple[str, ...] = KNOWN_WORDS) -> DirectionBank:
+    """Known-word directions: the input embeddings of world words, used as directions. A
+    discoverer that found the world's own concepts would do about this well."""
+    tok, enc = model.pipe.tokenizer, model.pipe.text_encoder
+    table = enc.get_input_embeddings().weight.detach().float().cpu()
+    ids = []
+    for w in words:
+        found = tok(w, add_special_tokens=False).input_ids
+        if len(found) != 1:
+            raise ValueError(f"word {w!r} is not one token of this model's tokenizer")
+        ids.append(found[0])
+    return DirectionBank(
+        table[ids].clone(),
+        {"source": model.source, "fingerprint": model.fingerprint, "hidden_size": table.shape[1]},
+        name="words",
+        config={"method": "noiseclr", "words": list(words)},
     )
