@@ -166,6 +166,8 @@ def test_textual_inversion_export_loads_with_diffusers(shapes_model, tmp_path):
         ({"tau": 0}, "tau"),
         ({"stepz": 3}, "stepz"),
         ({"loss": "triplet"}, "loss"),
+        ({"gallery_scales": []}, "gallery_scales must name at least one scale"),
+        ({"edit_window": 0}, "edit_window"),
     ],
 )
 def test_bad_config_is_rejected_with_the_field_named(kw, message):

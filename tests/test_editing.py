@@ -1,5 +1,7 @@
 """The editing sampler, inversion, composition of banks, galleries, and the discover CLI."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,19 @@ def test_bad_edit_requests(shapes_model, text, error, message):
         sampler.parse_edit(text, banks)
 
 
+def test_measured_edit_defaults_set_the_unit_and_the_window(shapes_model):
+    bank = make_bank(shapes_model, "a")
+    raw = sampler.parse_edit("1=2", {"a": bank})
+    assert (raw.scale, raw.t_high, raw.t_low) == (2.0, 1000, 0)  # nothing measured: raw scale
+    bank.edit_defaults = {"window": [600, 0], "scales": [[-4.0, 8.0]] * len(bank)}
+    plus, minus = sampler.parse_edit("1=1", {"a": bank}), sampler.parse_edit("1=-0.5", {"a": bank})
+    assert (plus.scale, plus.t_high, minus.scale) == (8.0, 600, -2.0)
+    explicit = sampler.parse_edit("1=1@900-100", {"a": bank})
+    assert (explicit.t_high, explicit.t_low) == (900, 100)
+    with pytest.raises(ValueError, match="finite"):
+        sampler.parse_edit("1=nan", {"a": bank})
+
+
 def test_nan_scales_in_a_matrix_are_rejected(shapes_model):
     bank = make_bank(shapes_model, "a")
     edit = sampler.parse_edit("0=1", {"a": bank})
@@ -173,6 +188,30 @@ def test_gallery_writes_grid_and_page(shapes_model, tmp_path):
     html = pages["html"].read_text()
     assert pages["grid"].stat().st_size > 0 and (tmp_path / "directions" / "001.png").exists()
     assert "hue+" in html and "&lt;g-1&gt;" in html and html.count("<tr>") == 3
+
+
+def test_discover_on_the_world_measures_labels_and_calibrates_the_bank(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "k: 3\nnegatives: 1\nbatch: 2\nsteps: 2\nn_images: 4\ngallery_seeds: 1\ngallery_steps: 3\n"
+        "gallery_scales: [-1, 0, 1]\nevaluate_images: 2\nname: w\nedit_window: 500\n"
+        "world_fixed: {x: center, y: middle}\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["discover", "--config", str(cfg), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "bank" / "bank.json").read_text())
+    assert meta["edit_defaults"]["window"] == [500, 0]
+    scales = meta["edit_defaults"]["scales"]
+    assert len(scales) == 3 and all(lo < 0 < hi for lo, hi in scales)
+    assert set(meta["labels"]) == set(meta["tokens"])
+    evaluation = meta["metrics"]["evaluation"]
+    assert evaluation["protocol"]["fixed"] == {"x": "center", "y": "middle"}
+    assert evaluation["protocol"]["factors"] == ["shape", "hue", "size", "lightness", "pattern"]
+    lo, hi = evaluation["interval"]
+    assert 0 <= lo <= evaluation["alignment"] <= hi <= 1
+    assert (out / "evaluation" / "evaluation.html").exists()
+    assert "measured strength" in (out / "gallery" / "index.html").read_text()
 
 
 def test_discover_cli_end_to_end_with_a_corrupt_file(tmp_path):

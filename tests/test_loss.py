@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noiseclr.discovery.loss import noiseclr_loss, symmetric_noiseclr_loss
+from noiseclr.discovery.loss import delta_features, noiseclr_loss, symmetric_noiseclr_loss
 
 
 def reference_loss(deltas: torch.Tensor, tau: float, j: int) -> float:
@@ -56,3 +56,21 @@ def test_loss_needs_two_images_and_two_directions():
         noiseclr_loss(torch.randn(3, 1, 8))
     with pytest.raises(ValueError, match=">= 2 images"):
         symmetric_noiseclr_loss(torch.randn(1, 4, 8))
+
+
+def test_delta_features_default_is_the_papers_flat_difference():
+    deltas = torch.randn(3, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(delta_features(deltas), deltas.flatten(2))
+
+
+def test_delta_features_pool_and_center():
+    deltas = torch.randn(3, 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    pooled = delta_features(deltas, pool=4)
+    assert pooled.shape == (3, 4, 4 * 2 * 2)
+    top_left = deltas[1, 2, 3, :4, :4].mean()
+    torch.testing.assert_close(pooled[1, 2].view(4, 2, 2)[3, 0, 0], top_left)
+    centered = delta_features(deltas, center=True)
+    torch.testing.assert_close(centered.mean(1), torch.zeros(3, 4 * 8 * 8), atol=1e-6, rtol=0)
+    # a part every direction shares does not change the centered features
+    shared = deltas + torch.randn(3, 1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(delta_features(shared, center=True), centered, atol=1e-5, rtol=0)

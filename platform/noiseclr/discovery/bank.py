@@ -145,6 +145,9 @@ class DirectionBank:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, dict[str, str]] = field(default_factory=dict)  # token -> {"auto", "human"}
+    # Measured editing defaults (written by `noiseclr evaluate`): {"window": [t_high, t_low],
+    # "scales": [[-s, +s] per direction]}; `noiseclr edit` then reads a scale of 1 as +s.
+    edit_defaults: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.directions.ndim != 2:
@@ -217,6 +220,7 @@ class DirectionBank:
             "config": self.config,
             "metrics": self.metrics,
             "labels": self.labels,
+            "edit_defaults": self.edit_defaults,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2, default=_json_default).encode())
@@ -243,6 +247,7 @@ class DirectionBank:
             config=meta.get("config", {}),
             metrics=meta.get("metrics", {}),
             labels=meta.get("labels", {}),
+            edit_defaults=meta.get("edit_defaults", {}),
         )
         if model is not None:
             bank.check_model(model)

@@ -31,6 +31,9 @@ class DiscoveryConfig(BaseModel):
     # symmetric: every sampled direction is the anchor once. Default because it measured
     # higher than the paper's form on the embedded world (README: `noiseclr compare`).
     loss: Literal["paper", "symmetric"] = "symmetric"
+    # How noise differences are compared (discovery/loss.py, delta_features); 1 / false: the paper.
+    delta_pool: int = Field(1, ge=1)  # average over pool x pool latent pixels before `sim`
+    delta_center: bool = False  # subtract each image's mean over the sampled directions
     init: Literal["random", "tokens"] = "random"
     init_tokens: list[str] = Field(default_factory=list)
     # optimisation
@@ -58,7 +61,13 @@ class DiscoveryConfig(BaseModel):
     max_failures: int = Field(2, ge=0)  # worker restarts from the last checkpoint
     cache_latents: bool = True  # workers keep their shard's latents after the first pass
     keep_checkpoints: int = Field(2, ge=1)
-    # pictures
+    # editing defaults and the measurement of the bank
+    edit_window: int = Field(600, ge=1, le=1000)  # edits (gallery, `noiseclr edit`) act for t <= this
+    # On the shapes world (data: null), measure the bank with the oracle after training: labels
+    # and calibrated edit scales go into bank.json (evaluation/evaluate.py). Else skipped.
+    evaluate: bool = True
+    evaluate_images: int = Field(8, ge=2)  # generated and real images of that measurement
+    # pictures (scales in units of each direction's measured strength once evaluated)
     gallery_scales: list[float] = Field(default_factory=lambda: [-6.0, -3.0, 0.0, 3.0, 6.0])
     gallery_seeds: int = Field(3, ge=1)
     gallery_steps: int = Field(25, ge=1)
@@ -72,6 +81,8 @@ class DiscoveryConfig(BaseModel):
             raise ValueError(
                 f"negatives ({self.negatives}) must be < k ({self.k}): they are other directions"
             )
+        if not self.gallery_scales:
+            raise ValueError("gallery_scales must name at least one scale")
         if self.init == "tokens" and not self.init_tokens:
             raise ValueError("init: tokens needs init_tokens")
         return self

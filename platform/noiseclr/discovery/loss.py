@@ -8,12 +8,28 @@ Positives: the anchor direction j on two different images. Negatives: the anchor
 sampled direction on the same image. `sim` is cosine similarity of the flattened noise
 differences. The official code divides each sum by its count; that only adds the constant
 log(n_neg / n_pos) to the loss and changes no gradient, so we keep the formula's sums.
+
+Two optional, unsupervised views of a noise difference before `sim` (`delta_features`):
+`pool` averages it over pool x pool latent pixels (similarity of where and how the prediction
+moves, less of its pixel noise); `center` subtracts, per image, the mean over the sampled
+directions (what any direction token does alike is not what tells directions apart).
+Both default to the paper's plain flattened difference.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def delta_features(deltas: torch.Tensor, pool: int = 1, center: bool = False) -> torch.Tensor:
+    """(B, S, C, H, W) noise differences -> (B, S, F) vectors that `sim` compares."""
+    x = deltas.float()
+    if center:
+        x = x - x.mean(dim=1, keepdim=True)
+    if pool > 1:
+        x = F.avg_pool2d(x.flatten(0, 1), pool, ceil_mode=True).unflatten(0, x.shape[:2])
+    return x.flatten(2)
 
 
 def _similarities(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

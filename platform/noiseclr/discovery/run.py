@@ -57,6 +57,10 @@ def run_discovery(
         train_seconds=round(time.perf_counter() - started, 1),
         data=data,
     )
+    bank.edit_defaults = {"window": [cfg.edit_window, 0]}
+    report = None
+    if cfg.evaluate and cfg.data is None and (model.world or {}).get("world") == "shapes":
+        report = measure_bank(cfg, model, bank, out / "evaluation")
     bank_dir = bank.save(out / "bank")
 
     from noiseclr.editing.gallery import write_gallery
@@ -67,9 +71,23 @@ def run_discovery(
     )
     return {
         "bank": bank_dir,
+        "evaluation": report,
         "gallery": pages["grid"],
         "html": pages["html"],
         "images": len(images.files),
         "corrupt_images": len(images.bad_files),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def measure_bank(cfg: DiscoveryConfig, model, bank, out: Path) -> Path:
+    """The oracle's measurement of a shapes-world bank on its own domain: automatic labels and
+    calibrated edit scales into the bank, the report into `out`. Returns the report page."""
+    from noiseclr.evaluation.evaluate import Harness, Protocol, label_bank
+    from noiseclr.evaluation.report import write_report
+
+    protocol = Protocol(fixed=cfg.world_fixed, n_images=cfg.evaluate_images, window=(cfg.edit_window, 0))
+    result = Harness(model, protocol).evaluate(bank)
+    label_bank(bank, result)
+    log.info("alignment %.3f, coverage %s", result["alignment"], result["coverage"])
+    return write_report(result, out)["html"]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from noiseclr.discovery.bank import DirectionBank, init_directions
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.discovery.loss import noiseclr_loss, symmetric_noiseclr_loss
+from noiseclr.discovery.loss import delta_features, noiseclr_loss, symmetric_noiseclr_loss
 from noiseclr.discovery.noise import direction_deltas
 from noiseclr.models.loader import BaseModel
 from noiseclr.utils.images import atomic_write_bytes
@@ -43,6 +43,15 @@ def lr_factor(cfg: DiscoveryConfig, step: int) -> float:
         progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
+
+
+def objective(cfg: DiscoveryConfig, deltas: torch.Tensor) -> torch.Tensor:
+    """The configured NoiseCLR loss on (B, S, C, h, w) deltas (anchor: direction 0). The
+    single-process trainer and the Ray Train worker both call this."""
+    feats = delta_features(deltas, cfg.delta_pool, cfg.delta_center)
+    if cfg.loss == "paper":
+        return noiseclr_loss(feats, cfg.tau, anchor=0)
+    return symmetric_noiseclr_loss(feats, cfg.tau)
 
 
 def sample_step(cfg: DiscoveryConfig, n_images: int, gen: torch.Generator, num_train_timesteps: int):
@@ -101,9 +110,7 @@ class DiscoveryTrainer:
                 ts,
                 self.cfg.max_rows,
             )
-        if self.cfg.loss == "paper":
-            return noiseclr_loss(deltas, self.cfg.tau, anchor=0)
-        return symmetric_noiseclr_loss(deltas, self.cfg.tau)
+        return objective(self.cfg, deltas)
 
     def train_step(self) -> float:
         """One optimizer step (grad_accum micro-steps). Returns the mean loss."""

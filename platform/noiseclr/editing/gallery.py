@@ -1,7 +1,9 @@
 """Galleries: what each direction of a bank does, as a PNG grid and an HTML page.
 
 Rows are (direction, seed) pairs, columns are scales from -s to +s; the middle column (scale 0)
-is the unedited image. Each direction's strip is also saved alone for the page.
+is the unedited image. Each direction's strip is also saved alone for the page. Scales and the
+window follow the bank's edit defaults where it has them (as `noiseclr edit` does): a column
+of 1 is then the direction's measured clean edit.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from noiseclr.discovery.bank import DirectionBank
-from noiseclr.editing.sampler import seed_latents, sweep_direction
+from noiseclr.editing.sampler import calibrated_scales, default_window, seed_latents, sweep_direction
 from noiseclr.models.generate import default_guidance
 from noiseclr.models.loader import BaseModel
 from noiseclr.utils.images import atomic_write_bytes, make_grid, save_png
@@ -35,7 +37,10 @@ def render_gallery(
     guidance = default_guidance(model) if prompt else 1.0
     out = []
     for k in tqdm(range(len(bank)), desc="gallery", disable=not progress):
-        out.append(sweep_direction(model, bank, k, x_T, scales, prompt, guidance, steps))
+        raw = calibrated_scales(bank, k, scales)
+        out.append(
+            sweep_direction(model, bank, k, x_T, raw, prompt, guidance, steps, window=default_window(bank))
+        )
     return np.stack(out)
 
 
@@ -68,7 +73,8 @@ def write_gallery(
             f"<tr><td>{i}</td><td><code>{html.escape(bank.tokens[i])}</code></td><td>{label}</td>"
             f'<td><img src="directions/{i:03d}.png" alt="direction {i}"></td></tr>'
         )
-    head = "".join(f"<th>{s:+g}</th>" for s in scales)
+    window = default_window(bank)
+    units = "; in units of each direction's measured strength" if bank.edit_defaults.get("scales") else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>NoiseCLR bank {html.escape(bank.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 8px;vertical-align:middle}}
@@ -76,8 +82,9 @@ img{{image-rendering:pixelated}} code{{background:#eee;padding:1px 4px}}</style>
 <h1>Direction bank <code>{html.escape(bank.name)}</code></h1>
 <p>{k} directions on base model <code>{html.escape(str(bank.base_model.get("source")))}</code>
 (fingerprint {html.escape(str(bank.base_model.get("fingerprint")))}). Each strip: rows are seeds
-{", ".join(map(str, seeds))}; columns are scales {head and ", ".join(f"{s:+g}" for s in scales)}
-(0 = unedited). Prompt: <code>{html.escape(prompt or "(none: unconditional)")}</code>.</p>
+{", ".join(map(str, seeds))}; columns are scales {", ".join(f"{s:+g}" for s in scales)}
+(0 = unedited{units}), edits acting for {window[1]} &le; t &le; {window[0]}.
+Prompt: <code>{html.escape(prompt or "(none: unconditional)")}</code>.</p>
 <table><thead><tr><th>#</th><th>token</th><th>label</th><th>scales &rarr;</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 <h2>Training</h2><pre>{html.escape(json.dumps(bank.metrics, indent=2, default=str))}</pre>

@@ -53,11 +53,14 @@ def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
     """`[bank:]direction=scale[@t_high-t_low]`, e.g. `shapes:3=4`, `hue+=-2.5@800-200`.
 
     The bank may be left out when only one is loaded; a direction is an index, token or label.
+    When the bank records measured edit defaults (`noiseclr evaluate` writes them), the scale
+    is in units of the direction's calibrated strength (1 = the measured clean edit, -1 = its
+    measured opposite) and the window defaults to the measured one.
     """
     if "=" not in text:
         raise ValueError(f"edit {text!r}: expected [bank:]direction=scale[@t_high-t_low]")
     target, value = text.rsplit("=", 1)
-    window = (1000, 0)
+    window = None
     if "@" in value:
         value, win = value.split("@", 1)
         try:
@@ -84,7 +87,25 @@ def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
         bank_name, direction = next(iter(banks)), target
         bank = banks[bank_name]
     i = bank.index(direction)
-    return Edit(bank.directions[i], scale, window[0], window[1], label=f"{bank_name}:{bank.tokens[i]}")
+    if math.isfinite(scale):
+        scale = calibrated_scales(bank, i, [scale])[0]
+    hi, lo = window or default_window(bank)
+    return Edit(bank.directions[i], scale, hi, lo, label=f"{bank_name}:{bank.tokens[i]}")
+
+
+def calibrated_scales(bank: DirectionBank, k: int, units: list[float]) -> list[float]:
+    """Raw scales of direction k for scales given in its measured units (see parse_edit);
+    unchanged when the bank has no measured scales."""
+    measured = bank.edit_defaults.get("scales")
+    if not measured:
+        return list(units)
+    return [u * abs(measured[k][1 if u > 0 else 0]) for u in units]
+
+
+def default_window(bank: DirectionBank) -> tuple[int, int]:
+    """The bank's measured or configured edit window, else the whole schedule."""
+    hi, lo = bank.edit_defaults.get("window", (1000, 0))
+    return int(hi), int(lo)
 
 
 def seed_latents(model: BaseModel, seeds: list[int]) -> torch.Tensor:
@@ -114,11 +135,14 @@ def sample(
     latent_shift: torch.Tensor | None = None,
     shift_at: int = 0,
     start_t: int | None = None,
+    stop_t: int | None = None,
 ) -> torch.Tensor:
     """Denoise x_T with CFG on `prompt` (if any) plus the edits. Returns x_0 latents (N, C, h, w).
 
     start_t: the timestep x_T sits at when it is not pure noise (what :func:`invert` returns);
     sampling steps above it are skipped.
+    stop_t: stop before the first step with t <= stop_t and return x there; passing the same
+    value as start_t continues the trajectory (so edits windowed below it can share the top).
 
     latent_shift (N, C, h, w) is added to x_t once, at the first step with t <= shift_at (the
     pullback method's edit in x_t).
@@ -145,6 +169,8 @@ def sample(
     sched.set_timesteps(steps, device=device)
     x = x_T.to(device, dtype) * sched.init_noise_sigma
     timesteps = sched.timesteps if start_t is None else sched.timesteps[sched.timesteps <= start_t]
+    if stop_t is not None:
+        timesteps = timesteps[timesteps > stop_t]
     for t in tqdm(timesteps, desc="edit", disable=not progress):
         if latent_shift is not None and t <= shift_at:
             x = x + latent_shift.to(device, dtype)
@@ -275,10 +301,14 @@ def sweep_direction(
     guidance_scale: float = 1.0,
     steps: int = 25,
     start_t: int | None = None,
+    window: tuple[int, int] = (1000, 0),
 ) -> np.ndarray:
-    """Direction k of any bank (NoiseCLR or pullback) at several scales: (N, S, H, W, 3)."""
+    """Direction k of any bank (NoiseCLR or pullback) at several raw scales: (N, S, H, W, 3).
+
+    window (t_high, t_low) limits a NoiseCLR direction's action; pullback edits x_t once, at
+    the bank's own t_edit."""
     if bank.method != "pullback":
-        edit = Edit(bank.directions[k], 1.0, label=bank.tokens[k])
+        edit = Edit(bank.directions[k], 1.0, window[0], window[1], label=bank.tokens[k])
         return scale_sweep(model, x_T, edit, scales, prompt, guidance_scale, steps, start_t)
     n, s = x_T.shape[0], len(scales)
     v = bank.directions[k].view(1, *x_T.shape[1:])

@@ -30,9 +30,8 @@ from torch import nn
 
 from noiseclr.discovery.bank import DirectionBank, init_directions
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.discovery.loss import noiseclr_loss, symmetric_noiseclr_loss
 from noiseclr.discovery.noise import direction_deltas
-from noiseclr.discovery.trainer import lr_factor
+from noiseclr.discovery.trainer import lr_factor, objective
 
 
 class GatherBatch(torch.autograd.Function):
@@ -252,11 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
         deltas = engine(x_t, ts, dirs.to(device)).float()
         if world > 1:
             deltas = GatherBatch.apply(deltas)
-        loss = (
-            noiseclr_loss(deltas, cfg.tau)
-            if cfg.loss == "paper"
-            else symmetric_noiseclr_loss(deltas, cfg.tau)
-        )
+        loss = objective(cfg, deltas)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         engine.backward(loss)
