@@ -217,7 +217,13 @@ def test_compare_has_ceiling_and_floor_rows_and_writes_grids(shapes_model, tmp_p
     words = word_bank(shapes_model, ("striped", "blue"))
     found = DirectionBank(words.directions * 0.9, dict(words.base_model), name="found")
     protocol = Protocol(
-        fixed={"x": "center", "y": "middle"}, n_images=2, steps=4, inversion_steps=4, n_boot=10
+        fixed={"x": "center", "y": "middle"},
+        n_images=2,
+        steps=4,
+        inversion_steps=4,
+        calibration_images=1,
+        ladder=(4.0, 16.0),
+        n_boot=10,
     )
     results = compare(
         shapes_model, {"found": found}, protocol, tmp_path, words=("striped", "blue"), progress=False
@@ -229,3 +235,20 @@ def test_compare_has_ceiling_and_floor_rows_and_writes_grids(shapes_model, tmp_p
     assert "| perfect |" in table and "| random |" in table and "x=center, y=middle" in table
     assert (tmp_path / "grids" / "domain-found.png").exists()
     assert (tmp_path / "grids" / "full-world-random.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"fixed": {"x": "centre"}}, "fixed x='centre'"),
+        ({"fixed": {"colour": "red"}}, "fixed colour='red'"),
+        ({"window": (100, 600)}, "window"),
+        ({"ladder": (4.0, 2.0)}, "ladder must be increasing"),
+        ({"ladder": (1.0, float("nan"))}, "ladder must be increasing"),
+        ({"n_images": 1}, "n_images"),
+        ({"target": 0.5}, "target"),
+    ],
+)
+def test_bad_protocols_are_refused_with_the_field_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        Protocol(**kw)

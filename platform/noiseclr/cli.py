@@ -188,7 +188,12 @@ def gallery(
     bank: list[Path] = typer.Argument(..., help="Bank folder(s)."),
     model: str = typer.Option("shapes"),
     out: Path | None = typer.Option(None, help="Default: BANK/../gallery."),
-    scale: float = typer.Option(6.0, min=0.0, help="Columns go from -scale to +scale."),
+    scale: float | None = typer.Option(
+        None,
+        min=0.0,
+        help="Columns go from -scale to +scale. Default: 2 (units of the measured strength) for a "
+        "measured bank, else 6.",
+    ),
     columns: int = typer.Option(5, min=2),
     seeds: int = typer.Option(3, min=1),
     prompt: str | None = typer.Option(None, help="Default: unconditional samples."),
@@ -203,9 +208,10 @@ def gallery(
     from noiseclr.models.loader import load_model
 
     base = load_model(model, device=_device(device))
-    scales = [round(float(s), 4) for s in np.linspace(-scale, scale, columns)]
     for folder in bank:
         b = DirectionBank.load(folder, base)
+        top = scale if scale is not None else 2.0 if b.edit_defaults.get("scales") else 6.0
+        scales = [round(float(s), 4) for s in np.linspace(-top, top, columns)]
         target = out or folder.parent / "gallery"
         pages = write_gallery(base, b, target, scales, list(range(seeds)), prompt, steps)
         typer.echo(f"{folder}: {pages['grid']} {pages['html']}")
@@ -363,7 +369,9 @@ def compare(
     config: Path = typer.Option(Path("jobs/shapes.yaml"), exists=True, help="NoiseCLR job YAML."),
     out: Path = typer.Option(Path("out/compare")),
     bank: list[str] = typer.Option(
-        None, help="NAME=FOLDER of a bank to compare instead of training the config's (repeatable)."
+        None,
+        help="NAME=FOLDER of a bank to add (repeatable); 'noiseclr' or 'pullback' replace the bank the "
+        "command would otherwise make on the config's domain.",
     ),
     n: int = typer.Option(16, min=2, help="Generated and real images per direction."),
     steps: int = typer.Option(20, min=2, help="DDIM steps of generated images."),
@@ -381,7 +389,8 @@ def compare(
     from noiseclr.evaluation.compare import compare as run_compare
     from noiseclr.models.loader import load_model
 
-    cfg = DiscoveryConfig.from_yaml(config, device=device)
+    # The comparison measures every row itself; the job's own measurement would be a second one.
+    cfg = DiscoveryConfig.from_yaml(config, device=device, evaluate=False)
     base = load_model(cfg.model, device=_device(device))
     banks: dict[str, DirectionBank] = {}
     for item in bank or []:
@@ -389,12 +398,12 @@ def compare(
         if not sep:
             raise typer.BadParameter(f"--bank takes NAME=FOLDER, got {item!r}")
         banks[name] = DirectionBank.load(folder, base)
-    if not banks:
-        banks["noiseclr"] = DirectionBank.load(run_discovery(cfg, out / "noiseclr")["bank"], base)
-        pixels = shapes.render(
-            shapes.sample_scenes(16, seed=cfg.seed, fixed=cfg.world_fixed), base.resolution
-        )
-        pb = discover_pullback(base, encode(base, pixels * 2 - 1), k=min(cfg.k, 8), seed=cfg.seed)
+    if "noiseclr" not in banks:
+        banks = {"noiseclr": DirectionBank.load(run_discovery(cfg, out / "noiseclr")["bank"], base), **banks}
+    if "pullback" not in banks:
+        scenes = shapes.sample_scenes(16, seed=cfg.seed, fixed=cfg.world_fixed)
+        pixels = shapes.render(scenes, base.resolution) * 2 - 1
+        pb = discover_pullback(base, encode(base, pixels), k=min(cfg.k, 8), seed=cfg.seed)
         banks["pullback"] = DirectionBank.load(pb.save(out / "pullback" / "bank"), base)
     protocol = _protocol(None, cfg.world_fixed, n_images=n, steps=steps)
     run_compare(base, banks, protocol, out, full_world=full_world)

@@ -75,6 +75,20 @@ class Protocol(Schema):
                 raise ValueError(f"fixed {f}={w!r}: allowed {dict(shapes.FACTOR_WORDS)}")
         return fixed
 
+    @field_validator("window")
+    @classmethod
+    def _window(cls, window: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= window[1] < window[0] <= 1000:
+            raise ValueError(f"window (t_high, t_low) must satisfy 0 <= t_low < t_high <= 1000, got {window}")
+        return window
+
+    @field_validator("ladder")
+    @classmethod
+    def _ladder(cls, ladder: tuple[float, ...]) -> tuple[float, ...]:
+        if not ladder or any(not 0 < a < float("inf") for a in ladder) or list(ladder) != sorted(ladder):
+            raise ValueError(f"ladder must be increasing positive scales, got {ladder}")
+        return ladder
+
     @property
     def factors(self) -> tuple[str, ...]:
         """The factors that vary in the domain: the summary scores are taken over these."""

@@ -392,6 +392,7 @@ def run_distributed(
             "data": data,
             "world": meta["world"],
         },
+        edit_defaults={"window": [cfg.edit_window, 0]},
     )
     return {
         "bank": bank.save(out / "bank"),
