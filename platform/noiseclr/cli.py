@@ -313,8 +313,8 @@ def evaluate(
     """Measure what every direction does to every factor of the shapes world, at calibrated
     strength, against the noise floor; intervals by bootstrap over images."""
     from noiseclr.discovery.bank import DirectionBank
-    from noiseclr.evaluation.evaluate import Harness, label_bank
-    from noiseclr.evaluation.report import markdown_table, write_report
+    from noiseclr.evaluation.evaluate import measure_bank
+    from noiseclr.evaluation.report import markdown_table
     from noiseclr.models.loader import load_model
 
     base = load_model(model, device=_device(device))
@@ -328,10 +328,8 @@ def evaluate(
         window=(window, 0),
         target_effect=target,
     )
-    result = Harness(base, protocol).evaluate(b)
-    paths = write_report(result, out or bank.parent / "evaluation")
+    result, paths = measure_bank(base, b, protocol, out or bank.parent / "evaluation", label=label)
     if label:
-        label_bank(b, result)
         b.save(bank)
     typer.echo(markdown_table(result))
     typer.echo(f"report: {paths['html']}")

@@ -83,11 +83,11 @@ def run_discovery(
 def measure_bank(cfg: DiscoveryConfig, model, bank, out: Path) -> Path:
     """The oracle's measurement of a shapes-world bank on its own domain: automatic labels and
     calibrated edit scales into the bank, the report into `out`. Returns the report page."""
-    from noiseclr.evaluation.evaluate import Harness, Protocol, label_bank
-    from noiseclr.evaluation.report import write_report
+    from noiseclr.evaluation import evaluate
 
-    protocol = Protocol(fixed=cfg.world_fixed, n_images=cfg.evaluate_images, window=(cfg.edit_window, 0))
-    result = Harness(model, protocol).evaluate(bank)
-    label_bank(bank, result)
+    protocol = evaluate.Protocol(
+        fixed=cfg.world_fixed, n_images=cfg.evaluate_images, window=(cfg.edit_window, 0)
+    )
+    result, paths = evaluate.measure_bank(model, bank, protocol, out)
     log.info("alignment %.3f, coverage %s", result["alignment"], result["coverage"])
-    return write_report(result, out)["html"]
+    return paths["html"]

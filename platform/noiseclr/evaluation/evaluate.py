@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -185,11 +186,16 @@ class Harness:
         return self.sources[top]
 
     # --- one direction --------------------------------------------------------------------
+    def _edited(
+        self, bank: DirectionBank, k: int, src: Source, scales: list[float], n: int | None = None
+    ) -> np.ndarray:
+        """src's (first n) images edited by direction k at each scale: (N, S, H, W, 3)."""
+        x = src.x_top[:n]
+        return sweep_direction(self.model, bank, k, x, scales, src.prompt, src.guidance, src.steps, src.top)
+
     def _edit(self, bank: DirectionBank, k: int, src: Source, scales: list[float]) -> list[list[Measurement]]:
         """Measurements of src's images edited by direction k at each scale: [scale][image]."""
-        imgs = sweep_direction(
-            self.model, bank, k, src.x_top, scales, src.prompt, src.guidance, src.steps, src.top
-        )
+        imgs = self._edited(bank, k, src, scales)
         return [_measure(imgs[:, s]) for s in range(len(scales))]
 
     def _calibrate(self, bank: DirectionBank, k: int, top: int) -> list[float]:
@@ -274,22 +280,7 @@ class Harness:
                 after, label = np.ones_like(before), f"{f}: none"
             else:
                 scale = result["scales"][k][i]
-                after = np.concatenate(
-                    [
-                        sweep_direction(
-                            self.model,
-                            bank,
-                            k,
-                            src.x_top[:n],
-                            [scale],
-                            src.prompt,
-                            src.guidance,
-                            src.steps,
-                            src.top,
-                        )[:, 0]
-                        for src in sources
-                    ]
-                )
+                after = np.concatenate([self._edited(bank, k, src, [scale], n)[:, 0] for src in sources])
                 label = f"{f}: #{k} x{scale:g} {edits[k][i]['label']} q={q:.2f}"
             rows.append(np.concatenate([before, after]))
             labels.append(label)
@@ -358,8 +349,10 @@ def perfect_edit(scene: shapes.Scene, factor: str, steps: int) -> shapes.Scene:
     word = scene.words[factor]
     i = words.index(word) + steps
     new = words[i % len(words)] if factor in ("shape", "hue") else words[min(max(i, 0), len(words) - 1)]
-    if factor == "shape" or new == word:
-        return dataclasses.replace(scene, shape=new) if factor == "shape" else scene
+    if new == word:
+        return scene
+    if factor == "shape":
+        return dataclasses.replace(scene, shape=new)
     value_field, word_field, centres = _CONTINUOUS[factor]
     value = getattr(scene, value_field)
     # size jitter is relative, the others' absolute
@@ -384,6 +377,19 @@ def label_bank(bank: DirectionBank, result: dict) -> None:
             "scales": [[float(a), float(b)] for a, b in result["scales"]],
             "target_effect": result["protocol"]["target_effect"],
         }
+
+
+def measure_bank(
+    model: BaseModel, bank: DirectionBank, protocol: Protocol, out: str | Path, label: bool = True
+) -> tuple[dict, dict[str, Path]]:
+    """Evaluate `bank`, write its report into `out` and, with `label`, store its labels, edit
+    defaults and scores in the bank object (the caller saves it). Returns (result, paths)."""
+    from noiseclr.evaluation.report import write_report
+
+    result = Harness(model, protocol).evaluate(bank)
+    if label:
+        label_bank(bank, result)
+    return result, write_report(result, out)
 
 
 def random_bank(model: BaseModel, like: DirectionBank, seed: int = 0) -> DirectionBank:

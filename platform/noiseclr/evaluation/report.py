@@ -104,7 +104,7 @@ def _ci(value: float, interval: list[float], digits: int = 2) -> str:
 
 def comparison_table(results: dict[str, dict]) -> str:
     """One Markdown table, a row per bank: the pooled score with its 95% bootstrap interval,
-    each factor's best purity x consistency, and the generated / real split."""
+    each factor's best quality (consistency x (2 purity - 1)+), and the generated / real split."""
     factors = next(iter(results.values()))["protocol"]["factors"]
     lines = [
         "| row | directions | alignment [95% CI] | coverage [95% CI] | covered | "
