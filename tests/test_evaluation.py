@@ -211,6 +211,16 @@ def test_evaluate_cli_writes_reports_labels_and_edit_defaults(shapes_model, tmp_
     assert meta["metrics"]["evaluation"]["alignment"] == report["alignment"]
 
 
+def test_evaluate_cli_refuses_a_bad_domain_in_one_line(shapes_model, tmp_path):
+    word_bank(shapes_model, ("red", "blue")).save(tmp_path / "bank")
+    result = CliRunner().invoke(
+        app, ["evaluate", str(tmp_path / "bank"), "--fix", "x=centre", "--device", "cpu"]
+    )
+    assert result.exit_code == 2
+    assert "fixed x='centre'" in result.output and "pydantic" not in result.output
+    assert not (tmp_path / "evaluation").exists()
+
+
 def test_compare_has_ceiling_and_floor_rows_and_writes_grids(shapes_model, tmp_path):
     from noiseclr.evaluation.compare import compare
 

@@ -288,10 +288,13 @@ def _protocol(fix: list[str] | None, default_fixed: dict, **values):
     from noiseclr.evaluation.evaluate import Protocol
 
     fixed = _parse_fixed(fix) if fix else dict(default_fixed)
+    from pydantic import ValidationError
+
     try:
         return Protocol(fixed=fixed, **{k: v for k, v in values.items() if v is not None})
-    except ValueError as err:
-        raise typer.BadParameter(str(err).splitlines()[-1]) from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise typer.BadParameter(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 @app.command()
