@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.training.distributed import run_distributed
+from noiseclr.workflows.discover import run_discovery
 
 
 def main() -> None:
@@ -32,16 +33,20 @@ def main() -> None:
         steps=args.steps,
         checkpoint_every=args.steps,
         name="bench",
+        evaluate=False,
+        gallery_seeds=1,
+        gallery_steps=2,
+        gallery_scales=[0.0],
     )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workers, stage in ((1, 2), (2, 2), (2, 0), (2, 3)):
             out = f"{tmp}/w{workers}z{stage}"
-            r = run_distributed(DiscoveryConfig(**base, zero_stage=stage), out, workers=workers)
-            rows[(workers, stage)] = r["metrics"]
+            r = run_discovery(DiscoveryConfig(**base, zero_stage=stage, workers=workers), out)
+            m = rows[(workers, stage)] = DirectionBank.load(r.bank).metrics
             print(
-                f"workers={workers} zero={stage}: {r['metrics']['pairs_per_s']:.1f} pairs/s, "
-                f"{r['metrics']['param_mib']:.2f} MiB of parameters per worker"
+                f"workers={workers} zero={stage}: {m['pairs_per_s']:.1f} pairs/s, "
+                f"{m['param_mib']:.2f} MiB of parameters per worker"
             )
     one, two = rows[(1, 2)]["pairs_per_s"], rows[(2, 2)]["pairs_per_s"]
     z0, z3 = rows[(2, 0)]["param_mib"], rows[(2, 3)]["param_mib"]

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from noiseclr.domains import shapes
-from noiseclr.models.architecture import ArchitectureConfig, build_text_encoder, build_unet
-from noiseclr.models.loader import load_model
+from noiseclr.models.base import load_model
+from noiseclr.models.shapes.architecture import ArchitectureConfig, build_text_encoder, build_unet
 
 ARCHS = {
     "committed": ArchitectureConfig(),

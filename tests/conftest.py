@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def shapes_model():
-    from noiseclr.models.loader import load_model
+    from noiseclr.models.base import load_model
 
     return load_model("shapes", device="cpu")
 
@@ -26,8 +26,8 @@ def tiny_model():
     from diffusers import DDIMScheduler
 
     from noiseclr.domains import shapes
-    from noiseclr.models.architecture import ArchitectureConfig, build_pipeline
-    from noiseclr.models.loader import BaseModel, fingerprint
+    from noiseclr.models.base import DiffusionModel, fingerprint
+    from noiseclr.models.shapes.architecture import ArchitectureConfig, build_pipeline
 
     torch.manual_seed(0)
     arch = ArchitectureConfig(
@@ -40,4 +40,4 @@ def tiny_model():
     pipe = build_pipeline(arch, shapes.vocabulary())
     assert isinstance(pipe.scheduler, DDIMScheduler)
     pipe.set_progress_bar_config(disable=True)
-    return BaseModel(pipe=pipe, source="tiny", fingerprint=fingerprint(pipe), world=None)
+    return DiffusionModel(pipe=pipe, source="tiny", fingerprint=fingerprint(pipe), world=None)

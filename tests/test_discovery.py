@@ -8,13 +8,16 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from noiseclr.discovery import trainer as trainer_mod
-from noiseclr.discovery.bank import BankError, DirectionBank, encode_directions
+from noiseclr.conditioning import direction_deltas, direction_deltas_sequential, encode_directions
+from noiseclr.data.images import load_images
+from noiseclr.discovery import checkpoint
+from noiseclr.discovery import step as step_mod
+from noiseclr.discovery.bank import BankError, DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.discovery.data import load_images
-from noiseclr.discovery.noise import direction_deltas, direction_deltas_sequential
-from noiseclr.discovery.trainer import DiscoveryTrainer, TrainingDiverged
+from noiseclr.discovery.trainer import DiscoveryTrainer, start_state
 from noiseclr.domains import shapes
+from noiseclr.errors import ConfigError, TrainingDiverged
+from noiseclr.workflows.discover import bank_from_state
 
 
 def small_cfg(**kw) -> DiscoveryConfig:
@@ -22,9 +25,19 @@ def small_cfg(**kw) -> DiscoveryConfig:
     return DiscoveryConfig(**{**base, **kw})
 
 
+def trainer(cfg: DiscoveryConfig, model, latents, out) -> DiscoveryTrainer:
+    """A trainer from OUT's latest checkpoint (or step 0), as the workflow builds it."""
+    state, _ = start_state(cfg, model, out)
+    return DiscoveryTrainer(cfg, model, latents, state)
+
+
+def train(cfg: DiscoveryConfig, model, latents, out) -> DirectionBank:
+    return bank_from_state(cfg, model, trainer(cfg, model, latents, out).fit(out), {})
+
+
 @pytest.fixture(scope="module")
 def latents(tiny_model):
-    from noiseclr.discovery.data import encode_latents
+    from noiseclr.data.images import encode_latents
 
     return encode_latents(tiny_model.pipe.vae, shapes.render(shapes.sample_scenes(8, seed=0)) * 2 - 1)
 
@@ -57,7 +70,7 @@ def test_one_text_encoder_call_and_one_unet_call_per_step(tiny_model, latents, t
     h1 = pipe.unet.register_forward_hook(lambda *a: calls.__setitem__("unet", calls["unet"] + 1))
     h2 = pipe.text_encoder.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1))
     try:
-        DiscoveryTrainer(small_cfg(steps=3), tiny_model, latents, tmp_path).fit()
+        train(small_cfg(steps=3), tiny_model, latents, tmp_path)
     finally:
         h1.remove()
         h2.remove()
@@ -66,9 +79,9 @@ def test_one_text_encoder_call_and_one_unet_call_per_step(tiny_model, latents, t
 
 def test_only_the_directions_train(tiny_model, latents, tmp_path):
     before = frozen_state(tiny_model)
-    tr = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path)
+    tr = trainer(small_cfg(), tiny_model, latents, tmp_path)
     init = tr.directions.detach().clone()
-    bank = tr.fit()
+    bank = bank_from_state(small_cfg(), tiny_model, tr.fit(tmp_path), {})
     after = frozen_state(tiny_model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical
@@ -77,15 +90,31 @@ def test_only_the_directions_train(tiny_model, latents, tmp_path):
 
 
 def test_exact_resume(tiny_model, latents, tmp_path):
-    straight = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path / "a").fit()
-    first = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path / "b")
-    first.fit(stop_after=3)  # "interrupted" after step 3; checkpoints at 2 and 3 are not both there
+    straight = train(small_cfg(), tiny_model, latents, tmp_path / "a")
+    first = trainer(small_cfg(), tiny_model, latents, tmp_path / "b")
+    first.fit(tmp_path / "b", stop_after=3)  # "interrupted" after step 3
     assert first.step == 3
     del first
-    resumed = DiscoveryTrainer(small_cfg(), tiny_model, latents, tmp_path / "b")
-    bank = resumed.fit()
+    resumed = trainer(small_cfg(), tiny_model, latents, tmp_path / "b")
+    assert resumed.step == 2 and resumed.micro == 2  # the last checkpoint (every 2 steps)
+    state = resumed.fit(tmp_path / "b")
     assert resumed.step == 6
-    assert torch.equal(bank.directions, straight.directions)
+    assert torch.equal(state.directions, straight.directions)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [({"tau": 0.3}, "tau: 0.5 -> 0.3"), ({"lr": 0.01}, "lr: 0.001 -> 0.01"), ({"k": 7}, "k: 6 -> 7")],
+)
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(
+    tiny_model, latents, tmp_path, change, named
+):
+    trainer(small_cfg(), tiny_model, latents, tmp_path).fit(tmp_path, stop_after=2)
+    with pytest.raises(ConfigError, match=f"another config \\({named}\\).*--fresh"):
+        trainer(small_cfg(**change), tiny_model, latents, tmp_path)
+    # keys that do not change what is learnt may change: more steps, another gallery
+    more = trainer(small_cfg(steps=8, gallery_seeds=1), tiny_model, latents, tmp_path)
+    assert more.step == 2
 
 
 @pytest.mark.parametrize("loss", ["paper", "symmetric"])
@@ -93,7 +122,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
     tiny_model, latents, tmp_path, monkeypatch, loss
 ):
     name = "noiseclr_loss" if loss == "paper" else "symmetric_noiseclr_loss"
-    real = getattr(trainer_mod, name)
+    real = getattr(step_mod, name)
     calls = {"n": 0}
 
     def flaky(*args, **kw):
@@ -101,18 +130,18 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
         out = real(*args, **kw)
         return out * float("nan") if calls["n"] == 5 else out
 
-    monkeypatch.setattr(trainer_mod, name, flaky)
-    tr = DiscoveryTrainer(small_cfg(loss=loss), tiny_model, latents, tmp_path)
+    monkeypatch.setattr(step_mod, name, flaky)
+    tr = trainer(small_cfg(loss=loss), tiny_model, latents, tmp_path)
     with pytest.raises(TrainingDiverged, match=r"step 4.*Last good checkpoint.*step-0000004"):
-        tr.fit()
+        tr.fit(tmp_path)
     assert torch.isfinite(tr.directions).all()
-    latest = tr.latest_checkpoint()
+    latest = checkpoint.latest(tmp_path)
     assert latest.name == "step-0000004"
     assert json.loads((latest / "state.json").read_text())["step"] == 4
 
 
 def test_bank_round_trip_and_checks(tiny_model, shapes_model, tmp_path):
-    bank = DiscoveryTrainer(small_cfg(steps=2), tiny_model, torch.randn(8, 4, 16, 16), tmp_path).fit()
+    bank = train(small_cfg(steps=2), tiny_model, torch.randn(8, 4, 16, 16), tmp_path)
     bank.labels = {bank.tokens[1]: {"auto": "hue+", "human": "redder"}}
     bank.save(tmp_path / "bank")
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == ["bank.json", "directions.safetensors"]
@@ -135,7 +164,7 @@ def test_bank_round_trip_and_checks(tiny_model, shapes_model, tmp_path):
 def test_textual_inversion_export_loads_with_diffusers(shapes_model, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from noiseclr.models.loader import EMBEDDED
+    from noiseclr.models.base import EMBEDDED
 
     hidden = shapes_model.pipe.text_encoder.config.hidden_size
     bank = DirectionBank(torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)), {}, name="ti")
@@ -177,7 +206,7 @@ def test_bad_config_is_rejected_with_the_field_named(kw, message):
 
 def test_config_from_yaml_rejects_unknown_keys(tmp_path):
     (tmp_path / "c.yaml").write_text("k: 8\ntemprature: 0.3\n")
-    with pytest.raises(ValidationError, match="temprature"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'temprature'"):
         DiscoveryConfig.from_yaml(tmp_path / "c.yaml")
     assert DiscoveryConfig.from_yaml("jobs/shapes.yaml").name == "shapes"
 
@@ -202,10 +231,10 @@ def test_empty_or_unreadable_image_folders(tmp_path):
     (tmp_path / "a.png").write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"none of the images .* could be read \(1 corrupt\)"):
         load_images(str(tmp_path), 64)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_images(str(tmp_path / "missing"), 64)
 
 
 def test_batch_larger_than_the_data(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="batch \\(6\\) is larger than the number of images \\(4\\)"):
-        DiscoveryTrainer(small_cfg(batch=6), tiny_model, torch.randn(4, 4, 16, 16), tmp_path)
+        trainer(small_cfg(batch=6), tiny_model, torch.randn(4, 4, 16, 16), tmp_path)

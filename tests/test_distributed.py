@@ -20,7 +20,8 @@ pytest.importorskip("deepspeed")
 from noiseclr.discovery.bank import DirectionBank  # noqa: E402
 from noiseclr.discovery.config import DiscoveryConfig  # noqa: E402
 from noiseclr.domains import shapes  # noqa: E402
-from noiseclr.training.distributed import run_distributed  # noqa: E402
+from noiseclr.errors import ConfigError  # noqa: E402
+from noiseclr.workflows.discover import run_discovery  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -35,29 +36,68 @@ def cluster():
 
 def cfg(**kw) -> DiscoveryConfig:
     # N == global batch: every step sees every image, whichever worker holds it.
-    base = dict(k=4, negatives=2, batch=4, n_images=4, steps=4, checkpoint_every=2, name="d", max_failures=1)
+    base = dict(
+        k=4,
+        negatives=2,
+        batch=4,
+        n_images=4,
+        steps=4,
+        checkpoint_every=2,
+        name="d",
+        max_failures=1,
+        device="cpu",
+        evaluate=False,
+        gallery_seeds=1,
+        gallery_steps=2,
+        gallery_scales=[0.0, 1.0],
+    )
     return DiscoveryConfig(**{**base, **kw})
 
 
+def same_bank(a, b) -> None:
+    torch.testing.assert_close(
+        DirectionBank.load(a).directions, DirectionBank.load(b).directions, atol=2e-5, rtol=1e-4
+    )
+
+
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory):
-    """One worker, no ZeRO: the single-process result."""
+def reference(tmp_path_factory):
+    """The single process: its bank and the world it wrote."""
     out = tmp_path_factory.mktemp("ref")
-    result = run_distributed(cfg(zero_stage=0), out, workers=1)
-    return DirectionBank.load(result["bank"]), out / "data"
+    result = run_discovery(cfg(), out)
+    assert result.workers == 0
+    return result.bank, str(out / "data")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_workers_with_zero_match_one_process(reference, tmp_path, stage):
+@pytest.mark.parametrize("stage, accum", [(2, 1), (3, 2)])
+def test_the_same_job_on_two_workers_gives_the_single_process_bank(
+    cluster, reference, tmp_path, stage, accum
+):
     ref, data = reference
-    result = run_distributed(cfg(zero_stage=stage, data=str(data)), tmp_path, workers=2)
-    bank = DirectionBank.load(result["bank"])
-    assert result["steps"] == 4 and bank.metrics["world"] == 2
-    torch.testing.assert_close(bank.directions, ref.directions, atol=2e-5, rtol=1e-4)
-    assert not torch.equal(bank.directions, torch.zeros_like(bank.directions))
+    if accum != 1:  # the single process at this grad_accum, for the comparison
+        ref = run_discovery(cfg(grad_accum=accum, data=data), tmp_path / "single").bank
+    result = run_discovery(cfg(workers=2, zero_stage=stage, grad_accum=accum, data=data), tmp_path / "ray")
+    assert result.workers == 2 and result.steps == 4
+    bank = DirectionBank.load(result.bank)
+    assert bank.metrics["world"] == 2 and bank.config["grad_accum"] == accum
+    same_bank(result.bank, ref)
+    assert result.gallery.exists() and result.html.exists()  # the same outputs as the single process
+    assert (tmp_path / "ray" / "checkpoints" / "step-0000004" / "state.json").exists()
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(reference, tmp_path):
+def test_a_single_process_checkpoint_resumes_on_workers_and_a_changed_config_is_refused(
+    cluster, reference, tmp_path
+):
+    ref, data = reference
+    run_discovery(cfg(steps=2, data=data), tmp_path)  # stops at step 2: OUT/checkpoints/step-0000002
+    with pytest.raises(ConfigError, match=r"tau: 0\.5 -> 0\.4"):
+        run_discovery(cfg(workers=2, tau=0.4, data=data), tmp_path)
+    result = run_discovery(cfg(workers=2, data=data), tmp_path)
+    assert result.resumed_from.name == "step-0000002" and result.steps == 4
+    same_bank(result.bank, ref)
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(cluster, reference, tmp_path):
     _, data = reference
     storage = tmp_path / "ray"
     killed = {}
@@ -77,19 +117,14 @@ def test_killed_worker_resumes_from_the_last_checkpoint(reference, tmp_path):
 
     thread = threading.Thread(target=kill_one_worker, daemon=True)
     thread.start()
-    long = dict(zero_stage=2, data=str(data), steps=30, checkpoint_every=5)
-    result = run_distributed(cfg(**long), tmp_path, workers=2, storage_path=str(storage))
+    long = dict(workers=2, zero_stage=2, data=data, steps=30, checkpoint_every=5)
+    result = run_discovery(cfg(**long, storage_path=str(storage)), tmp_path / "killed")
     thread.join(timeout=5)
     assert "pid" in killed, "the test did not manage to kill a worker"
-    assert result["steps"] == 30
-    straight = run_distributed(cfg(**long), tmp_path / "straight", workers=2)
+    assert result.steps == 30
+    straight = run_discovery(cfg(**long), tmp_path / "straight")
     # No step lost or repeated: the resumed run ends exactly where the uninterrupted one does.
-    torch.testing.assert_close(
-        DirectionBank.load(result["bank"]).directions,
-        DirectionBank.load(straight["bank"]).directions,
-        atol=2e-5,
-        rtol=1e-4,
-    )
+    same_bank(result.bank, straight.bank)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +163,7 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, tmp_
     fs.pipe("shapes-bucket/imgs/empty.jpg", b"")
     # Data and Ray Train checkpoints both on the S3 server, options from the job config.
     job = cfg(
+        workers=2,
         zero_stage=2,
         data="s3://shapes-bucket/imgs",
         n_images=6,
@@ -136,9 +172,9 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, tmp_
         storage_path="s3://shapes-bucket/ray",
         storage_options=s3_server,
     )
-    result = run_distributed(job, tmp_path, workers=2)
-    assert result["corrupt_images"] == 2
-    bank = DirectionBank.load(result["bank"])
+    result = run_discovery(job, tmp_path)
+    assert result.corrupt_images == 2 and result.images == 4
+    bank = DirectionBank.load(result.bank)
     assert bank.metrics["corrupt_images"] == 2 and bank.metrics["files"] == 6 and bank.metrics["steps"] == 2
     fs.invalidate_cache()
     saved = fs.glob("shapes-bucket/ray/**/state.safetensors")

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from noiseclr.cli import app
@@ -92,7 +93,6 @@ def test_inversion_round_trip_reconstructs_real_images(shapes_model):
 
 
 def test_edit_cli_inverts_a_real_image_faithfully_by_default(shapes_model, tmp_path):
-    from PIL import Image
 
     make_bank(shapes_model, "r").save(tmp_path / "bank")
     pixels = shapes.render(shapes.sample_scenes(1, seed=21))[0].permute(1, 2, 0).numpy()
@@ -115,7 +115,7 @@ def test_inversion_stops_short_of_snr_zero(tiny_model, zero_snr):
 
     from diffusers import DDIMScheduler
 
-    from noiseclr.models.architecture import noise_schedule
+    from noiseclr.models.shapes.architecture import noise_schedule
 
     schedule = noise_schedule("v_prediction" if zero_snr else "epsilon", zero_snr)
     pipe = type(tiny_model.pipe)(**{**tiny_model.pipe.components, "scheduler": DDIMScheduler(**schedule)})
@@ -188,6 +188,15 @@ def test_gallery_writes_grid_and_page(shapes_model, tmp_path):
     html = pages["html"].read_text()
     assert pages["grid"].stat().st_size > 0 and (tmp_path / "directions" / "001.png").exists()
     assert "hue+" in html and "&lt;g-1&gt;" in html and html.count("<tr>") == 3
+    # The PNG carries the labels: text in a margin above the columns and left of the rows.
+    grid = np.asarray(Image.open(pages["grid"]).convert("L"))
+    strip = np.asarray(Image.open(tmp_path / "directions" / "000.png").convert("L"))
+    assert grid.shape[0] > 2 * strip.shape[0] and grid.shape[1] > strip.shape[1]
+    left = grid[:, : grid.shape[1] - strip.shape[1]]
+    top = grid[: grid.shape[0] - 2 * strip.shape[0]]
+    assert (left < 128).sum() > 20 and (top < 128).sum() > 20  # dark text on white
+    for path in (pages["grid"], pages["html"], tmp_path / "directions" / "000.png"):
+        assert path.stat().st_mode & 0o044 == 0o044, f"{path} is not readable by others"
 
 
 def test_discover_on_the_world_measures_labels_and_calibrates_the_bank(tmp_path):
@@ -238,7 +247,7 @@ def test_discover_cli_end_to_end_with_a_corrupt_file(tmp_path):
     bad = CliRunner().invoke(
         app, ["edit", "9=2", "--bank", str(out / "bank"), "--out", str(tmp_path / "e.png")]
     )
-    assert bad.exit_code != 0 and "direction 9 does not exist" in str(bad.exception)
+    assert bad.exit_code == 2 and "direction 9 does not exist" in bad.stderr
     assert not (tmp_path / "e.png").exists()
     ok = CliRunner().invoke(
         app, ["edit", "1=2", "--bank", str(out / "bank"), "--steps", "3", "--out", str(tmp_path / "e.png")]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from noiseclr.models.base import EMBEDDED, ModelLoadError, load_model
 from noiseclr.models.generate import generate
-from noiseclr.models.loader import EMBEDDED, ModelLoadError, load_model
-from noiseclr.models.quality import QUALITY_BAR, evaluate_quality, vae_roundtrip_quality
+from noiseclr.models.shapes.quality import QUALITY_BAR, evaluate_quality, vae_roundtrip_quality
 
 FOLDER = EMBEDDED["shapes"]
 
@@ -70,7 +70,7 @@ def test_fingerprint_identifies_the_model(shapes_model):
     assert again.fingerprint == shapes_model.fingerprint
     with torch.no_grad():
         again.pipe.unet.conv_in.weight[0, 0, 0, 0] += 1.0
-    from noiseclr.models.loader import fingerprint
+    from noiseclr.models.base import fingerprint
 
     assert fingerprint(again.pipe) != shapes_model.fingerprint
 

@@ -1,7 +1,7 @@
 import numpy as np
 
 from noiseclr.domains import shapes
-from noiseclr.models.quality import score_images
+from noiseclr.models.shapes.quality import score_images
 
 
 def test_quality_score_is_perfect_on_rendered_scenes_and_falls_when_captions_do_not_match():

@@ -6,8 +6,8 @@ from diffusers import StableDiffusionPipeline
 from pydantic import ValidationError
 
 from noiseclr.domains import shapes
-from noiseclr.models.architecture import ArchitectureConfig, build_pipeline, training_scheduler
-from noiseclr.models.recipe import RecipeConfig, diffusion_loss
+from noiseclr.models.shapes.architecture import ArchitectureConfig, build_pipeline, training_scheduler
+from noiseclr.models.shapes.recipe import RecipeConfig, diffusion_loss
 
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
@@ -46,7 +46,7 @@ def test_recipe_config_rejects_unknown_keys_and_bad_values():
 
 
 def test_vae_stage_trains_every_configured_step():
-    from noiseclr.models.recipe import train_vae
+    from noiseclr.models.shapes.recipe import train_vae
 
     arch = ArchitectureConfig(vae_channels=(16, 16, 16), unet_channels=(16, 16, 16), text_layers=1)
     pipe = build_pipeline(arch, shapes.vocabulary())
@@ -67,8 +67,8 @@ def test_vae_stage_trains_every_configured_step():
 
 
 def test_cross_attention_is_chosen_per_level_and_the_default_is_the_committed_architecture():
-    from noiseclr.models.architecture import build_unet
-    from noiseclr.models.loader import EMBEDDED
+    from noiseclr.models.base import EMBEDDED
+    from noiseclr.models.shapes.architecture import build_unet
 
     committed = json.loads((EMBEDDED["shapes"] / "unet" / "config.json").read_text())
     default = build_unet(ArchitectureConfig()).config
@@ -89,7 +89,7 @@ def test_cross_attention_is_chosen_per_level_and_the_default_is_the_committed_ar
 
 
 def test_fresh_stage_keeps_the_vae_rebuilds_the_named_parts_and_records_every_earlier_stage(tmp_path):
-    from noiseclr.models.recipe import rebuild, save_pipeline, train_base_model
+    from noiseclr.models.shapes.recipe import rebuild, save_pipeline, train_base_model
 
     arch = ArchitectureConfig(
         vae_channels=(16, 16, 16), unet_channels=(16, 16), text_layers=1, text_hidden=32, attention_heads=4
@@ -141,7 +141,7 @@ def test_fresh_stage_keeps_the_vae_rebuilds_the_named_parts_and_records_every_ea
 
 
 def test_high_noise_share_draws_that_share_of_timesteps_from_the_top_of_the_schedule():
-    from noiseclr.models.recipe import sample_timesteps
+    from noiseclr.models.shapes.recipe import sample_timesteps
 
     def draw(**kw):
         return sample_timesteps(20000, 1000, RecipeConfig(**kw), torch.Generator().manual_seed(0), "cpu")
@@ -156,7 +156,7 @@ def test_high_noise_share_draws_that_share_of_timesteps_from_the_top_of_the_sche
 
 
 def test_object_mask_covers_the_object_and_its_rim_but_no_background_stripes():
-    from noiseclr.models.recipe import object_mask
+    from noiseclr.models.shapes.recipe import object_mask
 
     square = shapes.Scene("square", "blue", "large", "middle", "center", "light", "striped",
                           240.0, 12 / 64, 0.5, 0.5, 0.8)  # fmt: skip
@@ -167,7 +167,7 @@ def test_object_mask_covers_the_object_and_its_rim_but_no_background_stripes():
 
 
 def test_decoder_stage_keeps_the_latent_space_and_lowers_the_reconstruction_error():
-    from noiseclr.models.recipe import finetune_decoder
+    from noiseclr.models.shapes.recipe import finetune_decoder
 
     torch.manual_seed(0)
     arch = ArchitectureConfig(vae_channels=(16, 16, 16), unet_channels=(16, 16, 16), text_layers=1)
@@ -193,8 +193,8 @@ def test_decoder_stage_keeps_the_latent_space_and_lowers_the_reconstruction_erro
 
 
 def test_object_weighted_diffusion_loss_counts_object_latents_that_many_times_more():
-    from noiseclr.models.architecture import noise_schedule
-    from noiseclr.models.recipe import posterior
+    from noiseclr.models.shapes.architecture import noise_schedule
+    from noiseclr.models.shapes.recipe import posterior
 
     torch.manual_seed(0)
     arch = ArchitectureConfig(vae_channels=(16, 16, 16), unet_channels=(16, 16, 16), text_layers=1)

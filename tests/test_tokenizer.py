@@ -2,7 +2,7 @@ import pytest
 from transformers import CLIPTokenizer
 
 from noiseclr.domains import shapes
-from noiseclr.models.tokenizer import build_tokenizer
+from noiseclr.models.shapes.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")

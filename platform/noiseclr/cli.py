@@ -1,15 +1,65 @@
-"""The `noiseclr` command line."""
+"""The `noiseclr` command line: thin, it parses and calls `workflows`, `editing`, `evaluation`.
+
+A mistake of the user's (`errors.UserError`, an invalid option, a file that cannot be read or
+written) is one line on stderr and exit code 2; `noiseclr --debug ...` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
+import click
 import typer
 import yaml
+from typer.core import TyperGroup
+
+from noiseclr.errors import ConfigError, UserError
+
+DEBUG = {"on": False}
+
+
+def user_message(err: BaseException) -> str | None:
+    """One line for an error the user can fix, None for a bug (which keeps its traceback)."""
+    from pydantic import ValidationError
+
+    if isinstance(err, UserError):
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ValidationError):
+        from noiseclr.discovery.config import validation_message
+
+        return validation_message(err)
+    if isinstance(err, OSError) and err.filename:  # a path we could not read or write
+        return f"{err.filename}: {err.strerror or err}"
+    return None
+
+
+class Commands(TyperGroup):
+    """Typer's group, printing user errors as one line (exit 2) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:  # a bad option or argument: one line too, not the usage text
+            if DEBUG["on"]:
+                raise
+            where = err.ctx.command_path if err.ctx else "noiseclr"
+            click.echo(f"error: {err.format_message()} (see `{where} --help`)", err=True)
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as err:
+            message = user_message(err)
+            if message is None or DEBUG["on"]:
+                raise
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(2)
+
 
 app = typer.Typer(
+    cls=Commands,
     help="NoiseCLR: unsupervised discovery of interpretable directions in diffusion models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -20,6 +70,13 @@ app.add_typer(world_app, name="world")
 app.add_typer(base_app, name="base")
 
 
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for every error.")) -> None:
+    """NoiseCLR: unsupervised discovery of interpretable directions in diffusion models."""
+    DEBUG["on"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+
+
 SEED_STEPS = 25
 # DDIM inversion's own discretisation error shrinks with steps: the committed model's mean
 # round-trip error on 16 held-out renders is 0.056 at 50 steps and 0.025 at 100 (on one set of
@@ -27,21 +84,15 @@ SEED_STEPS = 25
 INVERSION_STEPS = 100
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _parse_fixed(items: list[str]) -> dict[str, str]:
-    fixed = {}
+    fixed: dict[str, str] = {}
     for item in items:
         if "=" not in item:
-            raise typer.BadParameter(f"--fix takes factor=word, got {item!r}")
-        k, v = item.split("=", 1)
-        fixed[k.strip()] = v.strip()
+            raise ConfigError(f"--fix takes factor=word, got {item!r}")
+        k, v = (part.strip() for part in item.split("=", 1))
+        if k in fixed:
+            raise ConfigError(f"--fix {k} is given twice ({fixed[k]!r} and {v!r}); give each factor once")
+        fixed[k] = v
     return fixed
 
 
@@ -57,15 +108,16 @@ def generate(
     out: Path = typer.Option(Path("grid.png"), help="Where to write the PNG grid."),
 ) -> None:
     """Generate images from a prompt and write them as a PNG grid."""
+    from noiseclr.models.base import load_model
     from noiseclr.models.generate import generate as run
-    from noiseclr.models.loader import load_model
-    from noiseclr.utils.images import make_grid, save_png
+    from noiseclr.utils.images import make_grid, save_image
 
-    base = load_model(model, device=_device(device))
+    _check_out(out)
+    base = load_model(model, device=device)
     t0 = time.perf_counter()
     images = run(base, prompt, n=n, seed=seed, steps=steps, guidance_scale=guidance)
     seconds = time.perf_counter() - t0
-    save_png(make_grid(images, scale=2 if base.resolution < 128 else 1), out)
+    save_image(make_grid(images, scale=2 if base.resolution < 128 else 1), out)
     typer.echo(f"wrote {out} ({n} images, {seconds / n:.3f} s/image on {base.device})")
 
 
@@ -92,7 +144,7 @@ def base_train(
     vae_steps: int | None = typer.Option(None, help="Override the VAE steps."),
 ) -> None:
     """Train the embedded shapes model by the project's recipe."""
-    from noiseclr.models.recipe import RecipeConfig, train_base_model
+    from noiseclr.models.shapes.recipe import RecipeConfig, train_base_model
 
     values = yaml.safe_load(config.read_text()) or {}
     if steps is not None:
@@ -114,11 +166,11 @@ def base_quality(
     device: str = typer.Option("auto"),
 ) -> None:
     """Score generations from held-out captions with the oracle."""
+    from noiseclr.models.base import load_model
     from noiseclr.models.generate import default_guidance
-    from noiseclr.models.loader import load_model
-    from noiseclr.models.quality import QUALITY_BAR, evaluate_quality, meets_bar, vae_roundtrip_quality
+    from noiseclr.models.shapes.quality import QUALITY_BAR, evaluate_quality, meets_bar, vae_roundtrip_quality
 
-    base = load_model(model, device=_device(device))
+    base = load_model(model, device=device)
     scores = evaluate_quality(base.pipe, n=n, seed=seed, guidance_scale=default_guidance(base), steps=steps)
     for k, v in scores.items():
         bar = f"(bar {QUALITY_BAR[k]:.2f})" if k in QUALITY_BAR else ""
@@ -130,26 +182,28 @@ def base_quality(
 
 @app.command()
 def discover(
-    config: Path = typer.Option(Path("jobs/shapes.yaml"), exists=True, help="Discovery job YAML."),
+    config: Path = typer.Option(Path("jobs/shapes.yaml"), help="Discovery job YAML."),
     out: Path = typer.Option(Path("out/discovery"), help="Output folder: bank/, gallery/, checkpoints/."),
     data: str | None = typer.Option(None, help="Image folder URI (overrides the config's `data`)."),
     steps: int | None = typer.Option(None, help="Override the config's steps."),
     k: int | None = typer.Option(None, help="Override the number of directions."),
     device: str | None = typer.Option(None, help="Override the device."),
-    fresh: bool = typer.Option(False, help="Ignore checkpoints in OUT and start over."),
+    fresh: bool = typer.Option(False, help="Delete OUT/checkpoints and start over."),
     workers: int | None = typer.Option(
-        None, min=0, help="Ray Train workers (DeepSpeed); 0: single process. Default: the config's."
+        None, help="Ray Train workers (DeepSpeed); 0: single process. Default: the config's."
     ),
     address: str | None = typer.Option(None, help="Ray cluster to join (ray://host:10001); default local."),
-    zero_stage: int | None = typer.Option(None, min=0, max=3, help="Override the DeepSpeed ZeRO stage."),
+    zero_stage: int | None = typer.Option(None, help="Override the DeepSpeed ZeRO stage."),
     storage_path: str | None = typer.Option(None, help="Ray Train checkpoint storage (local or s3://)."),
 ) -> None:
-    """Discover K directions on a domain of images and write the bank and its gallery.
+    """Discover K directions on a domain of images and write the bank, its measurement and gallery.
 
-    One process by default; with --workers N, Ray Train runs N DeepSpeed workers fed by Ray Data
-    (same config schema), on a local Ray or the cluster at --address.
+    One process by default; with --workers N, Ray Train runs N DeepSpeed workers fed by Ray Data:
+    the same config keys, micro-step, checkpoints and outputs. Rerunning resumes from the latest
+    checkpoint in OUT; a changed training config is refused unless --fresh.
     """
     from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.workflows.discover import run_discovery
 
     cfg = DiscoveryConfig.from_yaml(
         config,
@@ -161,26 +215,29 @@ def discover(
         workers=workers,
         storage_path=storage_path,
     )
-    if cfg.workers:
-        from noiseclr.training.distributed import run_distributed
+    result = run_discovery(cfg, out, fresh=fresh, address=address)
+    where = f"{result.workers} Ray Train workers" if result.workers else "one process"
+    if result.resumed_from:
+        typer.echo(f"resumed: {result.resumed_from}")
+    if result.corrupt_images:
+        typer.echo(f"skipped {result.corrupt_images} corrupt image(s)")
+    typer.echo(f"bank:    {result.bank}")
+    if result.evaluation:
+        typer.echo(f"measured: {result.evaluation}")
+    typer.echo(f"gallery: {result.gallery}")
+    typer.echo(f"page:    {result.html}")
+    typer.echo(f"done: {result.steps} steps on {result.images} images, {where}, {result.seconds} s")
 
-        result = run_distributed(cfg, out, cfg.workers, address=address)
-        typer.echo(
-            f"bank: {result['bank']} ({result['steps']} steps on {cfg.workers} workers, "
-            f"{result['corrupt_images']} corrupt image(s) skipped)"
-        )
-        return
-    from noiseclr.discovery.run import run_discovery
 
-    result = run_discovery(cfg, out, resume=not fresh)
-    if result["corrupt_images"]:
-        typer.echo(f"skipped {result['corrupt_images']} corrupt image(s)")
-    typer.echo(f"bank:    {result['bank']}")
-    typer.echo(f"gallery: {result['gallery']}")
-    typer.echo(f"page:    {result['html']}")
-    if result["evaluation"]:
-        typer.echo(f"measured: {result['evaluation']}")
-    typer.echo(f"done in {result['seconds']} s on {result['images']} images")
+def _check_out(out: Path) -> None:
+    """Refuse an output image path before any work is done."""
+    from noiseclr.errors import StorageError
+    from noiseclr.utils.images import FORMATS
+
+    if out.suffix.lower() not in FORMATS:
+        raise StorageError(f"--out {out}: unknown image type {out.suffix!r}; use one of {sorted(FORMATS)}")
+    if out.is_dir():
+        raise StorageError(f"--out {out}: is a folder; give a file name such as {out / 'edit.png'}")
 
 
 @app.command()
@@ -205,9 +262,9 @@ def gallery(
 
     from noiseclr.discovery.bank import DirectionBank
     from noiseclr.editing.gallery import write_gallery
-    from noiseclr.models.loader import load_model
+    from noiseclr.models.base import load_model
 
-    base = load_model(model, device=_device(device))
+    base = load_model(model, device=device)
     for folder in bank:
         b = DirectionBank.load(folder, base)
         top = scale if scale is not None else 2.0 if b.edit_defaults.get("scales") else 6.0
@@ -227,7 +284,9 @@ def edit(
     image: Path | None = typer.Option(None, help="A real image to edit (DDIM inversion); else a seed."),
     seed: int = typer.Option(0),
     prompt: str | None = typer.Option(None, help="Prompt for a generated image (default: unconditional)."),
-    sweep: str | None = typer.Option(None, help="Interpolate the first edit over scales, e.g. -6,-3,0,3,6."),
+    sweep: str | None = typer.Option(
+        None, help="Interpolate the first edit over scales (its units), e.g. -2,-1,0,1,2."
+    ),
     steps: int | None = typer.Option(
         None, min=1, help=f"DDIM steps (default {SEED_STEPS}; {INVERSION_STEPS} when inverting --image)."
     ),
@@ -236,65 +295,85 @@ def edit(
 ) -> None:
     """Edit a generated image (a seed) or a real image with one or more directions."""
     import numpy as np
-    import torch
 
+    from noiseclr.data.images import read_image_file
     from noiseclr.discovery.bank import DirectionBank
-    from noiseclr.discovery.data import decode_image
     from noiseclr.editing import sampler
+    from noiseclr.errors import BankError, EditError
+    from noiseclr.models.base import load_model
     from noiseclr.models.generate import default_guidance
-    from noiseclr.models.loader import load_model
-    from noiseclr.utils.images import make_grid, save_png
+    from noiseclr.utils.images import make_grid, save_image
 
-    base = load_model(model, device=_device(device))
+    _check_out(out)
+    base = load_model(model, device=device)
     banks = {}
     for folder in bank:
         b = DirectionBank.load(folder, base)
         if b.name in banks:
-            raise typer.BadParameter(f"two banks are named {b.name!r}")
+            raise BankError(f"two banks are named {b.name!r} ({folder}); rename one in its bank.json")
         banks[b.name] = b
     parsed = [sampler.parse_edit(e, banks) for e in edits]
+    if sweep:
+        try:
+            sweep_scales = [float(v) for v in sweep.split(",")]
+        except ValueError:
+            raise EditError(f"--sweep takes comma-separated numbers, got {sweep!r}") from None
+        # In the same units as the edit itself (the measured strength, when the bank has one).
+        target, _, value = edits[0].rpartition("=")
+        window = value[value.index("@") :] if "@" in value else ""
+        sweep_scales = [sampler.parse_edit(f"{target}={v}{window}", banks).scale for v in sweep_scales]
     if steps is None:
         steps = INVERSION_STEPS if image is not None else SEED_STEPS
-    if image is not None:
-        pixels = torch.from_numpy(decode_image(image.read_bytes(), base.resolution)).permute(2, 0, 1)[None]
-        pixels = pixels.float() / 127.5 - 1
-        x_T, start_t, before, err = sampler.invert_real(base, pixels, steps)
+    pixels = read_image_file(image, base.resolution) if image is not None else None
+    if pixels is not None:
+        x_T, start_t, before, err = sampler.invert_real(base, pixels, steps, progress=True)
         typer.echo(f"inversion reconstruction error (mean abs, 0..1): {err:.4f}")
         prompt, guidance = None, 1.0
     else:
         x_T, start_t, before = sampler.seed_latents(base, [seed]), None, None
         guidance = default_guidance(base) if prompt else 1.0
     if sweep:
-        scales = [float(s) for s in sweep.split(",")]
-        images = sampler.scale_sweep(base, x_T, parsed[0], scales, prompt, guidance, steps, start_t)[0]
+        images = sampler.scale_sweep(
+            base, x_T, parsed[0], sweep_scales, prompt, guidance, steps, start_t, progress=True
+        )[0]
     else:
         if before is None:
             before = sampler.decode(
-                base, sampler.sample(base, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps)
+                base,
+                sampler.sample(
+                    base, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps, progress=True
+                ),
             )
         after = sampler.decode(
             base,
             sampler.sample(
-                base, x_T, parsed, prompt=prompt, guidance_scale=guidance, steps=steps, start_t=start_t
+                base,
+                x_T,
+                parsed,
+                prompt=prompt,
+                guidance_scale=guidance,
+                steps=steps,
+                start_t=start_t,
+                progress=True,
             ),
         )
         images = np.concatenate([before, after])
-    save_png(make_grid(images, cols=len(images), scale=2 if base.resolution < 128 else 1), out)
+    save_image(make_grid(images, cols=len(images), scale=2 if base.resolution < 128 else 1), out)
     typer.echo(f"wrote {out}: " + ", ".join(f"{e.label} x{e.scale:g}" for e in parsed))
 
 
 def _protocol(fix: list[str] | None, default_fixed: dict, **values):
     """The evaluation protocol from CLI values; --fix replaces the bank's or config's domain."""
+    from pydantic import ValidationError
+
+    from noiseclr.discovery.config import validation_message
     from noiseclr.evaluation.evaluate import Protocol
 
     fixed = _parse_fixed(fix) if fix else dict(default_fixed)
-    from pydantic import ValidationError
-
     try:
         return Protocol(fixed=fixed, **{k: v for k, v in values.items() if v is not None})
     except ValidationError as err:
-        first = err.errors()[0]
-        raise typer.BadParameter(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(validation_message(err)) from None
 
 
 @app.command()
@@ -318,9 +397,9 @@ def evaluate(
     from noiseclr.discovery.bank import DirectionBank
     from noiseclr.evaluation.evaluate import measure_bank
     from noiseclr.evaluation.report import markdown_table
-    from noiseclr.models.loader import load_model
+    from noiseclr.models.base import load_model
 
-    base = load_model(model, device=_device(device))
+    base = load_model(model, device=device)
     b = DirectionBank.load(bank, base)
     protocol = _protocol(
         fix,
@@ -351,12 +430,12 @@ def pullback(
     device: str = typer.Option("auto"),
 ) -> None:
     """Discover global x_t directions with the pullback method (seed 004) and save them as a bank."""
-    from noiseclr.discovery.data import encode_latents, load_images
+    from noiseclr.data.images import encode_latents, load_images
     from noiseclr.discovery.pullback import discover_pullback
     from noiseclr.domains import shapes
-    from noiseclr.models.loader import load_model
+    from noiseclr.models.base import load_model
 
-    base = load_model(model, device=_device(device))
+    base = load_model(model, device=device)
     if data:
         pixels = load_images(data, base.resolution, limit=n_images).pixels
     else:
@@ -367,7 +446,7 @@ def pullback(
 
 @app.command()
 def compare(
-    config: Path = typer.Option(Path("jobs/shapes.yaml"), exists=True, help="NoiseCLR job YAML."),
+    config: Path = typer.Option(Path("jobs/shapes.yaml"), help="NoiseCLR job YAML."),
     out: Path = typer.Option(Path("out/compare")),
     bank: list[str] = typer.Option(
         None,
@@ -383,33 +462,21 @@ def compare(
     directions (floor), one protocol, on the config's domain and on the full world."""
     from noiseclr.discovery.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
-    from noiseclr.discovery.pullback import discover_pullback
-    from noiseclr.discovery.run import run_discovery
-    from noiseclr.domains import shapes
-    from noiseclr.editing.sampler import encode
-    from noiseclr.evaluation.compare import compare as run_compare
-    from noiseclr.models.loader import load_model
+    from noiseclr.models.base import load_model
+    from noiseclr.workflows.compare import run_comparison
 
-    # The comparison measures every row itself; the job's own measurement would be a second one.
-    cfg = DiscoveryConfig.from_yaml(config, device=device, evaluate=False)
-    base = load_model(cfg.model, device=_device(device))
+    cfg = DiscoveryConfig.from_yaml(config, device=device)
+    base = load_model(cfg.model, device=device)
     banks: dict[str, DirectionBank] = {}
     for item in bank or []:
         name, sep, folder = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--bank takes NAME=FOLDER, got {item!r}")
+            raise ConfigError(f"--bank takes NAME=FOLDER, got {item!r}")
         banks[name] = DirectionBank.load(folder, base)
-    if "noiseclr" not in banks:
-        banks = {"noiseclr": DirectionBank.load(run_discovery(cfg, out / "noiseclr")["bank"], base), **banks}
-    if "pullback" not in banks:
-        scenes = shapes.sample_scenes(16, seed=cfg.seed, fixed=cfg.world_fixed)
-        pixels = shapes.render(scenes, base.resolution) * 2 - 1
-        pb = discover_pullback(base, encode(base, pixels), k=min(cfg.k, 8), seed=cfg.seed)
-        banks["pullback"] = DirectionBank.load(pb.save(out / "pullback" / "bank"), base)
     protocol = _protocol(None, cfg.world_fixed, n_images=n, steps=steps)
-    run_compare(base, banks, protocol, out, full_world=full_world)
-    typer.echo((out / "compare.md").read_text())
-    typer.echo(f"wrote {out / 'compare.md'} and compare.json")
+    table = run_comparison(cfg, base, out, banks, protocol, full_world=full_world)
+    typer.echo(table.read_text())
+    typer.echo(f"wrote {table} and compare.json")
 
 
 @app.command("export-ti")
@@ -417,11 +484,12 @@ def export_ti(
     bank: Path = typer.Argument(..., help="Bank folder."),
     out: Path = typer.Option(..., help="Folder for the textual-inversion files."),
 ) -> None:
-    """Export a bank as textual-inversion files for `StableDiffusionPipeline.load_textual_inversion`."""
+    """Export a bank as textual-inversion files for diffusers' `load_textual_inversion`."""
     from noiseclr.discovery.bank import DirectionBank
 
     paths = DirectionBank.load(bank).export_textual_inversion(out)
-    typer.echo(f"wrote {len(paths)} files to {out}")
+    typer.echo(f"wrote {len(paths)} files to {out}; load them into a diffusers pipeline with:")
+    typer.echo(f'  pipe.load_textual_inversion(sorted(glob.glob("{out}/*.safetensors")))')
 
 
 if __name__ == "__main__":

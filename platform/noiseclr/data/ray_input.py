@@ -20,7 +20,8 @@ import ray
 import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from noiseclr.discovery.data import IMAGE_SUFFIXES, decode_image
+from noiseclr.data.images import IMAGE_SUFFIXES, decode_image
+from noiseclr.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,10 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSys
     pa_fs, root = pyarrow_filesystem(uri, storage_options)
     fs = pa_fs.handler.fs
     if not fs.exists(root):
-        raise FileNotFoundError(f"image folder {uri!r} does not exist")
+        raise DataError(f"image folder {uri!r} does not exist")
     paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri!r}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri!r}")
     return pa_fs, root, paths
 
 
@@ -88,13 +89,12 @@ class VaeEncode:
     """Actor-pool stage: loads the base model's VAE once per actor, encodes batches to latents."""
 
     def __init__(self, model: str) -> None:
-        from noiseclr.models.loader import load_model
+        from noiseclr.models.base import load_model
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.vae = load_model(model, device=device).pipe.vae
+        self.vae = load_model(model, device="auto").pipe.vae
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from noiseclr.discovery.data import encode_latents
+        from noiseclr.data.images import encode_latents
 
         if len(batch["index"]) == 0:
             return {"index": batch["index"], "latent": np.zeros((0, 1), np.float32)}

@@ -1,14 +1,8 @@
-"""Direction banks: K learned token embeddings, how the text encoder sees them, and their files.
+"""Direction banks: K learned directions, what they were learnt on, and their files.
 
-A direction d_k is a token embedding in the text encoder's input space (textual inversion
-style); the UNet sees it through the frozen text encoder as the one-token prompt "<d_k>".
-During training and editing the directions are fed by `DirectionEmbedding`, which wraps the
-encoder's own token table (`get_input_embeddings` / `set_input_embeddings`, the stable API on
-transformers 4 and 5) and maps ids past the vocabulary to direction rows. So the only
-trainable tensor is the (K, D) direction matrix and every other weight stays bit-identical;
-several banks compose by stacking their rows. `install` adds real tokens to a tokenizer and
-encoder for tools that expect them, and `export_textual_inversion` writes the files diffusers'
-`load_textual_inversion` reads.
+How the text encoder sees a direction is `noiseclr.conditioning`. `install` adds real tokens
+to a tokenizer and encoder for tools that expect them, and `export_textual_inversion` writes
+the files diffusers' `load_textual_inversion` reads.
 
 On disk a bank is a folder: `directions.safetensors` (tensor "directions", (K, D)) and
 `bank.json` (base model identity, token names, training config, metrics, labels).
@@ -19,92 +13,21 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from noiseclr.utils.images import atomic_write_bytes
+from noiseclr.errors import BankError
+from noiseclr.utils.images import atomic_write_bytes, readable
 
 DIRECTIONS_FILE = "directions.safetensors"
 META_FILE = "bank.json"
 FORMAT_VERSION = 1
-
-
-class BankError(ValueError):
-    """A bank does not fit the model or request; the message says what does not match."""
-
-
-class DirectionEmbedding(nn.Module):
-    """Token embedding table that maps ids >= vocab_size to rows of `directions`."""
-
-    def __init__(self, base: nn.Embedding, directions: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.directions = directions  # (M, D); a Parameter while training, else a tensor
-        self.vocab_size = base.num_embeddings
-
-    @property
-    def weight(self) -> torch.Tensor:  # what callers of get_input_embeddings().weight expect
-        return self.base.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_dir = input_ids >= self.vocab_size
-        base = self.base(input_ids.clamp(max=self.vocab_size - 1))
-        if not is_dir.any():
-            return base
-        dirs = self.directions.to(base.dtype)[(input_ids - self.vocab_size).clamp(min=0)]
-        return torch.where(is_dir[..., None], dirs, base)
-
-
-@contextmanager
-def directions_in(text_encoder: nn.Module, directions: torch.Tensor):
-    """Temporarily let `text_encoder` read direction rows for ids >= its vocabulary."""
-    base = text_encoder.get_input_embeddings()
-    if isinstance(base, DirectionEmbedding):
-        base = base.base
-    text_encoder.set_input_embeddings(DirectionEmbedding(base, directions))
-    try:
-        yield
-    finally:
-        text_encoder.set_input_embeddings(base)
-
-
-def prompt_ids(tokenizer, text_encoder, n_directions: int, device: torch.device) -> torch.Tensor:
-    """Input ids (n_directions + 1, L): row k is the prompt "<d_k>", the last row is "" (empty).
-
-    Built directly as [BOS, vocab + k, EOS, PAD...], the same ids a tokenizer that had the
-    tokens added would produce, so no tokenizer has to be changed.
-    """
-    length = tokenizer.model_max_length
-    empty = tokenizer(
-        "", padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-    ).input_ids
-    vocab = (
-        text_encoder.get_input_embeddings().base.num_embeddings
-        if isinstance(text_encoder.get_input_embeddings(), DirectionEmbedding)
-        else text_encoder.get_input_embeddings().num_embeddings
-    )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((n_directions, length), pad, dtype=torch.long)
-    ids[:, 0] = tokenizer.bos_token_id
-    ids[:, 1] = vocab + torch.arange(n_directions)
-    ids[:, 2] = tokenizer.eos_token_id
-    return torch.cat([ids, empty]).to(device)
-
-
-def encode_directions(text_encoder: nn.Module, tokenizer, directions: torch.Tensor) -> torch.Tensor:
-    """Text-encoder hidden states for every direction prompt plus the empty prompt.
-
-    directions: (M, D) -> (M + 1, L, H); row M is the empty prompt. One encoder call.
-    """
-    ids = prompt_ids(tokenizer, text_encoder, directions.shape[0], directions.device)
-    with directions_in(text_encoder, directions):
-        return text_encoder(ids)[0]
 
 
 def init_directions(
@@ -183,7 +106,7 @@ class DirectionBank:
         )
 
     def check_model(self, model) -> None:
-        """Raise BankError if this bank was not learnt on `model` (a loader.BaseModel)."""
+        """Raise BankError if this bank was not learnt on `model` (a loader.DiffusionModel)."""
         if self.method == "pullback":  # directions live in x_t, not in the token space
             pipe = model.pipe
             side = model.resolution // pipe.vae_scale_factor
@@ -210,6 +133,7 @@ class DirectionBank:
             raise BankError("refusing to save a bank with non-finite directions")
         tmp = folder / f".{DIRECTIONS_FILE}.tmp"
         save_file({"directions": self.directions.detach().float().cpu().contiguous()}, str(tmp))
+        readable(tmp)
         tmp.replace(folder / DIRECTIONS_FILE)
         meta = {
             "format": FORMAT_VERSION,
@@ -234,8 +158,19 @@ class DirectionBank:
             raise BankError(
                 f"{str(folder)!r} is not a direction bank (needs {DIRECTIONS_FILE} and {META_FILE})"
             )
-        meta = json.loads((folder / META_FILE).read_text())
-        directions = load_file(str(folder / DIRECTIONS_FILE))["directions"]
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BankError(f"{folder / META_FILE} is not valid JSON ({err}); the bank is damaged") from None
+        try:
+            directions = load_file(str(folder / DIRECTIONS_FILE))["directions"]
+        except (SafetensorError, OSError, KeyError) as err:
+            raise BankError(
+                f"{folder / DIRECTIONS_FILE} is unreadable ({err}): the bank is damaged, re-train it"
+            ) from None
+        missing = [k for k in ("base_model", "tokens") if k not in meta]
+        if missing:
+            raise BankError(f"{folder / META_FILE} lacks {missing}; not a bank this version wrote")
         if list(directions.shape) != meta.get("shape"):
             shape = list(directions.shape)
             raise BankError(f"{folder}: directions have shape {shape}, bank.json says {meta.get('shape')}")
@@ -270,12 +205,18 @@ class DirectionBank:
     def export_textual_inversion(self, folder: str | Path) -> list[Path]:
         """One `<token>.safetensors` per direction in diffusers' format ({token: vector}),
         loadable with `pipe.load_textual_inversion(paths)`."""
+        if self.method != "noiseclr":
+            raise BankError(
+                f"bank {self.name!r} holds {self.method} directions (x_t vectors), not token "
+                "embeddings: it has no textual-inversion form; edit with `noiseclr edit` instead"
+            )
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, token in enumerate(self.tokens):
             path = folder / f"{token.strip('<>')}.safetensors"
             save_file({token: self.directions[i].detach().float().cpu().contiguous()}, str(path))
+            readable(path)
             paths.append(path)
         return paths
 

@@ -1,19 +1,24 @@
 """The discovery config: one schema for the single-process and the distributed paths.
 
-Validated once at the edge: unknown keys and impossible values fail with the field's name.
+Validated once at the edge: unknown keys and impossible values fail with the field's name
+(`ConfigError`, one line naming the file and the key). Every key means the same with and
+without workers.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from noiseclr.errors import ConfigError
 
 
 class DiscoveryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # what
     model: str = "shapes"  # "shapes", a diffusers folder, or a hub id
@@ -29,7 +34,7 @@ class DiscoveryConfig(BaseModel):
     t_min: int = Field(0, ge=0)
     t_max: int = Field(999, ge=0)
     # symmetric: every sampled direction is the anchor once. Default because it measured
-    # higher than the paper's form on the embedded world (README: `noiseclr compare`).
+    # higher than the paper's form on the embedded world (docs/discovery-quality.md).
     loss: Literal["paper", "symmetric"] = "symmetric"
     # How noise differences are compared (discovery/loss.py, delta_features); 1 / false: the paper.
     delta_pool: int = Field(1, ge=1)  # average over pool x pool latent pixels before `sim`
@@ -47,11 +52,12 @@ class DiscoveryConfig(BaseModel):
     # execution
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_checkpointing: bool = False
+    # UNet gradient checkpointing; "auto": on when the step would not fit the GPU's free memory
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     max_rows: int | None = Field(None, ge=1)  # UNet rows per call (memory budget); None: one call
     checkpoint_every: int = Field(100, ge=1)
-    # distributed execution (Ray Train + DeepSpeed); ignored by the single-process path
-    workers: int = Field(0, ge=0)  # ScalingConfig.num_workers; 0: single process (--workers overrides)
+    workers: int = Field(0, ge=0)  # Ray Train workers (DeepSpeed); 0: one process (--workers overrides)
+    # distributed execution (Ray Train + DeepSpeed); used only when workers > 0
     storage_path: str | None = None  # RunConfig.storage_path: local or s3://; None: OUT/ray
     # fsspec options for `data` and an s3:// storage_path (e.g. {endpoint_url: http://minio:9000});
     # credentials belong in the environment (AWS_ACCESS_KEY_ID, ...), not in job files.
@@ -79,8 +85,11 @@ class DiscoveryConfig(BaseModel):
             raise ValueError(f"t_min ({self.t_min}) must be <= t_max ({self.t_max})")
         if self.negatives >= self.k:
             raise ValueError(
-                f"negatives ({self.negatives}) must be < k ({self.k}): they are other directions"
+                f"negatives ({self.negatives}) must be < k ({self.k}): each step contrasts one "
+                f"direction with {self.negatives} others, so k must be at least {self.negatives + 1}"
             )
+        if self.workers and self.batch % self.workers:
+            raise ValueError(f"batch ({self.batch}) must be divisible by workers ({self.workers})")
         if not self.gallery_scales:
             raise ValueError("gallery_scales must name at least one scale")
         if self.init == "tokens" and not self.init_tokens:
@@ -93,8 +102,41 @@ class DiscoveryConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> DiscoveryConfig:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        """Read a job file; `overrides` (None: not given) replace its keys. Errors name the file."""
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config {path} is a folder, not a YAML file") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
+            raise ConfigError(
+                f"config {path}: expected a mapping of config keys, got {type(values).__name__}"
+            )
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return cls.parse(values, where=f"config {path}")
+
+    @classmethod
+    def parse(cls, values: dict, where: str = "config") -> DiscoveryConfig:
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            raise ConfigError(f"{where}: {validation_message(err)}") from None
+
+
+def validation_message(err: ValidationError) -> str:
+    """pydantic's errors as one line: the key and what is wrong with it (no help URLs)."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, DiscoveryConfig.model_fields, n=1)
+            parts.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif key:
+            parts.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        else:
+            parts.append(e["msg"].removeprefix("Value error, "))
+    return "; ".join(parts)

@@ -18,8 +18,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from noiseclr.discovery.bank import DirectionBank, encode_directions
-from noiseclr.models.loader import BaseModel
+from noiseclr.conditioning import encode_directions
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.models.base import DiffusionModel
 
 
 @contextmanager
@@ -35,7 +36,7 @@ def h_space(unet: nn.Module):
 
 
 def local_directions(
-    model: BaseModel, x_t: torch.Tensor, t: int, k: int, iters: int, generator: torch.Generator
+    model: DiffusionModel, x_t: torch.Tensor, t: int, k: int, iters: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k right-singular vectors (k, n) and singular values (k,) of dh/dx_t at one x_t (1, C, h, w)."""
     pipe = model.pipe
@@ -64,7 +65,7 @@ def local_directions(
 
 
 def discover_pullback(
-    model: BaseModel,
+    model: DiffusionModel,
     latents: torch.Tensor,  # (N, C, h, w) x_0 latents of the domain
     k: int = 8,
     t_edit: int = 700,

@@ -1,150 +1,149 @@
-"""Single-process NoiseCLR trainer (plain torch). The distributed layers wrap `step_loss`.
+"""The single-process NoiseCLR loop (plain torch): `discovery.step` for the maths, AdamW on the
+(K, D) direction matrix only, `discovery.checkpoint` for the state.
 
-One step: draw B images, one timestep t in [t_min, t_max] and noise; draw an anchor direction
-and `negatives` others; run the batched noise evaluation; contrastive loss; AdamW on the
-(K, D) direction matrix only. All randomness comes from one CPU torch.Generator whose state is
-checkpointed with the directions, the optimizer and the step, so a resumed run gives the same
-bank as an uninterrupted one.
+Randomness: timesteps and directions come from one CPU generator seeded by the config (its
+state is checkpointed); images and noise are keyed by (seed, micro-step), so a resumed run gives
+the same bank as an uninterrupted one, and the same images give the same bank as the Ray Train
+workers (`training/distributed.py`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from noiseclr.discovery.bank import DirectionBank, init_directions
+from noiseclr.conditioning import direction_deltas
+from noiseclr.discovery import checkpoint, step
+from noiseclr.discovery.bank import init_directions
+from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.discovery.loss import delta_features, noiseclr_loss, symmetric_noiseclr_loss
-from noiseclr.discovery.noise import direction_deltas
-from noiseclr.models.loader import BaseModel
-from noiseclr.utils.images import atomic_write_bytes
+from noiseclr.errors import ConfigError, TrainingDiverged
+from noiseclr.models.base import DiffusionModel
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss went non-finite; the last good checkpoint was kept."""
+def initial_state(cfg: DiscoveryConfig, model: DiffusionModel) -> TrainState:
+    """Step 0: initial directions drawn from the run generator, whose state follows them."""
+    pipe = model.pipe
+    gen = torch.Generator().manual_seed(cfg.seed)
+    init = init_directions(
+        pipe.text_encoder, cfg.k, gen, pipe.tokenizer, cfg.init_tokens if cfg.init == "tokens" else None
+    )
+    return TrainState(
+        step=0,
+        micro=0,
+        directions=init,
+        rng=gen.get_state(),
+        config=cfg.model_dump(),
+        fingerprint=model.fingerprint,
+    )
 
 
-def lr_factor(cfg: DiscoveryConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
+def start_state(cfg: DiscoveryConfig, model: DiffusionModel, out: Path) -> tuple[TrainState, Path | None]:
+    """The state to train from: the latest checkpoint in OUT (checked against `cfg`), or step 0."""
+    path = checkpoint.latest(out)
+    if path is None:
+        return initial_state(cfg, model), None
+    state = TrainState.load(path)
+    state.check_resumable(cfg, model.fingerprint, path)
+    return state, path
 
 
-def objective(cfg: DiscoveryConfig, deltas: torch.Tensor) -> torch.Tensor:
-    """The configured NoiseCLR loss on (B, S, C, h, w) deltas (anchor: direction 0). The
-    single-process trainer and the Ray Train worker both call this."""
-    feats = delta_features(deltas, cfg.delta_pool, cfg.delta_center)
-    if cfg.loss == "paper":
-        return noiseclr_loss(feats, cfg.tau, anchor=0)
-    return symmetric_noiseclr_loss(feats, cfg.tau)
-
-
-def sample_step(cfg: DiscoveryConfig, n_images: int, gen: torch.Generator, num_train_timesteps: int):
-    """The random draws of one micro-step, in a fixed order: images, t, directions."""
-    images = torch.randperm(n_images, generator=gen)[: cfg.batch]
-    t = torch.randint(cfg.t_min, min(cfg.t_max, num_train_timesteps - 1) + 1, (1,), generator=gen)
-    dirs = torch.randperm(cfg.k, generator=gen)[: cfg.directions_per_step]  # dirs[0] is the anchor
-    return images, t, dirs
+def final_loss(history: list[dict]) -> float | None:
+    """Mean loss of the last tenth of the steps."""
+    losses = [h["loss"] for h in history]
+    tail = losses[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail) if tail else None
 
 
 class DiscoveryTrainer:
-    """Learns a DirectionBank for `model` from `latents` (N, C, h, w), already scaled."""
+    """Learns directions for `model` from `latents` (N, C, h, w), already scaled, from `state`."""
 
-    def __init__(self, cfg: DiscoveryConfig, model: BaseModel, latents: torch.Tensor, out_dir: str | Path):
+    def __init__(self, cfg: DiscoveryConfig, model: DiffusionModel, latents: torch.Tensor, state: TrainState):
         if len(latents) < cfg.batch:
-            raise ValueError(f"batch ({cfg.batch}) is larger than the number of images ({len(latents)})")
+            raise ConfigError(f"batch ({cfg.batch}) is larger than the number of images ({len(latents)})")
         self.cfg, self.model = cfg, model
-        self.out_dir = Path(out_dir)
         self.device = model.device
         pipe = model.pipe
         self.unet, self.text_encoder, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
-        self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        step.check_schedule(cfg, self.scheduler.config.num_train_timesteps)
         for module in (self.unet, self.text_encoder, pipe.vae):
             module.requires_grad_(False).eval()
-        if cfg.gradient_checkpointing:
+        self.latents = latents.float().cpu()
+        self.gen = torch.Generator()
+        self.gen.set_state(state.rng)
+        self.directions = torch.nn.Parameter(state.directions.float().to(self.device))
+        self.opt = torch.optim.AdamW([self.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if state.exp_avg is not None:
+            self.opt.state[self.directions] = {
+                "step": torch.tensor(state.optimizer_steps),
+                "exp_avg": state.exp_avg.to(self.device),
+                "exp_avg_sq": state.exp_avg_sq.to(self.device),
+            }
+        self.step, self.micro = state.step, state.micro
+        self.pairs_per_s: float | None = None
+        self.history = list(state.history)
+        if step.want_checkpointing(cfg, self.deltas, tuple(self.latents.shape[1:]), cfg.batch, self.device):
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers checkpoints only in training mode; no dropout in SD's UNet
-        self.latents = latents.float().cpu()
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        init = init_directions(
-            self.text_encoder,
-            cfg.k,
-            self.gen,
-            self.tokenizer,
-            cfg.init_tokens if cfg.init == "tokens" else None,
-        )
-        self.directions = torch.nn.Parameter(init.to(self.device))
-        self.opt = torch.optim.AdamW([self.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step = 0
-        self.history: list[dict] = []
 
-    # --- the maths of one step -------------------------------------------------------------
-    def step_loss(self, images: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor, noise: torch.Tensor):
-        """Loss for one micro-batch; images index self.latents, dirs[0] is the anchor."""
-        x0 = self.latents[images].to(self.device)
-        ts = t.expand(len(images)).to(self.device)
-        x_t = self.noise_sched.add_noise(x0, noise.to(self.device), ts)
-        dtype = DTYPES[self.cfg.precision]
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            deltas = direction_deltas(
-                self.unet,
-                self.text_encoder,
-                self.tokenizer,
-                self.directions[dirs.to(self.device)],
-                x_t,
-                ts,
-                self.cfg.max_rows,
-            )
-        return objective(self.cfg, deltas)
+    def deltas(self, x_t: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+        return direction_deltas(
+            self.unet, self.text_encoder, self.tokenizer, self.directions[dirs], x_t, t, self.cfg.max_rows
+        )
 
     def train_step(self) -> float:
         """One optimizer step (grad_accum micro-steps). Returns the mean loss."""
         cfg = self.cfg
         for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, self.step)
+            group["lr"] = cfg.lr * step.lr_factor(cfg, self.step)
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(cfg.grad_accum):
-            images, t, dirs = sample_step(
-                cfg, len(self.latents), self.gen, self.noise_sched.config.num_train_timesteps
+            index = step.select_images(cfg, self.micro, len(self.latents))
+            t, dirs = step.draw(cfg, self.gen)
+            loss = step.micro_step_loss(
+                cfg, self.deltas, self.scheduler, self.latents[index], index, t, dirs, self.micro, self.device
             )
-            noise = torch.randn((len(images), *self.latents.shape[1:]), generator=self.gen)
-            loss = self.step_loss(images, t, dirs, noise)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at step {self.step}")
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
+            self.micro += 1
         self.opt.step()
         if not torch.isfinite(self.directions).all():
             raise TrainingDiverged(f"directions went non-finite at step {self.step}")
         self.step += 1
         return total
 
-    # --- the loop ----------------------------------------------------------------------------
-    def fit(self, resume: bool = True, stop_after: int | None = None) -> DirectionBank:
-        """Train to cfg.steps (resuming from the latest checkpoint if any); return the bank.
+    def state(self) -> TrainState:
+        opt = self.opt.state.get(self.directions, {})
+        return TrainState(
+            step=self.step,
+            micro=self.micro,
+            directions=self.directions.detach().float().cpu(),
+            rng=self.gen.get_state(),
+            config=self.cfg.model_dump(),
+            fingerprint=self.model.fingerprint,
+            exp_avg=opt["exp_avg"].float().cpu() if "exp_avg" in opt else None,
+            exp_avg_sq=opt["exp_avg_sq"].float().cpu() if "exp_avg_sq" in opt else None,
+            optimizer_steps=float(opt["step"]) if "step" in opt else 0.0,
+            history=list(self.history),
+        )
+
+    def fit(self, out: str | Path, stop_after: int | None = None) -> TrainState:
+        """Train to cfg.steps, checkpointing into OUT/checkpoints; return the final state.
 
         stop_after: end early after this many steps in this call (for tests of resume).
         """
         cfg = self.cfg
-        if resume and self.latest_checkpoint() is not None:
-            self.load_checkpoint(self.latest_checkpoint())
-            log.info("resumed at step %d", self.step)
         pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum
         bar = tqdm(total=cfg.steps, initial=self.step, desc="discover")
         started, done_here = time.perf_counter(), 0
@@ -156,91 +155,15 @@ class DiscoveryTrainer:
                 with torch.no_grad():
                     self.directions.copy_(good)  # in memory too, keep the last finite bank
                 bar.close()
-                latest = self.latest_checkpoint()
-                raise TrainingDiverged(f"{err}; stopped. Last good checkpoint: {latest}") from err
+                raise TrainingDiverged(
+                    f"{err}; stopped (lower lr or raise tau). Last good checkpoint: {checkpoint.latest(out)}"
+                ) from err
             done_here += 1
-            rate = done_here * pairs / (time.perf_counter() - started)
+            rate = self.pairs_per_s = done_here * pairs / (time.perf_counter() - started)
             self.history.append({"step": self.step, "loss": loss})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.1f}")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
+                checkpoint.write(out, self.state(), cfg.keep_checkpoints)
         bar.close()
-        return self.bank()
-
-    def bank(self) -> DirectionBank:
-        losses = [h["loss"] for h in self.history]
-        tail = losses[-max(1, len(losses) // 10) :] if losses else []
-        return DirectionBank(
-            directions=self.directions.detach().float().cpu().clone(),
-            base_model={
-                "source": self.model.source,
-                "fingerprint": self.model.fingerprint,
-                "hidden_size": int(self.directions.shape[1]),
-            },
-            name=self.cfg.name,
-            config=self.cfg.model_dump(),
-            metrics={"steps": self.step, "final_loss": sum(tail) / len(tail) if tail else None},
-        )
-
-    # --- checkpoints: safetensors + JSON, written to a temp folder then renamed -------------
-    def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoints"
-
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoint_dir().glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        found = [p for p in found if (p / "state.json").exists()]
-        return found[-1] if found else None
-
-    def save_checkpoint(self) -> Path:
-        tensors = {
-            "directions": self.directions.detach().float().cpu().contiguous(),
-            "rng": self.gen.get_state(),
-        }
-        opt_state = self.opt.state_dict()
-        for pid, state in opt_state["state"].items():
-            for key, value in state.items():
-                tensors[f"opt.{pid}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
-        meta = {
-            "step": self.step,
-            "param_groups": opt_state["param_groups"],
-            "config": self.cfg.model_dump(),
-            "fingerprint": self.model.fingerprint,
-            "history": self.history,
-        }
-        final = self.checkpoint_dir() / f"step-{self.step:07d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        atomic_write_bytes(tmp / "state.json", json.dumps(meta).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(self.checkpoint_dir().glob("step-*"), key=lambda p: p.name)[
-            : -self.cfg.keep_checkpoints
-        ]:
-            if not old.name.endswith(".tmp"):
-                shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def load_checkpoint(self, path: Path) -> None:
-        meta = json.loads((path / "state.json").read_text())
-        if meta["fingerprint"] != self.model.fingerprint:
-            raise ValueError(f"checkpoint {path} belongs to another base model ({meta['fingerprint']})")
-        tensors = load_file(str(path / "state.safetensors"))
-        if tensors["directions"].shape != self.directions.shape:
-            raise ValueError(
-                f"checkpoint {path} has directions {tuple(tensors['directions'].shape)}, "
-                f"config asks for {tuple(self.directions.shape)}"
-            )
-        with torch.no_grad():
-            self.directions.copy_(tensors["directions"].to(self.device))
-        self.gen.set_state(tensors["rng"])
-        state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("opt."):
-                _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = value.to(self.device) if name != "step" else value
-        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.step = meta["step"]
-        self.history = meta.get("history", [])
+        return self.state()

@@ -8,6 +8,7 @@ temporary name then renamed, so a reader never sees a half-written data set.
 from __future__ import annotations
 
 import io
+import json
 
 import fsspec
 import numpy as np
@@ -60,7 +61,13 @@ def write_world(
             fs.pipe_file(f"{root}/{files[start + i]}", buf.getvalue())
     table = scenes_table(scenes, files)
     table = table.replace_schema_metadata(
-        {"world": "shapes", "seed": str(seed), "resolution": str(resolution)}
+        {
+            "world": "shapes",
+            "seed": str(seed),
+            "resolution": str(resolution),
+            "n": str(n),
+            "fixed": json.dumps(fixed or {}, sort_keys=True),
+        }
     )
     tmp = f"{root}/{TABLE}.tmp"
     with fs.open(tmp, "wb") as f:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from noiseclr.errors import WorldError
+
 # --- factor vocabulary: word -> bin centre -------------------------------------------------
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 HUES: dict[str, float] = {  # degrees
@@ -116,7 +118,7 @@ def parse_caption(text: str) -> dict[str, str]:
     known = set(vocabulary())
     unknown = [w for w in text.lower().split() if w not in known]
     if unknown:
-        raise ValueError(
+        raise WorldError(
             f"prompt has words the shapes world does not know: {unknown}; allowed words: {sorted(known)}"
         )
     found: dict[str, str] = {}
@@ -160,15 +162,15 @@ def sample_scenes(
     fixed = dict(fixed or {})
     for factor, word in fixed.items():
         if factor not in FACTOR_WORDS:
-            raise ValueError(f"unknown factor {factor!r}; allowed: {list(FACTORS)}")
+            raise WorldError(f"unknown factor {factor!r}; allowed: {list(FACTORS)}")
         if word not in FACTOR_WORDS[factor]:
-            raise ValueError(f"unknown {factor} {word!r}; allowed: {list(FACTOR_WORDS[factor])}")
+            raise WorldError(f"unknown {factor} {word!r}; allowed: {list(FACTOR_WORDS[factor])}")
     rng = np.random.default_rng(seed)
     pool = None
     if only is not None:
         pool = sorted(c for c in only if all(c[FACTORS.index(f)] == w for f, w in fixed.items()))
         if not pool:
-            raise ValueError("no allowed combination matches the fixed factors")
+            raise WorldError("no allowed combination matches the fixed factors")
     scenes: list[Scene] = []
     while len(scenes) < n:
         if pool is not None:

@@ -13,16 +13,17 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.editing.sampler import calibrated_scales, default_window, seed_latents, sweep_direction
+from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
-from noiseclr.models.loader import BaseModel
 from noiseclr.utils.images import atomic_write_bytes, make_grid, save_png
 
 
 def render_gallery(
-    model: BaseModel,
+    model: DiffusionModel,
     bank: DirectionBank,
     scales: list[float],
     seeds: list[int],
@@ -44,8 +45,32 @@ def render_gallery(
     return np.stack(out)
 
 
+def direction_label(bank: DirectionBank, i: int) -> str:
+    """The human label, else the automatic one, else the token."""
+    labels = bank.labels.get(bank.tokens[i], {})
+    return labels.get("human") or labels.get("auto") or bank.tokens[i]
+
+
+def labelled(grid: Image.Image, rows: list[str], per_row: int, columns: list[str], cell: int) -> Image.Image:
+    """The grid with a header of column labels (scales) and each direction's label at the left
+    of its first row. Geometry follows `make_grid`: pad 2, then the whole grid scaled."""
+    from PIL import ImageDraw
+
+    scale = grid.height // (len(rows) * per_row * (cell + 2) + 2)
+    step, pad = (cell + 2) * scale, 2 * scale
+    left, top = 8 + 7 * max(len(r) for r in rows), 14
+    out = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    out.paste(grid, (left, top))
+    draw = ImageDraw.Draw(out)
+    for j, text in enumerate(columns):
+        draw.text((left + pad + j * step + step // 2 - 3 * len(text), 1), text, fill="black")
+    for i, text in enumerate(rows):
+        draw.text((4, top + pad + i * per_row * step + step // 2 - 6), text, fill="black")
+    return out
+
+
 def write_gallery(
-    model: BaseModel,
+    model: DiffusionModel,
     bank: DirectionBank,
     out_dir: str | Path,
     scales: list[float],
@@ -60,7 +85,10 @@ def write_gallery(
     k, n_seeds, n_scales = images.shape[:3]
     scale_up = 2 if model.resolution < 128 else 1
     grid = make_grid(images.reshape(k * n_seeds * n_scales, *images.shape[3:]), cols=n_scales, scale=scale_up)
-    save_png(grid, out_dir / "gallery.png")
+    names = [f"{i} {direction_label(bank, i)}" for i in range(k)]
+    save_png(
+        labelled(grid, names, n_seeds, [f"{s:+g}" for s in scales], images.shape[3]), out_dir / "gallery.png"
+    )
     rows = []
     for i in range(k):
         strip = make_grid(

@@ -13,6 +13,7 @@ unconditional pass is shared by the prompt and all directions.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -21,10 +22,17 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from tqdm.auto import tqdm
 
-from noiseclr.discovery.bank import BankError, DirectionBank, encode_directions
-from noiseclr.discovery.noise import unet_rows
+from noiseclr.conditioning import encode_directions, unet_rows
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.errors import BankError, EditError
+from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance, image_seed, initial_latents
-from noiseclr.models.loader import BaseModel
+
+log = logging.getLogger(__name__)
+
+# Beyond these an edit usually gives noise, not an edit: warned (units of a measured bank's
+# calibrated strength; raw scales: the top of the evaluation's calibration ladder).
+MAX_UNITS, MAX_RAW_SCALE = 4.0, 32.0
 
 
 @dataclass(frozen=True)
@@ -39,9 +47,9 @@ class Edit:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.scale):
-            raise ValueError(f"edit {self.label or ''} scale must be a finite number, got {self.scale}")
+            raise EditError(f"edit {self.label or ''} scale must be a finite number, got {self.scale}")
         if not 0 <= self.t_low <= self.t_high <= 1000:
-            raise ValueError(
+            raise EditError(
                 f"edit {self.label or ''} window must satisfy 0 <= t_low <= t_high <= 1000, "
                 f"got t_low={self.t_low}, t_high={self.t_high}"
             )
@@ -58,7 +66,7 @@ def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
     measured opposite) and the window defaults to the measured one.
     """
     if "=" not in text:
-        raise ValueError(f"edit {text!r}: expected [bank:]direction=scale[@t_high-t_low]")
+        raise EditError(f"edit {text!r}: expected [bank:]direction=scale[@t_high-t_low]")
     target, value = text.rsplit("=", 1)
     window = None
     if "@" in value:
@@ -66,29 +74,40 @@ def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
         try:
             hi, lo = (int(v) for v in win.split("-"))
         except ValueError:
-            raise ValueError(
+            raise EditError(
                 f"edit {text!r}: window must be @t_high-t_low with integers, got @{win}"
             ) from None
         window = (hi, lo)
     try:
         scale = float(value)
     except ValueError:
-        raise ValueError(f"edit {text!r}: scale {value!r} is not a number") from None
-    if ":" in target:
-        bank_name, direction = target.split(":", 1)
-        if bank_name not in banks:
-            raise BankError(f"edit {text!r}: no bank named {bank_name!r}; loaded: {sorted(banks)}")
-        bank = banks[bank_name]
-    else:
-        if len(banks) != 1:
-            raise BankError(
-                f"edit {text!r}: name the bank (bank:direction) when {len(banks)} banks are loaded"
-            )
+        raise EditError(f"edit {text!r}: scale {value!r} is not a number") from None
+    prefix, sep, rest = target.partition(":")
+    if sep and prefix in banks:
+        bank_name, direction = prefix, rest
+    elif len(banks) == 1:  # labels may hold ":" themselves ("-:hue->cyan, +:lightness-")
         bank_name, direction = next(iter(banks)), target
-        bank = banks[bank_name]
+    elif sep:
+        raise BankError(f"edit {text!r}: no bank named {prefix!r}; loaded: {sorted(banks)}")
+    else:
+        raise BankError(f"edit {text!r}: name the bank (bank:direction) when {len(banks)} banks are loaded")
+    bank = banks[bank_name]
+    if not math.isfinite(scale):
+        raise EditError(f"edit {text!r}: scale must be a finite number")
+    if bank.method != "noiseclr":
+        raise EditError(
+            f"edit {text!r}: bank {bank_name!r} holds {bank.method} directions (x_t vectors applied "
+            "once at the bank's t_edit), which `edit` does not apply; view them with `noiseclr gallery`"
+        )
     i = bank.index(direction)
-    if math.isfinite(scale):
-        scale = calibrated_scales(bank, i, [scale])[0]
+    measured = bool(bank.edit_defaults.get("scales"))
+    limit = MAX_UNITS if measured else MAX_RAW_SCALE
+    if abs(scale) > limit:
+        unit = "x the measured clean edit" if measured else " (raw scale)"
+        log.warning(
+            "edit %r: scale %g%s is beyond %g, where images usually turn to noise", text, scale, unit, limit
+        )
+    scale = calibrated_scales(bank, i, [scale])[0]
     hi, lo = window or default_window(bank)
     return Edit(bank.directions[i], scale, hi, lo, label=f"{bank_name}:{bank.tokens[i]}")
 
@@ -108,12 +127,12 @@ def default_window(bank: DirectionBank) -> tuple[int, int]:
     return int(hi), int(lo)
 
 
-def seed_latents(model: BaseModel, seeds: list[int]) -> torch.Tensor:
+def seed_latents(model: DiffusionModel, seeds: list[int]) -> torch.Tensor:
     """x_T for each seed: the first image `noiseclr generate --seed s` makes."""
     return initial_latents(model, [image_seed(s) for s in seeds])
 
 
-def _encode_prompt(model: BaseModel, prompt: str) -> torch.Tensor:
+def _encode_prompt(model: DiffusionModel, prompt: str) -> torch.Tensor:
     tok = model.pipe.tokenizer
     ids = tok(
         prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
@@ -123,7 +142,7 @@ def _encode_prompt(model: BaseModel, prompt: str) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(
-    model: BaseModel,
+    model: DiffusionModel,
     x_T: torch.Tensor,  # (N, C, h, w)
     edits: list[Edit],
     scales: torch.Tensor | None = None,  # (N, M): per-trajectory scale of each edit; default edit.scale
@@ -171,7 +190,7 @@ def sample(
     timesteps = sched.timesteps if start_t is None else sched.timesteps[sched.timesteps <= start_t]
     if stop_t is not None:
         timesteps = timesteps[timesteps > stop_t]
-    for t in tqdm(timesteps, desc="edit", disable=not progress):
+    for t in tqdm(timesteps, desc="denoise", disable=not progress):
         if latent_shift is not None and t <= shift_at:
             x = x + latent_shift.to(device, dtype)
             latent_shift = None
@@ -191,7 +210,7 @@ def sample(
 
 
 @torch.no_grad()
-def decode(model: BaseModel, latents: torch.Tensor) -> np.ndarray:
+def decode(model: DiffusionModel, latents: torch.Tensor) -> np.ndarray:
     """Latents -> (N, H, W, 3) float images in [0, 1]."""
     vae = model.pipe.vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
@@ -199,7 +218,7 @@ def decode(model: BaseModel, latents: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode(model: BaseModel, pixels: torch.Tensor) -> torch.Tensor:
+def encode(model: DiffusionModel, pixels: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> scaled latents (posterior mean)."""
     vae = model.pipe.vae
     return vae.encode(pixels.to(model.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
@@ -207,7 +226,11 @@ def encode(model: BaseModel, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def invert(
-    model: BaseModel, latents: torch.Tensor, steps: int = 50, max_rows: int | None = None
+    model: DiffusionModel,
+    latents: torch.Tensor,
+    steps: int = 50,
+    max_rows: int | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """DDIM inversion under the empty prompt (diffusers' DDIMInverseScheduler).
 
@@ -223,14 +246,14 @@ def invert(
     timesteps = [t for t in inverse.timesteps if inverse.alphas_cumprod[t] > 0]
     # Step i goes from the previous sampling timestep (what the UNet sees) up to timesteps[i].
     below = [max(0, int(t) - inverse.config.num_train_timesteps // steps) for t in timesteps]
-    for t, t_in in zip(timesteps, below, strict=True):
+    for t, t_in in tqdm(list(zip(timesteps, below, strict=True)), desc="invert", disable=not progress):
         out = unet_rows(pipe.unet, x, torch.full((len(x),), t_in, device=device), empty.to(x.dtype), max_rows)
         x = inverse.step(out[:, 0], t, x).prev_sample
     return x, int(timesteps[-1])
 
 
 def edit_generated(
-    model: BaseModel,
+    model: DiffusionModel,
     prompt: str,
     seeds: list[int],
     edits: list[Edit],
@@ -244,7 +267,7 @@ def edit_generated(
 
 
 def edit_real(
-    model: BaseModel, pixels: torch.Tensor, edits: list[Edit], steps: int = 50
+    model: DiffusionModel, pixels: torch.Tensor, edits: list[Edit], steps: int = 50
 ) -> tuple[np.ndarray, float]:
     """Invert real images ((N, 3, H, W) in [-1, 1]) and edit them with no prompt.
 
@@ -257,21 +280,21 @@ def edit_real(
 
 
 def invert_real(
-    model: BaseModel, pixels: torch.Tensor, steps: int = 50
+    model: DiffusionModel, pixels: torch.Tensor, steps: int = 50, progress: bool = False
 ) -> tuple[torch.Tensor, int, np.ndarray, float]:
     """Invert real images ((N, 3, H, W) in [-1, 1]) and decode their unedited round trip.
 
     Returns (x_t, t, reconstruction (N, H, W, 3) in [0, 1], its mean absolute pixel error).
     The reconstruction is the "before" of any edit from x_t without a prompt: reuse it.
     """
-    x_t, t = invert(model, encode(model, pixels), steps)
-    recon = decode(model, sample(model, x_t, [], steps=steps, start_t=t))
+    x_t, t = invert(model, encode(model, pixels), steps, progress=progress)
+    recon = decode(model, sample(model, x_t, [], steps=steps, start_t=t, progress=progress))
     target = ((pixels.float() + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
     return x_t, t, recon, float(np.abs(recon - target).mean())
 
 
 def scale_sweep(
-    model: BaseModel,
+    model: DiffusionModel,
     x_T: torch.Tensor,  # (N, C, h, w)
     edit: Edit,
     scales: list[float],
@@ -279,20 +302,29 @@ def scale_sweep(
     guidance_scale: float = 1.0,
     steps: int = 25,
     start_t: int | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Interpolation: one direction at several scales, all in one batch. (N, S, H, W, 3)."""
     n, s = x_T.shape[0], len(scales)
     x = x_T.repeat_interleave(s, dim=0)
     sc = torch.tensor(scales, dtype=torch.float32).repeat(n)[:, None]
     x0 = sample(
-        model, x, [edit], sc, prompt=prompt, guidance_scale=guidance_scale, steps=steps, start_t=start_t
+        model,
+        x,
+        [edit],
+        sc,
+        prompt=prompt,
+        guidance_scale=guidance_scale,
+        steps=steps,
+        start_t=start_t,
+        progress=progress,
     )
     out = decode(model, x0)
     return out.reshape(n, s, *out.shape[1:])
 
 
 def sweep_direction(
-    model: BaseModel,
+    model: DiffusionModel,
     bank: DirectionBank,
     k: int,
     x_T: torch.Tensor,

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.evaluation.evaluate import KNOWN_WORDS, Harness, Protocol, random_bank, word_bank
-from noiseclr.models.loader import BaseModel
+from noiseclr.models.base import DiffusionModel
 from noiseclr.utils.images import atomic_write_bytes, save_png
 
 
 def compare(
-    model: BaseModel,
+    model: DiffusionModel,
     banks: dict[str, DirectionBank],
     protocol: Protocol,
     out: Path,

@@ -35,6 +35,7 @@ from noiseclr.discovery.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.domains.oracle import Measurement, measure
 from noiseclr.editing.sampler import decode, encode, invert, sample, seed_latents, sweep_direction
+from noiseclr.errors import WorldError
 from noiseclr.evaluation.metrics import (
     FACTORS,
     Changes,
@@ -45,8 +46,8 @@ from noiseclr.evaluation.metrics import (
     score_edit,
     summary,
 )
+from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
-from noiseclr.models.loader import BaseModel
 from noiseclr.utils.images import make_grid
 
 
@@ -73,7 +74,7 @@ class Protocol(Schema):
     def _known(cls, fixed: dict[str, str]) -> dict[str, str]:
         for f, w in fixed.items():
             if f not in shapes.FACTOR_WORDS or w not in shapes.FACTOR_WORDS[f]:
-                raise ValueError(f"fixed {f}={w!r}: allowed {dict(shapes.FACTOR_WORDS)}")
+                raise WorldError(f"fixed {f}={w!r}: allowed {dict(shapes.FACTOR_WORDS)}")
         return fixed
 
     @field_validator("window")
@@ -126,7 +127,7 @@ class Harness:
     and scenes) only choose the scales.
     """
 
-    def __init__(self, model: BaseModel, protocol: Protocol | None = None, progress: bool = True):
+    def __init__(self, model: DiffusionModel, protocol: Protocol | None = None, progress: bool = True):
         self.model, self.p, self.progress = model, protocol or Protocol(), progress
         p = self.p
         self.res = model.resolution
@@ -144,7 +145,9 @@ class Harness:
             )
             for name, scenes in (("real", self.scenes), ("cal-real", cal)):
                 pixels = shapes.render(scenes, self.res) * 2 - 1
-                self.inverted[name] = invert(model, encode(model, pixels), p.inversion_steps)
+                self.inverted[name] = invert(
+                    model, encode(model, pixels), p.inversion_steps, progress=progress
+                )
         self.sources: dict[int, dict[str, Source]] = {}
         sources = self._prepare(p.window[0])
         self.fidelity: float | None = None
@@ -164,8 +167,8 @@ class Harness:
         prompt, guidance = (self.p.prompt, self.guidance) if generated else (None, 1.0)
         steps = self.p.steps if generated else self.p.inversion_steps
         kw = {"prompt": prompt, "guidance_scale": guidance, "steps": steps}
-        x_top = sample(self.model, x, [], start_t=start_t, stop_t=top, **kw)
-        images = decode(self.model, sample(self.model, x_top, [], start_t=top, **kw))
+        x_top = sample(self.model, x, [], start_t=start_t, stop_t=top, progress=self.progress, **kw)
+        images = decode(self.model, sample(self.model, x_top, [], start_t=top, progress=self.progress, **kw))
         return Source(name, x_top, images, prompt, guidance, steps, top)
 
     def _prepare(self, top: int) -> dict[str, Source]:
@@ -380,7 +383,7 @@ def label_bank(bank: DirectionBank, result: dict) -> None:
 
 
 def measure_bank(
-    model: BaseModel, bank: DirectionBank, protocol: Protocol, out: str | Path, label: bool = True
+    model: DiffusionModel, bank: DirectionBank, protocol: Protocol, out: str | Path, label: bool = True
 ) -> tuple[dict, dict[str, Path]]:
     """Evaluate `bank`, write its report into `out` and, with `label`, store its labels, edit
     defaults and scores in the bank object (the caller saves it). Returns (result, paths)."""
@@ -392,7 +395,7 @@ def measure_bank(
     return result, write_report(result, out)
 
 
-def random_bank(model: BaseModel, like: DirectionBank, seed: int = 0) -> DirectionBank:
+def random_bank(model: DiffusionModel, like: DirectionBank, seed: int = 0) -> DirectionBank:
     """The floor: random token-embedding directions of the same count and norm as `like`."""
     g = torch.Generator().manual_seed(seed)
     vectors = torch.randn(like.directions.shape, generator=g)
@@ -405,7 +408,7 @@ def random_bank(model: BaseModel, like: DirectionBank, seed: int = 0) -> Directi
 KNOWN_WORDS = ("square", "red", "blue", "large", "left", "top", "dark", "striped")
 
 
-def word_bank(model: BaseModel, words: tuple[str, ...] = KNOWN_WORDS) -> DirectionBank:
+def word_bank(model: DiffusionModel, words: tuple[str, ...] = KNOWN_WORDS) -> DirectionBank:
     """Known-word directions: the input embeddings of world words, used as directions. A
     discoverer that found the world's own concepts would do about this well."""
     tok, enc = model.pipe.tokenizer, model.pipe.text_encoder

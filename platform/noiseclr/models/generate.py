@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from noiseclr.models.loader import BaseModel
+from noiseclr.models.base import DiffusionModel
 
 
-def initial_latents(model: BaseModel, raw_seeds: list[int]) -> torch.Tensor:
+def initial_latents(model: DiffusionModel, raw_seeds: list[int]) -> torch.Tensor:
     """x_T (N, C, h, w) on the CPU, one torch.Generator per raw seed: the same on every device."""
     pipe, size = model.pipe, model.resolution
     shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
@@ -21,13 +21,13 @@ def image_seed(seed: int, index: int = 0) -> int:
     return seed * 100_003 + index
 
 
-def default_guidance(model: BaseModel) -> float:
+def default_guidance(model: DiffusionModel) -> float:
     return float((model.world or {}).get("guidance_scale", 7.5))
 
 
 @torch.no_grad()
 def generate(
-    model: BaseModel,
+    model: DiffusionModel,
     prompt: str,
     n: int = 8,
     seed: int = 0,

@@ -1,26 +1,24 @@
-"""Distributed discovery: Ray Train workers run the NoiseCLR step inside a DeepSpeed engine.
+"""Distributed discovery: Ray Train workers run the NoiseCLR micro-step inside a DeepSpeed engine.
 
-The maths is the single-process trainer's (noise.direction_deltas + loss); this file only
-places it: the frozen UNet and text encoder and the (K, D) directions live in one module
-that DeepSpeed wraps (ZeRO 0-3 from the config; stage 3 also partitions the frozen weights),
-the only trainable tensor is the direction matrix, and DeepSpeed averages its gradient
-across workers. Latents stream from Ray Data through `get_dataset_shard`.
+The maths is `discovery.step`, the same function the single process runs; this file only
+places it: the frozen UNet and text encoder and the (K, D) directions live in one module that
+DeepSpeed wraps (ZeRO 0-3 from the config; stage 3 also partitions the frozen weights), the
+only trainable tensor is the direction matrix, and DeepSpeed averages its gradient across
+workers and accumulates `grad_accum` micro-steps. Latents stream from Ray Data through
+`get_dataset_shard`.
 
 The global batch is split across workers. The loss couples images (positives are pairs of
 different images), so each worker all-gathers the deltas (differentiably) and evaluates the
 loss on the whole global batch: the gradient equals the single-process one on the same
-global batch. Every worker draws the same timestep and directions from one seeded
-generator; each image's noise is drawn from a generator keyed by (seed, step, image index),
-so the result does not depend on which worker holds which image.
+global batch (`discovery.step` explains why the draws agree).
 
-Checkpoints (directions, AdamW moments and step counts, generator state, step and data
-position) are safetensors + JSON reported to Ray Train, so a run restarted after a worker
-dies resumes from the last one (FailureConfig) with no step lost or repeated.
+Checkpoints are `discovery.checkpoint.TrainState` folders reported to Ray Train, so a run
+restarted after a worker dies resumes from the last one (FailureConfig) with no step lost or
+repeated; the workflow copies the last one to OUT/checkpoints, where either path resumes it.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,10 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from noiseclr.discovery.bank import DirectionBank, init_directions
+from noiseclr.conditioning import direction_deltas
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.discovery.noise import direction_deltas
-from noiseclr.discovery.trainer import lr_factor, objective
+from noiseclr.errors import TrainingDiverged
 
 
 class GatherBatch(torch.autograd.Function):
@@ -91,25 +88,16 @@ def deepspeed_config(cfg: DiscoveryConfig, world: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": cfg.batch // world,
-        "gradient_accumulation_steps": 1,  # accumulation is done by the loop (one contrastive batch)
+        "gradient_accumulation_steps": cfg.grad_accum,
+        # DeepSpeed clips gradients to norm 1.0 unless told otherwise (its default since 0.1x);
+        # the single process does not clip, and the same config must train the same bank.
+        "gradient_clipping": 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16"},
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
-
-
-def image_noise(seed: int, step: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise for each image, keyed by (seed, step, image index): worker-independent."""
-    return torch.stack(
-        [
-            torch.randn(
-                shape, generator=torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + int(i))
-            )
-            for i in index
-        ]
-    )
 
 
 def _inner_optimizer(engine) -> torch.optim.Optimizer:
@@ -141,43 +129,54 @@ def _optimizer_steps(engine) -> float:
     return max(steps) if steps else 0.0
 
 
-def _restore(engine, param: nn.Parameter, tensors: dict[str, torch.Tensor], opt_steps: float) -> None:
-    from deepspeed.utils import (
-        safe_get_full_fp32_param,
-        safe_set_full_fp32_param,
-        safe_set_full_optimizer_state,
-    )
+def _restore(engine, param: nn.Parameter, state) -> None:
+    """Put a TrainState's AdamW moments and step count into the engine's optimizer (the
+    directions were the module's initial value)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_optimizer_state
 
     inner = _inner_optimizer(engine)
     if safe_get_full_fp32_param(param) is None:  # ZeRO stage 0: plain parameter and optimizer
-        with torch.no_grad():
-            param.copy_(tensors["directions"].to(param.device, param.dtype))
-        if "exp_avg" in tensors:
-            inner.state[param] = {
-                "step": torch.tensor(opt_steps),
-                "exp_avg": tensors["exp_avg"].to(param.device),
-                "exp_avg_sq": tensors["exp_avg_sq"].to(param.device),
-            }
+        inner.state[param] = {
+            "step": torch.tensor(state.optimizer_steps),
+            "exp_avg": state.exp_avg.to(param.device),
+            "exp_avg_sq": state.exp_avg_sq.to(param.device),
+        }
         return
-    safe_set_full_fp32_param(param, tensors["directions"].to(param.device))
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in tensors:
-            safe_set_full_optimizer_state(param, tensors[key].to(param.device), key)
+    # DeepSpeed creates the ZeRO partitions' AdamW state at the first step; create it now (zeros,
+    # then overwritten below) and link it, so the moments can be set before that step.
+    zero = engine.optimizer
+    flats = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(
+        zero, "fp32_partitioned_groups_flat", []
+    )
+    for flat in flats:
+        if "exp_avg" not in inner.state.get(flat, {}):
+            inner.state[flat] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1-2: fragments -> that state
+        zero._lazy_init_hp_params_optimizer_state()
+    safe_set_full_optimizer_state(param, state.exp_avg.to(param.device), "exp_avg")
+    safe_set_full_optimizer_state(param, state.exp_avg_sq.to(param.device), "exp_avg_sq")
     for s in inner.state.values():
         if "step" in s:
-            s["step"] = (
-                torch.as_tensor(opt_steps, dtype=s["step"].dtype) if torch.is_tensor(s["step"]) else opt_steps
-            )
+            steps = state.optimizer_steps
+            s["step"] = torch.as_tensor(steps, dtype=s["step"].dtype) if torch.is_tensor(s["step"]) else steps
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker entry point. config: {"discovery": DiscoveryConfig dict, "fingerprint", ...}."""
+    """Ray Train worker entry point. config: {"discovery": DiscoveryConfig dict, "resume": the
+    files of the checkpoint to start from, or None}; the workflow has checked it against the config."""
     import deepspeed
     import ray.train
+    import torch.distributed as dist
     from diffusers import DDPMScheduler
-    from safetensors.torch import load_file, save_file
 
-    from noiseclr.models.loader import load_model
+    from noiseclr.discovery import step as steps
+    from noiseclr.discovery.checkpoint import TrainState
+    from noiseclr.discovery.trainer import initial_state
+    from noiseclr.models.base import load_model, resolve_dtype
 
     cfg = DiscoveryConfig(**config["discovery"])
     ctx = ray.train.get_context()
@@ -185,39 +184,50 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model = load_model(cfg.model, device=device)
     pipe = model.pipe
-    gen = torch.Generator().manual_seed(cfg.seed)
-    init = init_directions(
-        pipe.text_encoder, cfg.k, gen, pipe.tokenizer, cfg.init_tokens if cfg.init == "tokens" else None
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    steps.check_schedule(cfg, sched.config.num_train_timesteps)
+
+    checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts this run after a failure
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = TrainState.load(d)
+    elif config.get("resume"):  # the run's start: a checkpoint from OUT/checkpoints, as bytes
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in config["resume"].items():
+                (Path(d) / name).write_bytes(data)
+            state = TrainState.load(d)
+    else:
+        state = initial_state(cfg, model)
+    gen = torch.Generator()
+    gen.set_state(state.rng)
+    module = NoiseCLRModule(
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, state.directions.to(device), cfg.max_rows
     )
-    module = NoiseCLRModule(pipe.unet, pipe.text_encoder, pipe.tokenizer, init.to(device), cfg.max_rows)
-    if cfg.gradient_checkpointing:
+    local = cfg.batch // world
+    side = model.resolution // pipe.vae_scale_factor
+    # Decided before DeepSpeed partitions anything; every rank takes the most cautious answer.
+    wants = steps.want_checkpointing(
+        cfg, module.forward, (pipe.unet.config.in_channels, side, side), local, device
+    )
+    flag = torch.tensor([int(wants)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
         pipe.unet.enable_gradient_checkpointing()
+        pipe.unet.train()
     opt = torch.optim.AdamW([module.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=deepspeed_config(cfg, world))
     param = module.directions
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    if state.exp_avg is not None:
+        _restore(engine, param, state)
     param_mib = param_bytes_per_worker(engine) / 2**20
     step_times: list[float] = []
+    step, micro, history = state.step, state.micro, list(state.history)
 
-    step, consumed = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            meta = json.loads((Path(d) / "state.json").read_text())
-            tensors = load_file(str(Path(d) / "state.safetensors"))
-        if meta["fingerprint"] != model.fingerprint:
-            raise ValueError("checkpoint belongs to another base model")
-        _restore(engine, param, tensors, meta["optimizer_steps"])
-        gen.set_state(tensors["rng"])
-        step, consumed = meta["step"], meta["rows_consumed"]
-
-    local = cfg.batch // world
     shard = ray.train.get_dataset_shard("train")
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # this worker's latents after one pass
 
     def batches():
         """Local batches forever: first pass streams from Ray Data, later passes reuse it."""
-        nonlocal cache
         for batch in shard.iter_torch_batches(batch_size=local, drop_last=True, dtypes=None):
             item = (batch["index"].cpu(), batch["latent"].float().cpu())
             if cfg.cache_latents:
@@ -232,56 +242,57 @@ def train_loop_per_worker(config: dict) -> None:
             yield from cache
 
     stream = batches()
-    for _ in range(consumed):  # data position: skip the batches this run had consumed
+    for _ in range(micro):  # data position: skip the batches this run had consumed
         next(stream)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    # Under DeepSpeed bf16/fp16 the module itself is converted: give it inputs of its dtype.
+    input_dtype = resolve_dtype(cfg.precision)
+    gather = GatherBatch.apply if world > 1 else None
     while step < cfg.steps:
         started = time.perf_counter()
-        index, x0 = next(stream)
-        consumed += 1
-        t = torch.randint(
-            cfg.t_min, min(cfg.t_max, sched.config.num_train_timesteps - 1) + 1, (1,), generator=gen
-        )
-        dirs = torch.randperm(cfg.k, generator=gen)[: cfg.directions_per_step]
-        noise = image_noise(cfg.seed, step, index, tuple(x0.shape[1:]))
-        ts = t.expand(len(x0)).to(device)
-        x_t = sched.add_noise(x0.to(device), noise.to(device), ts).to(dtype)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, step)
-        deltas = engine(x_t, ts, dirs.to(device)).float()
-        if world > 1:
-            deltas = GatherBatch.apply(deltas)
-        loss = objective(cfg, deltas)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-        engine.backward(loss)
-        engine.step()
+            group["lr"] = cfg.lr * steps.lr_factor(cfg, step)
+        total = 0.0
+        for _ in range(cfg.grad_accum):  # DeepSpeed accumulates and steps at the boundary
+            index, x0 = next(stream)
+            t, dirs = steps.draw(cfg, gen)
+            loss = steps.micro_step_loss(
+                cfg, engine, sched, x0, index, t, dirs, micro, device, input_dtype, gather
+            )
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; lower lr or raise tau")
+            engine.backward(loss)
+            engine.step()
+            total += loss.item() / cfg.grad_accum
+            micro += 1
         step += 1
+        history.append({"step": step, "loss": total})
         step_times.append(time.perf_counter() - started)
         recent = step_times[1:] or step_times  # the first step includes warm-up
         metrics = {
             "step": step,
-            "loss": float(loss),
+            "loss": total,
             "param_mib": param_mib,
-            "pairs_per_s": cfg.batch * cfg.directions_per_step * len(recent) / sum(recent),
+            "pairs_per_s": cfg.batch * cfg.directions_per_step * cfg.grad_accum * len(recent) / sum(recent),
         }
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            state = _full_state(engine, param)
-            state["rng"] = gen.get_state()
-            meta = {
-                "step": step,
-                "rows_consumed": consumed,
-                "optimizer_steps": _optimizer_steps(engine),
-                "fingerprint": model.fingerprint,
-                "world": world,
-                "config": cfg.model_dump(),
-            }
+            full = _full_state(engine, param)
+            saved = TrainState(
+                step=step,
+                micro=micro,
+                directions=full["directions"],
+                rng=gen.get_state(),
+                config=cfg.model_dump(),
+                fingerprint=model.fingerprint,
+                exp_avg=full.get("exp_avg"),
+                exp_avg_sq=full.get("exp_avg_sq"),
+                optimizer_steps=_optimizer_steps(engine),
+                history=history,
+                world=world,
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
-                    save_file(state, str(Path(tmp) / "state.safetensors"))
-                    (Path(tmp) / "state.json").write_text(json.dumps(meta))
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                    ckpt = ray.train.Checkpoint.from_directory(saved.save(tmp))
                 ray.train.report(metrics, checkpoint=ckpt)
         else:
             ray.train.report(metrics)
@@ -296,37 +307,34 @@ def param_bytes_per_worker(engine) -> int:
     return total
 
 
-def run_distributed(
+def train_distributed(
     cfg: DiscoveryConfig,
-    out: str | Path,
-    workers: int,
+    out: Path,
+    data: str,
+    resolution: int,
+    resume_from: Path | None = None,
     address: str | None = None,
-    storage_path: str | None = None,
-    storage_options: dict | None = None,
-) -> dict:
-    """Start (or join) Ray, stream latents with Ray Data, train with a TorchTrainer, save the bank.
+) -> tuple[object, dict]:
+    """Start (or join) Ray, stream latents with Ray Data, train with a TorchTrainer.
 
-    storage_path / storage_options default to the config's; the options reach fsspec for the
-    data and, through the same fsspec filesystem, Ray Train's checkpoints.
+    Returns the final `ray.train.Checkpoint` (a TrainState folder in Ray Train's storage:
+    `storage_path`, default OUT/ray) and the data counts. `resume_from` is a checkpoint folder to start from;
+    storage_options reach fsspec for the data and, through the same filesystem, the checkpoints.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from noiseclr.data.ray_input import latent_dataset, pyarrow_filesystem
-    from noiseclr.models.loader import load_model
+    from noiseclr.models.base import resolve_device
 
-    storage_path = storage_path or cfg.storage_path
-    storage_options = storage_options if storage_options is not None else cfg.storage_options
-    fs = None
-    if storage_path and storage_options:
+    workers = cfg.workers
+    storage_path, fs = cfg.storage_path, None
+    if storage_path and cfg.storage_options:
         # The data's fsspec filesystem, options and all, serves the checkpoints too (Ray then
         # wants the path without its scheme); without options Ray resolves the path itself.
-        fs, storage_path = pyarrow_filesystem(storage_path, storage_options)
-    if cfg.batch % workers:
-        raise ValueError(f"batch ({cfg.batch}) must be divisible by workers ({workers})")
-    out = Path(out).resolve()
-    use_gpu = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
+        fs, storage_path = pyarrow_filesystem(storage_path, cfg.storage_options)
+    use_gpu = resolve_device(cfg.device).type == "cuda"
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
     if not ray.is_initialized():
         ray.init(
@@ -335,28 +343,25 @@ def run_distributed(
             include_dashboard=False,
             **({} if address else {"num_cpus": max(4, workers + 2)}),
         )
-    model = load_model(cfg.model, device="cpu")
-    data = cfg.data
-    if data is None:
-        from noiseclr.domains.dataset import write_world
-
-        data = str(out / "data")
-        if not (out / "data" / "factors.parquet").exists():
-            write_world(
-                data, n=cfg.n_images, seed=cfg.seed, resolution=model.resolution, fixed=cfg.world_fixed
-            )
     ds, counter, n_files = latent_dataset(
-        data, cfg.model, model.resolution, storage_options, limit=cfg.n_images
+        data, cfg.model, resolution, cfg.storage_options, limit=cfg.n_images
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"discovery": cfg.model_dump()},
+        # The start checkpoint travels in the config (a few MB at most), so workers on other
+        # nodes need no access to OUT; Ray Train's own checkpoints cover restarts.
+        train_loop_config={
+            "discovery": cfg.model_dump(),
+            "resume": {p.name: p.read_bytes() for p in Path(resume_from).iterdir()} if resume_from else None,
+        },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=cfg.name,
+            # A name per invocation: Ray Train restores a same-named run by itself, but resuming
+            # across invocations is the workflow's (from OUT/checkpoints, config checked).
+            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage_path or str(out / "ray"),
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -368,36 +373,11 @@ def run_distributed(
     result = trainer.fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as d:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(Path(d) / "state.safetensors"))
-        meta = json.loads((Path(d) / "state.json").read_text())
     corrupt = ray.get(counter.get.remote())
-    bank = DirectionBank(
-        directions=tensors["directions"],
-        base_model={
-            "source": model.source,
-            "fingerprint": model.fingerprint,
-            "hidden_size": int(tensors["directions"].shape[1]),
-        },
-        name=cfg.name,
-        config={**cfg.model_dump(), "workers": workers},
-        metrics={
-            "steps": meta["step"],
-            "final_loss": result.metrics.get("loss"),
-            "files": n_files,
-            "corrupt_images": corrupt["corrupt"],
-            "corrupt_examples": corrupt["examples"],
-            "data": data,
-            "world": meta["world"],
-        },
-        edit_defaults={"window": [cfg.edit_window, 0]},
-    )
-    return {
-        "bank": bank.save(out / "bank"),
+    counts = {
+        "files": n_files,
         "corrupt_images": corrupt["corrupt"],
-        "steps": meta["step"],
-        "result_path": result.path,
-        "metrics": dict(result.metrics),
+        "corrupt_examples": corrupt["examples"],
+        **{k: result.metrics[k] for k in ("pairs_per_s", "param_mib") if k in result.metrics},
     }
+    return result.checkpoint, counts

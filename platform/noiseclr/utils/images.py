@@ -27,6 +27,18 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: 
     return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable(path: str | Path) -> None:
+    """Give a file we wrote the usual permissions (0644 under the usual umask): mkstemp and
+    some writers create 0600, which other users and containers sharing the folder cannot read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: never a half-written file."""
     path = Path(path)
@@ -35,13 +47,35 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def save_image(image: Image.Image, path: str | Path) -> None:
+    """Write in the format the suffix names (.png, .jpg/.jpeg, .webp); refuse any other."""
+    import io
+
+    from noiseclr.errors import StorageError
+
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise StorageError(f"--out {path}: unknown image type {path.suffix!r}; use one of {sorted(FORMATS)}")
+    if path.is_dir():
+        raise StorageError(f"--out {path}: is a folder; give a file name such as {path / 'out.png'}")
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_png(image: Image.Image, path: str | Path) -> None:
+    """Write a PNG (whatever the suffix says): for files the platform names itself."""
     import io
 
     buf = io.BytesIO()

@@ -4,7 +4,7 @@
 any Stable Diffusion 1.x/2.x pipeline saved in diffusers layout; anything else is taken as a
 hub id (e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5") and needs network or a warm
 Hugging Face cache. Every consumer downstream (discovery, editing, serving) takes the
-`BaseModel` this returns, so none of them knows which one it got.
+`DiffusionModel` this returns, so none of them knows which one it got.
 """
 
 from __future__ import annotations
@@ -18,17 +18,39 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from noiseclr.domains.shapes import parse_caption
+from noiseclr.errors import ModelLoadError
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 EMBEDDED = {"shapes": PRETRAINED_DIR / "shapes"}
 
 
-class ModelLoadError(RuntimeError):
-    """A base model could not be loaded; the message says why and what to do."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """ "auto" -> cuda when there is a GPU, else cpu; anything else as torch reads it."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ModelLoadError(
+            f"device {name!r} is not a device torch knows (use auto, cpu, cuda, cuda:N)"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but this machine has no CUDA GPU (use cpu or auto)")
+    return device
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """ "fp32" | "bf16" | "fp16" -> the torch dtype."""
+    if precision not in DTYPES:
+        raise ModelLoadError(f"precision {precision!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[precision]
 
 
 @dataclass
-class BaseModel:
+class DiffusionModel:
     """A loaded base model: the diffusers pipeline plus what identifies it."""
 
     pipe: StableDiffusionPipeline
@@ -101,9 +123,9 @@ def _resolve(name_or_path: str) -> tuple[str, dict | None]:
 
 def load_model(
     name_or_path: str = "shapes",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
-) -> BaseModel:
+) -> DiffusionModel:
     """Load a base model as a StableDiffusionPipeline with a DDIM scheduler."""
     source, world = _resolve(name_or_path)
     try:
@@ -119,5 +141,5 @@ def load_model(
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
-    return BaseModel(pipe=pipe, source=name_or_path, fingerprint=fingerprint(pipe), world=world)
+    pipe.to(resolve_device(device))
+    return DiffusionModel(pipe=pipe, source=name_or_path, fingerprint=fingerprint(pipe), world=world)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -16,8 +18,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from noiseclr.errors import DataError, ImageError
+
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Refuse to decode more pixels than this: a small file can declare a huge image (a
+# decompression bomb). 64 MP is a 8000 x 8000 photo.
+MAX_PIXELS = 64_000_000
 
 
 @dataclass
@@ -31,17 +38,23 @@ def list_images(uri: str) -> list[str]:
     """Image files under `uri` (recursive), sorted, as full URIs."""
     fs, root = fsspec.core.url_to_fs(uri)
     if not fs.exists(root):
-        raise FileNotFoundError(f"image folder {uri!r} does not exist")
+        raise DataError(f"image folder {uri!r} does not exist")
     files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri!r}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri!r}")
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
     return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in files]
 
 
 def decode_image(data: bytes, resolution: int) -> np.ndarray:
     """Bytes -> (resolution, resolution, 3) uint8: RGB, shorter side resized, centre crop."""
-    img = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():  # PIL warns from 89 MP; ours refuses from MAX_PIXELS, below that
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    if img.width * img.height > MAX_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{img.width} x {img.height} pixels is more than the {MAX_PIXELS // 1_000_000} MP limit"
+        )
     img.load()  # raises on truncated data
     img = img.convert("RGB")
     scale = resolution / min(img.size)
@@ -70,9 +83,26 @@ def load_images(uri: str, resolution: int, limit: int | None = None, progress: b
     if bad:
         log.warning("skipped %d unreadable image(s) under %s", len(bad), uri)
     if not good:
-        raise ValueError(f"none of the images under {uri!r} could be read ({len(bad)} corrupt)")
+        raise DataError(f"none of the images under {uri!r} could be read ({len(bad)} corrupt)")
     pixels = torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return ImageSet(pixels=pixels, files=names, bad_files=bad)
+
+
+def read_image_file(path: str | Path, resolution: int) -> torch.Tensor:
+    """One image file -> (1, 3, resolution, resolution) in [-1, 1]; `ImageError` naming the file
+    when it is missing, a folder, not an image, truncated, or too large."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image {path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"image {path}: is a folder, give one image file")
+    try:
+        pixels = decode_image(path.read_bytes(), resolution)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image {path}: refused, {err}") from None
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ImageError(f"image {path}: not a readable image ({type(err).__name__}: {err})") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from diffusers import (
 from pydantic import BaseModel, ConfigDict, model_validator
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from noiseclr.models.tokenizer import build_tokenizer
+from noiseclr.models.shapes.tokenizer import build_tokenizer
 
 # Stable Diffusion 1.x's schedule: the same betas, so DDIM/inversion code sees the same maths.
 SD_SCHEDULE = dict(

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from noiseclr.domains import shapes
-from noiseclr.models.architecture import (
+from noiseclr.models.base import resolve_device
+from noiseclr.models.shapes.architecture import (
     ArchitectureConfig,
     build_pipeline,
     build_text_encoder,
@@ -40,7 +41,7 @@ from noiseclr.models.architecture import (
     noise_schedule,
     training_scheduler,
 )
-from noiseclr.models.quality import QUALITY_BAR, evaluate_quality, meets_bar, vae_roundtrip_quality
+from noiseclr.models.shapes.quality import QUALITY_BAR, evaluate_quality, meets_bar, vae_roundtrip_quality
 
 
 class RecipeConfig(BaseModel):
@@ -105,12 +106,6 @@ class RecipeConfig(BaseModel):
     eval_images: int = 64
     final_eval_images: int = 256
     guidance_scale: float = 4.0
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _lr_lambda(warmup: int, total: int | list[int]):
@@ -358,7 +353,7 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
     """Run both stages, save the pipeline to `out` with a model card, return the metrics."""
     out = Path(out)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -538,7 +533,7 @@ Load it with `StableDiffusionPipeline.from_pretrained(this_folder)` or `noiseclr
 
 ## How it was trained
 
-`noiseclr base train` (recipe: `noiseclr/models/recipe.py`; full config in `recipe.json`):
+`noiseclr base train` (recipe: `noiseclr/models/shapes/recipe.py`; full config in `recipe.json`):
 {vae_text}, then {diffusion_text}, seed {cfg.seed}, on {metrics["device"]} in
 {metrics["train_seconds"]:.0f} s{continued}.
 {len(shapes.held_out_combinations())} of

@@ -1,0 +1,147 @@
+"""Directions as UNet conditioning: the one place discovery, editing, pullback and evaluation
+turn (M, D) direction vectors into text-encoder states and noise differences.
+
+A direction d_k is a token embedding in the text encoder's input space (textual inversion
+style); the UNet sees it through the frozen text encoder as the one-token prompt "<d_k>".
+`DirectionEmbedding` wraps the encoder's own token table (`get_input_embeddings` /
+`set_input_embeddings`, the stable API on transformers 4 and 5) and maps ids past the
+vocabulary to direction rows, so the only trainable tensor is the (K, D) direction matrix,
+every other weight stays bit-identical, and several banks compose by stacking their rows.
+
+Noise differences are batched: the official code calls the UNet once per direction (22 calls a
+step at its settings); here the text encoder runs once for all sampled directions plus the
+empty prompt, and the UNet runs once on the stacked (image x prompt) batch, split into chunks
+only when a row budget asks for it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class DirectionEmbedding(nn.Module):
+    """Token embedding table that maps ids >= vocab_size to rows of `directions`."""
+
+    def __init__(self, base: nn.Embedding, directions: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.directions = directions  # (M, D); a Parameter while training, else a tensor
+        self.vocab_size = base.num_embeddings
+
+    @property
+    def weight(self) -> torch.Tensor:  # what callers of get_input_embeddings().weight expect
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_dir = input_ids >= self.vocab_size
+        base = self.base(input_ids.clamp(max=self.vocab_size - 1))
+        if not is_dir.any():
+            return base
+        dirs = self.directions.to(base.dtype)[(input_ids - self.vocab_size).clamp(min=0)]
+        return torch.where(is_dir[..., None], dirs, base)
+
+
+@contextmanager
+def directions_in(text_encoder: nn.Module, directions: torch.Tensor):
+    """Temporarily let `text_encoder` read direction rows for ids >= its vocabulary."""
+    base = text_encoder.get_input_embeddings()
+    if isinstance(base, DirectionEmbedding):
+        base = base.base
+    text_encoder.set_input_embeddings(DirectionEmbedding(base, directions))
+    try:
+        yield
+    finally:
+        text_encoder.set_input_embeddings(base)
+
+
+def prompt_ids(tokenizer, text_encoder, n_directions: int, device: torch.device) -> torch.Tensor:
+    """Input ids (n_directions + 1, L): row k is the prompt "<d_k>", the last row is "" (empty).
+
+    Built directly as [BOS, vocab + k, EOS, PAD...], the same ids a tokenizer that had the
+    tokens added would produce, so no tokenizer has to be changed.
+    """
+    length = tokenizer.model_max_length
+    empty = tokenizer(
+        "", padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids
+    vocab = (
+        text_encoder.get_input_embeddings().base.num_embeddings
+        if isinstance(text_encoder.get_input_embeddings(), DirectionEmbedding)
+        else text_encoder.get_input_embeddings().num_embeddings
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((n_directions, length), pad, dtype=torch.long)
+    ids[:, 0] = tokenizer.bos_token_id
+    ids[:, 1] = vocab + torch.arange(n_directions)
+    ids[:, 2] = tokenizer.eos_token_id
+    return torch.cat([ids, empty]).to(device)
+
+
+def encode_directions(text_encoder: nn.Module, tokenizer, directions: torch.Tensor) -> torch.Tensor:
+    """Text-encoder hidden states for every direction prompt plus the empty prompt.
+
+    directions: (M, D) -> (M + 1, L, H); row M is the empty prompt. One encoder call.
+    """
+    ids = prompt_ids(tokenizer, text_encoder, directions.shape[0], directions.device)
+    with directions_in(text_encoder, directions):
+        return text_encoder(ids)[0]
+
+
+def unet_rows(
+    unet: nn.Module,
+    x_t: torch.Tensor,  # (B, C, h, w) noised latents
+    t: torch.Tensor,  # (B,) timesteps
+    context: torch.Tensor,  # (P, L, H) hidden states of P prompts
+    max_rows: int | None = None,
+) -> torch.Tensor:
+    """eps for every image under every prompt: (B, P, C, h, w), in ceil(B*P / max_rows) calls."""
+    n_img, n_prompt = x_t.shape[0], context.shape[0]
+    x = x_t.repeat_interleave(n_prompt, dim=0)  # row r = image r // P under prompt r % P
+    ts = t.repeat_interleave(n_prompt, dim=0)
+    ctx = context.repeat(n_img, 1, 1)
+    rows = x.shape[0]
+    step = rows if not max_rows else max(1, max_rows)
+    eps = [unet(x[s : s + step], ts[s : s + step], ctx[s : s + step]).sample for s in range(0, rows, step)]
+    return torch.cat(eps).view(n_img, n_prompt, *x_t.shape[1:])
+
+
+def direction_deltas(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    directions: torch.Tensor,  # (S, D) sampled directions (a slice of the trainable bank)
+    x_t: torch.Tensor,  # (B, C, h, w)
+    t: torch.Tensor,  # (B,)
+    max_rows: int | None = None,
+) -> torch.Tensor:
+    """delta_k^n = eps(x_t^n, d_k) - eps(x_t^n, empty) for all n, k: (B, S, C, h, w).
+
+    One text-encoder call for S + 1 prompts and one UNet pass over B * (S + 1) rows.
+    """
+    context = encode_directions(text_encoder, tokenizer, directions)  # (S + 1, L, H), last = empty
+    eps = unet_rows(unet, x_t, t, context.to(x_t.dtype), max_rows)
+    return eps[:, :-1] - eps[:, -1:]
+
+
+def direction_deltas_sequential(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    directions: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+) -> torch.Tensor:
+    """The official code's shape of work: one text-encoder and one UNet call per direction
+    (plus one for the empty prompt). Same result as `direction_deltas`; kept as the baseline
+    of the benchmark and as a check of the batched path."""
+    uncond_ctx = encode_directions(text_encoder, tokenizer, directions[:0])  # just the empty prompt
+    uncond = unet(x_t, t, uncond_ctx.expand(x_t.shape[0], -1, -1).to(x_t.dtype)).sample
+    deltas = []
+    for k in range(directions.shape[0]):
+        ctx = encode_directions(text_encoder, tokenizer, directions[k : k + 1])[:1]
+        eps = unet(x_t, t, ctx.expand(x_t.shape[0], -1, -1).to(x_t.dtype)).sample
+        deltas.append(eps - uncond)
+    return torch.stack(deltas, dim=1)

@@ -1,0 +1,194 @@
+"""The discovery job, one workflow for one process and for Ray Train workers:
+
+    model -> data -> train (single process or Ray Train + DeepSpeed) -> bank -> measure -> gallery
+
+Both paths start from OUT/checkpoints (the same `TrainState` format), run the same micro-step
+(`discovery.step`), and end in the same bank, measurement and gallery, so every config key means
+the same with and without workers. Tracking and sweeps hook in here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from noiseclr.discovery import checkpoint
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.discovery.checkpoint import TrainState
+from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.discovery.step import check_schedule
+from noiseclr.discovery.trainer import final_loss, start_state
+from noiseclr.models.base import DiffusionModel, load_model, resolve_device
+
+log = logging.getLogger(__name__)
+# Keys that say how to distribute; with workers: 0 there is nothing to distribute.
+DISTRIBUTED_KEYS = (
+    "storage_path",
+    "storage_options",
+    "zero_stage",
+    "offload",
+    "max_failures",
+    "cache_latents",
+)
+
+
+@dataclass
+class DiscoveryResult:
+    """What a discovery run made and a few figures, the same for both paths."""
+
+    bank: Path
+    steps: int
+    workers: int  # 0: single process
+    resumed_from: Path | None  # the checkpoint this call started from
+    images: int  # images trained on
+    corrupt_images: int  # unreadable files skipped
+    final_loss: float | None
+    seconds: float
+    evaluation: Path | None  # the measurement's page (shapes world only)
+    gallery: Path
+    html: Path
+
+
+def generated_data(cfg: DiscoveryConfig, out: Path, resolution: int) -> str:
+    """OUT/data: `n_images` scenes of the shapes world (the config's `world_fixed`), rewritten when
+    the world it holds was made with other settings."""
+    from noiseclr.domains.dataset import read_table, write_world
+
+    data = out / "data"
+    want = {
+        "seed": str(cfg.seed),
+        "resolution": str(resolution),
+        "n": str(cfg.n_images),
+        "fixed": json.dumps(cfg.world_fixed, sort_keys=True),
+    }
+    if (data / "factors.parquet").exists():
+        meta = {k.decode(): v.decode() for k, v in (read_table(str(data)).schema.metadata or {}).items()}
+        if all(meta.get(k) == v for k, v in want.items()):
+            return str(data)
+        shutil.rmtree(data)
+    write_world(str(data), n=cfg.n_images, seed=cfg.seed, resolution=resolution, fixed=cfg.world_fixed)
+    return str(data)
+
+
+def _train_single(cfg: DiscoveryConfig, model: DiffusionModel, data: str, out: Path, state: TrainState):
+    from noiseclr.data.images import encode_latents, load_images
+    from noiseclr.discovery.trainer import DiscoveryTrainer
+
+    images = load_images(data, model.resolution, limit=cfg.n_images)
+    latents = encode_latents(model.pipe.vae, images.pixels)
+    final = DiscoveryTrainer(cfg, model, latents, state).fit(out)
+    return final, {
+        "files": len(images.files) + len(images.bad_files),
+        "corrupt_images": len(images.bad_files),
+    }
+
+
+def _train_ray(
+    cfg: DiscoveryConfig, model: DiffusionModel, data: str, out: Path, resume: Path | None, address
+):
+    from noiseclr.training.distributed import train_distributed
+
+    result, counts = train_distributed(cfg, out, data, model.resolution, resume, address)
+    with result.as_directory() as d:
+        final = TrainState.load(d)
+    checkpoint.write(out, final, cfg.keep_checkpoints)  # where the next run, of either kind, resumes
+    return final, counts
+
+
+def bank_from_state(
+    cfg: DiscoveryConfig, model: DiffusionModel, state: TrainState, metrics: dict
+) -> DirectionBank:
+    return DirectionBank(
+        directions=state.directions.float(),
+        base_model={
+            "source": model.source,
+            "fingerprint": model.fingerprint,
+            "hidden_size": int(state.directions.shape[1]),
+        },
+        name=cfg.name,
+        config=cfg.model_dump(),
+        metrics={
+            "steps": state.step,
+            "final_loss": final_loss(state.history),
+            "world": state.world,
+            **metrics,
+        },
+        edit_defaults={"window": [cfg.edit_window, 0]},
+    )
+
+
+def run_discovery(
+    cfg: DiscoveryConfig,
+    out: str | Path,
+    fresh: bool = False,
+    address: str | None = None,
+    model: DiffusionModel | None = None,
+) -> DiscoveryResult:
+    """Run the whole job into OUT; resumes from OUT/checkpoints unless `fresh` (which deletes them).
+
+    cfg.workers > 0 trains on Ray Train workers (a local Ray, or the cluster at `address`).
+    """
+    out = Path(out).resolve()
+    started = time.perf_counter()
+    unused = [k for k in DISTRIBUTED_KEYS if k in cfg.model_fields_set] if not cfg.workers else []
+    if unused:
+        log.warning("workers is 0 (one process): %s apply to Ray Train workers only", ", ".join(unused))
+    if fresh:
+        shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
+        shutil.rmtree(out / "ray", ignore_errors=True)
+    model = model or load_model(cfg.model, device="cpu" if cfg.workers else cfg.device)
+    state, resumed = start_state(cfg, model, out)  # refuses a changed config before anything is written
+    if resumed is not None:
+        log.warning("resuming from %s (step %d of %d)", resumed, state.step, cfg.steps)
+    check_schedule(cfg, model.pipe.scheduler.config.num_train_timesteps)
+    out.mkdir(parents=True, exist_ok=True)
+    data = cfg.data or generated_data(cfg, out, model.resolution)
+    if cfg.workers:
+        final, counts = _train_ray(cfg, model, data, out, resumed, address)
+        model.pipe.to(resolve_device(cfg.device))  # the workers are done: measure and draw here
+    else:
+        final, counts = _train_single(cfg, model, data, out, state)
+    images = counts["files"] - counts["corrupt_images"]
+    bank = bank_from_state(cfg, model, final, {**counts, "images": images, "data": data})
+    bank.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+
+    report = None
+    if cfg.evaluate and cfg.data is None and (model.world or {}).get("world") == "shapes":
+        from noiseclr.evaluation import evaluate
+
+        protocol = evaluate.Protocol(
+            fixed=cfg.world_fixed, n_images=cfg.evaluate_images, window=(cfg.edit_window, 0)
+        )
+        result, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
+        log.info("alignment %.3f, coverage %s", result["alignment"], result["coverage"])
+        report = paths["html"]
+    bank_dir = bank.save(out / "bank")
+
+    from noiseclr.editing.gallery import write_gallery
+
+    pages = write_gallery(
+        model,
+        bank,
+        out / "gallery",
+        cfg.gallery_scales,
+        list(range(cfg.gallery_seeds)),
+        cfg.gallery_prompt,
+        cfg.gallery_steps,
+    )
+    return DiscoveryResult(
+        bank=bank_dir,
+        steps=final.step,
+        workers=cfg.workers,
+        resumed_from=resumed,
+        images=images,
+        corrupt_images=counts["corrupt_images"],
+        final_loss=bank.metrics["final_loss"],
+        seconds=round(time.perf_counter() - started, 1),
+        evaluation=report,
+        gallery=pages["grid"],
+        html=pages["html"],
+    )
