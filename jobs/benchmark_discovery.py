@@ -1,12 +1,18 @@
-"""Benchmark: batched noise evaluation vs the official code's one-UNet-call-per-direction loop.
+"""Benchmark: the platform's NoiseCLR step vs the official code's loop, and edit latency.
 
     python jobs/benchmark_discovery.py                      # embedded model, CPU
     python jobs/benchmark_discovery.py --full-size --device cuda --precision bf16
                                      # SD-1.5-shaped UNet + text encoder, random weights, 512 px
 
-Prints, for the same config in the same process: seconds per training step (forward, backward
-and AdamW on the directions) of both paths and their ratio; edit latency (one denoising
-trajectory with M directions) batched vs one UNet call per direction; peak GPU memory on CUDA.
+Training step, same images, timesteps and directions, in the same process:
+- ours: `DiscoveryTrainer.train_step`, the code discovery runs (batched noise evaluation,
+  --precision autocast, gradient checkpointing as the config's "auto" chooses it);
+- official: the official trainer's shape of work: fp32, one text-encoder and UNet call per
+  direction plus one for the empty prompt, gradient checkpointing on (its base config);
+- on CUDA, also ours with checkpointing forced off, to show what "auto" avoided (may OOM).
+Prints seconds per micro-step, pairs/s, peak GPU memory, the ratio, and the projected time of
+the paper's 4000 micro-steps (1000 iterations x 4 accumulation). Then edit latency (one
+denoising trajectory with M directions) batched vs one UNet call per direction.
 """
 
 from __future__ import annotations
@@ -19,16 +25,15 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from noiseclr.discovery.bank import encode_directions
+from noiseclr.conditioning import direction_deltas_sequential, encode_directions
 from noiseclr.discovery.loss import noiseclr_loss
-from noiseclr.discovery.noise import direction_deltas, direction_deltas_sequential
 from noiseclr.editing.sampler import Edit, sample
-from noiseclr.models.architecture import SD_SCHEDULE
-from noiseclr.models.loader import BaseModel, fingerprint, load_model
-from noiseclr.models.tokenizer import build_tokenizer
+from noiseclr.models.base import DiffusionModel, fingerprint, load_model, resolve_dtype
+from noiseclr.models.shapes.architecture import SD_SCHEDULE
+from noiseclr.models.shapes.tokenizer import build_tokenizer
 
 
-def full_size_model(device: str, dtype: torch.dtype) -> BaseModel:
+def full_size_model(device: str, dtype: torch.dtype) -> DiffusionModel:
     """SD-1.5 shapes with random weights: UNet 860M (diffusers' defaults are SD-1.5's), CLIP-L text."""
     from noiseclr.domains.shapes import vocabulary
 
@@ -67,7 +72,7 @@ def full_size_model(device: str, dtype: torch.dtype) -> BaseModel:
         requires_safety_checker=False,
     )
     pipe.to(device, dtype)
-    return BaseModel(pipe=pipe, source="sd15-shaped-random", fingerprint=fingerprint(pipe))
+    return DiffusionModel(pipe=pipe, source="sd15-shaped-random", fingerprint=fingerprint(pipe))
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -85,63 +90,123 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+PAPER_MICRO_STEPS = 4000  # the official config: 1000 iterations x gradient_accumulation_steps 4
+
+
+def peak_gib(device: str) -> str:
+    return f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
+
+
 def main() -> None:
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.trainer import DiscoveryTrainer, initial_state
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shapes")
     ap.add_argument("--full-size", action="store_true", help="SD-1.5-shaped random model at 512 px")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="ours (autocast)")
     ap.add_argument("--batch", type=int, default=6, help="images per step (paper: 6)")
     ap.add_argument("--directions", type=int, default=21, help="anchor + negatives per step (paper: 1 + 20)")
     ap.add_argument("--edit-directions", type=int, default=4)
     ap.add_argument("--edit-steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument(
+        "--gradient-checkpointing", choices=["auto", "true", "false"], default="auto", help="ours"
+    )
+    ap.add_argument("--skip-official", action="store_true")
     args = ap.parse_args()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     model = (
-        full_size_model(args.device, dtype) if args.full_size else load_model(args.model, args.device, dtype)
+        full_size_model(args.device, torch.float32) if args.full_size else load_model(args.model, args.device)
     )
     pipe = model.pipe
     unet, text, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     unet.requires_grad_(False)
     text.requires_grad_(False)
-    if args.gradient_checkpointing:
+    g = torch.Generator().manual_seed(0)
+    latent = model.resolution // pipe.vae_scale_factor
+    latents = torch.randn(args.batch, unet.config.in_channels, latent, latent, generator=g)
+    checkpointing = {"auto": "auto", "true": True, "false": False}[args.gradient_checkpointing]
+    cfg = DiscoveryConfig(
+        k=args.directions,
+        negatives=args.directions - 1,
+        batch=args.batch,
+        n_images=args.batch,
+        precision=args.precision,
+        gradient_checkpointing=checkpointing,
+        loss="paper",
+        warmup=0,
+    )
+    pairs = args.batch * args.directions
+    print(
+        f"model: {model.source} on {args.device}, {model.resolution} px, "
+        f"batch {args.batch} images x {args.directions} directions = {pairs} pairs per micro-step"
+    )
+    results = {}
+
+    if not args.skip_official:
+        # The official trainer: fp32, gradient checkpointing (UNet and text encoder), a call per direction.
         unet.enable_gradient_checkpointing()
         unet.train()
-    g = torch.Generator().manual_seed(0)
-    hidden = text.get_input_embeddings().weight.shape[1]
-    dirs = torch.nn.Parameter(torch.randn(args.directions, hidden, generator=g).to(args.device))
-    opt = torch.optim.AdamW([dirs], lr=1e-3)
-    latent = model.resolution // pipe.vae_scale_factor
-    x_t = torch.randn(args.batch, unet.config.in_channels, latent, latent, generator=g).to(args.device, dtype)
-    t = torch.full((args.batch,), 500, device=args.device)
+        dirs = torch.nn.Parameter(initial_state(cfg, model).directions.to(args.device))
+        opt = torch.optim.AdamW([dirs], lr=1e-3)
+        x_t = latents.to(args.device)
+        t = torch.full((args.batch,), 500, device=args.device)
 
-    def train_step(fn):
-        def run():
+        def official():
             opt.zero_grad(set_to_none=True)
-            deltas = fn(unet, text, tok, dirs, x_t, t)
+            deltas = direction_deltas_sequential(unet, text, tok, dirs, x_t, t)
             noiseclr_loss(deltas.float(), 0.5).backward()
             opt.step()
 
-        return run
-
-    print(
-        f"model: {model.source} on {args.device} ({args.precision}), {model.resolution} px, "
-        f"batch {args.batch} images x {args.directions} directions = {args.batch * args.directions} pairs"
-    )
-    results = {}
-    for name, fn in (("batched", direction_deltas), ("sequential", direction_deltas_sequential)):
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        results[name] = timed(train_step(fn), args.repeats, args.device)
-        mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device == "cuda" else ""
-        pairs = args.batch * args.directions / results[name]
-        print(f"train step {name:>10}: {results[name]:.3f} s  ({pairs:.1f} pairs/s{mem})")
-    print(f"train step speed-up (sequential / batched): {results['sequential'] / results['batched']:.2f}x")
+        results["official"] = timed(official, args.repeats, args.device)
+        print(
+            f"train micro-step, official loop (fp32, checkpointing, {args.directions + 1} UNet calls): "
+            f"{results['official']:.3f} s ({pairs / results['official']:.1f} pairs/s{peak_gib(args.device)})"
+        )
+        unet.disable_gradient_checkpointing()
+        unet.eval()
+        del dirs, opt
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = DiscoveryTrainer(cfg, model, latents, initial_state(cfg, model))
+    chose = "on" if unet.is_gradient_checkpointing else "off"
+    results["ours"] = timed(trainer.train_step, args.repeats, args.device)
+    print(
+        f"train micro-step, ours ({args.precision}, batched, "
+        f"checkpointing {chose} [{args.gradient_checkpointing}]): "
+        f"{results['ours']:.3f} s ({pairs / results['ours']:.1f} pairs/s{peak_gib(args.device)})"
+    )
+    for name, sec in results.items():
+        hours = sec * PAPER_MICRO_STEPS / 3600
+        print(f"projected {PAPER_MICRO_STEPS} micro-steps (the paper's run), {name}: {hours:.2f} h")
+    if "official" in results:
+        print(f"train step speed-up (official / ours): {results['official'] / results['ours']:.2f}x")
+
+    if args.device == "cuda" and args.gradient_checkpointing == "auto" and chose == "on":
+        # What "auto" avoided: the same step without checkpointing.
+        unet.disable_gradient_checkpointing()
+        unet.eval()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            sec = timed(trainer.train_step, 1, args.device)
+            print(f"ours without checkpointing: {sec:.3f} s{peak_gib(args.device)}")
+        except torch.cuda.OutOfMemoryError:
+            print(f"ours without checkpointing: out of memory{peak_gib(args.device)} (what auto avoided)")
+        torch.cuda.empty_cache()
+
+    dirs = trainer.directions
+    dtype = resolve_dtype(args.precision)
+    if dtype != torch.float32:  # edits run in the model's dtype
+        pipe.to(args.device, dtype)
     # Edit latency: one trajectory, M directions, batched call vs one call per direction.
-    edits = [Edit(dirs[i].detach(), 2.0) for i in range(args.edit_directions)]
+    edits = [Edit(dirs[i].detach(), 2.0) for i in range(min(args.edit_directions, len(dirs)))]
     x_T = torch.randn(1, unet.config.in_channels, latent, latent, generator=g)
 
     def edit_batched():
@@ -166,7 +231,7 @@ def main() -> None:
     eb = timed(edit_batched, args.repeats, args.device)
     es = timed(edit_per_direction, args.repeats, args.device)
     print(
-        f"edit ({args.edit_directions} directions, {args.edit_steps} steps): batched {eb:.3f} s, "
+        f"edit ({len(edits)} directions, {args.edit_steps} steps): batched {eb:.3f} s, "
         f"per-direction {es:.3f} s, speed-up {es / eb:.2f}x"
     )
 
