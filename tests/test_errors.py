@@ -77,6 +77,9 @@ def files(tmp_path_factory, shapes_model) -> dict[str, Path]:
 
 # (name, argv: {r} the fixture folder, {b} a good bank and output, {o} an output; what the line must name)
 CASES = [
+    ("missing argument", "evaluate", "Missing argument 'bank'"),
+    ("not an integer", "edit 0=1 {b} --seed abc", "Invalid value for '--seed'"),
+    ("unknown command", "discovr", "No such command 'discovr'"),
     ("unknown config key", "discover --config {r}/typo.yaml --out {r}/o", "unknown key 'temprature'"),
     ("missing config", "discover --config {r}/nope.yaml --out {r}/o", "nope.yaml does not exist"),
     ("config is a folder", "discover --config {r}/a-folder --out {r}/o", "is a folder"),

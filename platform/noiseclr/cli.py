@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
-import click
+# transformers' import-time notices (e.g. "requires torchvision") are noise on a user's stderr.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 import typer
 import yaml
 from typer.core import TyperGroup
+
+try:  # recent typer vendors click as typer._click: its exceptions are the ones raised
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 from noiseclr.errors import ConfigError, UserError
 
@@ -39,22 +47,22 @@ def user_message(err: BaseException) -> str | None:
 class Commands(TyperGroup):
     """Typer's group, printing user errors as one line (exit 2) instead of a traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.UsageError as err:  # a bad option or argument: one line too, not the usage text
-            if DEBUG["on"]:
+        except click_errors.UsageError as err:  # a bad option or argument: one line too, not the usage text
+            if DEBUG["on"] or isinstance(err, getattr(click_errors, "NoArgsIsHelpError", ())):
                 raise
             where = err.ctx.command_path if err.ctx else "noiseclr"
-            click.echo(f"error: {err.format_message()} (see `{where} --help`)", err=True)
+            typer.echo(f"error: {err.format_message()} (see `{where} --help`)", err=True)
             ctx.exit(2)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise
         except Exception as err:
             message = user_message(err)
             if message is None or DEBUG["on"]:
                 raise
-            click.echo(f"error: {message}", err=True)
+            typer.echo(f"error: {message}", err=True)
             ctx.exit(2)
 
 
