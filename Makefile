@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
-	$(BIN)/python -m pip install -q -e ".[dev,dist]"
+	$(BIN)/python -m pip install -q -e ".[dev,dist,track,tune]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -41,3 +41,31 @@ def tiny_model():
     assert isinstance(pipe.scheduler, DDIMScheduler)
     pipe.set_progress_bar_config(disable=True)
     return DiffusionModel(pipe=pipe, source="tiny", fingerprint=fingerprint(pipe), world=None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1, once per test session."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {
+        "endpoint_url": f"http://{host}:{port}",
+        "key": "test",
+        "secret": "test",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite store, local artifacts) on 127.0.0.1, once per session."""
+    pytest.importorskip("mlflow")
+    from noiseclr.tracking.server import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server

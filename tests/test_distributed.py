@@ -127,22 +127,6 @@ def test_killed_worker_resumes_from_the_last_checkpoint(cluster, reference, tmp_
     same_bank(result.bank, straight.bank)
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield {
-        "endpoint_url": f"http://{host}:{port}",
-        "key": "test",
-        "secret": "test",
-        "client_kwargs": {"region_name": "us-east-1"},
-    }
-    server.stop()
-
-
 def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, tmp_path):
     import boto3
     import s3fs

@@ -41,6 +41,8 @@ def user_message(err: BaseException) -> str | None:
         return validation_message(err)
     if isinstance(err, OSError) and err.filename:  # a path we could not read or write
         return f"{err.filename}: {err.strerror or err}"
+    if type(err).__name__ == "MlflowException":  # the tracking server refused or is unreachable
+        return f"MLflow: {str(err).splitlines()[0]}"
     return None
 
 
@@ -74,8 +76,12 @@ app = typer.Typer(
 )
 world_app = typer.Typer(help="The procedural shapes world.", no_args_is_help=True)
 base_app = typer.Typer(help="The embedded base model: train it, measure it.", no_args_is_help=True)
+mlflow_app = typer.Typer(help="A local MLflow tracking server.", no_args_is_help=True)
+banks_app = typer.Typer(help="Direction banks in the MLflow model registry.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(base_app, name="base")
+app.add_typer(mlflow_app, name="mlflow")
+app.add_typer(banks_app, name="banks")
 
 
 @app.callback()
@@ -102,6 +108,26 @@ def _parse_fixed(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--fix {k} is given twice ({fixed[k]!r} and {v!r}); give each factor once")
         fixed[k] = v
     return fixed
+
+
+def _open_bank(ref: str, model=None):
+    """(folder, bank) from a folder or a models:/ reference (downloaded and checksum-verified)."""
+    from noiseclr.discovery.bank import DirectionBank
+
+    if ref.startswith("models:/"):
+        from noiseclr.tracking.registry import bank_folder
+
+        folder = bank_folder(ref)
+    else:
+        folder = Path(ref)
+    return folder, DirectionBank.load(folder, model)
+
+
+def _beside(ref: str, folder: Path, what: str) -> Path:
+    """Default output beside a bank folder; for a registered bank, out/<name>-<alias|version>/."""
+    if ref.startswith("models:/"):
+        return Path("out") / ref.removeprefix("models:/").replace("/", "-").replace("@", "-") / what
+    return folder.parent / what
 
 
 @app.command()
@@ -232,8 +258,9 @@ def discover(
     typer.echo(f"bank:    {result.bank}")
     if result.evaluation:
         typer.echo(f"measured: {result.evaluation}")
-    typer.echo(f"gallery: {result.gallery}")
-    typer.echo(f"page:    {result.html}")
+    if result.gallery:
+        typer.echo(f"gallery: {result.gallery}")
+        typer.echo(f"page:    {result.html}")
     typer.echo(f"done: {result.steps} steps on {result.images} images, {where}, {result.seconds} s")
 
 
@@ -250,7 +277,7 @@ def _check_out(out: Path) -> None:
 
 @app.command()
 def gallery(
-    bank: list[Path] = typer.Argument(..., help="Bank folder(s)."),
+    bank: list[str] = typer.Argument(..., help="Bank folder(s) or models:/NAME@ALIAS, models:/NAME/VERSION."),
     model: str = typer.Option("shapes"),
     out: Path | None = typer.Option(None, help="Default: BANK/../gallery."),
     scale: float | None = typer.Option(
@@ -268,18 +295,17 @@ def gallery(
     """Write a PNG grid (directions x scales, over seeds) and an HTML page for each bank."""
     import numpy as np
 
-    from noiseclr.discovery.bank import DirectionBank
     from noiseclr.editing.gallery import write_gallery
     from noiseclr.models.base import load_model
 
     base = load_model(model, device=device)
-    for folder in bank:
-        b = DirectionBank.load(folder, base)
+    for ref in bank:
+        folder, b = _open_bank(ref, base)
         top = scale if scale is not None else 2.0 if b.edit_defaults.get("scales") else 6.0
         scales = [round(float(s), 4) for s in np.linspace(-top, top, columns)]
-        target = out or folder.parent / "gallery"
+        target = out or _beside(ref, folder, "gallery")
         pages = write_gallery(base, b, target, scales, list(range(seeds)), prompt, steps)
-        typer.echo(f"{folder}: {pages['grid']} {pages['html']}")
+        typer.echo(f"{ref}: {pages['grid']} {pages['html']}")
 
 
 @app.command()
@@ -287,7 +313,9 @@ def edit(
     edits: list[str] = typer.Argument(
         ..., help="[bank:]direction=scale[@t_high-t_low], e.g. 3=4 or bg:2=-3@800-200"
     ),
-    bank: list[Path] = typer.Option(..., help="Bank folder(s); its name in bank.json addresses it."),
+    bank: list[str] = typer.Option(
+        ..., help="Bank folder(s) or models:/ references; its name in bank.json addresses it."
+    ),
     model: str = typer.Option("shapes"),
     image: Path | None = typer.Option(None, help="A real image to edit (DDIM inversion); else a seed."),
     seed: int = typer.Option(0),
@@ -305,7 +333,6 @@ def edit(
     import numpy as np
 
     from noiseclr.data.images import read_image_file
-    from noiseclr.discovery.bank import DirectionBank
     from noiseclr.editing import sampler
     from noiseclr.errors import BankError, EditError
     from noiseclr.models.base import load_model
@@ -316,7 +343,7 @@ def edit(
     base = load_model(model, device=device)
     banks = {}
     for folder in bank:
-        b = DirectionBank.load(folder, base)
+        _, b = _open_bank(folder, base)
         if b.name in banks:
             raise BankError(f"two banks are named {b.name!r} ({folder}); rename one in its bank.json")
         banks[b.name] = b
@@ -386,7 +413,7 @@ def _protocol(fix: list[str] | None, default_fixed: dict, **values):
 
 @app.command()
 def evaluate(
-    bank: Path = typer.Argument(..., help="Bank folder."),
+    bank: str = typer.Argument(..., help="Bank folder, or models:/NAME@ALIAS or models:/NAME/VERSION."),
     model: str = typer.Option("shapes"),
     n: int = typer.Option(16, min=2, help="Generated and real images per direction."),
     steps: int = typer.Option(20, min=2, help="DDIM steps of generated images."),
@@ -402,13 +429,12 @@ def evaluate(
 ) -> None:
     """Measure what every direction does to every factor of the shapes world, at calibrated
     strength, against the noise floor; intervals by bootstrap over images."""
-    from noiseclr.discovery.bank import DirectionBank
     from noiseclr.evaluation.evaluate import measure_bank
     from noiseclr.evaluation.report import markdown_table
     from noiseclr.models.base import load_model
 
     base = load_model(model, device=device)
-    b = DirectionBank.load(bank, base)
+    folder, b = _open_bank(bank, base)
     protocol = _protocol(
         fix,
         b.config.get("world_fixed", {}),
@@ -418,9 +444,11 @@ def evaluate(
         window=(window, 0),
         target_effect=target,
     )
-    result, paths = measure_bank(base, b, protocol, out or bank.parent / "evaluation", label=label)
-    if label:
-        b.save(bank)
+    result, paths = measure_bank(base, b, protocol, out or _beside(bank, folder, "evaluation"), label=label)
+    if label and bank.startswith("models:/"):
+        typer.echo("a registered bank is not rewritten: its labels are in the report (log a new version)")
+    elif label:
+        b.save(folder)
     typer.echo(markdown_table(result))
     typer.echo(f"report: {paths['html']}")
 
@@ -489,15 +517,126 @@ def compare(
 
 @app.command("export-ti")
 def export_ti(
-    bank: Path = typer.Argument(..., help="Bank folder."),
+    bank: str = typer.Argument(..., help="Bank folder or models:/ reference."),
     out: Path = typer.Option(..., help="Folder for the textual-inversion files."),
 ) -> None:
     """Export a bank as textual-inversion files for diffusers' `load_textual_inversion`."""
-    from noiseclr.discovery.bank import DirectionBank
-
-    paths = DirectionBank.load(bank).export_textual_inversion(out)
+    paths = _open_bank(bank)[1].export_textual_inversion(out)
     typer.echo(f"wrote {len(paths)} files to {out}; load them into a diffusers pipeline with:")
     typer.echo(f'  pipe.load_textual_inversion(sorted(glob.glob("{out}/*.safetensors")))')
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Option(Path("jobs/sweep-shapes.yaml"), help="Sweep YAML (space, milestones, job)."),
+    out: Path = typer.Option(Path("out/sweep"), help="Output folder; rerunning resumes the sweep there."),
+) -> None:
+    """Ray Tune sweep (ASHA + Optuna) over K, timestep range, tau...; objective: alignment.
+
+    With a tracking URI, trials are MLflow child runs of one sweep run and the best bank is
+    registered with the sweep's alias (default champion)."""
+    from noiseclr.workflows.sweep import SweepConfig, run_sweep
+
+    spec, job = SweepConfig.from_yaml(config)
+    summary = run_sweep(spec, job, out)
+    typer.echo(Path(summary["table"]).read_text())
+    typer.echo(f"best: {json.dumps(summary['best'], default=str)}")
+    typer.echo(f"bank: {summary['bank']}")
+    if summary.get("registered"):
+        typer.echo(f"registered: {summary['registered']} (alias {spec.register_alias})")
+    typer.echo(f"figure: {summary['figure']}")
+
+
+@mlflow_app.command("up")
+def mlflow_up(
+    root: Path = typer.Option(Path("out/mlflow"), help="Folder for mlflow.db (SQLite) and artifacts/."),
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    artifacts_destination: str | None = typer.Option(
+        None, help="Artifact store URI (default ROOT/artifacts), e.g. s3://bucket/mlflow."
+    ),
+) -> None:
+    """Run an MLflow tracking server on 127.0.0.1 (SQLite store) until Ctrl-C or SIGTERM."""
+    import signal
+    import time as _time
+
+    from noiseclr.tracking.server import MlflowServer
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    # Both stop the server (a background job may have inherited SIGINT as ignored).
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+
+    with MlflowServer(root, port, artifacts_destination) as server:
+        typer.echo(
+            f"MLflow at {server.uri} (store {root / 'mlflow.db'}); export MLFLOW_TRACKING_URI={server.uri}"
+        )
+        try:
+            while server.proc is not None and server.proc.poll() is None:
+                _time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+def _client():
+    import os
+
+    from noiseclr.errors import StorageError
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise StorageError("set MLFLOW_TRACKING_URI (e.g. http://127.0.0.1:5000 from `noiseclr mlflow up`)")
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+@banks_app.command("list")
+def banks_list() -> None:
+    """Registered banks: name, versions, aliases."""
+    client = _client()
+    for rm in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{rm.name}'")
+        aliases = ", ".join(f"{a}->{v}" for a, v in sorted((rm.aliases or {}).items()))
+        typer.echo(f"{rm.name}: {len(versions)} version(s){'; ' + aliases if aliases else ''}")
+
+
+@banks_app.command("show")
+def banks_show(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
+    """One version: its run, tags and checksums."""
+    from noiseclr.tracking.registry import resolve_version
+
+    _client()
+    v = resolve_version(ref)
+    typer.echo(f"{v.name} version {v.version} (run {v.run_id}), aliases: {', '.join(v.aliases) or '-'}")
+    for key, value in sorted(v.tags.items()):
+        typer.echo(f"  {key}: {value}")
+
+
+@banks_app.command("promote")
+def banks_promote(
+    ref: str = typer.Argument(..., help="models:/NAME/VERSION (or @ALIAS) to point the alias at"),
+    alias: str = typer.Option("champion", help="The alias to set."),
+) -> None:
+    """Point an alias (default champion) at a version."""
+    from noiseclr.tracking.registry import resolve_version
+
+    client = _client()
+    v = resolve_version(ref)
+    client.set_registered_model_alias(v.name, alias, v.version)
+    typer.echo(f"models:/{v.name}@{alias} -> version {v.version}")
+
+
+@banks_app.command("download")
+def banks_download(
+    ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION"),
+    out: Path = typer.Option(..., help="Folder to write the bank into."),
+) -> None:
+    """Download a registered bank into a folder, verified against its logged checksums."""
+    from noiseclr.tracking.registry import download_bank
+
+    _client()
+    typer.echo(f"bank: {download_bank(ref, out)}")
 
 
 if __name__ == "__main__":

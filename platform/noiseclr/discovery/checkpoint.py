@@ -46,10 +46,16 @@ RUNTIME_KEYS = frozenset(
         "edit_window",
         "evaluate",
         "evaluate_images",
+        "gallery",
         "gallery_scales",
         "gallery_seeds",
         "gallery_steps",
         "gallery_prompt",
+        "tracking_uri",
+        "experiment",
+        "register_bank",
+        "registered_model",
+        "register_alias",
     }
 )
 

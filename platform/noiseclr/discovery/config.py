@@ -67,6 +67,12 @@ class DiscoveryConfig(BaseModel):
     max_failures: int = Field(2, ge=0)  # worker restarts from the last checkpoint
     cache_latents: bool = True  # workers keep their shard's latents after the first pass
     keep_checkpoints: int = Field(2, ge=1)
+    # tracking (MLflow): none unless a tracking URI is given here or in $MLFLOW_TRACKING_URI
+    tracking_uri: str | None = None
+    experiment: str = "noiseclr"
+    register_bank: bool = True  # register the bank as a model version (tracked runs only)
+    registered_model: str | None = None  # None: noiseclr-<name>-<base model fingerprint[:8]>
+    register_alias: str | None = None  # e.g. champion: point this alias at the new version
     # editing defaults and the measurement of the bank
     edit_window: int = Field(600, ge=1, le=1000)  # edits (gallery, `noiseclr edit`) act for t <= this
     # On the shapes world (data: null), measure the bank with the oracle after training: labels
@@ -74,6 +80,7 @@ class DiscoveryConfig(BaseModel):
     evaluate: bool = True
     evaluate_images: int = Field(8, ge=2)  # generated and real images of that measurement
     # pictures (scales in units of each direction's measured strength once evaluated)
+    gallery: bool = True  # draw the gallery after training
     gallery_scales: list[float] = Field(default_factory=lambda: [-6.0, -3.0, 0.0, 3.0, 6.0])
     gallery_seeds: int = Field(3, ge=1)
     gallery_steps: int = Field(25, ge=1)

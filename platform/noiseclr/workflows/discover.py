@@ -49,8 +49,11 @@ class DiscoveryResult:
     final_loss: float | None
     seconds: float
     evaluation: Path | None  # the measurement's page (shapes world only)
-    gallery: Path
-    html: Path
+    gallery: Path | None  # None with gallery: false
+    html: Path | None
+    alignment: float | None = None  # the measurement's summary (shapes world only)
+    coverage: int | None = None  # factors some direction moves cleanly
+    run_id: str | None = None  # the MLflow run, when tracked
 
 
 def generated_data(cfg: DiscoveryConfig, out: Path, resolution: int) -> str:
@@ -80,10 +83,12 @@ def _train_single(cfg: DiscoveryConfig, model: DiffusionModel, data: str, out: P
 
     images = load_images(data, model.resolution, limit=cfg.n_images)
     latents = encode_latents(model.pipe.vae, images.pixels)
-    final = DiscoveryTrainer(cfg, model, latents, state).fit(out)
+    trainer = DiscoveryTrainer(cfg, model, latents, state)
+    final = trainer.fit(out)
     return final, {
         "files": len(images.files) + len(images.bad_files),
         "corrupt_images": len(images.bad_files),
+        "pairs_per_s": trainer.pairs_per_s,
     }
 
 
@@ -127,11 +132,17 @@ def run_discovery(
     fresh: bool = False,
     address: str | None = None,
     model: DiffusionModel | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
 ) -> DiscoveryResult:
     """Run the whole job into OUT; resumes from OUT/checkpoints unless `fresh` (which deletes them).
 
     cfg.workers > 0 trains on Ray Train workers (a local Ray, or the cluster at `address`).
+    With a tracking URI the run is an MLflow run (a child of `parent_run_id` when given; the
+    existing run `run_id` continued when given, as a sweep's trial does at each milestone).
     """
+    from noiseclr.tracking.runs import log_discovery, tracked_run
+
     out = Path(out).resolve()
     started = time.perf_counter()
     unused = [k for k in DISTRIBUTED_KEYS if k in cfg.model_fields_set] if not cfg.workers else []
@@ -145,50 +156,62 @@ def run_discovery(
     if resumed is not None:
         log.warning("resuming from %s (step %d of %d)", resumed, state.step, cfg.steps)
     check_schedule(cfg, model.pipe.scheduler.config.num_train_timesteps)
-    out.mkdir(parents=True, exist_ok=True)
-    data = cfg.data or generated_data(cfg, out, model.resolution)
-    if cfg.workers:
-        final, counts = _train_ray(cfg, model, data, out, resumed, address)
-        model.pipe.to(resolve_device(cfg.device))  # the workers are done: measure and draw here
-    else:
-        final, counts = _train_single(cfg, model, data, out, state)
-    images = counts["files"] - counts["corrupt_images"]
-    bank = bank_from_state(cfg, model, final, {**counts, "images": images, "data": data})
-    bank.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    with tracked_run(cfg, run_name=f"{cfg.name}-{out.name}", parent=parent_run_id, run_id=run_id) as run:
+        out.mkdir(parents=True, exist_ok=True)
+        data = cfg.data or generated_data(cfg, out, model.resolution)
+        if cfg.workers:
+            final, counts = _train_ray(cfg, model, data, out, resumed, address)
+            model.pipe.to(resolve_device(cfg.device))  # the workers are done: measure and draw here
+        else:
+            final, counts = _train_single(cfg, model, data, out, state)
+        images = counts["files"] - counts["corrupt_images"]
+        bank = bank_from_state(cfg, model, final, {**counts, "images": images, "data": data})
+        bank.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
 
-    report = None
-    if cfg.evaluate and cfg.data is None and (model.world or {}).get("world") == "shapes":
-        from noiseclr.evaluation import evaluate
+        measured = report = None
+        if cfg.evaluate and cfg.data is None and (model.world or {}).get("world") == "shapes":
+            from noiseclr.evaluation import evaluate
 
-        protocol = evaluate.Protocol(
-            fixed=cfg.world_fixed, n_images=cfg.evaluate_images, window=(cfg.edit_window, 0)
+            protocol = evaluate.Protocol(
+                fixed=cfg.world_fixed,
+                n_images=cfg.evaluate_images,
+                calibration_images=min(4, cfg.evaluate_images),
+                window=(cfg.edit_window, 0),
+            )
+            measured, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
+            log.info("alignment %.3f, coverage %s", measured["alignment"], measured["coverage"])
+            report = paths["html"]
+        bank_dir = bank.save(out / "bank")
+
+        pages = {"grid": None, "html": None}
+        if cfg.gallery:
+            from noiseclr.editing.gallery import write_gallery
+
+            pages = write_gallery(
+                model,
+                bank,
+                out / "gallery",
+                cfg.gallery_scales,
+                list(range(cfg.gallery_seeds)),
+                cfg.gallery_prompt,
+                cfg.gallery_steps,
+            )
+        result = DiscoveryResult(
+            bank=bank_dir,
+            steps=final.step,
+            workers=cfg.workers,
+            resumed_from=resumed,
+            images=images,
+            corrupt_images=counts["corrupt_images"],
+            final_loss=bank.metrics["final_loss"],
+            seconds=round(time.perf_counter() - started, 1),
+            evaluation=report,
+            gallery=pages["grid"],
+            html=pages["html"],
+            alignment=measured["alignment"] if measured else None,
+            coverage=measured["coverage_count"] if measured else None,
+            run_id=run.info.run_id if run else None,
         )
-        result, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
-        log.info("alignment %.3f, coverage %s", result["alignment"], result["coverage"])
-        report = paths["html"]
-    bank_dir = bank.save(out / "bank")
-
-    from noiseclr.editing.gallery import write_gallery
-
-    pages = write_gallery(
-        model,
-        bank,
-        out / "gallery",
-        cfg.gallery_scales,
-        list(range(cfg.gallery_seeds)),
-        cfg.gallery_prompt,
-        cfg.gallery_steps,
-    )
-    return DiscoveryResult(
-        bank=bank_dir,
-        steps=final.step,
-        workers=cfg.workers,
-        resumed_from=resumed,
-        images=images,
-        corrupt_images=counts["corrupt_images"],
-        final_loss=bank.metrics["final_loss"],
-        seconds=round(time.perf_counter() - started, 1),
-        evaluation=report,
-        gallery=pages["grid"],
-        html=pages["html"],
-    )
+        if run is not None:
+            log_discovery(cfg, result, final.history, data, measured, since=state.step)
+    return result

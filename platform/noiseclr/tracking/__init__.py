@@ -1,0 +1,1 @@
+"""MLflow: a local tracking server, tracked discovery runs, banks as registered models."""

@@ -1,0 +1,156 @@
+"""MLflow tracking of a discovery run: the one place the workflow talks to MLflow.
+
+With no tracking URI (config `tracking_uri`, else $MLFLOW_TRACKING_URI) nothing is tracked and
+mlflow need not be installed. Otherwise each run logs its full config as params, the per-step
+loss and throughput, the data counts and the evaluation's scores as metrics, the bank, gallery
+and evaluation page as artifacts, tags (base-model fingerprint, data URI and content hash, git
+commit), and registers the bank as a model version (`registry.log_bank`). The distributed path
+trains on Ray workers; the driver, which holds the result, is the only process that logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.errors import StorageError
+
+
+def tracking_uri(cfg: DiscoveryConfig) -> str | None:
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+@contextmanager
+def tracked_run(
+    cfg: DiscoveryConfig, run_name: str, parent: str | None = None, run_id: str | None = None
+) -> Iterator[object | None]:
+    """An active MLflow run for the job (a child of run `parent` when given; run `run_id` continued
+    when given), or None without a tracking URI."""
+    uri = tracking_uri(cfg)
+    if not uri:
+        yield None
+        return
+    try:
+        import mlflow
+    except ImportError:
+        raise StorageError("tracking_uri is set but mlflow is not installed (pip install mlflow)") from None
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.set_experiment(cfg.experiment)
+    except Exception as err:  # server down, wrong URI: say so before training, not after
+        raise StorageError(
+            f"MLflow at {uri} is not reachable or refused experiment {cfg.experiment!r}: {err}"
+        ) from None
+    if run_id:  # a sweep trial's next milestone: the same run goes on
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
+    with mlflow.start_run(
+        run_name=run_name, experiment_id=experiment.experiment_id, parent_run_id=parent
+    ) as run:
+        yield run
+
+
+def params(cfg: DiscoveryConfig) -> dict[str, str]:
+    """The whole config as MLflow params (lists and mappings as JSON)."""
+    out = {}
+    for key, value in cfg.model_dump().items():
+        out[key] = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
+    return out
+
+
+def data_hash(uri: str, storage_options: dict | None = None) -> str:
+    """sha256 over every image file's name, size and content checksum: a file's bytes where it
+    is local, the store's own checksum (S3 ETag) where it is remote."""
+    import fsspec
+
+    from noiseclr.data.images import IMAGE_SUFFIXES
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    h = hashlib.sha256()
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        if not path.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,))
+        digest = hashlib.sha256(fs.cat_file(path)).hexdigest() if local else str(info.get("ETag", ""))
+        h.update(f"{os.path.relpath(path, root)}\0{info.get('size')}\0{digest}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def log_discovery(
+    cfg: DiscoveryConfig, result, history: list[dict], data: str, evaluation: dict | None, since: int = 0
+) -> None:
+    """Everything a finished discovery run records (the active run must be its run). `since`: the
+    step this call resumed from (earlier steps' losses were logged by the call that made them)."""
+    import mlflow
+
+    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.tracking.registry import log_bank
+
+    bank = DirectionBank.load(result.bank)
+    run_id = mlflow.active_run().info.run_id
+    if not mlflow.MlflowClient().get_run(run_id).data.params:  # a continued run keeps its first config
+        mlflow.log_params(params(cfg))
+    tags = {
+        "base_model.source": str(bank.base_model.get("source")),
+        "base_model.fingerprint": str(bank.base_model.get("fingerprint")),
+        "data.uri": data,
+        "data.sha256": data_hash(data, cfg.storage_options),
+        "workers": str(result.workers),
+    }
+    if commit := git_commit():
+        tags["git.commit"] = commit
+    if result.resumed_from:
+        tags["resumed_from"] = str(result.resumed_from)
+    mlflow.set_tags(tags)
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    steps = [Metric("loss", float(h["loss"]), now, int(h["step"])) for h in history if h["step"] > since]
+    for start in range(0, len(steps), 1000):  # the batch limit of log_batch
+        mlflow.MlflowClient().log_batch(run_id, metrics=steps[start : start + 1000])
+    figures = {
+        "images": result.images,
+        "corrupt_images": result.corrupt_images,
+        "seconds": result.seconds,
+        "steps": result.steps,
+        **{
+            k: bank.metrics[k]
+            for k in ("pairs_per_s", "final_loss", "param_mib")
+            if bank.metrics.get(k) is not None
+        },
+    }
+    if evaluation:
+        figures.update(alignment=evaluation["alignment"], coverage=evaluation["coverage_count"])
+        figures.update({f"alignment.{name}": s["alignment"] for name, s in evaluation["scores"].items()})
+    mlflow.log_metrics({k: float(v) for k, v in figures.items() if v is not None}, step=result.steps)
+    for folder in ("gallery", "evaluation"):
+        path = Path(result.bank).parent / folder
+        if path.exists():
+            mlflow.log_artifacts(str(path), artifact_path=folder)
+    if cfg.register_bank:  # the bank as a model, registered as a new version
+        log_bank(result.bank, cfg.registered_model, cfg.register_alias)
+    else:  # the files only (a sweep's trials: the best one is registered at the end)
+        mlflow.log_artifacts(str(result.bank), artifact_path="bank")

@@ -1,0 +1,299 @@
+"""Hyperparameter sweeps: Ray Tune over K, the timestep range, tau (and lr, negatives), each trial a
+discovery run, the objective the evaluation's alignment (the loss is not a quality measure).
+
+    noiseclr sweep --config jobs/sweep-shapes.yaml --out out/sweep
+
+Each trial trains in steps (`milestones`), measuring and reporting after each with
+`ray.tune.report`, so ASHA stops weak trials early; Optuna (through Ray Tune's integration)
+proposes the next. A trial is one discovery workflow, resumed from its own checkpoints at every
+milestone, and may itself use Ray Train workers (`workers` in the base job: Train runs inside the
+Tune function). With a tracking URI each trial is an MLflow child run under one parent sweep run,
+and the best trial's bank is registered and given an alias. Rerunning the command resumes an
+interrupted sweep. Results: OUT/sweep.csv, OUT/sweep.md and OUT/sweep.png (objective against each
+hyperparameter), logged to the parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from noiseclr.discovery.config import DiscoveryConfig, validation_message
+from noiseclr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+SWEPT = ("k", "t_range", "tau", "lr", "negatives")  # what a space may name
+
+
+class Dimension(BaseModel):
+    """One search dimension: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: tuple[int, int] | None = None  # inclusive
+
+    @model_validator(mode="after")
+    def _one(self) -> Dimension:
+        given = [k for k in ("choice", "uniform", "loguniform", "integer") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of choice, uniform, loguniform, integer (got {given or 'none'})"
+            )
+        return self
+
+    def tune(self):
+        from ray import tune
+
+        if self.choice is not None:
+            return tune.choice(self.choice)
+        if self.uniform is not None:
+            return tune.uniform(*self.uniform)
+        if self.loguniform is not None:
+            return tune.loguniform(*self.loguniform)
+        return tune.randint(self.integer[0], self.integer[1] + 1)
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    job: str  # the base discovery job (YAML), relative to the sweep file
+    overrides: dict[str, Any] = Field(default_factory=dict)  # job keys for short trials
+    space: dict[str, Dimension]  # k, t_range ([t_min, t_max] pairs), tau, lr, negatives
+    milestones: list[int] = Field(default_factory=lambda: [100, 200])  # steps measured (ASHA rungs)
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    cpus_per_trial: float = Field(2, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    metric: Literal["alignment"] = "alignment"
+    reduction_factor: int = Field(2, ge=2)
+    seed: int = 0
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+    register_alias: str = "champion"  # given to the best trial's registered bank
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        unknown = sorted(set(self.space) - set(SWEPT))
+        if unknown:
+            raise ValueError(f"space may name {list(SWEPT)}, not {unknown}")
+        if not self.milestones or self.milestones != sorted(set(self.milestones)) or self.milestones[0] < 1:
+            raise ValueError(f"milestones must be increasing step counts >= 1, got {self.milestones}")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> tuple[SweepConfig, DiscoveryConfig]:
+        """The sweep and its base job (overrides applied; validated both)."""
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"sweep config {path}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"sweep config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        try:
+            sweep = cls(**values)
+        except ValidationError as err:
+            raise ConfigError(f"sweep config {path}: {validation_message(err)}") from None
+        job = DiscoveryConfig.from_yaml(path.parent / sweep.job, **sweep.overrides)
+        return sweep, job
+
+
+def trial_config(job: DiscoveryConfig, sampled: dict[str, Any]) -> DiscoveryConfig:
+    """The job with a trial's sampled values; negatives is kept below k (a sampled k may be small)."""
+    values = job.model_dump()
+    for key, value in sampled.items():
+        if key == "t_range":
+            values["t_min"], values["t_max"] = (int(v) for v in value)
+        else:
+            values[key] = value
+    values["negatives"] = min(int(values["negatives"]), int(values["k"]) - 1)
+    return DiscoveryConfig.parse(values, where="trial")
+
+
+def _trial(config: dict) -> None:
+    """Ray Tune function trainable: train to each milestone (resuming), measure, report."""
+    import torch
+    from ray import tune
+
+    from noiseclr.workflows.discover import run_discovery
+
+    torch.set_num_threads(max(1, int(config["_cpus"])))
+    job = DiscoveryConfig(**config["_job"])
+    cfg = trial_config(job, {k: v for k, v in config.items() if not k.startswith("_")})
+    out = Path(config["_out"]) / "trials" / tune.get_context().get_trial_id()
+    run_id = None
+    for steps in config["_milestones"]:
+        last = steps == config["_milestones"][-1]
+        step_cfg = cfg.model_copy(update={"steps": steps, "register_bank": False, "gallery": last})
+        result = run_discovery(step_cfg, out, parent_run_id=config.get("_parent"), run_id=run_id)
+        run_id = result.run_id
+        tune.report(
+            {
+                "alignment": result.alignment if result.alignment is not None else 0.0,
+                "coverage": result.coverage or 0,
+                "loss": result.final_loss,
+                "steps": steps,
+                "bank": str(result.bank),
+                "mlflow_run_id": run_id or "",
+            }
+        )
+
+
+def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict:
+    """Run (or resume) the sweep into OUT; returns the best trial's figures and where things are."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from noiseclr.tracking.runs import tracking_uri
+
+    if not job.evaluate or job.data is not None:
+        raise ConfigError(
+            "a sweep maximises the evaluation's alignment: its job needs evaluate: true and data: null"
+        )
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "sweep.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    parent = state.get("parent_run_id") or _start_parent(job, sweep)
+    state_file.write_text(json.dumps({"parent_run_id": parent}))
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    trainable = tune.with_resources(_trial, {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
+    storage = out / "tune"
+    experiment = storage / sweep.name
+    if tune.Tuner.can_restore(str(experiment)):
+        log.warning("resuming the sweep in %s", experiment)
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+    else:
+        space = {key: dim.tune() for key, dim in sweep.space.items()}
+        space.update(
+            _job=job.model_dump(),
+            _out=str(out),
+            _milestones=sweep.milestones,
+            _parent=parent,
+            _cpus=sweep.cpus_per_trial,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode="max",
+                num_samples=sweep.num_samples,
+                scheduler=ASHAScheduler(
+                    max_t=len(sweep.milestones), grace_period=1, reduction_factor=sweep.reduction_factor
+                ),
+                search_alg=ConcurrencyLimiter(
+                    OptunaSearch(seed=sweep.seed), max_concurrent=sweep.max_concurrent
+                ),
+            ),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage)),
+        )
+    results = tuner.fit()
+    table = results_table(results, sweep)
+    best = results.get_best_result(metric=sweep.metric, mode="max", scope="last")
+    summary = {
+        "best": {
+            **{k: best.config[k] for k in sweep.space},
+            **{k: best.metrics[k] for k in ("alignment", "coverage", "steps")},
+        },
+        "bank": best.metrics["bank"],
+        "table": str(out / "sweep.md"),
+        "figure": str(out / "sweep.png"),
+        "trials": len(table),
+    }
+    write_results(table, sweep, out)
+    if tracking_uri(job):
+        summary["registered"] = _register_best(job, sweep, best, parent, out)
+    (out / "best.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _start_parent(job: DiscoveryConfig, sweep: SweepConfig) -> str | None:
+    """The parent MLflow run of the sweep (None without tracking); its trials are children."""
+    from noiseclr.tracking.runs import tracked_run
+
+    with tracked_run(job, run_name=sweep.name) as run:
+        if run is None:
+            return None
+        import mlflow
+
+        mlflow.log_params({f"sweep.{k}": json.dumps(v, default=str) for k, v in sweep.model_dump().items()})
+        return run.info.run_id
+
+
+def results_table(results, sweep: SweepConfig) -> list[dict]:
+    """One row per trial: its sampled values, its last measured step and figures."""
+    rows = []
+    for r in results:
+        if r.metrics is None or "alignment" not in r.metrics:
+            continue
+        row = {k: r.config[k] for k in sweep.space}
+        row.update({k: r.metrics.get(k) for k in ("steps", "alignment", "coverage", "loss")})
+        rows.append(row)
+    return sorted(rows, key=lambda row: -(row["alignment"] or 0))
+
+
+def write_results(rows: list[dict], sweep: SweepConfig, out: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(rows[0]) if rows else []
+    with (out / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(row[k]) for k in keys) + " |" for row in rows]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    dims = list(sweep.space)
+    fig, axes = plt.subplots(1, len(dims), figsize=(3.2 * len(dims), 3), squeeze=False)
+    for ax, key in zip(axes[0], dims, strict=True):
+        xs = [str(r[key]) if key == "t_range" else r[key] for r in rows]
+        ax.scatter(xs, [r["alignment"] for r in rows], c=[r["steps"] for r in rows], cmap="viridis")
+        ax.set_xlabel(key)
+        if key in ("lr",) or (sweep.space[key].loguniform is not None):
+            ax.set_xscale("log")
+    axes[0][0].set_ylabel("alignment (colour: steps reached)")
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=110)
+    plt.close(fig)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _register_best(
+    job: DiscoveryConfig, sweep: SweepConfig, best, parent: str | None, out: Path
+) -> str | None:
+    """Register the best trial's bank (in its own MLflow run) and point the alias at it."""
+    import mlflow
+
+    from noiseclr.tracking.registry import log_bank
+    from noiseclr.tracking.runs import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(job))
+    run_id = best.metrics.get("mlflow_run_id") or None
+    with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(parent_run_id=parent):
+        version = log_bank(best.metrics["bank"], job.registered_model, sweep.register_alias)
+    if parent:
+        with mlflow.start_run(run_id=parent):
+            for name in ("sweep.csv", "sweep.md", "sweep.png"):
+                mlflow.log_artifact(str(out / name))
+            mlflow.log_metric("best_alignment", float(best.metrics["alignment"]))
+    return f"models:/{version.name}/{version.version}" if version else None

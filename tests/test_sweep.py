@@ -1,0 +1,120 @@
+"""Ray Tune sweeps with the real parts: a local Ray (started by the command), Optuna + ASHA, trials
+as MLflow child runs on the session's MLflow server, the best bank registered and opened by
+alias, and a sweep killed mid-way that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.tune")
+pytest.importorskip("optuna")
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow import MlflowClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from noiseclr.cli import app  # noqa: E402
+from noiseclr.workflows.sweep import SweepConfig, trial_config  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def write_sweep(folder: Path, uri: str | None, name: str, samples: int) -> Path:
+    (folder / "job.yaml").write_text(
+        "name: swp\nk: 2\nnegatives: 1\nbatch: 2\nn_images: 4\ndevice: cpu\nevaluate_images: 2\n"
+        "world_fixed: {x: center, y: middle}\ngallery_seeds: 1\ngallery_steps: 2\ngallery_scales: [0, 1]\n"
+        "checkpoint_every: 1\nexperiment: sweep-tests\n" + (f"tracking_uri: {uri}\n" if uri else "")
+    )
+    (folder / "sweep.yaml").write_text(
+        "job: job.yaml\n"
+        "space:\n  tau: {loguniform: [0.2, 1.0]}\n  t_range: {choice: [[0, 600], [0, 999]]}\n"
+        f"milestones: [1, 2]\nnum_samples: {samples}\ncpus_per_trial: 1\nname: {name}\n"
+    )
+    return folder / "sweep.yaml"
+
+
+def sweep_cmd(config: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "noiseclr.cli", "sweep", "--config", str(config), "--out", str(out)]
+
+
+def test_a_small_sweep_tracks_trials_registers_the_best_and_edits_by_alias(
+    mlflow_server, tmp_path, monkeypatch
+):
+    config = write_sweep(tmp_path, mlflow_server.uri, "small", samples=4)
+    done = subprocess.run(sweep_cmd(config, tmp_path / "out"), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    assert best["trials"] == 4
+    rows = (tmp_path / "out" / "sweep.md").read_text().splitlines()
+    assert rows[0].startswith("| tau | t_range | steps | alignment") and len(rows) == 2 + 4
+    assert (tmp_path / "out" / "sweep.png").stat().st_size > 1000
+    client = MlflowClient(mlflow_server.uri)
+    parent = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]
+    experiment = client.get_experiment_by_name("sweep-tests")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 4
+    assert all("alignment" in r.data.metrics and r.data.params["k"] == "2" for r in children)
+    assert client.get_run(parent).data.metrics["best_alignment"] == pytest.approx(best["best"]["alignment"])
+    name, _, version = best["registered"].removeprefix("models:/").partition("/")
+    assert client.get_model_version_by_alias(name, "champion").version == version
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    edited = CliRunner().invoke(
+        app,
+        [
+            "edit",
+            "0=1",
+            "--bank",
+            f"models:/{name}@champion",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--steps",
+            "3",
+        ],
+    )
+    assert edited.exit_code == 0, edited.output
+
+
+def test_a_sweep_killed_mid_way_resumes(tmp_path):
+    config = write_sweep(tmp_path, None, "killed", samples=3)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(sweep_cmd(config, out), start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:  # kill once the first trial has reported a result
+            if any(p.stat().st_size > 0 for p in (out / "tune" / "killed").glob("*/result.json")):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("no trial reported within 10 minutes")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    assert not (out / "best.json").exists()
+    again = subprocess.run(sweep_cmd(config, out), capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming the sweep" in again.stderr
+    assert json.loads((out / "best.json").read_text())["trials"] == 3
+
+
+def test_sweep_config_errors_and_trial_values(tmp_path):
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.errors import ConfigError
+
+    (tmp_path / "job.yaml").write_text("k: 4\nnegatives: 3\n")
+    (tmp_path / "bad.yaml").write_text("job: job.yaml\nspace:\n  temperature: {choice: [0.1]}\n")
+    with pytest.raises(ConfigError, match=r"space may name .* not \['temperature'\]"):
+        SweepConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "two.yaml").write_text("job: job.yaml\nspace:\n  tau: {choice: [0.1], uniform: [0, 1]}\n")
+    with pytest.raises(ConfigError, match="exactly one of"):
+        SweepConfig.from_yaml(tmp_path / "two.yaml")
+    cfg = trial_config(DiscoveryConfig(k=8, negatives=7), {"k": 3, "t_range": [100, 700], "tau": 0.2})
+    assert (cfg.k, cfg.negatives, cfg.t_min, cfg.t_max, cfg.tau) == (3, 2, 100, 700, 0.2)

@@ -1,0 +1,253 @@
+"""MLflow tracking with the real parts: a local `mlflow server` (SQLite store, proxied artifacts)
+started once per session, runs and registered banks read back with MlflowClient, the CLI by
+alias, bad references, a tampered artifact, concurrent registration, an S3 artifact store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow import MlflowClient  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from noiseclr.cli import app  # noqa: E402
+from noiseclr.discovery.bank import DirectionBank  # noqa: E402
+from noiseclr.discovery.config import DiscoveryConfig  # noqa: E402
+from noiseclr.errors import BankError  # noqa: E402
+from noiseclr.tracking import registry  # noqa: E402
+from noiseclr.tracking.server import MlflowServer, free_port  # noqa: E402
+from noiseclr.workflows.discover import run_discovery  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tracked(mlflow_server, tmp_path_factory):
+    """One tracked, measured, registered tiny discovery run (alias champion)."""
+    out = tmp_path_factory.mktemp("tracked")
+    cfg = DiscoveryConfig(
+        name="trk",
+        k=3,
+        negatives=1,
+        batch=2,
+        n_images=4,
+        steps=3,
+        device="cpu",
+        evaluate_images=2,
+        gallery_seeds=1,
+        gallery_steps=2,
+        gallery_scales=[0.0, 1.0],
+        world_fixed={"x": "center", "y": "middle"},
+        tracking_uri=mlflow_server.uri,
+        experiment="tests",
+        register_alias="champion",
+    )
+    result = run_discovery(cfg, out)
+    return cfg, result
+
+
+def test_a_tracked_run_logs_config_metrics_artifacts_tags_and_a_registered_version(tracked, mlflow_server):
+    _, result = tracked
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["tau"] == "0.5" and run.data.params["k"] == "3"
+    assert json.loads(run.data.params["world_fixed"]) == {"x": "center", "y": "middle"}
+    losses = client.get_metric_history(result.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3]
+    assert run.data.metrics["alignment"] == pytest.approx(result.alignment)
+    assert run.data.metrics["images"] == 4 and "pairs_per_s" in run.data.metrics
+    tags = run.data.tags
+    bank = DirectionBank.load(result.bank)
+    assert tags["base_model.fingerprint"] == bank.base_model["fingerprint"]
+    assert tags["data.uri"].endswith("data") and len(tags["data.sha256"]) == 16
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"gallery", "evaluation"} <= artifacts
+    name = registry.model_name(bank)
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.run_id == result.run_id
+    assert (
+        version.tags["sha256.directions.safetensors"]
+        == registry.checksums(result.bank)["directions.safetensors"]
+    )
+
+
+def test_edit_and_evaluate_open_a_bank_by_alias_and_by_version(tracked, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setattr(registry, "CACHE", tmp_path / "cache")
+    name = registry.model_name(DirectionBank.load(tracked[1].bank))
+    out = tmp_path / "edit.png"
+    result = CliRunner().invoke(
+        app, ["edit", "0=1", "--bank", f"models:/{name}@champion", "--out", str(out), "--steps", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    folder = registry.download_bank(f"models:/{name}/1", tmp_path / "v1")
+    same = DirectionBank.load(folder)
+    assert (same.directions == DirectionBank.load(tracked[1].bank).directions).all()
+
+
+@pytest.mark.parametrize(
+    "ref, says",
+    [
+        ("models:/no-such-bank@champion", "no registered model 'no-such-bank'"),
+        ("models:/{name}/99", "has no version 99"),
+        ("models:/{name}@nobody", "has no alias 'nobody'"),
+        ("models:/{name}", "is not a bank reference"),
+    ],
+)
+def test_an_unknown_model_version_or_alias_is_one_line(
+    tracked, mlflow_server, monkeypatch, ref, says, tmp_path
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    name = registry.model_name(DirectionBank.load(tracked[1].bank))
+    result = CliRunner().invoke(
+        app, ["edit", "0=1", "--bank", ref.format(name=name), "--out", str(tmp_path / "e.png")]
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and says in lines[0], result.stderr
+
+
+def test_a_tampered_artifact_fails_its_checksum(tracked, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    name = registry.model_name(DirectionBank.load(tracked[1].bank))
+    version = MlflowClient(mlflow_server.uri).get_model_version_by_alias(name, "champion")
+    stored = [p for p in (mlflow_server.root / "artifacts").rglob("directions.safetensors")]
+    assert stored, "the bank is not in the server's artifact store"
+    originals = {p: p.read_bytes() for p in stored}
+    try:
+        for p, data in originals.items():
+            p.write_bytes(data[:-4] + b"\0\0\0\0")
+        with pytest.raises(BankError, match="fails its checksum"):
+            registry.download_bank(f"models:/{name}/{version.version}", tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+    finally:
+        for p, data in originals.items():
+            p.write_bytes(data)
+
+
+def test_two_runs_registering_at_once_both_get_versions(tracked, mlflow_server, tmp_path):
+    bank_dir = tracked[1].bank
+    script = (
+        "import mlflow, sys\n"
+        "from noiseclr.tracking.registry import log_bank\n"
+        f"mlflow.set_tracking_uri({mlflow_server.uri!r}); mlflow.set_experiment('tests')\n"
+        "with mlflow.start_run():\n"
+        f"    print('VERSION', log_bank({str(bank_dir)!r}, 'concurrent-bank').version)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    versions = sorted(
+        int(line.split()[1]) for out in outputs for line in out.splitlines() if line.startswith("VERSION")
+    )
+    assert all(p.returncode == 0 for p in procs)
+    assert versions == [1, 2]
+    listed = MlflowClient(mlflow_server.uri).search_model_versions("name='concurrent-bank'")
+    assert sorted(int(v.version) for v in listed) == [1, 2]
+
+
+def test_banks_commands_list_show_promote_download(tracked, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    name = registry.model_name(DirectionBank.load(tracked[1].bank))
+    runner = CliRunner()
+    listed = runner.invoke(app, ["banks", "list"])
+    assert listed.exit_code == 0 and name in listed.output and "champion->1" in listed.output
+    shown = runner.invoke(app, ["banks", "show", f"models:/{name}@champion"])
+    assert shown.exit_code == 0 and "sha256.bank.json" in shown.output
+    promoted = runner.invoke(app, ["banks", "promote", f"models:/{name}/1", "--alias", "staging"])
+    assert promoted.exit_code == 0
+    assert MlflowClient(mlflow_server.uri).get_model_version_by_alias(name, "staging").version == "1"
+    got = runner.invoke(app, ["banks", "download", f"models:/{name}@staging", "--out", str(tmp_path / "b")])
+    assert got.exit_code == 0 and (tmp_path / "b" / "bank.json").exists()
+
+
+def test_without_a_tracking_uri_nothing_is_tracked(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = DiscoveryConfig(
+        k=3,
+        negatives=1,
+        batch=2,
+        n_images=2,
+        steps=1,
+        device="cpu",
+        evaluate=False,
+        gallery_seeds=1,
+        gallery_steps=1,
+        gallery_scales=[0.0],
+    )
+    assert run_discovery(cfg, tmp_path).run_id is None
+
+
+def test_mlflow_up_serves_until_interrupted(tmp_path):
+    import select
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "noiseclr.cli", "mlflow", "up", "--root", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    said = ""
+    try:
+        deadline = time.monotonic() + 120
+        while "MLflow at" not in said and time.monotonic() < deadline:  # as a user waits for it
+            if select.select([proc.stdout], [], [], 1)[0]:
+                said += proc.stdout.readline()
+            assert proc.poll() is None, said
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
+        assert (tmp_path / "mlflow.db").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        said += proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, said
+    deadline, down = time.monotonic() + 30, False
+    while time.monotonic() < deadline and not down:  # the server stops with the command
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            time.sleep(0.5)
+        except OSError:
+            down = True
+    assert down, f"the server outlived `noiseclr mlflow up`: {said[-2000:]}"
+
+
+def test_an_s3_artifact_store(s3_server, tmp_path):
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint_url"],
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="mlflow-artifacts")
+    env = {
+        "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint_url"],
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with MlflowServer(tmp_path, artifacts_destination="s3://mlflow-artifacts/store", env=env) as server:
+        client = MlflowClient(server.uri)
+        run = client.create_run(client.create_experiment("s3"))
+        (tmp_path / "note.txt").write_text("in the bucket")
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+        back = client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path / "back"))
+        assert Path(back).read_text() == "in the bucket"
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**{k: v for k, v in s3_server.items()})
+    assert fs.glob("mlflow-artifacts/store/**/note.txt"), "the artifact did not reach the bucket"
+    assert os.environ.get("MLFLOW_S3_ENDPOINT_URL") is None  # the server's env did not leak here
