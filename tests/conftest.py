@@ -62,6 +62,21 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
+def s3_bucket(s3_server):
+    """make(name): create a bucket on the session's S3 server."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint_url"],
+        aws_access_key_id=s3_server["key"],
+        aws_secret_access_key=s3_server["secret"],
+        region_name="us-east-1",
+    )
+    return lambda name: client.create_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (SQLite store, local artifacts) on 127.0.0.1, once per session."""
     pytest.importorskip("mlflow")

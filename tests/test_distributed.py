@@ -127,17 +127,10 @@ def test_killed_worker_resumes_from_the_last_checkpoint(cluster, reference, tmp_
     same_bank(result.bank, straight.bank)
 
 
-def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, tmp_path):
-    import boto3
+def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, s3_bucket, tmp_path):
     import s3fs
 
-    boto3.client(
-        "s3",
-        endpoint_url=s3_server["endpoint_url"],
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    ).create_bucket(Bucket="shapes-bucket")
+    s3_bucket("shapes-bucket")
     fs = s3fs.S3FileSystem(**s3_server)
     for i, px in enumerate(shapes.to_uint8(shapes.render(shapes.sample_scenes(4, seed=9)))):
         buf = io.BytesIO()

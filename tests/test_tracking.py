@@ -223,16 +223,8 @@ def test_mlflow_up_serves_until_interrupted(tmp_path):
     assert down, f"the server outlived `noiseclr mlflow up`: {said[-2000:]}"
 
 
-def test_an_s3_artifact_store(s3_server, tmp_path):
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=s3_server["endpoint_url"],
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    ).create_bucket(Bucket="mlflow-artifacts")
+def test_an_s3_artifact_store(s3_server, s3_bucket, tmp_path):
+    s3_bucket("mlflow-artifacts")
     env = {
         "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint_url"],
         "AWS_ACCESS_KEY_ID": "test",
