@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.discovery.config import DISTRIBUTED_KEYS, DiscoveryConfig
 from noiseclr.errors import ConfigError
 from noiseclr.utils.images import atomic_write_bytes
 
@@ -33,12 +33,7 @@ RUNTIME_KEYS = frozenset(
         "steps",
         "device",
         "workers",
-        "storage_path",
-        "storage_options",
-        "zero_stage",
-        "offload",
-        "max_failures",
-        "cache_latents",
+        *DISTRIBUTED_KEYS,
         "checkpoint_every",
         "keep_checkpoints",
         "gradient_checkpointing",

@@ -16,6 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from noiseclr.errors import ConfigError
 
+# Keys that say how to distribute (used only when workers > 0).
+DISTRIBUTED_KEYS = (
+    "storage_path",
+    "storage_options",
+    "zero_stage",
+    "offload",
+    "max_failures",
+    "cache_latents",
+)
+
 
 class DiscoveryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

@@ -19,21 +19,12 @@ from pathlib import Path
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.checkpoint import TrainState
-from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.discovery.config import DISTRIBUTED_KEYS, DiscoveryConfig
 from noiseclr.discovery.step import check_schedule
 from noiseclr.discovery.trainer import final_loss, start_state
 from noiseclr.models.base import DiffusionModel, load_model, resolve_device
 
 log = logging.getLogger(__name__)
-# Keys that say how to distribute; with workers: 0 there is nothing to distribute.
-DISTRIBUTED_KEYS = (
-    "storage_path",
-    "storage_options",
-    "zero_stage",
-    "offload",
-    "max_failures",
-    "cache_latents",
-)
 
 
 @dataclass
