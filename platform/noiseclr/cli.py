@@ -113,13 +113,9 @@ def _parse_fixed(items: list[str]) -> dict[str, str]:
 def _open_bank(ref: str, model=None):
     """(folder, bank) from a folder or a models:/ reference (downloaded and checksum-verified)."""
     from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.tracking.registry import bank_folder  # imports mlflow only for models:/
 
-    if ref.startswith("models:/"):
-        from noiseclr.tracking.registry import bank_folder
-
-        folder = bank_folder(ref)
-    else:
-        folder = Path(ref)
+    folder = bank_folder(ref)
     return folder, DirectionBank.load(folder, model)
 
 
@@ -144,9 +140,9 @@ def generate(
     """Generate images from a prompt and write them as a PNG grid."""
     from noiseclr.models.base import load_model
     from noiseclr.models.generate import generate as run
-    from noiseclr.utils.images import make_grid, save_image
+    from noiseclr.utils.images import image_format, make_grid, save_image
 
-    _check_out(out)
+    image_format(out)  # refuse a bad --out before any work
     base = load_model(model, device=device)
     t0 = time.perf_counter()
     images = run(base, prompt, n=n, seed=seed, steps=steps, guidance_scale=guidance)
@@ -264,17 +260,6 @@ def discover(
     typer.echo(f"done: {result.steps} steps on {result.images} images, {where}, {result.seconds} s")
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output image path before any work is done."""
-    from noiseclr.errors import StorageError
-    from noiseclr.utils.images import FORMATS
-
-    if out.suffix.lower() not in FORMATS:
-        raise StorageError(f"--out {out}: unknown image type {out.suffix!r}; use one of {sorted(FORMATS)}")
-    if out.is_dir():
-        raise StorageError(f"--out {out}: is a folder; give a file name such as {out / 'edit.png'}")
-
-
 @app.command()
 def gallery(
     bank: list[str] = typer.Argument(..., help="Bank folder(s) or models:/NAME@ALIAS, models:/NAME/VERSION."),
@@ -337,9 +322,9 @@ def edit(
     from noiseclr.errors import BankError, EditError
     from noiseclr.models.base import load_model
     from noiseclr.models.generate import default_guidance
-    from noiseclr.utils.images import make_grid, save_image
+    from noiseclr.utils.images import image_format, make_grid, save_image
 
-    _check_out(out)
+    image_format(out)  # refuse a bad --out before any work
     base = load_model(model, device=device)
     banks = {}
     for folder in bank:

@@ -57,10 +57,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
-def save_image(image: Image.Image, path: str | Path) -> None:
-    """Write in the format the suffix names (.png, .jpg/.jpeg, .webp); refuse any other."""
-    import io
-
+def image_format(path: str | Path) -> str:
+    """The PIL format an output path's suffix names; `StorageError` for any other suffix or a
+    folder (callers check this before the work, `save_image` again when writing)."""
     from noiseclr.errors import StorageError
 
     path = Path(path)
@@ -69,6 +68,14 @@ def save_image(image: Image.Image, path: str | Path) -> None:
         raise StorageError(f"--out {path}: unknown image type {path.suffix!r}; use one of {sorted(FORMATS)}")
     if path.is_dir():
         raise StorageError(f"--out {path}: is a folder; give a file name such as {path / 'out.png'}")
+    return fmt
+
+
+def save_image(image: Image.Image, path: str | Path) -> None:
+    """Write in the format the suffix names (.png, .jpg/.jpeg, .webp); refuse any other."""
+    import io
+
+    fmt = image_format(path)
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     atomic_write_bytes(path, buf.getvalue())
