@@ -54,7 +54,11 @@ def test_a_small_sweep_tracks_trials_registers_the_best_and_edits_by_alias(
     best = json.loads((tmp_path / "out" / "best.json").read_text())
     assert best["trials"] == 4
     rows = (tmp_path / "out" / "sweep.md").read_text().splitlines()
-    assert rows[0].startswith("| tau | t_range | steps | alignment") and len(rows) == 2 + 4
+    assert rows[0].startswith("| tau | t_range | baseline | steps | alignment") and len(rows) == 2 + 4
+    # the first trial ran the job's own values (tau 0.5, t 0..999), marked and compared
+    baseline = [row for row in rows[2:] if "| True |" in row]
+    assert len(baseline) == 1 and baseline[0].startswith("| 0.5 | [0, 999] | True |")
+    assert best["gain"] == pytest.approx(best["best"]["alignment"] - best["baseline"]["alignment"])
     assert (tmp_path / "out" / "sweep.png").stat().st_size > 1000
     client = MlflowClient(mlflow_server.uri)
     parent = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]
@@ -116,5 +120,10 @@ def test_sweep_config_errors_and_trial_values(tmp_path):
     (tmp_path / "two.yaml").write_text("job: job.yaml\nspace:\n  tau: {choice: [0.1], uniform: [0, 1]}\n")
     with pytest.raises(ConfigError, match="exactly one of"):
         SweepConfig.from_yaml(tmp_path / "two.yaml")
+    (tmp_path / "outside.yaml").write_text("job: job.yaml\nspace:\n  k: {choice: [8, 16]}\n")
+    with pytest.raises(ConfigError, match=r"baseline: the job's k 4 is outside the space"):
+        SweepConfig.from_yaml(tmp_path / "outside.yaml")
+    (tmp_path / "nobase.yaml").write_text("job: job.yaml\nbaseline: false\nspace:\n  k: {choice: [8, 16]}\n")
+    assert SweepConfig.from_yaml(tmp_path / "nobase.yaml")[0].baseline is False
     cfg = trial_config(DiscoveryConfig(k=8, negatives=7), {"k": 3, "t_range": [100, 700], "tau": 0.2})
     assert (cfg.k, cfg.negatives, cfg.t_min, cfg.t_max, cfg.tau) == (3, 2, 100, 700, 0.2)

@@ -65,7 +65,13 @@ def test_a_tracked_run_logs_config_metrics_artifacts_tags_and_a_registered_versi
     losses = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3]
     assert run.data.metrics["alignment"] == pytest.approx(result.alignment)
-    assert run.data.metrics["images"] == 4 and "pairs_per_s" in run.data.metrics
+    assert run.data.metrics["images"] == 4 and run.data.metrics["run_pairs_per_s"] > 0
+    for name in ("pairs_per_s", "step_seconds", "images_per_s"):  # per step, like the loss
+        history = client.get_metric_history(result.run_id, name)
+        assert [m.step for m in history] == [1, 2, 3] and all(m.value > 0 for m in history), name
+    seconds = {m.step: m.value for m in client.get_metric_history(result.run_id, "step_seconds")}
+    pairs = {m.step: m.value for m in client.get_metric_history(result.run_id, "pairs_per_s")}
+    assert pairs[2] == pytest.approx(2 * 2 / seconds[2])  # batch 2 x 2 directions a step
     tags = run.data.tags
     bank = DirectionBank.load(result.bank)
     assert tags["base_model.fingerprint"] == bank.base_model["fingerprint"]

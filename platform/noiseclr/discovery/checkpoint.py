@@ -68,7 +68,7 @@ class TrainState:
     exp_avg: torch.Tensor | None = None  # AdamW moments; None before the first step
     exp_avg_sq: torch.Tensor | None = None
     optimizer_steps: float = 0.0
-    history: list[dict] = field(default_factory=list)  # [{"step", "loss"}]
+    history: list[dict] = field(default_factory=list)  # [{"step", "loss", "seconds"}]
     world: int = 1  # processes that trained it
 
     def save(self, folder: str | Path) -> Path:

@@ -149,6 +149,7 @@ class DiscoveryTrainer:
         started, done_here = time.perf_counter(), 0
         while self.step < cfg.steps and (stop_after is None or done_here < stop_after):
             good = self.directions.detach().clone()
+            step_started = time.perf_counter()
             try:
                 loss = self.train_step()
             except TrainingDiverged as err:
@@ -160,7 +161,8 @@ class DiscoveryTrainer:
                 ) from err
             done_here += 1
             rate = self.pairs_per_s = done_here * pairs / (time.perf_counter() - started)
-            self.history.append({"step": self.step, "loss": loss})
+            seconds = time.perf_counter() - step_started
+            self.history.append({"step": self.step, "loss": loss, "seconds": seconds})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.1f}")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:

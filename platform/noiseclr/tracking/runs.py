@@ -1,11 +1,12 @@
 """MLflow tracking of a discovery run: the one place the workflow talks to MLflow.
 
 With no tracking URI (config `tracking_uri`, else $MLFLOW_TRACKING_URI) nothing is tracked and
-mlflow need not be installed. Otherwise each run logs its full config as params, the per-step
-loss and throughput, the data counts and the evaluation's scores as metrics, the bank, gallery
-and evaluation page as artifacts, tags (base-model fingerprint, data URI and content hash, git
-commit), and registers the bank as a model version (`registry.log_bank`). The distributed path
-trains on Ray workers; the driver, which holds the result, is the only process that logs.
+mlflow need not be installed. Otherwise each run logs its full config as params; per step the
+loss, step time and throughput (pairs/s, images/s); the data counts and the evaluation's scores;
+the bank, gallery and evaluation page as artifacts; tags (base-model fingerprint, data URI and
+content hash, git commit); and registers the bank as a model version (`registry.log_bank`). The
+distributed path trains on Ray workers; the driver, which holds the result, is the only process
+that logs.
 """
 
 from __future__ import annotations
@@ -128,7 +129,19 @@ def log_discovery(
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    steps = [Metric("loss", float(h["loss"]), now, int(h["step"])) for h in history if h["step"] > since]
+    pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum  # (image, direction) pairs a step
+    steps = []
+    for h in history:
+        if h["step"] > since:
+            steps.append(Metric("loss", float(h["loss"]), now, int(h["step"])))
+            if h.get("seconds"):  # older checkpoints' history has no step times
+                steps.append(Metric("step_seconds", float(h["seconds"]), now, int(h["step"])))
+                steps.append(Metric("pairs_per_s", pairs / float(h["seconds"]), now, int(h["step"])))
+                steps.append(
+                    Metric(
+                        "images_per_s", cfg.batch * cfg.grad_accum / float(h["seconds"]), now, int(h["step"])
+                    )
+                )
     for start in range(0, len(steps), 1000):  # the batch limit of log_batch
         mlflow.MlflowClient().log_batch(run_id, metrics=steps[start : start + 1000])
     figures = {
@@ -136,11 +149,8 @@ def log_discovery(
         "corrupt_images": result.corrupt_images,
         "seconds": result.seconds,
         "steps": result.steps,
-        **{
-            k: bank.metrics[k]
-            for k in ("pairs_per_s", "final_loss", "param_mib")
-            if bank.metrics.get(k) is not None
-        },
+        **{k: bank.metrics[k] for k in ("final_loss", "param_mib") if bank.metrics.get(k) is not None},
+        "run_pairs_per_s": bank.metrics.get("pairs_per_s"),  # the whole run's mean
     }
     if evaluation:
         figures.update(alignment=evaluation["alignment"], coverage=evaluation["coverage_count"])

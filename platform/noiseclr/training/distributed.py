@@ -265,8 +265,8 @@ def train_loop_per_worker(config: dict) -> None:
             total += loss.item() / cfg.grad_accum
             micro += 1
         step += 1
-        history.append({"step": step, "loss": total})
         step_times.append(time.perf_counter() - started)
+        history.append({"step": step, "loss": total, "seconds": step_times[-1]})
         recent = step_times[1:] or step_times  # the first step includes warm-up
         metrics = {
             "step": step,

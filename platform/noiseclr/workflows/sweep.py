@@ -77,6 +77,9 @@ class SweepConfig(BaseModel):
     seed: int = 0
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
     register_alias: str = "champion"  # given to the best trial's registered bank
+    # The first trial runs the base job's own values (the default the sweep must beat), so the
+    # table says how much better the best region is under the same protocol.
+    baseline: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -102,7 +105,27 @@ class SweepConfig(BaseModel):
         except ValidationError as err:
             raise ConfigError(f"sweep config {path}: {validation_message(err)}") from None
         job = DiscoveryConfig.from_yaml(path.parent / sweep.job, **sweep.overrides)
+        if sweep.baseline:
+            for key, value in job_values(job, sweep).items():
+                dim = sweep.space[key]
+                inside = (
+                    value in dim.choice
+                    if dim.choice is not None
+                    else (dim.uniform or dim.loguniform or dim.integer)[0]
+                    <= value
+                    <= (dim.uniform or dim.loguniform or dim.integer)[1]
+                )
+                if not inside:
+                    raise ConfigError(
+                        f"sweep config {path}: baseline: the job's {key} {value} is outside the space "
+                        f"{dim.model_dump(exclude_none=True)}; add it or set baseline: false"
+                    )
         return sweep, job
+
+
+def job_values(job: DiscoveryConfig, sweep: SweepConfig) -> dict[str, Any]:
+    """The base job's values of the swept keys (the baseline trial)."""
+    return {key: [job.t_min, job.t_max] if key == "t_range" else getattr(job, key) for key in sweep.space}
 
 
 def trial_config(job: DiscoveryConfig, sampled: dict[str, Any]) -> DiscoveryConfig:
@@ -194,7 +217,11 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
                     max_t=len(sweep.milestones), grace_period=1, reduction_factor=sweep.reduction_factor
                 ),
                 search_alg=ConcurrencyLimiter(
-                    OptunaSearch(seed=sweep.seed), max_concurrent=sweep.max_concurrent
+                    OptunaSearch(
+                        seed=sweep.seed,
+                        points_to_evaluate=[job_values(job, sweep)] if sweep.baseline else None,
+                    ),
+                    max_concurrent=sweep.max_concurrent,
                 ),
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage)),
@@ -212,6 +239,10 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
         "figure": str(out / "sweep.png"),
         "trials": len(table),
     }
+    base = next((row for row in table if row["baseline"]), None)
+    if base is not None:  # the job's own values, same protocol: the gain is the sweep's answer
+        summary["baseline"] = {k: base[k] for k in ("alignment", "coverage", "steps")}
+        summary["gain"] = best.metrics["alignment"] - base["alignment"]
     write_results(table, sweep, out)
     if tracking_uri(job):
         summary["registered"] = _register_best(job, sweep, best, parent, out)
@@ -239,6 +270,7 @@ def results_table(results, sweep: SweepConfig) -> list[dict]:
         if r.metrics is None or "alignment" not in r.metrics:
             continue
         row = {k: r.config[k] for k in sweep.space}
+        row["baseline"] = sweep.baseline and row == job_values(DiscoveryConfig(**r.config["_job"]), sweep)
         row.update({k: r.metrics.get(k) for k in ("steps", "alignment", "coverage", "loss")})
         rows.append(row)
     return sorted(rows, key=lambda row: -(row["alignment"] or 0))
@@ -265,10 +297,13 @@ def write_results(rows: list[dict], sweep: SweepConfig, out: Path) -> None:
     for ax, key in zip(axes[0], dims, strict=True):
         xs = [str(r[key]) if key == "t_range" else r[key] for r in rows]
         ax.scatter(xs, [r["alignment"] for r in rows], c=[r["steps"] for r in rows], cmap="viridis")
+        for r, x in zip(rows, xs, strict=True):
+            if r["baseline"]:  # the job's own values, ringed
+                ax.scatter([x], [r["alignment"]], s=160, facecolors="none", edgecolors="red")
         ax.set_xlabel(key)
         if key in ("lr",) or (sweep.space[key].loguniform is not None):
             ax.set_xscale("log")
-    axes[0][0].set_ylabel("alignment (colour: steps reached)")
+    axes[0][0].set_ylabel("alignment (colour: steps; ring: job's own values)")
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)
     plt.close(fig)
