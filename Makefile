@@ -9,7 +9,7 @@ OUT ?= out/discovery
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean browser
 
 install: $(STAMP)
 
@@ -20,13 +20,22 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
-	$(BIN)/python -m pip install -q -e ".[dev,dist,track,tune]"
+	$(BIN)/python -m pip install -q -e ".[dev,dist,track,tune,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/noiseclr discover --config jobs/shapes.yaml --out $(OUT) --device $(DEVICE)
 
-test: $(STAMP)
+# The page test drives Debian's headless chromium; install it (and its driver) when missing and
+# apt-get can (root on Debian); elsewhere that one test skips, saying why.
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    { $(APT) || { apt-get update -q >/dev/null && $(APT); }; }; } || \
+	  echo "no chromium: the page test will skip"
+
+test: $(STAMP) browser
 	$(BIN)/ruff check platform tests jobs
 	$(BIN)/python -m pytest -q
 

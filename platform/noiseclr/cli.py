@@ -532,6 +532,42 @@ def sweep(
     typer.echo(f"figure: {summary['figure']}")
 
 
+@app.command()
+def serve(
+    config: Path = typer.Option(Path("jobs/serve-shapes.yaml"), help="Serve YAML (banks, limits, replicas)."),
+    host: str | None = typer.Option(None, help="Bind address (default: the config's, 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="HTTP port (default: the config's, 8000)."),
+    address: str | None = typer.Option(None, help="A running Ray cluster (default: start a local one)."),
+) -> None:
+    """Serve the edit endpoint and its web page with Ray Serve until Ctrl-C or SIGTERM.
+
+    API keys: comma-separated in $NOISECLR_API_KEYS (the config's api_keys_env) when set."""
+    import signal
+    import time as _time
+
+    from noiseclr.serving.app import start
+    from noiseclr.serving.config import ServeConfig
+
+    cfg = ServeConfig.from_yaml(config, host=host, port=port)
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    url = start(cfg, address)
+    typer.echo(
+        f"edit endpoint at {url}/v1/edits; page {url}/; API docs {url}/docs; banks {sorted(cfg.banks)}"
+    )
+    try:
+        while True:
+            _time.sleep(1)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
 @mlflow_app.command("up")
 def mlflow_up(
     root: Path = typer.Option(Path("out/mlflow"), help="Folder for mlflow.db (SQLite) and artifacts/."),

@@ -102,10 +102,17 @@ def unet_rows(
     x = x_t.repeat_interleave(n_prompt, dim=0)  # row r = image r // P under prompt r % P
     ts = t.repeat_interleave(n_prompt, dim=0)
     ctx = context.repeat(n_img, 1, 1)
+    return unet_pairs(unet, x, ts, ctx, max_rows).view(n_img, n_prompt, *x_t.shape[1:])
+
+
+def unet_pairs(
+    unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, max_rows: int | None = None
+) -> torch.Tensor:
+    """eps of row r = (x[r], t[r], context[r]): (R, C, h, w), in ceil(R / max_rows) UNet calls."""
     rows = x.shape[0]
     step = rows if not max_rows else max(1, max_rows)
-    eps = [unet(x[s : s + step], ts[s : s + step], ctx[s : s + step]).sample for s in range(0, rows, step)]
-    return torch.cat(eps).view(n_img, n_prompt, *x_t.shape[1:])
+    eps = [unet(x[s : s + step], t[s : s + step], context[s : s + step]).sample for s in range(0, rows, step)]
+    return torch.cat(eps)
 
 
 def direction_deltas(

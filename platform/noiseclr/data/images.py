@@ -46,14 +46,16 @@ def list_images(uri: str) -> list[str]:
     return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in files]
 
 
-def decode_image(data: bytes, resolution: int) -> np.ndarray:
-    """Bytes -> (resolution, resolution, 3) uint8: RGB, shorter side resized, centre crop."""
+def decode_image(data: bytes, resolution: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes -> (resolution, resolution, 3) uint8: RGB, shorter side resized, centre crop.
+
+    The size in the header is checked against max_pixels before any pixel is decoded."""
     with warnings.catch_warnings():  # PIL warns from 89 MP; ours refuses from MAX_PIXELS, below that
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))
-    if img.width * img.height > MAX_PIXELS:
+    if img.width * img.height > max_pixels:
         raise Image.DecompressionBombError(
-            f"{img.width} x {img.height} pixels is more than the {MAX_PIXELS // 1_000_000} MP limit"
+            f"{img.width} x {img.height} pixels is more than the {max_pixels / 1e6:g} MP limit"
         )
     img.load()  # raises on truncated data
     img = img.convert("RGB")

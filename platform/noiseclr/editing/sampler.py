@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from tqdm.auto import tqdm
 
-from noiseclr.conditioning import encode_directions, unet_rows
+from noiseclr.conditioning import encode_directions, unet_pairs, unet_rows
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.errors import BankError, EditError
 from noiseclr.models.base import DiffusionModel
@@ -146,8 +146,8 @@ def sample(
     x_T: torch.Tensor,  # (N, C, h, w)
     edits: list[Edit],
     scales: torch.Tensor | None = None,  # (N, M): per-trajectory scale of each edit; default edit.scale
-    prompt: str | None = None,
-    guidance_scale: float = 1.0,
+    prompt: str | list[str | None] | None = None,  # one for all, or one (or None) per trajectory
+    guidance_scale: float | list[float] = 1.0,
     steps: int = 25,
     max_rows: int | None = None,
     progress: bool = False,
@@ -165,6 +165,10 @@ def sample(
 
     latent_shift (N, C, h, w) is added to x_t once, at the first step with t <= shift_at (the
     pullback method's edit in x_t).
+
+    Each trajectory goes through the UNet only under the rows it needs at a step (empty, its
+    prompt, the edits it scales non-zero whose window holds t), all trajectories in one batch:
+    so unrelated requests (the edit server's batches) share the calls without extra rows.
     """
     pipe, device = model.pipe, model.device
     n, m = x_T.shape[0], len(edits)
@@ -179,10 +183,20 @@ def sample(
     vectors = torch.stack([e.vector for e in edits]).to(device) if edits else torch.zeros(0, 1, device=device)
     ctx = encode_directions(pipe.text_encoder, pipe.tokenizer, vectors)  # (M + 1, L, H); last = empty
     ctx = torch.cat([ctx[-1:], ctx[:-1]])  # row 0 = empty, rows 1..M = directions
-    if prompt is not None:
-        model.check_prompt(prompt)
-        ctx = torch.cat([ctx, _encode_prompt(model, prompt)])  # row M + 1 = prompt
+    prompts = prompt if isinstance(prompt, list) else [prompt] * n
+    guidance = guidance_scale if isinstance(guidance_scale, list) else [guidance_scale] * n
+    if len(prompts) != n or len(guidance) != n:
+        raise ValueError(f"give one prompt and guidance scale per trajectory ({n})")
+    unique = list(dict.fromkeys(p for p in prompts if p is not None))
+    for text in unique:
+        model.check_prompt(text)
+        ctx = torch.cat([ctx, _encode_prompt(model, text)])  # rows M + 1 ... = prompts
+    has_prompt = torch.tensor([p is not None for p in prompts], device=device)
+    rows = [m + 1 + unique.index(p) if p is not None else 0 for p in prompts]
+    prompt_row = torch.tensor(rows, device=device)
+    guidance_t = torch.tensor(guidance, dtype=torch.float32, device=device)
     windows = torch.tensor([[e.t_low, e.t_high] for e in edits], device=device).reshape(m, 2)
+    every = torch.arange(n, device=device)
 
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps, device=device)
@@ -194,17 +208,17 @@ def sample(
         if latent_shift is not None and t <= shift_at:
             x = x + latent_shift.to(device, dtype)
             latent_shift = None
-        active = ((windows[:, 0] <= t) & (t <= windows[:, 1]) & (scales != 0).any(0)).nonzero().flatten()
-        rows = torch.cat([torch.zeros(1, dtype=torch.long, device=device), active + 1])
-        if prompt is not None:
-            rows = torch.cat([rows, torch.tensor([m + 1], device=device)])
-        eps = unet_rows(pipe.unet, sched.scale_model_input(x, t), t.expand(n), ctx[rows].to(dtype), max_rows)
-        eps = eps.float()
-        eps_u = eps[:, 0]
-        guided = eps_u + guidance_scale * (eps[:, -1] - eps_u) if prompt is not None else eps_u.clone()
-        if len(active):
-            deltas = eps[:, 1 : 1 + len(active)] - eps_u[:, None]  # (N, A, C, h, w)
-            guided += torch.einsum("na,na...->n...", scales[:, active], deltas)
+        on = (scales != 0) & ((windows[:, 0] <= t) & (t <= windows[:, 1]))[None]  # (N, M)
+        edit_img, edit_col = on.nonzero(as_tuple=True)
+        img = torch.cat([every, edit_img, every[has_prompt]])  # (trajectory, context row) pairs
+        row = torch.cat([torch.zeros_like(every), edit_col + 1, prompt_row[has_prompt]])
+        x_in = sched.scale_model_input(x, t)
+        eps = unet_pairs(pipe.unet, x_in[img], t.expand(len(img)), ctx[row].to(dtype), max_rows).float()
+        eps_u, eps_e, eps_p = eps.split([n, len(edit_img), int(has_prompt.sum())])
+        guided = eps_u.clone()
+        weight = torch.cat([scales[edit_img, edit_col], guidance_t[has_prompt]]).view(-1, 1, 1, 1)
+        target = torch.cat([edit_img, every[has_prompt]])
+        guided.index_add_(0, target, weight * (torch.cat([eps_e, eps_p]) - eps_u[target]))
         x = sched.step(guided.to(dtype), t, x).prev_sample
     return x
 

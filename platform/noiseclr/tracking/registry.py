@@ -116,7 +116,9 @@ def download_bank(ref: str, dst: str | Path | None = None) -> Path:
     except Exception as err:  # the store is unreachable or the files are gone
         shutil.rmtree(tmp, ignore_errors=True)
         raise BankError(f"{ref}: could not download version {version.version} ({err})") from None
-    folder = got / "artifacts" / "bank"
+    # MLflow stores an artifact folder under its own name (not the artifacts key): find it.
+    found = sorted((got / "artifacts").rglob(DIRECTIONS_FILE)) if (got / "artifacts").exists() else []
+    folder = found[0].parent if found else got / "artifacts" / "bank"
     expected = {k: version.tags.get(CHECKSUM_TAG.format(k)) for k in (DIRECTIONS_FILE, META_FILE)}
     actual = checksums(folder) if (folder / DIRECTIONS_FILE).exists() else {}
     bad = [k for k, v in expected.items() if v is None or actual.get(k) != v]

@@ -1,0 +1,373 @@
+"""The edit endpoint: one Ray Serve deployment with a FastAPI ingress.
+
+    noiseclr serve --config jobs/serve-shapes.yaml                 # local Ray, 127.0.0.1:8000
+    serve run noiseclr.serving.app:build_app config=jobs/serve-shapes.yaml
+    serve deploy jobs/serve-shapes.serve.yaml                      # a Serve config file
+
+Each replica holds the pipeline and the loaded banks. Concurrent edit requests meet in
+`@serve.batch` and go through the UNet together (`EditEngine.run`); `num_replicas: auto` scales
+replicas on ongoing requests. Banks given as models:/NAME@ALIAS follow their alias: a promoted
+version is loaded by every running replica within `alias_poll_s`, without a restart; a new
+`user_config` from `serve deploy` (another set of banks) reconfigures replicas the same way.
+Metrics (requests, latency, batch size, errors) go through Ray's metrics (Prometheus format on
+the Ray metrics export port).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime
+# (a string "Request" annotation in a Serve class-based view becomes a query parameter).
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+
+from noiseclr.errors import ImageError, UserError
+from noiseclr.serving.config import ServeConfig
+from noiseclr.serving.schema import Bank, Direction, EditRequest, EditResponse, LabelRequest, check_limits
+
+log = logging.getLogger(__name__)
+api = FastAPI(
+    title="NoiseCLR edit API",
+    version="1",
+    description="Edit generated or uploaded images with directions discovered by NoiseCLR.",
+)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+@api.exception_handler(HTTPError)
+async def _http_error(_: Request, err: HTTPError) -> JSONResponse:
+    return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": _first_error(err.errors())}, status_code=422)
+
+
+def _first_error(errors) -> str:
+    e = errors[0]
+    where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+    return f"{where}: {e.get('msg')}"
+
+
+def key_hashes(cfg: ServeConfig) -> list[str]:
+    """sha256 of each configured API key (from the environment); keys themselves never leave it."""
+    keys = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",") if k.strip()]
+    return [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past `limit` bytes whether or not Content-Length is honest."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"body of {declared} bytes; at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _metrics():
+    from ray.serve.metrics import Counter, Histogram
+
+    return {
+        "requests": Counter(
+            "noiseclr_edit_requests", "HTTP requests by route and status", tag_keys=("route", "status")
+        ),
+        "latency": Histogram(
+            "noiseclr_edit_latency_s",
+            "Edit request latency (s)",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64],
+            tag_keys=("route",),
+        ),
+        "batch": Histogram(
+            "noiseclr_edit_batch_size",
+            "Requests per batched sampling call",
+            boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32],
+        ),
+        "errors": Counter("noiseclr_edit_errors", "Refused or failed requests by kind", tag_keys=("kind",)),
+    }
+
+
+@serve.deployment(name="EditServer", health_check_period_s=5, health_check_timeout_s=30)
+@serve.ingress(api)
+class EditServer:
+    def __init__(self, config: dict[str, Any], key_hashes: list[str] | None = None):
+        import torch
+
+        from noiseclr.serving.engine import EditEngine
+
+        self.cfg = ServeConfig(**config)
+        threads = self.cfg.replicas.torch_threads or max(1, int(self.cfg.replicas.num_cpus))
+        torch.set_num_threads(threads)
+        self.engine = EditEngine(self.cfg)
+        self.keys = list(key_hashes or [])
+        self.metrics = _metrics()
+        self._edit_batch.set_max_batch_size(self.cfg.batching.max_batch_size)
+        self._edit_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+        self.started = time.time()
+        self._polled, self._poll = time.monotonic(), None
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A new user_config (e.g. a bank alias moved): load the banks it names, then swap."""
+        banks = user_config.get("banks")
+        if banks and banks != self.engine.store.sources:
+            self.engine.reload(banks)
+            log.warning("reconfigured: banks %s", banks)
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds; it also starts the alias check when one is due."""
+        if not self.engine.store.banks:
+            raise RuntimeError("no banks loaded")
+        poll = self.cfg.alias_poll_s
+        if poll and time.monotonic() - self._polled > poll and (self._poll is None or self._poll.done()):
+            self._polled = time.monotonic()
+            self._poll = asyncio.create_task(self._follow_aliases())
+
+    async def _follow_aliases(self) -> None:
+        try:
+            await asyncio.to_thread(self.engine.follow_aliases)
+        except Exception:  # the registry is down: keep serving what is loaded, try again later
+            log.exception("could not check the bank aliases")
+
+    # --- helpers --------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        if not self.keys:
+            return
+        given = request.headers.get("x-api-key", "")
+        digest = hashlib.sha256(given.encode()).hexdigest()
+        # compare against every key, always, in constant time per comparison
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(digest, key)
+        if not ok:
+            self.metrics["errors"].inc(tags={"kind": "auth"})
+            raise HTTPError(401, "missing or wrong API key (header X-API-Key)")
+
+    def _count(self, route: str, status: int) -> None:
+        self.metrics["requests"].inc(tags={"route": route, "status": str(status)})
+
+    def _user_error(self, err: UserError) -> HTTPError:
+        from noiseclr.serving.engine import NotFound
+
+        if isinstance(err, NotFound):
+            kind, status = "not_found", 404
+        elif isinstance(err, ImageError) and "refused" in str(err):
+            kind, status = "too_large", 413
+        else:
+            kind, status = "invalid", 422
+        self.metrics["errors"].inc(tags={"kind": kind})
+        return HTTPError(status, str(err))
+
+    # --- batched model call ---------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _edit_batch(self, jobs: list) -> list:
+        """Each request's (PNG, size of the batch it ran in), or its exception."""
+        self.metrics["batch"].observe(len(jobs))
+        try:
+            return [(png, len(jobs)) for png in await asyncio.to_thread(self.engine.run, jobs)]
+        except Exception:  # one bad request must not fail the others: run each alone
+            if len(jobs) == 1:
+                raise
+            log.exception("batch of %d failed; running its requests one by one", len(jobs))
+            results = []
+            for job in jobs:
+                try:
+                    results.append(((await asyncio.to_thread(self.engine.run, [job]))[0], 1))
+                except Exception as err:
+                    results.append(err)
+            return results
+
+    # --- routes ---------------------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        html = resources.files("noiseclr.serving").joinpath("static/index.html").read_text()
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    @api.get("/v1/health")
+    async def health(self) -> dict:
+        return {
+            "status": "ok",
+            "banks": sorted(self.engine.store.banks),
+            "sources": self.engine.store.sources,
+            "versions": self.engine.store.versions,
+            "pid": os.getpid(),
+            "up_s": round(time.time() - self.started, 1),
+            "auth": bool(self.keys),
+        }
+
+    @api.get("/v1/banks", response_model=list[Bank])
+    async def banks(self, request: Request) -> list[dict]:
+        self._auth(request)
+        self._count("banks", 200)
+        return [self.engine.store.describe(name) for name in sorted(self.engine.store.banks)]
+
+    @api.get("/v1/banks/{bank}/directions", response_model=list[Direction])
+    async def directions(self, bank: str, request: Request) -> list[dict]:
+        self._auth(request)
+        try:
+            rows = self.engine.store.directions(bank)
+        except UserError as err:
+            raise self._user_error(err) from None
+        base = str(request.url_for("thumbnail", bank=bank, direction="0")).rsplit("/0/", 1)[0]
+        self._count("directions", 200)
+        return [{**row, "thumbnail": f"{base}/{row['index']}/thumbnail.png"} for row in rows]
+
+    @api.get("/v1/banks/{bank}/directions/{direction}/thumbnail.png", name="thumbnail")
+    async def thumbnail(self, bank: str, direction: str, request: Request) -> Response:
+        """The direction at the thumbnail scales (-2, 0, +2 units by default) from seed 0."""
+        self._auth(request)
+        try:
+            i = self.engine.store.index(bank, direction)
+            strips = await asyncio.to_thread(self.engine.thumbnails, bank)
+        except UserError as err:
+            raise self._user_error(err) from None
+        return Response(strips[i], media_type="image/png", headers={"Cache-Control": "max-age=60"})
+
+    @api.put("/v1/banks/{bank}/directions/{direction}/label", response_model=Direction)
+    async def set_label(self, bank: str, direction: str, request: Request) -> dict:
+        """Set a direction's human label (an empty label clears it). Needs the API key when set."""
+        self._auth(request)
+        body = await read_body(request, 4096)
+        try:
+            label = LabelRequest.model_validate_json(body).label.strip()
+        except ValidationError as err:
+            raise HTTPError(422, _first_error(err.errors())) from None
+        if len(label) > self.cfg.limits.max_label_chars or any(ord(c) < 32 for c in label):
+            raise HTTPError(
+                422, f"label: printable text of at most {self.cfg.limits.max_label_chars} characters"
+            )
+        try:
+            row = self.engine.store.set_label(bank, direction, label)
+        except UserError as err:
+            raise self._user_error(err) from None
+        self._count("label", 200)
+        base = str(request.url).rsplit("/label", 1)[0]
+        return {**row, "thumbnail": f"{base}/thumbnail.png"}
+
+    @api.post(
+        "/v1/edits",
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": EditRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def edit(self, request: Request) -> Response:
+        """Edit a generated image (seed, optional prompt) or an uploaded one (base64 `image`).
+        Returns the PNG (metadata in the X-Edit-Meta header) or, with format=json, both as JSON."""
+        started = time.perf_counter()
+        status = 500
+        try:
+            self._auth(request)
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                self.metrics["errors"].inc(tags={"kind": "content_type"})
+                raise HTTPError(415, f"content type {kind or 'none'!r}; send application/json")
+            body = await read_body(request, self.cfg.limits.max_body_bytes)
+            try:
+                req = EditRequest.model_validate_json(body)
+                check_limits(req, self.cfg.limits)
+            except ValidationError as err:
+                self.metrics["errors"].inc(tags={"kind": "invalid"})
+                raise HTTPError(422, _first_error(err.errors())) from None
+            except ValueError as err:
+                self.metrics["errors"].inc(tags={"kind": "limit"})
+                raise HTTPError(422, str(err)) from None
+            try:
+                job = await asyncio.to_thread(self.engine.prepare, req)
+            except UserError as err:
+                raise self._user_error(err) from None
+            result = await self._edit_batch(job)
+            if isinstance(result, UserError):
+                raise self._user_error(result)
+            if isinstance(result, Exception):
+                raise result
+            result, batch = result
+            meta = {
+                **job.meta,
+                "batch": batch,
+                "ms": round(1000 * (time.perf_counter() - started), 1),
+                "pid": os.getpid(),
+            }
+            status = 200
+            if req.format == "json":
+                import base64
+
+                return JSONResponse(
+                    EditResponse(image=base64.b64encode(result).decode(), meta=meta).model_dump()
+                )
+            return Response(result, media_type="image/png", headers={"X-Edit-Meta": json.dumps(meta)})
+        except HTTPError as err:
+            status = err.status
+            raise
+        finally:
+            self._count("edits", status)
+            self.metrics["latency"].observe(time.perf_counter() - started, tags={"route": "edits"})
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    r = cfg.replicas
+    options: dict[str, Any] = {
+        "max_ongoing_requests": r.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        "user_config": {"banks": cfg.banks},
+    }
+    if r.num_replicas == "auto":
+        options["num_replicas"] = "auto"
+        options["autoscaling_config"] = {
+            "min_replicas": r.min_replicas,
+            "initial_replicas": max(1, r.min_replicas),
+            "max_replicas": r.max_replicas,
+            "target_ongoing_requests": r.target_ongoing_requests,
+            "upscale_delay_s": r.upscale_delay_s,
+            "downscale_delay_s": r.downscale_delay_s,
+        }
+    else:
+        options["num_replicas"] = r.num_replicas
+    return options
+
+
+def build(cfg: ServeConfig):
+    """The bound Serve application for a config."""
+    return EditServer.options(**deployment_options(cfg)).bind(cfg.model_dump(), key_hashes(cfg))
+
+
+def build_app(args: dict[str, str]):
+    """Application builder for `serve run` / `serve deploy`: args {config: path, ...overrides}."""
+    args = dict(args)
+    path = args.pop("config", None)
+    if path is None:
+        raise ValueError("give config=PATH (a serve config such as jobs/serve-shapes.yaml)")
+    return build(ServeConfig.from_yaml(path, **args))
+
+
+def start(cfg: ServeConfig, address: str | None = None, blocking: bool = False):
+    """Start (or connect to) Ray, start Serve's HTTP proxy on cfg.host:cfg.port and deploy the
+    app; returns the app's base URL. `noiseclr serve` and the tests both start it this way."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -1,0 +1,343 @@
+"""The edit server's model side, without Ray: named banks, requests resolved to trajectories, and
+one batched sampling call for many requests.
+
+Ray Serve (`serving.app`) owns the HTTP and batching; everything here is plain torch and can be
+used (and tested) in one process.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import io
+import json
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.editing import sampler
+from noiseclr.errors import BankError, EditError, ImageError
+from noiseclr.models.base import DiffusionModel
+from noiseclr.models.generate import default_guidance
+from noiseclr.serving.config import ServeConfig
+from noiseclr.serving.schema import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(BankError):
+    """An unknown bank or direction (HTTP 404)."""
+
+
+@dataclass
+class Job:
+    """One request, resolved: its start latent, its edits, how to sample it."""
+
+    steps: int
+    x_T: torch.Tensor | None = None  # (1, C, h, w); None until a real image is inverted
+    pixels: torch.Tensor | None = None  # (1, 3, H, W) in [-1, 1] for an uploaded image
+    start_t: int | None = None
+    prompt: str | None = None
+    guidance: float = 1.0
+    edits: list[sampler.Edit] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def registered_version(ref: str) -> str | None:
+    """The version a models:/ reference points at now (None for a folder)."""
+    if not ref.startswith("models:/"):
+        return None
+    from noiseclr.tracking.registry import resolve_version
+
+    return str(resolve_version(ref).version)
+
+
+class BankStore:
+    """Banks by name, loaded once per replica; human labels in an overlay (labels_dir/NAME.json)
+    shared by replicas through the file system, so a bank's own files are never rewritten.
+
+    A bank given as models:/NAME@ALIAS remembers the version it loaded; `moved()` names the banks
+    whose alias points elsewhere now (someone promoted another version)."""
+
+    def __init__(self, sources: dict[str, str], model: DiffusionModel, labels_dir: str | Path):
+        self.model = model
+        self.sources = dict(sources)
+        self.labels_dir = Path(labels_dir)
+        self.banks: dict[str, DirectionBank] = {}
+        self.versions: dict[str, str | None] = {}
+        for name, ref in sources.items():
+            self.banks[name], self.versions[name] = self._load(name, ref)
+
+    def _load(self, name: str, ref: str) -> tuple[DirectionBank, str | None]:
+        from noiseclr.tracking.registry import bank_folder  # imports mlflow only for models:/
+
+        version = registered_version(ref)
+        pinned = f"{ref.split('@')[0]}/{version}" if version and "@" in ref else ref
+        bank = DirectionBank.load(bank_folder(pinned), self.model)  # safetensors + json, checked
+        if bank.method != "noiseclr":
+            raise BankError(
+                f"bank {name!r} ({ref}) holds {bank.method} directions; serving edits NoiseCLR banks"
+            )
+        return bank, version
+
+    def moved(self) -> list[str]:
+        """Banks whose alias resolves to another version than the one loaded."""
+        return [
+            name
+            for name, ref in self.sources.items()
+            if "@" in ref and ref.startswith("models:/") and registered_version(ref) != self.versions[name]
+        ]
+
+    def refresh(self, names: list[str]) -> None:
+        """Reload these banks (each loaded fully before it replaces the old one)."""
+        for name in names:
+            self.banks[name], self.versions[name] = self._load(name, self.sources[name])
+
+    def get(self, name: str) -> DirectionBank:
+        if name not in self.banks:
+            raise NotFound(f"no bank named {name!r}; this server has {sorted(self.banks)}")
+        return self.banks[name]
+
+    def index(self, name: str, direction: str | int) -> int:
+        bank = self.get(name)
+        named = [t for t, label in self.human_labels(name).items() if label == direction]
+        if named and named[0] in bank.tokens:  # a label set through the API names it too
+            return bank.tokens.index(named[0])
+        try:
+            return bank.index(direction)
+        except (BankError, KeyError, IndexError, ValueError) as err:
+            raise NotFound(f"bank {name!r} has no direction {direction!r} ({len(bank)} directions)") from err
+
+    def _labels_file(self, name: str) -> Path:
+        return self.labels_dir / f"{name}.json"
+
+    def human_labels(self, name: str) -> dict[str, str]:
+        path = self._labels_file(name)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def set_label(self, name: str, direction: str | int, label: str) -> dict:
+        """Set (or with "" clear) a direction's human label; atomic, under a file lock."""
+        i = self.index(name, direction)
+        token = self.get(name).tokens[i]
+        self.labels_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.labels_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            labels = self.human_labels(name)
+            if label:
+                labels[token] = label
+            else:
+                labels.pop(token, None)
+            fd, tmp = tempfile.mkstemp(dir=self.labels_dir, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(labels, f, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self._labels_file(name))
+        return self.direction(name, i)
+
+    def direction(self, name: str, i: int, human: dict[str, str] | None = None) -> dict:
+        bank = self.get(name)
+        token = bank.tokens[i]
+        human = self.human_labels(name) if human is None else human
+        auto = bank.labels.get(token, {}).get("auto")
+        return {
+            "index": i,
+            "token": token,
+            "label": human.get(token) or bank.labels.get(token, {}).get("human") or auto or token,
+            "human_label": human.get(token),
+            "auto_label": auto,
+        }
+
+    def directions(self, name: str) -> list[dict]:
+        human = self.human_labels(name)
+        return [self.direction(name, i, human) for i in range(len(self.get(name)))]
+
+    def describe(self, name: str) -> dict:
+        bank = self.get(name)
+        ref = self.sources[name]
+        return {
+            "name": name,
+            "source": ref if ref.startswith("models:/") else Path(ref).name,
+            "directions": len(bank),
+            "measured": bool(bank.edit_defaults.get("scales")),
+            "window": list(sampler.default_window(bank)),
+            "base_model": bank.base_model.get("fingerprint"),
+            "version": self.versions.get(name),
+        }
+
+
+def decode_upload(data: str, resolution: int, max_pixels: int) -> torch.Tensor:
+    """A base64 image (optionally a data: URL) -> (1, 3, R, R) in [-1, 1]; ImageError otherwise."""
+    from noiseclr.data.images import decode_image
+
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("image: not valid base64") from None
+    try:
+        pixels = decode_image(raw, resolution, max_pixels)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image: refused, {err}") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise ImageError(f"image: not a readable image ({type(err).__name__})") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W, 3) float in [0, 1] -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class EditEngine:
+    """The model, the banks, and batched edits."""
+
+    def __init__(self, cfg: ServeConfig, model: DiffusionModel | None = None):
+        from noiseclr.models.base import load_model, resolve_dtype
+
+        if cfg.tracking_uri:
+            os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.tracking_uri)
+        self.cfg = cfg
+        self.model = model or load_model(cfg.model, device=cfg.device, dtype=resolve_dtype(cfg.precision))
+        self.store = BankStore(cfg.banks, self.model, cfg.labels_dir)
+        self._thumbs: dict[str, list[bytes]] = {}
+
+    def reload(self, banks: dict[str, str]) -> None:
+        """Swap to another set of banks (a new user_config): load first, then replace."""
+        self.store = BankStore(banks, self.model, self.cfg.labels_dir)
+        self._thumbs.clear()
+
+    def follow_aliases(self) -> list[str]:
+        """Reload the banks whose MLflow alias moved since they were loaded; returns their names."""
+        moved = self.store.moved()
+        if moved:
+            self.store.refresh(moved)
+            for name in moved:
+                self._thumbs.pop(name, None)
+            log.warning("bank alias moved: reloaded %s (versions %s)", moved, self.store.versions)
+        return moved
+
+    def prepare(self, req: EditRequest) -> Job:
+        """Check a request against the banks and the limits; resolve it to a Job (cheap, no UNet)."""
+        lim = self.cfg.limits
+        edits = []
+        for item in req.edits:
+            bank = self.store.get(item.bank)
+            i = self.store.index(item.bank, item.direction)
+            raw = sampler.calibrated_scales(bank, i, [item.scale])[0]
+            hi, lo = sampler.default_window(bank)
+            hi = hi if item.t_high is None else item.t_high
+            lo = lo if item.t_low is None else item.t_low
+            edits.append(sampler.Edit(bank.directions[i], raw, hi, lo, label=f"{item.bank}:{bank.tokens[i]}"))
+        meta = {"edits": [e.label for e in edits], "raw_scales": [e.scale for e in edits]}
+        if req.image is not None:
+            steps = req.steps or self.cfg.default_inversion_steps
+            pixels = decode_upload(req.image, self.model.resolution, lim.max_pixels)
+            return Job(
+                steps=steps, pixels=pixels, edits=edits, meta={**meta, "source": "upload", "steps": steps}
+            )
+        steps = req.steps or self.cfg.default_steps
+        prompt = req.prompt or None
+        if prompt is not None:
+            try:
+                self.model.check_prompt(prompt)
+            except ValueError as err:
+                raise EditError(f"prompt {prompt!r}: {err}") from None
+        guidance = (
+            req.guidance if req.guidance is not None else (default_guidance(self.model) if prompt else 1.0)
+        )
+        x_T = sampler.seed_latents(self.model, [req.seed])
+        return Job(
+            steps=steps,
+            x_T=x_T,
+            prompt=prompt,
+            guidance=guidance,
+            edits=edits,
+            meta={
+                **meta,
+                "source": "seed",
+                "seed": req.seed,
+                "prompt": prompt,
+                "guidance": guidance,
+                "steps": steps,
+            },
+        )
+
+    @torch.no_grad()
+    def run(self, jobs: list[Job]) -> list[bytes]:
+        """Edit many requests in as few batched calls as their settings allow: uploads are
+        inverted together per step count; then one sampling call per (steps, start) group, its
+        edits the union of the group's, each trajectory scaling only its own."""
+        uploads = defaultdict(list)
+        for job in jobs:
+            if job.x_T is None:
+                uploads[job.steps].append(job)
+        for steps, group in uploads.items():
+            latents = sampler.encode(self.model, torch.cat([j.pixels for j in group]))
+            x_t, start = sampler.invert(self.model, latents, steps)
+            for j, x in zip(group, x_t, strict=True):
+                j.x_T, j.start_t = x[None].cpu(), start
+        groups = defaultdict(list)
+        for n, job in enumerate(jobs):
+            groups[(job.steps, job.start_t)].append(n)
+        images: dict[int, np.ndarray] = {}
+        for (steps, start), members in groups.items():
+            union: dict[tuple, int] = {}
+            columns: list[sampler.Edit] = []
+            for n in members:
+                for e in jobs[n].edits:
+                    key = (e.label, e.t_high, e.t_low)
+                    if key not in union:
+                        union[key] = len(columns)
+                        columns.append(sampler.Edit(e.vector, 1.0, e.t_high, e.t_low, e.label))
+            scales = torch.zeros(len(members), len(columns))
+            for row, n in enumerate(members):
+                for e in jobs[n].edits:
+                    scales[row, union[(e.label, e.t_high, e.t_low)]] += e.scale
+            x0 = sampler.sample(
+                self.model,
+                torch.cat([jobs[n].x_T for n in members]),
+                columns,
+                scales,
+                prompt=[jobs[n].prompt for n in members],
+                guidance_scale=[jobs[n].guidance for n in members],
+                steps=steps,
+                start_t=start,
+            )
+            for n, image in zip(members, sampler.decode(self.model, x0), strict=True):
+                images[n] = image
+        return [png_bytes(images[n]) for n in range(len(jobs))]
+
+    def thumbnails(self, name: str) -> list[bytes]:
+        """Per direction a strip at the configured scales (the bank's units) from seed 0: one
+        batched call for the whole bank, cached on the replica."""
+        if name not in self._thumbs:
+            bank = self.store.get(name)
+            k, s = len(bank), len(self.cfg.thumbnail_scales)
+            hi, lo = sampler.default_window(bank)
+            edits = [sampler.Edit(bank.directions[i], 1.0, hi, lo, bank.tokens[i]) for i in range(k)]
+            scales = torch.zeros(k * s, k)  # trajectory (i, j): direction i at the j-th scale
+            for i in range(k):
+                scales[i * s : (i + 1) * s, i] = torch.tensor(
+                    sampler.calibrated_scales(bank, i, self.cfg.thumbnail_scales)
+                )
+            x_T = sampler.seed_latents(self.model, [0]).expand(k * s, -1, -1, -1)
+            x0 = sampler.sample(self.model, x_T, edits, scales, steps=self.cfg.thumbnail_steps)
+            images = sampler.decode(self.model, x0)
+            images = images.reshape(k, s, *images.shape[1:])
+            self._thumbs[name] = [png_bytes(np.concatenate(list(row), axis=1)) for row in images]
+        return self._thumbs[name]

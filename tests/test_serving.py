@@ -1,0 +1,431 @@
+"""The edit endpoint with the real parts: a local Ray, Ray Serve's HTTP proxy on 127.0.0.1, the
+embedded model and the shipped bank; HTTP through httpx; the page in Debian's headless chromium.
+
+The server starts once for this module (the only one that uses it) and is shut down at its end,
+before the sweep tests, whose kill test runs `ray stop`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+from noiseclr.serving.config import ServeConfig  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-7f3a9c"  # two keys are configured
+BANK = ROOT / "platform/noiseclr/pretrained/banks/shapes"
+
+
+def free_port() -> int:
+    from noiseclr.tracking.server import free_port as port
+
+    return port()
+
+
+def register(folder: Path, model: str, alias: str | None) -> str:
+    import mlflow
+
+    from noiseclr.tracking.registry import log_bank
+
+    with mlflow.start_run():
+        return str(log_bank(folder, model, alias).version)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mlflow_server):
+    import mlflow
+    import ray
+    from ray import serve
+
+    from noiseclr.serving.app import start
+
+    tmp = tmp_path_factory.mktemp("serve")
+    other = tmp / "banks" / "other"  # a second bank (same directions, another name) for composing
+    shutil.copytree(BANK, other)
+    # A registered bank served by alias: version 1 is the champion now, version 2 is promoted later.
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_experiment("serve-tests")
+    second = tmp / "banks" / "second"
+    shutil.copytree(BANK, second)
+    meta = json.loads((second / "bank.json").read_text())
+    (second / "bank.json").write_text(json.dumps({**meta, "name": "second"}))
+    assert register(BANK, "serve-bank", "champion") == "1" and register(second, "serve-bank", None) == "2"
+    cfg = ServeConfig.from_yaml(
+        ROOT / "jobs/serve-shapes.yaml",
+        port=free_port(),
+        device="cpu",
+        labels_dir=str(tmp / "labels"),
+        default_steps=4,
+        default_inversion_steps=4,
+        thumbnail_steps=3,
+        banks={"shapes": str(BANK), "other": str(other), "reg": "models:/serve-bank@champion"},
+        tracking_uri=mlflow_server.uri,
+        alias_poll_s=2,
+        replicas={
+            "num_replicas": "auto",
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 4,
+            "num_cpus": 1,
+        },
+    )
+    os.environ["NOISECLR_API_KEYS"] = f"{KEY}, second-key"
+    metrics_port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
+    try:
+        url = start(cfg)
+        client = httpx.Client(base_url=url, timeout=120, headers={"X-API-Key": KEY})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if client.get("/v1/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("the edit server did not become healthy in 180 s")
+        yield {"url": url, "client": client, "cfg": cfg, "tmp": tmp, "metrics_port": metrics_port}
+        client.close()
+    finally:
+        os.environ.pop("NOISECLR_API_KEYS", None)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def png_image(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def edit(client, body: dict, **kw):
+    return client.post("/v1/edits", json=body, **kw)
+
+
+# --- what works ---------------------------------------------------------------------------------
+
+
+def test_edits_a_seed_an_upload_and_composes_banks(server):
+    c = server["client"]
+    plain = edit(c, {"seed": 3, "edits": []})
+    assert plain.status_code == 200, plain.text
+    assert plain.headers["content-type"] == "image/png"
+    meta = json.loads(plain.headers["x-edit-meta"])
+    assert meta["source"] == "seed" and meta["steps"] == 4 and meta["batch"] >= 1
+    one = edit(c, {"seed": 3, "edits": [{"bank": "shapes", "direction": 11, "scale": 3}]})
+    assert one.status_code == 200
+    assert np.abs(png_image(one.content).astype(int) - png_image(plain.content)).mean() > 1  # it edits
+    both = edit(
+        c,
+        {
+            "seed": 3,
+            "format": "json",
+            "edits": [
+                {"bank": "shapes", "direction": "<shapes-11>", "scale": 3},
+                {"bank": "other", "direction": 6, "scale": 2, "t_high": 600, "t_low": 0},
+            ],
+        },
+    )
+    assert both.status_code == 200, both.text
+    out = both.json()
+    assert out["meta"]["edits"] == ["shapes:<shapes-11>", "other:<shapes-6>"]
+    assert png_image(base64.b64decode(out["image"])).shape == (64, 64, 3)
+    buf = io.BytesIO()
+    Image.fromarray(png_image(plain.content)).save(buf, format="PNG")
+    up = edit(
+        c,
+        {
+            "image": base64.b64encode(buf.getvalue()).decode(),
+            "edits": [{"bank": "shapes", "direction": 7, "scale": 2}],
+        },
+    )
+    assert up.status_code == 200, up.text
+    assert json.loads(up.headers["x-edit-meta"])["source"] == "upload"
+
+
+def test_concurrent_requests_are_batched_and_match_single_requests(server):
+    c = server["client"]
+    bodies = [{"seed": s, "edits": [{"bank": "shapes", "direction": s % 12, "scale": 2}]} for s in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda b: edit(c, b), bodies))
+    assert all(r.status_code == 200 for r in together)
+    assert max(json.loads(r.headers["x-edit-meta"])["batch"] for r in together) > 1
+    alone = edit(c, bodies[4])
+    assert np.abs(png_image(alone.content).astype(int) - png_image(together[4].content)).max() <= 2
+
+
+def test_lists_banks_directions_thumbnails_and_sets_labels(server):
+    c = server["client"]
+    banks = c.get("/v1/banks").json()
+    assert [b["name"] for b in banks] == ["other", "reg", "shapes"] and banks[2]["directions"] == 12
+    dirs = c.get("/v1/banks/shapes/directions").json()
+    assert dirs[11]["auto_label"] == "-:lightness+, +:lightness-" and dirs[11]["human_label"] is None
+    thumb = c.get(dirs[11]["thumbnail"])
+    assert thumb.status_code == 200 and png_image(thumb.content).shape == (64, 192, 3)
+    set_ = c.put("/v1/banks/shapes/directions/11/label", json={"label": "darker"})
+    assert set_.status_code == 200 and set_.json()["label"] == "darker"
+    assert c.get("/v1/banks/shapes/directions").json()[11]["label"] == "darker"
+    stored = json.loads((Path(server["cfg"].labels_dir) / "shapes.json").read_text())
+    assert stored == {"<shapes-11>": "darker"}
+    assert json.loads((BANK / "bank.json").read_text())["labels"]["<shapes-11>"] == {
+        "auto": "-:lightness+, +:lightness-"
+    }  # the bank's own file is untouched
+    by_label = edit(c, {"seed": 1, "edits": [{"bank": "shapes", "direction": "darker", "scale": 1}]})
+    assert by_label.status_code == 200, by_label.text
+    assert c.put("/v1/banks/shapes/directions/11/label", json={"label": ""}).json()["human_label"] is None
+    spec = c.get("/openapi.json").json()
+    assert {"/v1/edits", "/v1/banks", "/v1/health"} <= set(spec["paths"])
+    assert "EditItem" in json.dumps(spec["paths"]["/v1/edits"])
+
+
+# --- bad input: a 4xx JSON error naming the problem, and the server keeps serving ------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no real pixel data): a decompression bomb's shape."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (  # noqa: E731
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    )
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+B64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+GOOD = {"bank": "shapes", "direction": 0, "scale": 1}
+BAD = [
+    ("corrupt base64", {"image": "not*base64!"}, {}, 422, "base64"),
+    ("not an image", {"image": B64(b"hello, not a picture")}, {}, 422, "not a readable image"),
+    ("20000 x 20000 header", {"image": B64(png_header(20000, 20000))}, {}, 413, "refused"),
+    ("3000 x 3000 header", {"image": B64(png_header(3000, 3000))}, {}, 413, "3000 x 3000 pixels"),
+    ("negative steps", {"steps": -3}, {}, 422, "steps"),
+    ("too many steps", {"steps": 5000}, {}, 422, "at most 100"),
+    ("NaN scale", '{"edits": [{"bank": "shapes", "direction": 0, "scale": NaN}]}', {}, 422, "scale"),
+    ("infinite scale", '{"edits": [{"bank": "shapes", "direction": 0, "scale": 1e999}]}', {}, 422, "scale"),
+    ("scale beyond the cap", {"edits": [{**GOOD, "scale": 50}]}, {}, 422, "at most 8"),
+    ("1000 directions", {"edits": [GOOD] * 1000}, {}, 422, "at most 16"),
+    ("unknown bank", {"edits": [{**GOOD, "bank": "nope"}]}, {}, 404, "no bank named 'nope'"),
+    ("unknown direction", {"edits": [{**GOOD, "direction": 99}]}, {}, 404, "no direction 99"),
+    ("unknown label", {"edits": [{**GOOD, "direction": "wings"}]}, {}, 404, "no direction 'wings'"),
+    ("a path as bank name", {"edits": [{**GOOD, "bank": "../../etc"}]}, {}, 422, "bank"),
+    ("unknown field", {"seed": 1, "colour": "red"}, {}, 422, "colour"),
+    ("not JSON", "{seed: 1", {}, 422, "json"),
+    ("window upside down", {"edits": [{**GOOD, "t_high": 100, "t_low": 500}]}, {}, 422, "t_low"),
+    ("word the world lacks", {"prompt": "a dragon at top left"}, {}, 422, "prompt"),
+    ("image and prompt", {"image": B64(b"x"), "prompt": "a shape at middle center"}, {}, 422, "not both"),
+    ("wrong content type", "seed=1", {"content-type": "text/plain"}, 415, "application/json"),
+    ("no API key", {"seed": 1}, {"x-api-key": ""}, 401, "API key"),
+    ("wrong API key", {"seed": 1}, {"x-api-key": KEY + "x"}, 401, "API key"),
+    ("oversized body", {"image": "A" * 9_000_000}, {}, 413, "bytes"),
+]
+
+
+@pytest.mark.parametrize("what,body,headers,status,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_edit_requests_get_a_clear_4xx(server, what, body, headers, status, message):
+    c = server["client"]
+    if isinstance(body, str):
+        r = c.post("/v1/edits", content=body, headers={"content-type": "application/json", **headers})
+    else:
+        r = c.post("/v1/edits", json=body, headers=headers)
+    assert r.status_code == status, (what, r.status_code, r.text[:300])
+    assert message.lower() in r.json()["error"].lower(), r.json()
+    assert c.get("/v1/health").status_code == 200
+
+
+def test_bad_label_and_lookup_requests(server):
+    c = server["client"]
+    assert (
+        c.put(
+            "/v1/banks/shapes/directions/1/label", json={"label": "x"}, headers={"x-api-key": ""}
+        ).status_code
+        == 401
+    )
+    assert c.put("/v1/banks/shapes/directions/1/label", json={"label": "x" * 500}).status_code == 422
+    assert c.put("/v1/banks/shapes/directions/1/label", json={"label": "a\x00b"}).status_code == 422
+    assert c.put("/v1/banks/shapes/directions/77/label", json={"label": "x"}).status_code == 404
+    assert c.get("/v1/banks/..%2F..%2Fetc/directions").status_code == 404
+    assert c.get("/v1/banks/nope/directions").status_code == 404
+    assert c.get("/v1/banks").status_code == 200
+    assert c.get("/v1/banks", headers={"x-api-key": "second-key"}).status_code == 200
+    assert c.get("/v1/banks", headers={"x-api-key": ""}).status_code == 401
+    assert not (Path(server["cfg"].labels_dir) / "nope.json").exists()
+
+
+# --- operations ------------------------------------------------------------------------------------
+
+
+def test_a_moved_bank_alias_reloads_the_running_replica(server, mlflow_server):
+    from mlflow import MlflowClient
+
+    c = server["client"]
+    before = c.get("/v1/health").json()
+    assert before["versions"]["reg"] == "1"
+    assert edit(c, {"seed": 2, "edits": [{"bank": "reg", "direction": 11, "scale": 2}]}).status_code == 200
+    MlflowClient(mlflow_server.uri).set_registered_model_alias("serve-bank", "champion", "2")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and c.get("/v1/health").json()["versions"]["reg"] != "2":
+        time.sleep(1)
+    after = c.get("/v1/health").json()
+    assert after["versions"]["reg"] == "2"
+    assert after["pid"] == before["pid"] and after["up_s"] >= before["up_s"]  # not restarted
+    assert [b["version"] for b in c.get("/v1/banks").json()] == [None, "2", None]
+    assert edit(c, {"seed": 2, "edits": [{"bank": "reg", "direction": 11, "scale": 2}]}).status_code == 200
+
+
+def running_replicas(name: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications[name]
+    return app.deployments["EditServer"].replica_states.get("RUNNING", 0)
+
+
+def test_replicas_scale_up_under_load_and_back_down(server):
+    c, name = server["client"], server["cfg"].name
+    assert running_replicas(name) == 1
+    body = {"seed": 0, "steps": 8, "edits": [GOOD]}
+    peak, deadline = 1, time.monotonic() + 120
+    with ThreadPoolExecutor(6) as pool:
+        while time.monotonic() < deadline and peak < 2:
+            list(pool.map(lambda _: edit(c, body), range(12)))
+            peak = max(peak, running_replicas(name))
+    assert peak == 2
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and running_replicas(name) > 1:
+        time.sleep(2)
+    assert running_replicas(name) == 1
+
+
+def test_a_killed_replica_is_replaced_and_retried_requests_succeed(server):
+    import signal
+
+    c = server["client"]
+    pid = c.get("/v1/health").json()["pid"]
+    labels = Path(server["cfg"].labels_dir)
+    c.put("/v1/banks/shapes/directions/2/label", json={"label": "kept"})
+    before = {p.name: p.read_bytes() for p in labels.glob("*.json")}
+
+    def with_retries(seed: int) -> int:
+        for _ in range(60):
+            try:
+                r = edit(c, {"seed": seed, "edits": [GOOD]})
+                if r.status_code == 200:
+                    return r.status_code
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        return 0
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(with_retries, s) for s in range(8)]
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        assert [f.result() for f in futures] == [200] * 8
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            health = c.get("/v1/health").json()
+            if health["pid"] != pid:
+                break
+        except (httpx.TransportError, ValueError):
+            pass
+        time.sleep(1)
+    assert health["pid"] != pid
+    assert {p.name: p.read_bytes() for p in labels.glob("*.json")} == before
+    assert c.get("/v1/banks/shapes/directions").json()[2]["label"] == "kept"
+
+
+def test_serving_metrics_reach_rays_metrics_endpoint(server):
+    c = server["client"]  # one edit and one refused request, so every metric has a sample
+    assert edit(c, {"seed": 5, "edits": [GOOD]}).status_code == 200
+    assert edit(c, {"edits": [{**GOOD, "bank": "nope"}]}).status_code == 404
+    names = (
+        "noiseclr_edit_requests",
+        "noiseclr_edit_latency_s",
+        "noiseclr_edit_batch_size",
+        "noiseclr_edit_errors",
+    )
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{server['metrics_port']}/metrics", timeout=10).text
+        if all(n in text for n in names):
+            break
+        time.sleep(2)
+    missing = [n for n in names if n not in text]
+    assert not missing, missing
+
+
+# --- the page, in a real browser ---------------------------------------------------------------------
+
+
+def test_the_page_edits_with_a_slider_in_headless_chromium(server):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if not (chromium and driver_bin):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_bin), options=options)
+    try:
+        browser.get(server["url"] + "/")
+        browser.execute_script(f"localStorage.setItem('noiseclr-key', {json.dumps(KEY)})")
+        browser.get(server["url"] + "/")
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "input.slider")) == 36)
+        wait.until(
+            lambda b: (b.find_element(By.ID, "edited").get_attribute("src") or "").startswith(
+                "data:image/png"
+            )
+        )
+        first = browser.find_element(By.ID, "edited").get_attribute("src")
+        slider = browser.find_element(
+            By.CSS_SELECTOR, "input.slider[data-bank='shapes'][data-direction='11']"
+        )
+        slider.click()  # focus, then move it with the keyboard as a user would
+        for _ in range(4):
+            slider.send_keys("\ue014")  # arrow right: +0.5 each
+        wait.until(lambda b: b.find_element(By.ID, "edited").get_attribute("src") != first)
+        wait.until(
+            lambda b: (
+                "shapes:<shapes-11>" in (b.find_element(By.ID, "edited").get_attribute("data-edits") or "")
+            )
+        )
+        names = [n.text for n in browser.find_elements(By.CSS_SELECTOR, ".dir .name")]
+        assert "-:lightness+, +:lightness-" in names
+        thumbs = browser.execute_script(
+            "return [...document.querySelectorAll('.dir img')].filter(i => i.naturalWidth > 0).length"
+        )
+        assert thumbs == 36
+        shot = ROOT / "out" / "serve" / "page.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+    finally:
+        browser.quit()
