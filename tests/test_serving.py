@@ -429,3 +429,85 @@ def test_the_page_edits_with_a_slider_in_headless_chromium(server):
         assert shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+# --- the command and Ray's own deployment path ----------------------------------------------------
+
+
+def test_noiseclr_serve_answers_edits_and_stops_on_sigterm(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    port = free_port()
+    env = {**os.environ, "NOISECLR_API_KEYS": ""}
+    command = [
+        sys.executable,
+        "-m",
+        "noiseclr.cli",
+        "serve",
+        "--config",
+        str(ROOT / "jobs/serve-shapes.yaml"),
+    ]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240  # the command says where it serves once it is ready
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any("edit endpoint at http://127.0.0.1:" in line for line in lines):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("noiseclr serve did not come up: " + "".join(lines)[-2000:])
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/edits",
+            json={"seed": 3, "steps": 4, "edits": [{"bank": "shapes", "direction": 11, "scale": 2}]},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert png_image(r.content).shape == (64, 64, 3)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the command itself: it shuts Serve and Ray down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)[-2000:]
+
+
+def test_the_serve_config_file_matches_rays_schema_and_builds(tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from noiseclr.errors import ConfigError
+    from noiseclr.serving.app import build_app
+
+    spec = ServeDeploySchema.model_validate(
+        yaml.safe_load((ROOT / "jobs/serve-shapes.serve.yaml").read_text())
+    )
+    app = spec.applications[0]
+    module, _, attr = app.import_path.partition(":")
+    assert (module, attr) == ("noiseclr.serving.app", "build_app")
+    config = ROOT / app.args["config"]
+    assert config.exists()
+    built = build_app({"config": str(config)})
+    assert type(built).__name__ == "Application"
+    (tmp_path / "bad.yaml").write_text("banks: {shapes: x}\nreplica: {num_cpus: 1}\n")
+    with pytest.raises(ConfigError, match="replica"):
+        ServeConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "walk.yaml").write_text("banks: {'../x': y}\n")
+    with pytest.raises(ConfigError, match="bank name"):
+        ServeConfig.from_yaml(tmp_path / "walk.yaml")

@@ -553,9 +553,10 @@ def serve(
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
+    url = start(cfg, address)
+    # After ray.init, which installs its own SIGTERM handler (it would kill us without a shutdown).
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
-    url = start(cfg, address)
     typer.echo(
         f"edit endpoint at {url}/v1/edits; page {url}/; API docs {url}/docs; banks {sorted(cfg.banks)}"
     )
