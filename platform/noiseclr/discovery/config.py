@@ -27,6 +27,24 @@ DISTRIBUTED_KEYS = (
 )
 
 
+def read_mapping(path: str | Path, what: str = "config") -> dict:
+    """A YAML file of keys -> values; one-line ConfigError naming the file otherwise."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path}: {err.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
 class DiscoveryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -120,19 +138,7 @@ class DiscoveryConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> DiscoveryConfig:
         """Read a job file; `overrides` (None: not given) replace its keys. Errors name the file."""
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config {path} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config {path} is a folder, not a YAML file") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(
-                f"config {path}: expected a mapping of config keys, got {type(values).__name__}"
-            )
+        values = read_mapping(path)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.parse(values, where=f"config {path}")
 

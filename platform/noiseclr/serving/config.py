@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from noiseclr.discovery.config import validation_message
+from noiseclr.discovery.config import read_mapping, validation_message
 from noiseclr.errors import ConfigError
 
 BANK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # no "/", no "..": a name, never a path
@@ -100,14 +99,7 @@ class ServeConfig(BaseModel):
     def from_yaml(cls, path: str | Path, **overrides) -> ServeConfig:
         """Read a serve config; relative bank folders resolve against its folder."""
         path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"serve config {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"serve config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"serve config {path} must be a mapping of keys to values")
+        values = read_mapping(path, "serve config")
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             cfg = cls(**values)

@@ -21,10 +21,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from noiseclr.discovery.config import DiscoveryConfig, validation_message
+from noiseclr.discovery.config import DiscoveryConfig, read_mapping, validation_message
 from noiseclr.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -94,12 +93,7 @@ class SweepConfig(BaseModel):
     def from_yaml(cls, path: str | Path) -> tuple[SweepConfig, DiscoveryConfig]:
         """The sweep and its base job (overrides applied; validated both)."""
         path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"sweep config {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"sweep config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        values = read_mapping(path, "sweep config")
         try:
             sweep = cls(**values)
         except ValidationError as err:
