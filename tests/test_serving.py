@@ -419,10 +419,21 @@ def test_the_page_edits_with_a_slider_in_headless_chromium(server):
         )
         names = [n.text for n in browser.find_elements(By.CSS_SELECTOR, ".dir .name")]
         assert "-:lightness+, +:lightness-" in names
-        thumbs = browser.execute_script(
-            "return [...document.querySelectorAll('.dir img')].filter(i => i.naturalWidth > 0).length"
-        )
-        assert thumbs == 36
+        loaded = "return [...document.querySelectorAll('.dir img')].filter(i => i.naturalWidth > 0).length"
+        wait.until(lambda b: b.execute_script(loaded) == 36)  # every thumbnail arrived and decoded
+        # rename a direction through the page's dialog; the server keeps it
+        name = browser.find_element(By.CSS_SELECTOR, ".dir .name[data-bank='other'][data-index='7']")
+        name.click()
+        alert = wait.until(lambda b: b.switch_to.alert)
+        alert.send_keys("stripes")
+        alert.accept()
+        wait.until(lambda b: name.text == "stripes")
+        assert server["client"].get("/v1/banks/other/directions").json()[7]["human_label"] == "stripes"
+        # upload a real image: it is inverted and edited with the slider still at +2
+        upload = server["tmp"] / "upload.png"
+        Image.fromarray(np.full((96, 80, 3), 200, np.uint8)).save(upload)
+        browser.find_element(By.ID, "upload").send_keys(str(upload))
+        wait.until(lambda b: '"source": "upload"' in b.find_element(By.ID, "meta").text)
         shot = ROOT / "out" / "serve" / "page.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(shot))
