@@ -274,6 +274,7 @@ def write_results(rows: list[dict], sweep: SweepConfig, out: Path) -> None:
     import csv
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -287,9 +288,14 @@ def write_results(rows: list[dict], sweep: SweepConfig, out: Path) -> None:
     lines += ["| " + " | ".join(_cell(row[k]) for k in keys) + " |" for row in rows]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     dims = list(sweep.space)
+    steps = [r["steps"] for r in rows] or [0]
     fig, axes = plt.subplots(1, len(dims), figsize=(3.2 * len(dims), 3), squeeze=False)
     for ax, key in zip(axes[0], dims, strict=True):
-        xs = [str(r[key]) if key == "t_range" else r[key] for r in rows]
+        xs = [r[key] for r in rows]
+        if key == "t_range":  # categories, in the order of their bounds
+            cats = sorted({tuple(x) for x in xs})
+            xs = [cats.index(tuple(x)) for x in xs]
+            ax.set_xticks(range(len(cats)), [str(list(c)) for c in cats])
         ax.scatter(xs, [r["alignment"] for r in rows], c=[r["steps"] for r in rows], cmap="viridis")
         for r, x in zip(rows, xs, strict=True):
             if r["baseline"]:  # the job's own values, ringed
@@ -297,7 +303,15 @@ def write_results(rows: list[dict], sweep: SweepConfig, out: Path) -> None:
         ax.set_xlabel(key)
         if key in ("lr",) or (sweep.space[key].loguniform is not None):
             ax.set_xscale("log")
-    axes[0][0].set_ylabel("alignment (colour: steps; ring: job's own values)")
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0][0].set_ylabel("alignment")
+    fig.suptitle(
+        f"{len(rows)} trials; colour: steps reached ({min(steps)} to {max(steps)}); "
+        "red ring: the job's own values",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)
     plt.close(fig)
