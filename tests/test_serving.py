@@ -522,3 +522,58 @@ def test_the_serve_config_file_matches_rays_schema_and_builds(tmp_path):
     (tmp_path / "walk.yaml").write_text("banks: {'../x': y}\n")
     with pytest.raises(ConfigError, match="bank name"):
         ServeConfig.from_yaml(tmp_path / "walk.yaml")
+
+
+def test_serve_run_deploys_the_serve_config_file(tmp_path):
+    """Ray's own CLI on jobs/serve-shapes.serve.yaml (a free port, a temporary labels folder)."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "jobs/serve-shapes.serve.yaml").read_text())
+    port = free_port()
+    spec["http_options"]["port"] = port
+    spec["applications"][0]["args"] = {
+        "config": str(ROOT / spec["applications"][0]["args"]["config"]),
+        "labels_dir": str(tmp_path / "labels"),
+        "device": "cpu",
+    }
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(spec))
+    serve_cli = Path(sys.executable).with_name("serve")
+    env = {**os.environ, "NOISECLR_API_KEYS": ""}
+    proc = subprocess.Popen(
+        [str(serve_cli), "run", str(tmp_path / "serve.yaml")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline, r = time.monotonic() + 240, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=10).status_code == 200:
+                    r = httpx.post(
+                        f"http://127.0.0.1:{port}/v1/edits",
+                        json={
+                            "seed": 1,
+                            "steps": 4,
+                            "edits": [{"bank": "shapes", "direction": 6, "scale": 1}],
+                        },
+                        timeout=60,
+                    )
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(2)
+        assert r is not None and r.status_code == 200, (r and r.text, proc.poll())
+    finally:
+        proc.send_signal(signal.SIGINT)  # serve run shuts the app and its Ray down on Ctrl-C
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
