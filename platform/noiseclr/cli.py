@@ -532,6 +532,18 @@ def sweep(
     typer.echo(f"figure: {summary['figure']}")
 
 
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt, so a server command's cleanup runs (a
+    background job may have inherited SIGINT as ignored)."""
+    import signal
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+
+
 @app.command()
 def serve(
     config: Path = typer.Option(Path("jobs/serve-shapes.yaml"), help="Serve YAML (banks, limits, replicas)."),
@@ -542,7 +554,6 @@ def serve(
     """Serve the edit endpoint and its web page with Ray Serve until Ctrl-C or SIGTERM.
 
     API keys: comma-separated in $NOISECLR_API_KEYS (the config's api_keys_env) when set."""
-    import signal
     import time as _time
 
     from noiseclr.serving.app import start
@@ -550,13 +561,8 @@ def serve(
 
     cfg = ServeConfig.from_yaml(config, host=host, port=port)
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
     url = start(cfg, address)
-    # After ray.init, which installs its own SIGTERM handler (it would kill us without a shutdown).
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
+    _stop_on_signals()  # after ray.init, which installs its own SIGTERM handler (exit, no shutdown)
     typer.echo(
         f"edit endpoint at {url}/v1/edits; page {url}/; API docs {url}/docs; banks {sorted(cfg.banks)}"
     )
@@ -578,17 +584,11 @@ def mlflow_up(
     ),
 ) -> None:
     """Run an MLflow tracking server on 127.0.0.1 (SQLite store) until Ctrl-C or SIGTERM."""
-    import signal
     import time as _time
 
     from noiseclr.tracking.server import MlflowServer
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
-    # Both stop the server (a background job may have inherited SIGINT as ignored).
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
+    _stop_on_signals()
 
     with MlflowServer(root, port, artifacts_destination) as server:
         typer.echo(

@@ -98,12 +98,20 @@ def read_image_file(path: str | Path, resolution: int) -> torch.Tensor:
         raise ImageError(f"image {path}: no such file")
     if path.is_dir():
         raise ImageError(f"image {path}: is a folder, give one image file")
+    return image_tensor(path.read_bytes(), resolution, f"image {path}")
+
+
+def image_tensor(
+    data: bytes, resolution: int, what: str = "image", max_pixels: int = MAX_PIXELS
+) -> torch.Tensor:
+    """Image bytes -> (1, 3, resolution, resolution) in [-1, 1]; `ImageError` starting with `what`
+    when they are not an image, truncated, or over max_pixels (a file's or an upload's)."""
     try:
-        pixels = decode_image(path.read_bytes(), resolution)
+        pixels = decode_image(data, resolution, max_pixels)
     except Image.DecompressionBombError as err:
-        raise ImageError(f"image {path}: refused, {err}") from None
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ImageError(f"image {path}: not a readable image ({type(err).__name__}: {err})") from None
+        raise ImageError(f"{what}: refused, {err}") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise ImageError(f"{what}: not a readable image ({type(err).__name__}: {err})") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 

@@ -14,14 +14,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.editing import sampler
@@ -30,6 +29,7 @@ from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
 from noiseclr.serving.config import ServeConfig
 from noiseclr.serving.schema import EditRequest
+from noiseclr.utils.images import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +132,14 @@ class BankStore:
         i = self.index(name, direction)
         token = self.get(name).tokens[i]
         self.labels_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.labels_dir / ".lock", "w") as lock:
+        with open(self.labels_dir / ".lock", "w") as lock:  # replicas read-modify-write one file
             fcntl.flock(lock, fcntl.LOCK_EX)
             labels = self.human_labels(name)
             if label:
                 labels[token] = label
             else:
                 labels.pop(token, None)
-            fd, tmp = tempfile.mkstemp(dir=self.labels_dir, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(labels, f, indent=1, sort_keys=True)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self._labels_file(name))
+            atomic_write_bytes(self._labels_file(name), json.dumps(labels, indent=1, sort_keys=True).encode())
         return self.direction(name, i)
 
     def direction(self, name: str, i: int, human: dict[str, str] | None = None) -> dict:
@@ -179,7 +175,7 @@ class BankStore:
 
 def decode_upload(data: str, resolution: int, max_pixels: int) -> torch.Tensor:
     """A base64 image (optionally a data: URL) -> (1, 3, R, R) in [-1, 1]; ImageError otherwise."""
-    from noiseclr.data.images import decode_image
+    from noiseclr.data.images import image_tensor
 
     if data.startswith("data:"):
         data = data.partition(",")[2]
@@ -187,13 +183,7 @@ def decode_upload(data: str, resolution: int, max_pixels: int) -> torch.Tensor:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ImageError("image: not valid base64") from None
-    try:
-        pixels = decode_image(raw, resolution, max_pixels)
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"image: refused, {err}") from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise ImageError(f"image: not a readable image ({type(err).__name__})") from None
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return image_tensor(raw, resolution, "image", max_pixels)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
