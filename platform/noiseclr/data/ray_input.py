@@ -63,8 +63,11 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSys
 class Decode:
     """bytes -> (3, H, W) float32 in [-1, 1]; rows that do not decode are dropped and counted."""
 
-    def __init__(self, resolution: int, index_of: dict[str, int], counter) -> None:
+    def __init__(self, resolution: int, index_of: dict[str, int], counter, run: str = "bank") -> None:
+        from noiseclr.training.metrics import DataMetrics
+
         self.resolution, self.index_of, self.counter = resolution, index_of, counter
+        self.metrics = DataMetrics(run)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels, index, bad = [], [], []
@@ -78,6 +81,7 @@ class Decode:
             index.append(self.index_of[path])
         if bad:
             self.counter.add.remote(len(bad), bad)
+        self.metrics.record(len(index), len(bad))
         shape = (0, 3, self.resolution, self.resolution)
         return {
             "index": np.asarray(index, dtype=np.int64),
@@ -110,8 +114,9 @@ def latent_dataset(
     encoders: int = 1,
     batch_size: int = 16,
     limit: int | None = None,
+    run: str = "bank",
 ):
-    """The streaming latent dataset and the corrupt-file counter actor."""
+    """The streaming latent dataset and the corrupt-file counter actor; `run` tags the metrics."""
     pa_fs, _, paths = filesystem(uri, storage_options)
     paths = paths[:limit] if limit else paths
     index_of = {p: i for i, p in enumerate(paths)}
@@ -119,7 +124,12 @@ def latent_dataset(
     ds = ray.data.read_binary_files(paths, filesystem=pa_fs, include_paths=True)
     ds = ds.map_batches(
         Decode,
-        fn_constructor_kwargs={"resolution": resolution, "index_of": index_of, "counter": counter},
+        fn_constructor_kwargs={
+            "resolution": resolution,
+            "index_of": index_of,
+            "counter": counter,
+            "run": run,
+        },
         batch_size=batch_size,
         concurrency=1,
         num_cpus=0.25,

@@ -34,6 +34,7 @@ from ray import serve
 from noiseclr.errors import ImageError, UserError
 from noiseclr.serving.config import ServeConfig
 from noiseclr.serving.schema import Bank, Direction, EditRequest, EditResponse, LabelRequest, check_limits
+from noiseclr.utils.raycluster import init_ray
 
 log = logging.getLogger(__name__)
 api = FastAPI(
@@ -364,10 +365,7 @@ def build_app(args: dict[str, str]):
 def start(cfg: ServeConfig, address: str | None = None, blocking: bool = False):
     """Start (or connect to) Ray, start Serve's HTTP proxy on cfg.host:cfg.port and deploy the
     app; returns the app's base URL. `noiseclr serve` and the tests both start it this way."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    init_ray(address, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -177,6 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
     from noiseclr.discovery.checkpoint import TrainState
     from noiseclr.discovery.trainer import initial_state
     from noiseclr.models.base import load_model, resolve_dtype
+    from noiseclr.training.metrics import DiscoveryMetrics
 
     cfg = DiscoveryConfig(**config["discovery"])
     ctx = ray.train.get_context()
@@ -220,6 +221,7 @@ def train_loop_per_worker(config: dict) -> None:
     if state.exp_avg is not None:
         _restore(engine, param, state)
     param_mib = param_bytes_per_worker(engine) / 2**20
+    exported = DiscoveryMetrics(cfg.name, rank, device)
     step_times: list[float] = []
     step, micro, history = state.step, state.micro, list(state.history)
 
@@ -274,6 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
             "param_mib": param_mib,
             "pairs_per_s": cfg.batch * cfg.directions_per_step * cfg.grad_accum * len(recent) / sum(recent),
         }
+        exported.record_step(total, metrics["pairs_per_s"], step_times[-1], local * cfg.grad_accum)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             full = _full_state(engine, param)
             saved = TrainState(
@@ -327,6 +330,7 @@ def train_distributed(
 
     from noiseclr.data.ray_input import latent_dataset, pyarrow_filesystem
     from noiseclr.models.base import resolve_device
+    from noiseclr.utils.raycluster import init_ray
 
     workers = cfg.workers
     storage_path, fs = cfg.storage_path, None
@@ -336,15 +340,9 @@ def train_distributed(
         fs, storage_path = pyarrow_filesystem(storage_path, cfg.storage_options)
     use_gpu = resolve_device(cfg.device).type == "cuda"
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
-    if not ray.is_initialized():
-        ray.init(
-            address=address,
-            runtime_env={"env_vars": env},
-            include_dashboard=False,
-            **({} if address else {"num_cpus": max(4, workers + 2)}),
-        )
+    init_ray(address, {"env_vars": env}, include_dashboard=False, num_cpus=max(4, workers + 2))
     ds, counter, n_files = latent_dataset(
-        data, cfg.model, resolution, cfg.storage_options, limit=cfg.n_images
+        data, cfg.model, resolution, cfg.storage_options, limit=cfg.n_images, run=cfg.name
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from noiseclr.discovery.config import DiscoveryConfig, read_mapping, validation_message
 from noiseclr.errors import ConfigError
+from noiseclr.utils.raycluster import init_ray
 
 log = logging.getLogger(__name__)
 SWEPT = ("k", "t_range", "tau", "lr", "negatives")  # what a space may name
@@ -165,7 +166,6 @@ def _trial(config: dict) -> None:
 
 def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict:
     """Run (or resume) the sweep into OUT; returns the best trial's figures and where things are."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -183,8 +183,7 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     parent = state.get("parent_run_id") or _start_parent(job, sweep)
     state_file.write_text(json.dumps({"parent_run_id": parent}))
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
     trainable = tune.with_resources(_trial, {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
     storage = out / "tune"
     experiment = storage / sweep.name
