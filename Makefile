@@ -26,14 +26,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/noiseclr discover --config jobs/shapes.yaml --out $(OUT) --device $(DEVICE)
 
-# The page test drives Debian's headless chromium; install it (and its driver) when missing and
-# apt-get can (root on Debian); elsewhere that one test skips, saying why.
-APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+# The page test drives Debian's headless chromium, the dashboards test runs Debian's Prometheus;
+# install them when missing and apt-get can (root on Debian); elsewhere those checks skip, saying why.
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver prometheus >/dev/null
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v prometheus >/dev/null || \
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	    { $(APT) || { apt-get update -q >/dev/null && $(APT); }; }; } || \
-	  echo "no chromium: the page test will skip"
+	  echo "no chromium/prometheus: the page test and the dashboards' PromQL check will skip"
 
 test: $(STAMP) browser
 	$(BIN)/ruff check platform tests jobs

@@ -82,6 +82,10 @@ app.add_typer(world_app, name="world")
 app.add_typer(base_app, name="base")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(banks_app, name="banks")
+job_app = typer.Typer(
+    help="Jobs on a Ray cluster (Ray's Jobs API): status, logs, stop.", no_args_is_help=True
+)
+app.add_typer(job_app, name="job")
 
 
 @app.callback()
@@ -573,6 +577,102 @@ def serve(
         from ray import serve as ray_serve
 
         ray_serve.shutdown()
+
+
+ADDRESS = typer.Option(
+    None, "--address", help="Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)."
+)
+
+
+@app.command()
+def submit(
+    config: Path = typer.Argument(
+        ..., help="Job YAML: discovery, sweep (has `space`) or serve (has `banks`)."
+    ),
+    address: str | None = ADDRESS,
+    working_dir: Path = typer.Option(Path("."), help="Folder sent with the job; CONFIG must be inside."),
+    out: str | None = typer.Option(None, help="OUT of discover/sweep on the cluster (default out/NAME)."),
+    env: list[str] = typer.Option([], help="KEY=VALUE, or KEY to pass this shell's value (repeatable)."),
+    ship_code: bool = typer.Option(False, help="Run this checkout's noiseclr package, not the image's."),
+    cpus: float | None = typer.Option(None, help="CPUs reserved for the entry point (driver)."),
+    gpus: float | None = typer.Option(None, help="GPUs for the driver: 1 for single-process GPU discovery."),
+    submission_id: str | None = typer.Option(None, help="Job id (default noiseclr-KIND-NAME-TIME)."),
+    follow: bool = typer.Option(True, help="Stream the logs until the job ends (Ctrl-C detaches)."),
+) -> None:
+    """Submit a job YAML to a Ray cluster (validated here first); exit 1 unless it succeeds."""
+    from noiseclr import submit as jobs
+
+    job = jobs.make_job(config, working_dir, out, jobs.parse_env(env), ship_code, submission_id)
+    job_id = jobs.submit(job, address, cpus, gpus)
+    typer.echo(f"submitted {job_id}: {job.entrypoint}", err=True)
+    if follow:
+        _follow(address, job_id)
+
+
+def _follow(address: str | None, job_id: str) -> None:
+    from noiseclr import submit as jobs
+
+    try:
+        status = jobs.follow(address, job_id, lambda text: typer.echo(text, nl=False))
+    except KeyboardInterrupt:
+        typer.echo(f"\ndetached; the job goes on (noiseclr job stop {job_id} to stop it)", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"{job_id}: {status}", err=True)
+    raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+@job_app.command("status")
+def job_status(job_id: str = typer.Argument(...), address: str | None = ADDRESS) -> None:
+    """Status, entry point and, for a failed job, why."""
+    from noiseclr import submit as jobs
+
+    info = jobs.call(address, "get_job_info", job_id)
+    typer.echo(f"{job_id}: {info.status.value}")
+    typer.echo(f"  entrypoint: {info.entrypoint}")
+    if info.message:
+        typer.echo(f"  message: {info.message}")
+
+
+@job_app.command("logs")
+def job_logs(
+    job_id: str = typer.Argument(...),
+    address: str | None = ADDRESS,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
+) -> None:
+    """The job's driver logs."""
+    from noiseclr import submit as jobs
+
+    if follow:
+        _follow(address, job_id)
+    typer.echo(jobs.call(address, "get_job_logs", job_id), nl=False)
+
+
+@job_app.command("stop")
+def job_stop(
+    job_id: str = typer.Argument(...),
+    address: str | None = ADDRESS,
+    wait: int = typer.Option(60, help="Seconds to wait for the job to end (0: do not wait)."),
+) -> None:
+    """Ask the cluster to stop a job (SIGTERM to its driver, then SIGKILL)."""
+    from noiseclr import submit as jobs
+
+    jobs.call(address, "stop_job", job_id)
+    status = "STOPPING"
+    for _ in range(wait):
+        status = jobs.call(address, "get_job_status", job_id).value
+        if status in jobs.TERMINAL:
+            break
+        time.sleep(1)
+    typer.echo(f"{job_id}: {status}")
+
+
+@job_app.command("list")
+def job_list(address: str | None = ADDRESS) -> None:
+    """Jobs the cluster knows: id, status, entry point."""
+    from noiseclr import submit as jobs
+
+    for info in sorted(jobs.client(address).list_jobs(), key=lambda i: i.start_time or 0):
+        typer.echo(f"{info.submission_id or info.job_id}  {info.status.value:<9}  {info.entrypoint}")
 
 
 @mlflow_app.command("up")

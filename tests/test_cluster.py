@@ -1,0 +1,399 @@
+"""Beyond one machine, on a real local Ray cluster (`ray start --head` on 127.0.0.1, token auth on):
+`noiseclr submit` through Ray's Jobs API (a discovery job followed to success, an edit endpoint
+submitted then stopped, refusals), and the dashboards: every metric a panel queries is exported by
+the cluster's metrics endpoints, and a real Prometheus running dashboards/prometheus.yml's scrape
+job answers every panel's query with data."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+httpx = pytest.importorskip("httpx")
+
+from noiseclr import submit as jobs  # noqa: E402
+from noiseclr.discovery.bank import DirectionBank  # noqa: E402
+from noiseclr.domains import shapes  # noqa: E402
+from noiseclr.errors import ConfigError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BANK = ROOT / "platform/noiseclr/pretrained/banks/shapes"
+# Ray's node GPU metrics exist only on nodes with GPUs; on CPU they are checked in Ray's source.
+GPU_ONLY = {"ray_node_gram_used", "ray_node_gpus_utilization"}
+GPU_SERIES = 'kind="gpu_allocated"'  # our worker-memory gauge's GPU series, set on GPU workers only
+CORRUPT = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, seconds: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if value := check():
+                return value
+        except (httpx.TransportError, OSError):
+            pass
+        time.sleep(every)
+    pytest.fail(f"{what} not within {seconds} s")
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "noiseclr"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head with the dashboard (Jobs API) and metrics agent on 127.0.0.1; stopped at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix="nclr"))  # short: Ray's socket paths live under it
+    # Every port chosen free, so a Ray already running on this machine cannot collide with it.
+    names = ("gcs", "dashboard", "metrics", "agent-listen", "agent-grpc", "runtime-env", "client")
+    ports = {name: free_port() for name in names}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            *("start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "4"),
+            *("--port", str(ports["gcs"]), "--temp-dir", str(tmp / "ray")),
+            *("--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"])),
+            *("--metrics-export-port", str(ports["metrics"])),
+            *("--dashboard-agent-listen-port", str(ports["agent-listen"])),
+            *("--dashboard-agent-grpc-port", str(ports["agent-grpc"])),
+            *("--runtime-env-agent-port", str(ports["runtime-env"])),
+            *("--ray-client-server-port", str(ports["client"])),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{ports['dashboard']}"
+    os.environ["RAY_AUTH_MODE"] = "token"  # this process's Jobs API clients, as for `ray job`
+    try:
+        wait_for(lambda: httpx.get(f"{address}/api/version", timeout=5).status_code < 500, 120, "Ray head")
+        wait_for(lambda: jobs.client(address).list_jobs() is not None, 60, "Ray's Jobs API")
+        yield {
+            "address": address,
+            "tmp": tmp,
+            "metrics_port": ports["metrics"],
+            "env": {"RAY_AUTH_MODE": "token"},
+        }
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything left of this cluster, nothing else
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def prometheus(head):
+    """Debian's Prometheus running dashboards/prometheus.yml's `ray` job against this cluster: its
+    service-discovery file is the one this head writes; targets scraped on 127.0.0.1, every second."""
+    binary = shutil.which("prometheus")
+    if not binary:
+        yield None
+        return
+    config = yaml.safe_load((ROOT / "dashboards/prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ray"]
+    job["file_sd_configs"][0]["files"] = [str(head["tmp"] / "ray/prom_metrics_service_discovery.json")]
+    job["relabel_configs"] = [
+        {
+            "source_labels": ["__address__"],
+            "regex": r"[^:]+:(\d+)",
+            "target_label": "__address__",
+            "replacement": "127.0.0.1:$1",
+        }
+    ]
+    folder = head["tmp"] / "prometheus"
+    folder.mkdir()
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/-/ready", timeout=5).status_code == 200, 60, "Prometheus")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """What travels with the jobs (job YAMLs, a bank), and image data beside it (10 files, 2 corrupt)."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    data = tmp / "data"
+    data.mkdir()
+    for i, px in enumerate(shapes.to_uint8(shapes.render(shapes.sample_scenes(8, seed=3)))):
+        Image.fromarray(px).save(data / f"{i}.png")
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (data / "empty.jpg").write_bytes(b"")
+    work = tmp / "work"
+    work.mkdir()
+    job = dict(
+        model="shapes", data=str(data), n_images=10, name="tiny", k=4, negatives=2, batch=2, steps=30,
+        t_max=600, workers=1, zero_stage=0, checkpoint_every=15, device="cpu", evaluate=False, gallery=False,
+    )  # fmt: skip
+    (work / "tiny.yaml").write_text(yaml.safe_dump(job))
+    shutil.copytree(BANK, work / "bank")
+    port = free_port()
+    serve = yaml.safe_load((ROOT / "jobs/serve-shapes.yaml").read_text())
+    serve.update(
+        banks={"shapes": "bank"}, port=port, device="cpu", labels_dir=str(tmp / "labels"),
+        default_steps=4, default_inversion_steps=4, thumbnail_steps=3,
+    )  # fmt: skip
+    (work / "serve.yaml").write_text(yaml.safe_dump(serve))
+    return {"work": work, "out": tmp / "out", "serve_url": f"http://127.0.0.1:{port}"}
+
+
+def metric_ports(head) -> list[str]:
+    """The metrics endpoints Ray lists in the file dashboards/prometheus.yml reads."""
+    targets = json.loads((head["tmp"] / "ray/prom_metrics_service_discovery.json").read_text())
+    return [t.rsplit(":", 1)[1] for group in targets for t in group["targets"]]
+
+
+def exported(ports: list[str]) -> dict[str, list[str]]:
+    """metric name -> its sample lines, over every metrics endpoint (scraped on 127.0.0.1)."""
+    lines: dict[str, list[str]] = {}
+    for port in ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                lines.setdefault(re.split(r"[{ ]", line, maxsplit=1)[0], []).append(line)
+    return lines
+
+
+def dashboard_queries(name: str) -> list[str]:
+    """Every PromQL query of dashboards/NAME.json (panels and template variables), variables filled."""
+    board = json.loads((ROOT / "dashboards" / f"{name}.json").read_text())
+    out = []
+    for panel in board["panels"]:
+        assert panel["targets"], f"{name}: panel {panel['title']!r} queries nothing"
+        out += [t["expr"] for t in panel["targets"]]
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":  # label_values(metric, label): that label must exist
+            metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", var["query"]["query"]).groups()
+            out.append(f"count by ({label}) ({metric})")
+    return [re.sub(r"\$__rate_interval", "30s", re.sub(r"\$(run|application)\b", ".*", q)) for q in out]
+
+
+def metric_names(queries: list[str]) -> set[str]:
+    return {name for q in queries for name in re.findall(r"\bray_[a-z0-9_]+", q)}
+
+
+@pytest.fixture(scope="module")
+def discovery_job(head, prometheus, workdir):
+    """`noiseclr submit` a discovery job (1 Ray Train worker), following its logs, while this scrapes
+    the metrics endpoints: a run's gauges live only as long as its workers."""
+    job_id = f"tiny-{int(time.time())}"
+    args = ("submit", str(workdir["work"] / "tiny.yaml"), "--address", head["address"])
+    args += ("--working-dir", str(workdir["work"]), "--out", str(workdir["out"]), "--submission-id", job_id)
+    logs = workdir["work"].parent / "submit"
+    with open(f"{logs}.out", "w") as stdout, open(f"{logs}.err", "w") as stderr:  # no pipe to fill
+        proc = subprocess.Popen(
+            [str(BIN / "noiseclr"), *args], stdout=stdout, stderr=stderr, env={**os.environ, **head["env"]}
+        )
+    wanted, seen, seen_at = metric_names(dashboard_queries("discovery")) - GPU_ONLY, {}, None
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError, OSError):
+            now = exported(metric_ports(head))
+            if wanted <= set(now) and seen_at is None:
+                seen, seen_at = now, time.time()
+        time.sleep(1)
+    proc.wait(timeout=max(1, deadline - time.monotonic()))
+    done = subprocess.CompletedProcess(
+        proc.args, proc.returncode, Path(f"{logs}.out").read_text(), Path(f"{logs}.err").read_text()
+    )
+    return {"id": job_id, "done": done, "seen": seen, "seen_at": seen_at, "wanted": wanted}
+
+
+@pytest.fixture(scope="module")
+def serve_job(head, discovery_job, workdir):
+    """`noiseclr submit` the edit endpoint without following; wait until it answers."""
+    job_id = f"serve-{int(time.time())}"
+    done = cli(
+        *("submit", str(workdir["work"] / "serve.yaml"), "--address", head["address"], "--no-follow"),
+        *("--working-dir", str(workdir["work"]), "--submission-id", job_id),
+        env=head["env"],
+    )
+    assert done.returncode == 0, done.stderr
+    url = workdir["serve_url"]
+    wait_for(
+        lambda: httpx.get(f"{url}/v1/health", timeout=5).status_code == 200, 300, "the submitted endpoint"
+    )
+    return job_id, url
+
+
+# --- submission ----------------------------------------------------------------------------------
+
+
+def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, workdir):
+    job_id, done = discovery_job["id"], discovery_job["done"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"submitted {job_id}" in done.stderr and f"{job_id}: SUCCEEDED" in done.stderr
+    assert "done: 30 steps on 8 images, 1 Ray Train workers" in done.stdout  # the followed logs
+    bank = DirectionBank.load(workdir["out"] / "bank")
+    assert bank.directions.shape[0] == 4 and bank.metrics["corrupt_images"] == CORRUPT
+    status = cli("job", "status", job_id, "--address", head["address"], env=head["env"])
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
+    assert "noiseclr discover --config tiny.yaml" in status.stdout
+    listed = cli("job", "list", "--address", head["address"], env=head["env"])
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    logs = cli("job", "logs", job_id, "--address", head["address"], env=head["env"])
+    assert "done: 30 steps" in logs.stdout
+
+
+def test_a_submitted_endpoint_answers_then_stops(head, serve_job):
+    url = serve_job[1]
+    edit = {"seed": 3, "edits": [{"bank": "shapes", "direction": 0, "scale": 2.0}], "steps": 4}
+    reply = httpx.post(f"{url}/v1/edits", json=edit, timeout=300)
+    assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
+    Image.open(io.BytesIO(reply.content)).verify()
+    assert httpx.post(f"{url}/v1/edits", json={**edit, "steps": -1}, timeout=60).status_code == 422
+    # Prometheus needs a few scrapes after these requests (the dashboards test below reads them).
+    time.sleep(5)
+
+
+def test_every_dashboard_metric_is_exported_and_every_panel_query_has_data(
+    head, prometheus, discovery_job, serve_job
+):
+    ports = metric_ports(head)
+    assert str(head["metrics_port"]) in ports  # the scrape config's file lists the metrics agent
+    # Discovery: all of its panels' metrics at one moment of the run (scraped while it trained).
+    seen, wanted = discovery_job["seen"], discovery_job["wanted"]
+    assert discovery_job["seen_at"], f"never all exported during the run: {sorted(wanted - set(seen))}"
+    dropped = [ln for ln in seen["ray_noiseclr_data_files_dropped_total"] if 'run="tiny"' in ln]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in dropped) == CORRUPT  # the corrupt files, counted
+    # Serving: the endpoint is up and has answered an edit and a refusal.
+    serving = dashboard_queries("serving")
+    wanted = metric_names(serving) - GPU_ONLY
+    deadline, now = time.monotonic() + 120, exported(ports)
+    while not wanted <= set(now) and time.monotonic() < deadline:
+        time.sleep(2)
+        now = exported(ports)
+    assert wanted <= set(now), f"not exported: {sorted(wanted - set(now))}"
+    reporter = Path(__import__("ray").__file__).parent / "dashboard/modules/reporter/reporter_agent.py"
+    for name in GPU_ONLY:  # not on a CPU machine; Ray defines them for GPU nodes
+        assert f'"{name.removeprefix("ray_")}"' in reporter.read_text(), name
+    if prometheus is None:
+        pytest.skip("no prometheus binary (make test installs Debian's): PromQL queries not run")
+
+    def empty(queries: list[str], at: float | None) -> list[str]:
+        missing = []
+        for query in queries:
+            if metric_names([query]) & GPU_ONLY or GPU_SERIES in query:
+                continue
+            params = {"query": query, **({"time": at} if at else {})}
+            reply = httpx.get(f"{prometheus}/api/v1/query", params=params, timeout=10).json()
+            assert reply["status"] == "success", (query, reply)
+            if not reply["data"]["result"]:
+                missing.append(query)
+        return missing
+
+    # Discovery panels evaluated at the moment the run's metrics were all up; serving ones now.
+    assert not empty(dashboard_queries("discovery"), discovery_job["seen_at"] + 5)
+    deadline = time.monotonic() + 90
+    while (missing := empty(serving, None)) and time.monotonic() < deadline:
+        time.sleep(3)
+    assert not missing, f"panel queries without data: {missing}"
+
+
+def test_stopping_a_submitted_endpoint_shuts_it_down(head, serve_job):
+    job_id, url = serve_job
+    stopped = cli("job", "stop", job_id, "--address", head["address"], env=head["env"])
+    assert stopped.returncode == 0 and f"{job_id}: STOPPED" in stopped.stdout, stopped.stderr
+
+    def down() -> bool:
+        try:
+            httpx.get(f"{url}/v1/health", timeout=5)
+        except httpx.TransportError:
+            return True
+        return False
+
+    wait_for(down, 90, "the endpoint to go away (the driver shuts Serve down on SIGTERM)")
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+def test_a_bad_job_is_refused_before_anything_is_sent(head, workdir):
+    before = len(jobs.client(head["address"]).list_jobs())
+    bad = workdir["work"] / "bad.yaml"
+    bad.write_text("model: shapes\nstesp: 10\n")
+    done = cli("submit", str(bad), "--address", head["address"], "--working-dir", str(workdir["work"]))
+    assert done.returncode == 2 and "unknown key 'stesp' (did you mean 'steps'?)" in done.stderr
+    outside = cli("submit", str(ROOT / "jobs/shapes.yaml"), "--address", head["address"], "--working-dir",
+                  str(workdir["work"]))  # fmt: skip
+    assert outside.returncode == 2 and "outside the working folder" in outside.stderr
+    assert len(jobs.client(head["address"]).list_jobs()) == before
+
+
+def test_unknown_jobs_and_unreachable_clusters_are_one_line_errors(head):
+    unknown = cli("job", "status", "no-such-job", "--address", head["address"], env=head["env"])
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: get job info no-such-job")
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    nowhere = cli("job", "list", "--address", f"http://127.0.0.1:{free_port()}")
+    assert nowhere.returncode == 2 and "cannot reach the Ray Jobs API" in nowhere.stderr
+
+
+def test_the_job_kind_and_entry_point_come_from_the_yaml():
+    made = {p: jobs.make_job(ROOT / p, ROOT) for p in ("jobs/shapes.yaml", "jobs/sweep-shapes.yaml")}
+    assert (
+        made["jobs/shapes.yaml"].entrypoint == "noiseclr discover --config jobs/shapes.yaml --out out/shapes"
+    )
+    sweep = made["jobs/sweep-shapes.yaml"]
+    assert sweep.kind == "sweep" and sweep.entrypoint.startswith(
+        "noiseclr sweep --config jobs/sweep-shapes.yaml"
+    )
+    served = jobs.make_job(ROOT / "jobs/serve-shapes.yaml", ROOT, env={"A": "1"})
+    assert served.entrypoint == "noiseclr serve --config jobs/serve-shapes.yaml"
+    assert served.runtime_env["env_vars"]["A"] == "1" and ".git" in served.runtime_env["excludes"]
+    with pytest.raises(ConfigError, match="--env '1A=2': expected KEY=VALUE"):
+        jobs.parse_env(["1A=2"])
+    with pytest.raises(ConfigError, match="not set in this shell"):
+        jobs.parse_env(["NOISECLR_SURELY_UNSET_VARIABLE"])
