@@ -397,3 +397,15 @@ def test_the_job_kind_and_entry_point_come_from_the_yaml():
         jobs.parse_env(["1A=2"])
     with pytest.raises(ConfigError, match="not set in this shell"):
         jobs.parse_env(["NOISECLR_SURELY_UNSET_VARIABLE"])
+
+
+def test_workers_take_gpus_when_the_cluster_has_them_whatever_the_driver_has(monkeypatch):
+    import ray
+
+    from noiseclr.training.distributed import workers_use_gpu
+
+    # A driver on a CPU-only head (this machine) joining a cluster with GPU workers.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 8.0})
+    assert workers_use_gpu("auto") and workers_use_gpu("cuda") and not workers_use_gpu("cpu")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    assert not workers_use_gpu("auto")

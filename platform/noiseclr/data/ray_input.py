@@ -115,8 +115,10 @@ def latent_dataset(
     batch_size: int = 16,
     limit: int | None = None,
     run: str = "bank",
+    gpu: bool | None = None,
 ):
-    """The streaming latent dataset and the corrupt-file counter actor; `run` tags the metrics."""
+    """The streaming latent dataset and the corrupt-file counter actor; `run` tags the metrics,
+    `gpu` says whether the VAE encoders take a GPU (default: when this process sees one)."""
     pa_fs, _, paths = filesystem(uri, storage_options)
     paths = paths[:limit] if limit else paths
     index_of = {p: i for i, p in enumerate(paths)}
@@ -134,7 +136,7 @@ def latent_dataset(
         concurrency=1,
         num_cpus=0.25,
     )
-    gpu = torch.cuda.is_available()
+    gpu = torch.cuda.is_available() if gpu is None else gpu
     # Fractional CPUs on CPU-only machines: the decode and encode actors must fit beside the
     # training workers or the read tasks starve (2 workers + these in 4 logical CPUs).
     ds = ds.map_batches(
