@@ -80,6 +80,7 @@ def head():
     names = ("gcs", "dashboard", "metrics", "agent-listen", "agent-grpc", "runtime-env", "client")
     ports = {name: free_port() for name in names}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env["RAY_metrics_report_interval_ms"] = "1000"  # processes push metrics every 1 s (default 10)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [
@@ -175,8 +176,8 @@ def workdir(tmp_path_factory):
     work = tmp / "work"
     work.mkdir()
     job = dict(
-        model="shapes", data=str(data), n_images=10, name="tiny", k=4, negatives=2, batch=2, steps=30,
-        t_max=600, workers=1, zero_stage=0, checkpoint_every=15, device="cpu", evaluate=False, gallery=False,
+        model="shapes", data=str(data), n_images=10, name="tiny", k=4, negatives=2, batch=2, steps=60,
+        t_max=600, workers=1, zero_stage=0, checkpoint_every=30, device="cpu", evaluate=False, gallery=False,
     )  # fmt: skip
     (work / "tiny.yaml").write_text(yaml.safe_dump(job))
     shutil.copytree(BANK, work / "bank")
@@ -276,7 +277,7 @@ def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, w
     job_id, done = discovery_job["id"], discovery_job["done"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"submitted {job_id}" in done.stderr and f"{job_id}: SUCCEEDED" in done.stderr
-    assert "done: 30 steps on 8 images, 1 Ray Train workers" in done.stdout  # the followed logs
+    assert "done: 60 steps on 8 images, 1 Ray Train workers" in done.stdout  # the followed logs
     bank = DirectionBank.load(workdir["out"] / "bank")
     assert bank.directions.shape[0] == 4 and bank.metrics["corrupt_images"] == CORRUPT
     status = cli("job", "status", job_id, "--address", head["address"], env=head["env"])
@@ -285,7 +286,7 @@ def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, w
     listed = cli("job", "list", "--address", head["address"], env=head["env"])
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     logs = cli("job", "logs", job_id, "--address", head["address"], env=head["env"])
-    assert "done: 30 steps" in logs.stdout
+    assert "done: 60 steps" in logs.stdout
 
 
 def test_a_submitted_endpoint_answers_then_stops(head, serve_job):
