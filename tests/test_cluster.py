@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import typer.main
 import yaml
 from PIL import Image
 
@@ -29,6 +31,7 @@ pytest.importorskip("deepspeed")
 httpx = pytest.importorskip("httpx")
 
 from noiseclr import submit as jobs  # noqa: E402
+from noiseclr.cli import app  # noqa: E402
 from noiseclr.discovery.bank import DirectionBank  # noqa: E402
 from noiseclr.domains import shapes  # noqa: E402
 from noiseclr.errors import ConfigError  # noqa: E402
@@ -394,6 +397,11 @@ def test_the_job_kind_and_entry_point_come_from_the_yaml():
     served = jobs.make_job(ROOT / "jobs/serve-shapes.yaml", ROOT, env={"A": "1"})
     assert served.entrypoint == "noiseclr serve --config jobs/serve-shapes.yaml"
     assert served.runtime_env["env_vars"]["A"] == "1" and ".git" in served.runtime_env["excludes"]
+    commands = typer.main.get_command(app).commands  # every option of an entry point exists
+    for job in (*made.values(), served):
+        command, kind, *args = shlex.split(job.entrypoint)
+        options = {o for param in commands[kind].params for o in param.opts}
+        assert command == "noiseclr" and {a for a in args if a.startswith("--")} <= options, job.entrypoint
     with pytest.raises(ConfigError, match="--env '1A=2': expected KEY=VALUE"):
         jobs.parse_env(["1A=2"])
     with pytest.raises(ConfigError, match="not set in this shell"):
