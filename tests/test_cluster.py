@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -53,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(check, seconds: float, what: str, every: float = 1.0):
+def wait_for(check, seconds: float, what: str, every: float = 1.0, fail: bool = True):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -62,7 +63,9 @@ def wait_for(check, seconds: float, what: str, every: float = 1.0):
         except (httpx.TransportError, OSError):
             pass
         time.sleep(every)
-    pytest.fail(f"{what} not within {seconds} s")
+    if fail:
+        pytest.fail(f"{what} not within {seconds} s")
+    return None
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -82,7 +85,9 @@ def head():
     # Every port chosen free, so a Ray already running on this machine cannot collide with it.
     names = ("gcs", "dashboard", "metrics", "agent-listen", "agent-grpc", "runtime-env", "client")
     ports = {name: free_port() for name in names}
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    (tmp / "auth_token").write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token")}
+    env = {**os.environ, **auth, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env["RAY_metrics_report_interval_ms"] = "1000"  # processes push metrics every 1 s (default 10)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
@@ -98,23 +103,26 @@ def head():
             *("--ray-client-server-port", str(ports["client"])),
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=open(tmp / "ray-start.log", "w"),  # noqa: SIM115 - the head outlives this block
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     address = f"http://127.0.0.1:{ports['dashboard']}"
-    os.environ["RAY_AUTH_MODE"] = "token"  # this process's Jobs API clients, as for `ray job`
+    os.environ.update(auth)  # this process's Jobs API clients, as for `ray job`
     try:
-        wait_for(lambda: httpx.get(f"{address}/api/version", timeout=5).status_code < 500, 120, "Ray head")
+        up = lambda: httpx.get(f"{address}/api/version", timeout=5).status_code < 500  # noqa: E731
+        if not wait_for(up, 120, "Ray head", fail=False):
+            pytest.fail(f"Ray head did not start: {(tmp / 'ray-start.log').read_text()[-2000:]}")
         wait_for(lambda: jobs.client(address).list_jobs() is not None, 60, "Ray's Jobs API")
         yield {
             "address": address,
             "tmp": tmp,
             "metrics_port": ports["metrics"],
-            "env": {"RAY_AUTH_MODE": "token"},
+            "env": auth,
         }
     finally:
-        os.environ.pop("RAY_AUTH_MODE", None)
+        for key in auth:
+            os.environ.pop(key, None)
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(60)
@@ -222,7 +230,9 @@ def dashboard_queries(name: str) -> list[str]:
         if var["type"] == "query":  # label_values(metric, label): that label must exist
             metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", var["query"]["query"]).groups()
             out.append(f"count by ({label}) ({metric})")
-    return [re.sub(r"\$__rate_interval", "30s", re.sub(r"\$(run|application)\b", ".*", q)) for q in out]
+    # The variables as a user would pick them: this run, this app (so a missing label shows).
+    fill = {"$__rate_interval": "30s", "$run": "tiny", "$application": "noiseclr-edit"}
+    return [re.sub(r"\$\w+", lambda m: fill[m.group(0)], q) for q in out]
 
 
 def metric_names(queries: list[str]) -> set[str]:
@@ -249,7 +259,12 @@ def discovery_job(head, prometheus, workdir):
             if wanted <= set(now) and seen_at is None:
                 seen, seen_at = now, time.time()
         time.sleep(1)
-    proc.wait(timeout=max(1, deadline - time.monotonic()))
+    try:
+        proc.wait(timeout=max(1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        cli("job", "stop", job_id, "--address", head["address"], env=head["env"])
+        pytest.fail(f"the discovery job {job_id} did not end within 600 s")
     done = subprocess.CompletedProcess(
         proc.args, proc.returncode, Path(f"{logs}.out").read_text(), Path(f"{logs}.err").read_text()
     )
@@ -326,6 +341,12 @@ def test_every_dashboard_metric_is_exported_and_every_panel_query_has_data(
         assert f'"{name.removeprefix("ray_")}"' in reporter.read_text(), name
     if prometheus is None:
         pytest.skip("no prometheus binary (make test installs Debian's): PromQL queries not run")
+    checked = subprocess.run(
+        ["promtool", "check", "config", str(ROOT / "dashboards/prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
     def empty(queries: list[str], at: float | None) -> list[str]:
         missing = []
@@ -397,6 +418,9 @@ def test_the_job_kind_and_entry_point_come_from_the_yaml():
     served = jobs.make_job(ROOT / "jobs/serve-shapes.yaml", ROOT, env={"A": "1"})
     assert served.entrypoint == "noiseclr serve --config jobs/serve-shapes.yaml"
     assert served.runtime_env["env_vars"]["A"] == "1" and ".git" in served.runtime_env["excludes"]
+    # A GPU job on workers is told to give its driver a GPU; a one-process CPU-or-GPU job is not.
+    assert jobs.make_job(ROOT / "jobs/sd15-faces-6gpu.yaml", ROOT).driver_gpu_advised
+    assert not made["jobs/shapes.yaml"].driver_gpu_advised
     commands = typer.main.get_command(app).commands  # every option of an entry point exists
     for job in (*made.values(), served):
         command, kind, *args = shlex.split(job.entrypoint)

@@ -293,10 +293,14 @@ def test_gpu_workers_ask_for_gpus(path: Path) -> None:
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_every_ray_pod_names_its_metrics_port(path: Path) -> None:
-    """dashboards/podmonitor.yaml scrapes the container port named `metrics` on every Ray pod."""
+    """dashboards/podmonitor.yaml scrapes the container port it names on every Ray pod (KubeRay
+    labels the pods ray.io/is-ray-node=yes, which it selects)."""
+    monitor = load(ROOT / "dashboards" / "podmonitor.yaml")
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     for group in groups(load(path)):
         ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
-        assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"])
+        assert ports[endpoint["port"]] == int(group["rayStartParams"]["metrics-export-port"])
 
 
 # ----------------------------------------------------------------------------------- RayJob

@@ -603,6 +603,12 @@ def submit(
     from noiseclr import submit as jobs
 
     job = jobs.make_job(config, working_dir, out, jobs.parse_env(env), ship_code, submission_id)
+    if job.driver_gpu_advised and not gpus:
+        typer.echo(
+            "warning: the driver gets no GPU (--gpus 1): on a cluster that adds GPU nodes only on "
+            "demand, the workers would find none and train on CPUs",
+            err=True,
+        )
     job_id = jobs.submit(job, address, cpus, gpus)
     typer.echo(f"submitted {job_id}: {job.entrypoint}", err=True)
     if follow:

@@ -15,6 +15,7 @@ $RAY_AUTH_TOKEN or ~/.ray/auth_token, as for `ray job submit`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shlex
@@ -31,6 +32,7 @@ Kind = Literal["discover", "sweep", "serve"]
 # Never uploaded: repository metadata, environments, outputs and caches.
 EXCLUDES = [".git", ".venv", "out", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+log = logging.getLogger(__name__)
 
 
 class SubmitError(UserError, RuntimeError):
@@ -46,6 +48,9 @@ class Job:
     entrypoint: str
     runtime_env: dict
     submission_id: str
+    # Ray Train workers that may use GPUs: the driver should have a GPU too (`--gpus 1`), or
+    # on a cluster that scales GPU nodes from zero the workers find none and train on CPUs.
+    driver_gpu_advised: bool = False
 
 
 def job_kind(values: dict) -> Kind:
@@ -57,21 +62,20 @@ def job_kind(values: dict) -> Kind:
     return "discover"
 
 
-def validate(path: Path) -> tuple[Kind, str]:
-    """Kind and name of the job at `path`, after validating it with its own schema."""
+def validate(path: Path) -> tuple[Kind, object]:
+    """Kind and config of the job at `path`, validated with its own schema."""
     kind = job_kind(read_mapping(path, "job"))
     if kind == "sweep":
         from noiseclr.workflows.sweep import SweepConfig
 
-        sweep, _ = SweepConfig.from_yaml(path)
-        return kind, sweep.name
+        return kind, SweepConfig.from_yaml(path)[0]
     if kind == "serve":
         from noiseclr.serving.config import ServeConfig
 
-        return kind, ServeConfig.from_yaml(path).name
+        return kind, ServeConfig.from_yaml(path)
     from noiseclr.discovery.config import DiscoveryConfig
 
-    return kind, DiscoveryConfig.from_yaml(path).name
+    return kind, DiscoveryConfig.from_yaml(path)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -108,7 +112,8 @@ def make_job(
             f"{config} is outside the working folder {working_dir}: it travels with the job only "
             "from inside it (run from the project folder or pass --working-dir)"
         ) from None
-    kind, name = validate(config)
+    kind, cfg = validate(config)
+    name = cfg.name
     command = ["noiseclr", kind, "--config", relative]
     if kind != "serve":
         command += ["--out", out or f"out/{name}"]
@@ -127,9 +132,9 @@ def make_job(
 
         runtime_env["py_modules"] = [str(Path(noiseclr.__file__).parent)]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Job(
-        kind, name, shlex.join(command), runtime_env, submission_id or f"noiseclr-{kind}-{name}-{stamp}"
-    )
+    submission_id = submission_id or f"noiseclr-{kind}-{name}-{stamp}"
+    advised = kind == "discover" and cfg.workers > 0 and cfg.device != "cpu"
+    return Job(kind, name, shlex.join(command), runtime_env, submission_id, advised)
 
 
 def client(address: str | None):
@@ -190,22 +195,36 @@ def call(address: str | None, method: str, job_id: str, *args):
         raise SubmitError(f"{method.replace('_', ' ')} {job_id}: {_first_line(err)}") from None
 
 
-def follow(address: str | None, job_id: str, write: Callable[[str], None]) -> str:
-    """Stream the job's logs to `write` until it ends; returns its final status."""
+def follow(address: str | None, job_id: str, write: Callable[[str], None], poll_s: float = 2.0) -> str:
+    """Stream the job's logs to `write` until it ends; returns its final status.
+
+    The log stream closes when the job ends, or early when the connection drops (a restarted
+    dashboard, a broken port-forward): then the rest of the log is polled until the job ends."""
+    call(address, "get_job_status", job_id)  # an unknown id is a one-line error, not a traceback
     jobs = client(address)
+    written = 0
 
     async def tail() -> None:
+        nonlocal written
         async for lines in jobs.tail_job_logs(job_id):
             write(lines)
+            written += len(lines)
 
-    asyncio.run(tail())
-    # The log stream closes when the job ends; its status can lag by a moment.
-    for _ in range(60):
-        status = str(jobs.get_job_status(job_id).value)
+    try:
+        asyncio.run(tail())
+    except Exception as err:  # the stream broke: polling below takes over
+        log.warning("log stream of %s ended: %s; polling", job_id, _first_line(err))
+    while True:
+        try:
+            status = str(jobs.get_job_status(job_id).value)
+            text = jobs.get_job_logs(job_id)
+        except Exception as err:
+            raise SubmitError(f"following {job_id}: {_first_line(err)}") from None
+        write(text[written:])
+        written = max(written, len(text))
         if status in TERMINAL:
             return status
-        time.sleep(1)
-    return status
+        time.sleep(poll_s)
 
 
 def _first_line(err: BaseException) -> str:

@@ -286,7 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
             "param_mib": param_mib,
             "pairs_per_s": cfg.batch * cfg.directions_per_step * cfg.grad_accum * len(recent) / sum(recent),
         }
-        exported.record_step(total, metrics["pairs_per_s"], step_times[-1], local * cfg.grad_accum)
+        exported.record_step(step, total, metrics["pairs_per_s"], step_times[-1], local * cfg.grad_accum)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             full = _full_state(engine, param)
             saved = TrainState(

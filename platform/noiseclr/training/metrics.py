@@ -32,7 +32,9 @@ class DiscoveryMetrics:
         self.step_seconds = Histogram(
             "noiseclr_discovery_step_seconds", "Wall time of one optimizer step (s)", STEP_BOUNDARIES, keys
         )
-        self.steps = Counter("noiseclr_discovery_steps", "Optimizer steps done", tag_keys=keys)
+        self.steps = Counter("noiseclr_discovery_steps", "Optimizer steps this worker did", tag_keys=keys)
+        # The run's position: after a restart from a checkpoint the counter above starts again.
+        self.step = Gauge("noiseclr_discovery_step", "The run's current optimizer step", tag_keys=keys)
         self.images = Counter("noiseclr_discovery_images", "Images this worker trained on", tag_keys=keys)
         self.memory = Gauge(
             "noiseclr_discovery_memory_bytes",
@@ -40,7 +42,8 @@ class DiscoveryMetrics:
             tag_keys=(*keys, "kind"),
         )
 
-    def record_step(self, loss: float, pairs_per_s: float, seconds: float, images: int) -> None:
+    def record_step(self, step: int, loss: float, pairs_per_s: float, seconds: float, images: int) -> None:
+        self.step.set(step, tags=self.tags)
         self.loss.set(loss, tags=self.tags)
         self.pairs.set(pairs_per_s, tags=self.tags)
         self.step_seconds.observe(seconds, tags=self.tags)
