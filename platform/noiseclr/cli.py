@@ -632,7 +632,7 @@ def job_status(job_id: str = typer.Argument(...), address: str | None = ADDRESS)
     """Status, entry point and, for a failed job, why."""
     from noiseclr import submit as jobs
 
-    info = jobs.call(address, "get_job_info", job_id)
+    info = jobs.call(jobs.client(address), "get_job_info", job_id)
     typer.echo(f"{job_id}: {info.status.value}")
     typer.echo(f"  entrypoint: {info.entrypoint}")
     if info.message:
@@ -650,7 +650,7 @@ def job_logs(
 
     if follow:
         _follow(address, job_id)
-    typer.echo(jobs.call(address, "get_job_logs", job_id), nl=False)
+    typer.echo(jobs.call(jobs.client(address), "get_job_logs", job_id), nl=False)
 
 
 @job_app.command("stop")
@@ -662,10 +662,11 @@ def job_stop(
     """Ask the cluster to stop a job (SIGTERM to its driver, then SIGKILL)."""
     from noiseclr import submit as jobs
 
-    jobs.call(address, "stop_job", job_id)
+    cluster = jobs.client(address)  # one client: each one checks the server's version first
+    jobs.call(cluster, "stop_job", job_id)
     status = "STOPPING"
     for _ in range(wait):
-        status = jobs.call(address, "get_job_status", job_id).value
+        status = jobs.call(cluster, "get_job_status", job_id).value
         if status in jobs.TERMINAL:
             break
         time.sleep(1)

@@ -186,9 +186,8 @@ def submit(job: Job, address: str | None, cpus: float | None = None, gpus: float
             raise SubmitError(f"the cluster refused the job: {_first_line(err)}") from None
 
 
-def call(address: str | None, method: str, job_id: str, *args):
-    """One Jobs API call on `job_id`, with an unknown id as a one-line error."""
-    jobs = client(address)
+def call(jobs, method: str, job_id: str, *args):
+    """One call of a JobSubmissionClient's on `job_id`, with an unknown id as a one-line error."""
     try:
         return getattr(jobs, method)(job_id, *args)
     except Exception as err:
@@ -200,8 +199,8 @@ def follow(address: str | None, job_id: str, write: Callable[[str], None], poll_
 
     The log stream closes when the job ends, or early when the connection drops (a restarted
     dashboard, a broken port-forward): then the rest of the log is polled until the job ends."""
-    call(address, "get_job_status", job_id)  # an unknown id is a one-line error, not a traceback
     jobs = client(address)
+    call(jobs, "get_job_status", job_id)  # an unknown id is a one-line error, not a traceback
     written = 0
 
     async def tail() -> None:
@@ -215,11 +214,8 @@ def follow(address: str | None, job_id: str, write: Callable[[str], None], poll_
     except Exception as err:  # the stream broke: polling below takes over
         log.warning("log stream of %s ended: %s; polling", job_id, _first_line(err))
     while True:
-        try:
-            status = str(jobs.get_job_status(job_id).value)
-            text = jobs.get_job_logs(job_id)
-        except Exception as err:
-            raise SubmitError(f"following {job_id}: {_first_line(err)}") from None
+        status = str(call(jobs, "get_job_status", job_id).value)
+        text = call(jobs, "get_job_logs", job_id)
         write(text[written:])
         written = max(written, len(text))
         if status in TERMINAL:

@@ -7,8 +7,7 @@ job's name) and, where workers differ, `rank`. The single-process path logs to M
 
 from __future__ import annotations
 
-import os
-
+import psutil  # a Ray dependency
 import torch
 
 STEP_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
@@ -21,7 +20,7 @@ class DiscoveryMetrics:
         from ray.util.metrics import Counter, Gauge, Histogram
 
         self.tags = {"run": run, "rank": str(rank)}
-        self.device = device
+        self.device, self.process = device, psutil.Process()
         keys = ("run", "rank")
         self.loss = Gauge("noiseclr_discovery_loss", "NoiseCLR loss of the last step", tag_keys=keys)
         self.pairs = Gauge(
@@ -53,9 +52,7 @@ class DiscoveryMetrics:
             self.memory.set(
                 torch.cuda.max_memory_allocated(self.device), tags={**self.tags, "kind": "gpu_allocated"}
             )
-        import psutil  # a Ray dependency
-
-        self.memory.set(psutil.Process(os.getpid()).memory_info().rss, tags={**self.tags, "kind": "host_rss"})
+        self.memory.set(self.process.memory_info().rss, tags={**self.tags, "kind": "host_rss"})
 
 
 class DataMetrics:
