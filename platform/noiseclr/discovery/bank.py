@@ -71,6 +71,9 @@ class DirectionBank:
     # Measured editing defaults (written by `noiseclr evaluate`): {"window": [t_high, t_low],
     # "scales": [[-s, +s] per direction]}; `noiseclr edit` then reads a scale of 1 as +s.
     edit_defaults: dict[str, Any] = field(default_factory=dict)
+    # The oracle-free measurement (evaluation/blind.py): per direction score, interval, rank,
+    # dead flag, duplicate group and per-sign figures, with the images and settings measured on.
+    scores: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.directions.ndim != 2:
@@ -104,6 +107,16 @@ class DirectionBank:
             f"direction {key!r} does not exist in bank {self.name!r}; known: indices 0..{len(self) - 1}, "
             f"tokens {self.tokens[:4]}{'...' if len(self) > 4 else ''}"
         )
+
+    def ranked(self) -> list[int]:
+        """Direction indices best first by the oracle-free score (bank order if unmeasured)."""
+        return list(self.scores.get("order", range(len(self))))
+
+    def direction_score(self, i: int) -> dict[str, Any]:
+        """The measured figures of direction i ({} if unmeasured): score, interval, rank, dead,
+        duplicate_of, signs."""
+        rows = self.scores.get("directions", [])
+        return rows[i] if i < len(rows) else {}
 
     def check_model(self, model) -> None:
         """Raise BankError if this bank was not learnt on `model` (a loader.DiffusionModel)."""
@@ -145,6 +158,7 @@ class DirectionBank:
             "metrics": self.metrics,
             "labels": self.labels,
             "edit_defaults": self.edit_defaults,
+            "scores": self.scores,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2, default=_json_default).encode())
@@ -183,6 +197,7 @@ class DirectionBank:
             metrics=meta.get("metrics", {}),
             labels=meta.get("labels", {}),
             edit_defaults=meta.get("edit_defaults", {}),
+            scores=meta.get("scores", {}),
         )
         if model is not None:
             bank.check_model(model)

@@ -1,0 +1,503 @@
+"""The oracle-free measurement: what each direction does to images of any model and domain,
+judged on the decoded images alone (no labels, no world factors).
+
+    m = BlindHarness(model, BlindProtocol(prompt="a photo of a face"), real=pixels)
+    scores = m.measure(bank)                      # JSON-ready, written into bank.json
+
+Space: decoded pixels, area-resized to `protocol.resolution` (64) per side, in [0, 1]. Pixels,
+not VAE latents, because a latent's scale and channels differ between models (SD's 4 x 64 x 64,
+the embedded model's own) while a pixel change means the same everywhere and is what the user
+sees; 64 px keeps the cost and the noise of fine texture the same on every model.
+
+Per signed direction (+s and -s apart, as the oracle protocol does), on n images edited inside
+the bank's window from a shared trajectory top:
+
+- change(s)    mean absolute pixel change of the image, in [0, 1] units;
+- calibration  the smallest scale of the ladder whose change reaches `target` on separate
+               calibration images without breaking them (binary search, as the oracle's);
+               scale 1 of `noiseclr edit` then means that much change on any model;
+- strength     change per unit of raw scale at the calibrated scale;
+- consistency  mean cosine similarity between the change images of two different images
+               (NoiseCLR's own criterion, on the output instead of the noise); a direction that
+               edits the same thing everywhere scores near 1, noise near 0;
+- distinctness 1 - the largest mean cosine between its change and another direction's signed
+               change on the same images; above DUPLICATE_COS they are grouped as duplicates;
+- area         the share of pixels that moved by more than AREA_THRESHOLD: how much of the
+               image it disturbs;
+- drift        how far the edited images' statistics leave the unedited ones' (high-frequency
+               energy and colour spread, log-ratio): images turned to noise or flattened drift;
+               above MAX_DRIFT an edit counts as breaking the image.
+
+score = consistency x distinctness x (1 - area / 2), 0 for an edit that never reaches the target
+or breaks images. A direction's score is its better sign's; it is dead when neither sign lives.
+Bootstrap intervals resample images (calibrated scales fixed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
+
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.editing.sampler import (
+    decode,
+    default_window,
+    encode,
+    invert,
+    sample,
+    seed_latents,
+    sweep_direction,
+)
+from noiseclr.models.base import DiffusionModel
+from noiseclr.models.generate import default_guidance
+
+DUPLICATE_COS = 0.8  # signed changes this alike on the same images: the same edit
+AREA_THRESHOLD = 0.1  # a pixel counts as disturbed beyond this change (max over channels)
+MAX_DRIFT = 0.5  # |log ratio| of image statistics beyond which an edit breaks images
+MIN_CONSISTENCY = 0.2  # below this an edit's changes are unrelated from image to image: noise
+
+
+class BlindProtocol(Schema):
+    """How a bank is measured without an oracle; every field is recorded with the scores."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    n_images: int = Field(8, ge=2)  # scored images per source (generated, real)
+    calibration_images: int = Field(4, ge=1)  # per source, apart from the scored ones
+    prompt: str | None = None  # generated images: this prompt (None: unconditional)
+    generated: bool = True
+    steps: int = Field(20, ge=2)  # DDIM steps of generated images
+    inversion_steps: int = Field(25, ge=2)  # real images: inversion and editing steps (the change
+    # is measured against the same round trip, so its error does not count as an edit)
+    window: tuple[int, int] | None = None  # (t_high, t_low); None: the bank's edit window
+    target: float = Field(0.02, gt=0, lt=1)  # mean |pixel change| each signed edit is scaled to
+    ladder: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    resolution: int = Field(64, ge=8)  # images compared at this size
+    seed: int = 2000
+    n_boot: int = Field(200, ge=10)
+
+    @field_validator("ladder")
+    @classmethod
+    def _ladder(cls, ladder: tuple[float, ...]) -> tuple[float, ...]:
+        if not ladder or any(not 0 < a < math.inf for a in ladder) or list(ladder) != sorted(ladder):
+            raise ValueError(f"ladder must be increasing positive scales, got {ladder}")
+        return ladder
+
+
+@dataclass
+class Images:
+    """One set of images to edit: x at the window's top and the unedited result."""
+
+    name: str
+    x_top: torch.Tensor  # (N, C, h, w)
+    before: np.ndarray  # (N, r, r, 3) at the protocol's resolution
+    prompt: str | None
+    guidance: float
+    steps: int
+    top: int
+
+
+def downsize(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) -> (N, size, size, 3) by area averaging (antialiased)."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images.astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(images)).float().permute(0, 3, 1, 2)
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="area").permute(0, 2, 3, 1).numpy()
+
+
+def image_stats(images: np.ndarray) -> np.ndarray:
+    """(N, 2): high-frequency energy (mean |Laplacian|) and colour spread (pixel std) per image."""
+    lap = np.abs(
+        4 * images[:, 1:-1, 1:-1]
+        - images[:, :-2, 1:-1]
+        - images[:, 2:, 1:-1]
+        - images[:, 1:-1, :-2]
+        - images[:, 1:-1, 2:]
+    ).mean(axis=(1, 2, 3))
+    return np.stack([lap, images.std(axis=(1, 2, 3))], axis=1)
+
+
+def drift(before: np.ndarray, after: np.ndarray) -> float:
+    """Largest |log ratio| of the mean image statistics after vs before (0: unchanged)."""
+    eps = 1e-4
+    ratio = (image_stats(after).mean(0) + eps) / (image_stats(before).mean(0) + eps)
+    return float(np.abs(np.log(ratio)).max())
+
+
+def pair_cosines(deltas: np.ndarray) -> np.ndarray:
+    """(N, N) cosine similarity between flattened change images."""
+    flat = deltas.reshape(len(deltas), -1).astype(np.float64)
+    norm = np.linalg.norm(flat, axis=1, keepdims=True)
+    unit = flat / np.maximum(norm, 1e-12)
+    return unit @ unit.T
+
+
+def mean_offdiag(m: np.ndarray, idx: np.ndarray | None = None) -> float:
+    """Mean of m[a, b] over a != b (over the resampled indices `idx`, pairs of distinct draws)."""
+    if idx is not None:
+        m = m[np.ix_(idx, idx)]
+        same = idx[:, None] == idx[None, :]
+    else:
+        same = np.eye(len(m), dtype=bool)
+    vals = m[~same]
+    return float(vals.mean()) if vals.size else 0.0
+
+
+@dataclass
+class SignedEdit:
+    """One direction at one calibrated signed scale on the scored images."""
+
+    scale: float
+    reached: bool  # its change reached the target on the calibration images
+    deltas: np.ndarray  # (N, r, r, 3) after - before on the scored images
+    drift: float
+
+    @property
+    def changes(self) -> np.ndarray:
+        return np.abs(self.deltas).mean(axis=(1, 2, 3))
+
+    @property
+    def broken(self) -> bool:
+        return self.drift > MAX_DRIFT
+
+    def area(self, idx: np.ndarray | None = None) -> float:
+        d = self.deltas if idx is None else self.deltas[idx]
+        return float((np.abs(d).max(axis=3) > AREA_THRESHOLD).mean())
+
+
+def edit_score(consistency: float, distinctness: float, area: float, live: bool) -> float:
+    """consistency x distinctness x (1 - area / 2), 0 for an edit that is not live."""
+    if not live:
+        return 0.0
+    return max(0.0, consistency) * max(0.0, distinctness) * (1.0 - area / 2)
+
+
+class BlindHarness:
+    """Prepares the images once (generated from a prompt and/or real ones inverted); measures any
+    number of banks of the model on them."""
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        protocol: BlindProtocol | None = None,
+        real: torch.Tensor | None = None,  # (M, 3, H, W) in [-1, 1]: scored + calibration images
+        progress: bool = True,
+    ):
+        self.model, self.p, self.progress = model, protocol or BlindProtocol(), progress
+        p = self.p
+        if not p.generated and real is None:
+            raise ValueError("the blind measurement needs generated images or real ones")
+        self._x: dict[str, tuple[torch.Tensor, int | None]] = {}
+        if p.generated:
+            self._x["generated"] = (seed_latents(model, list(range(p.seed, p.seed + p.n_images))), None)
+            cal = p.seed + 10_000
+            self._x["cal-generated"] = (
+                seed_latents(model, list(range(cal, cal + p.calibration_images))),
+                None,
+            )
+        self.n_real = 0
+        if real is not None:
+            if len(real) < 2:
+                raise ValueError(f"the blind measurement needs at least 2 real images, got {len(real)}")
+            n_cal = max(1, min(p.calibration_images, len(real) // 3))
+            scored = real[: min(p.n_images, len(real) - n_cal)]
+            self.n_real = len(scored)
+            for name, pixels in (("real", scored), ("cal-real", real[len(real) - n_cal :])):
+                self._x[name] = invert(model, encode(model, pixels), p.inversion_steps, progress=progress)
+        self._tops: dict[int, dict[str, Images]] = {}
+
+    def _images(self, top: int) -> dict[str, Images]:
+        if top not in self._tops:
+            found = {}
+            for name, (x, start) in self._x.items():
+                generated = not name.endswith("real")
+                prompt = self.p.prompt if generated else None
+                guidance = default_guidance(self.model) if prompt else 1.0
+                steps = self.p.steps if generated else self.p.inversion_steps
+                kw = {"prompt": prompt, "guidance_scale": guidance, "steps": steps}
+                x_top = sample(self.model, x, [], start_t=start, stop_t=top, **kw)
+                before = decode(self.model, sample(self.model, x_top, [], start_t=top, **kw))
+                found[name] = Images(
+                    name, x_top, downsize(before, self.p.resolution), prompt, guidance, steps, top
+                )
+            self._tops[top] = found
+        return self._tops[top]
+
+    def _window(self, bank: DirectionBank) -> tuple[int, int]:
+        if bank.method == "pullback":
+            return int(bank.config["t_edit"]), 0
+        return tuple(self.p.window) if self.p.window else default_window(bank)
+
+    def _edited(self, bank: DirectionBank, k: int, src: Images, scales: list[float]) -> np.ndarray:
+        """(N, S, r, r, 3) src's images edited by direction k at each raw scale."""
+        window = self._window(bank)
+        imgs = sweep_direction(
+            self.model, bank, k, src.x_top, scales, src.prompt, src.guidance, src.steps, src.top, window
+        )
+        n, s = imgs.shape[:2]
+        return downsize(imgs.reshape(n * s, *imgs.shape[2:]), self.p.resolution).reshape(
+            n, s, self.p.resolution, self.p.resolution, 3
+        )
+
+    def ladder(self, bank: DirectionBank) -> list[float]:
+        return [a * (2.5 if bank.method == "pullback" else 1.0) for a in self.p.ladder]
+
+    def calibrate(self, bank: DirectionBank, k: int) -> tuple[list[float], list[bool]]:
+        """([-s, +s], [reached-, reached+]): per sign the smallest ladder scale whose change on the
+        calibration images reaches the target without breaking them (else the largest that does
+        not break). Binary search: changes grow with the scale."""
+        ladder = self.ladder(bank)
+        top = self._window(bank)[0]
+        cals = [s for name, s in self._images(top).items() if name.startswith("cal-")]
+        lo, hi = {-1: 0, 1: 0}, {-1: len(ladder) - 1, 1: len(ladder) - 1}
+        reached = {-1: False, 1: False}
+        while any(lo[s] < hi[s] for s in lo):
+            probes = {s: (lo[s] + hi[s]) // 2 for s in lo if lo[s] < hi[s]}
+            scales = [s * ladder[i] for s, i in probes.items()]
+            edited = [self._edited(bank, k, c, scales) for c in cals]
+            for j, (sign, i) in enumerate(probes.items()):
+                before = np.concatenate([c.before for c in cals])
+                after = np.concatenate([e[:, j] for e in edited])
+                if drift(before, after) > MAX_DRIFT:
+                    hi[sign] = max(lo[sign], i - 1)
+                elif float(np.abs(after - before).mean()) >= self.p.target:
+                    hi[sign], reached[sign] = i, True
+                else:
+                    lo[sign] = i + 1
+        scales = [-ladder[lo[-1]], ladder[lo[1]]]
+        if not all(reached.values()):  # a sign that stopped on the ladder's end: check it there
+            edited = [self._edited(bank, k, c, scales) for c in cals]
+            before = np.concatenate([c.before for c in cals])
+            for j, sign in enumerate((-1, 1)):
+                after = np.concatenate([e[:, j] for e in edited])
+                ok = drift(before, after) <= MAX_DRIFT
+                reached[sign] = ok and float(np.abs(after - before).mean()) >= self.p.target
+        return scales, [reached[-1], reached[1]]
+
+    def signed_edits(self, bank: DirectionBank) -> list[list[SignedEdit]]:
+        """(K, 2) signed edits at calibrated scales on the scored images (all sources pooled)."""
+        top = self._window(bank)[0]
+        scored = [s for name, s in self._images(top).items() if not name.startswith("cal-")]
+        before = np.concatenate([s.before for s in scored])
+        out = []
+        for k in tqdm(range(len(bank)), desc=f"measure {bank.name}", disable=not self.progress):
+            scales, reached = self.calibrate(bank, k)
+            after = np.concatenate([self._edited(bank, k, s, scales) for s in scored])  # (N, 2, ...)
+            out.append(
+                [
+                    SignedEdit(scales[j], reached[j], after[:, j] - before, drift(before, after[:, j]))
+                    for j in range(2)
+                ]
+            )
+        return out
+
+    def measure(self, bank: DirectionBank) -> dict:
+        """Scores of every direction (JSON-ready, for bank.json's `scores`)."""
+        edits = self.signed_edits(bank)
+        result = score_edits(edits, n_boot=self.p.n_boot)
+        result["protocol"] = {
+            **self.p.model_dump(),
+            "window": list(self._window(bank)),
+            "ladder": self.ladder(bank),
+            "images": {
+                "generated": self.p.n_images if self.p.generated else 0,
+                "real": self.n_real,
+                "seeds": [self.p.seed, self.p.seed + self.p.n_images] if self.p.generated else None,
+            },
+            "space": f"pixels at {self.p.resolution}x{self.p.resolution}",
+        }
+        return result
+
+
+def _signed_stats(edits: list[list[SignedEdit]], idx: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """(K, 2) consistency, distinctness, area, live; (K, 2, K, 2) cross cosines, on images idx."""
+    k = len(edits)
+    n = len(edits[0][0].deltas)
+    idx = np.arange(n) if idx is None else idx
+    flat = np.stack([[e.deltas[idx].reshape(len(idx), -1) for e in pair] for pair in edits])  # (K,2,n,P)
+    norm = np.linalg.norm(flat, axis=3, keepdims=True)
+    unit = flat / np.maximum(norm, 1e-12)
+    # same image, two signed edits: mean over images of their cosine
+    cross = np.einsum("abnp,cdnp->abcd", unit, unit) / len(idx)
+    cons, area, live = np.zeros((k, 2)), np.zeros((k, 2)), np.zeros((k, 2), bool)
+    for a, pair in enumerate(edits):
+        for s, e in enumerate(pair):
+            cons[a, s] = mean_offdiag(pair_cosines(e.deltas), idx)
+            area[a, s] = e.area(idx)
+            live[a, s] = e.reached and not e.broken and cons[a, s] >= MIN_CONSISTENCY
+    distinct = np.ones((k, 2))
+    for a in range(k):
+        for s in range(2):
+            others = [cross[a, s, b, t] for b in range(k) if b != a for t in range(2) if live[b, t]]
+            distinct[a, s] = 1.0 - max(0.0, max(others, default=0.0))
+    return cons, distinct, area, live, cross
+
+
+def score_edits(edits: list[list[SignedEdit]], n_boot: int = 200, seed: int = 0) -> dict:
+    """Per-direction scores, ranks, dead flags, duplicate groups and bootstrap intervals."""
+    k = len(edits)
+    cons, distinct, area, live, cross = _signed_stats(edits, None)
+    score = np.vectorize(edit_score)(cons, distinct, area, live)
+    n = len(edits[0][0].deltas)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        c, d, a, lv, _ = _signed_stats(edits, idx)
+        boots.append(np.vectorize(edit_score)(c, d, a, lv).max(axis=1))
+    boots = np.array(boots)  # (B, K)
+    groups = duplicate_groups(cross, live)
+    best = score.max(axis=1)
+    order = [int(i) for i in np.argsort(-best, kind="stable")]
+    directions = []
+    for i in range(k):
+        group = next((g for g in groups if i in g), [i])
+        signs = {}
+        for s, sign in enumerate("-+"):
+            e = edits[i][s]
+            signs[sign] = {
+                "scale": float(e.scale),
+                "reached": bool(e.reached),
+                "change": round(float(e.changes.mean()), 5),
+                "strength": round(float(e.changes.mean() / abs(e.scale)), 6),
+                "consistency": round(float(cons[i, s]), 4),
+                "distinctness": round(float(distinct[i, s]), 4),
+                "area": round(float(area[i, s]), 4),
+                "drift": round(float(e.drift), 4),
+                "broken": bool(e.broken),
+                "live": bool(live[i, s]),
+                "score": round(float(score[i, s]), 4),
+            }
+        directions.append(
+            {
+                "index": i,
+                "score": round(float(best[i]), 4),
+                "interval": [round(float(np.quantile(boots[:, i], q)), 4) for q in (0.025, 0.975)],
+                "rank": order.index(i) + 1,
+                "dead": not bool(live[i].any()),
+                "duplicate_of": min(group) if min(group) != i else None,
+                "signs": signs,
+            }
+        )
+    live_count = sum(not d["dead"] for d in directions)
+    bank_boot = boots.mean(axis=1)
+    return {
+        "score": round(float(best.mean()), 4),  # the bank's: mean direction score (dead = 0)
+        "interval": [round(float(np.quantile(bank_boot, q)), 4) for q in (0.025, 0.975)],
+        "live": live_count,
+        "dead": k - live_count,
+        "distinct_live": len(
+            {
+                d["duplicate_of"] if d["duplicate_of"] is not None else d["index"]
+                for d in directions
+                if not d["dead"]
+            }
+        ),
+        "order": order,
+        "groups": [g for g in groups if len(g) > 1],
+        "directions": directions,
+    }
+
+
+def duplicate_groups(cross: np.ndarray, live: np.ndarray) -> list[list[int]]:
+    """Live directions whose signed changes are alike (cosine > DUPLICATE_COS in some sign
+    pairing) joined into groups (union-find); each group sorted, singletons included."""
+    k = cross.shape[0]
+    parent = list(range(k))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a in range(k):
+        for b in range(a + 1, k):
+            alike = any(
+                live[a, s] and live[b, t] and cross[a, s, b, t] > DUPLICATE_COS
+                for s in range(2)
+                for t in range(2)
+            )
+            if alike:
+                parent[root(b)] = root(a)
+    groups: dict[int, list[int]] = {}
+    for i in range(k):
+        groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())
+
+
+def store(bank: DirectionBank, result: dict) -> None:
+    """Write the measurement into the bank (the caller saves it). Where the oracle has not set
+    the edit scales (any domain but the shapes world), the blind calibration sets them, so that
+    `noiseclr edit k=1` means the target change of the image on any model."""
+    bank.scores = result
+    if bank.method == "pullback":
+        return
+    by_oracle = "target_effect" in bank.edit_defaults  # evaluate.label_bank calibrated it
+    if not by_oracle:
+        bank.edit_defaults = {
+            **bank.edit_defaults,
+            "window": result["protocol"]["window"],
+            "scales": [[d["signs"]["-"]["scale"], d["signs"]["+"]["scale"]] for d in result["directions"]],
+            "calibration": "blind",
+            "target_change": result["protocol"]["target"],
+        }
+
+
+def measure_into(
+    model: DiffusionModel,
+    bank: DirectionBank,
+    protocol: BlindProtocol,
+    real: torch.Tensor | None = None,
+    progress: bool = True,
+) -> dict:
+    """Measure `bank` on generated (and `real`) images and store the result in it."""
+    result = BlindHarness(model, protocol, real=real, progress=progress).measure(bank)
+    store(bank, result)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    """One line for logs: the bank's score, live and dead counts, the best directions."""
+    best = ", ".join(f"#{i} {result['directions'][i]['score']:.2f}" for i in result["order"][:3])
+    groups = f", duplicate groups {result['groups']}" if result["groups"] else ""
+    return (
+        f"oracle-free score {result['score']:.3f} {result['interval']}: {result['live']} live, "
+        f"{result['dead']} dead{groups}; best {best}"
+    )
+
+
+def scores_table(bank: DirectionBank) -> str:
+    """The bank's directions best first as a markdown table ("" if it was never measured)."""
+    s = bank.scores
+    if not s:
+        return ""
+    lines = [
+        "| rank | # | token | label | score [95% CI] | state | - scale / change / consistency "
+        "| + scale / change / consistency |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i in s["order"]:
+        d = s["directions"][i]
+        state = "dead" if d["dead"] else "live"
+        if not d["dead"] and d["duplicate_of"] is not None:
+            state = f"duplicate of #{d['duplicate_of']}"
+        labels = bank.labels.get(bank.tokens[i], {})
+        label = labels.get("human") or labels.get("auto") or "-"
+        signs = [
+            f"{e['scale']:g} / {e['change']:.3f} / {e['consistency']:.2f}" + ("" if e["live"] else " (off)")
+            for e in (d["signs"]["-"], d["signs"]["+"])
+        ]
+        lines.append(
+            f"| {d['rank']} | {i} | `{bank.tokens[i]}` | {label} | {d['score']:.2f} {d['interval']} "
+            f"| {state} | {signs[0]} | {signs[1]} |"
+        )
+    lines.append("")
+    lines.append(summary_line(s))
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""The oracle-free measurement: its figures against plain reference computations on hand-made
+changes, and through the embedded model a dead direction flagged below a known word."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from noiseclr.cli import app
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.evaluation import blind
+from noiseclr.evaluation.blind import SignedEdit, score_edits
+from noiseclr.evaluation.compose import _fidelity, additivity
+
+R = 16
+RNG = np.random.default_rng(0)
+PATTERN = np.zeros((R, R, 3), np.float32)
+PATTERN[4:9, 4:9, 1] = 0.5  # "the object turns green"
+OTHER = np.zeros((R, R, 3), np.float32)
+OTHER[:, :, 2] = 0.2  # "the background gets bluer"
+
+
+def edit(pattern, n=8, noise=0.02, reached=True, drift=0.0, scale=2.0):
+    deltas = np.stack([pattern + RNG.normal(0, noise, pattern.shape) for _ in range(n)]).astype(np.float32)
+    return SignedEdit(scale, reached, deltas, drift)
+
+
+def noise_edit(n=8):
+    return SignedEdit(32.0, True, RNG.normal(0, 0.1, (n, R, R, 3)).astype(np.float32), 0.0)
+
+
+def cos(a, b):
+    a, b = a.ravel().astype(float), b.ravel().astype(float)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_scores_follow_their_definitions_on_hand_made_changes():
+    edits = [
+        [edit(-PATTERN), edit(PATTERN)],  # 0: a clean, consistent edit both ways
+        [noise_edit(), noise_edit()],  # 1: changes unrelated from image to image
+        [edit(-PATTERN, reached=False), edit(PATTERN, drift=blind.MAX_DRIFT + 1)],  # 2: weak / breaks
+        [edit(-OTHER), edit(OTHER)],  # 3: another clean edit
+        [edit(PATTERN), edit(-PATTERN)],  # 4: direction 0 again, signs swapped
+    ]
+    out = score_edits(edits, n_boot=50)
+    d = out["directions"]
+    assert [x["dead"] for x in d] == [False, True, True, False, False]
+    # consistency: the mean cosine over pairs of different images (a plain double loop)
+    e = edits[0][1]
+    loop = np.mean([cos(e.deltas[a], e.deltas[b]) for a in range(8) for b in range(8) if a != b])
+    assert d[0]["signs"]["+"]["consistency"] == pytest.approx(loop, abs=1e-3)
+    assert d[1]["signs"]["+"]["consistency"] < blind.MIN_CONSISTENCY
+    # distinctness: 1 - the largest same-image cosine with another live direction's signed change
+    same = np.mean([cos(edits[0][1].deltas[i], edits[4][0].deltas[i]) for i in range(8)])
+    assert d[0]["signs"]["+"]["distinctness"] == pytest.approx(1 - same, abs=1e-3)
+    assert d[3]["signs"]["+"]["distinctness"] > 0.9  # orthogonal to everything else
+    assert out["groups"] == [[0, 4]] and d[4]["duplicate_of"] == 0 and d[0]["duplicate_of"] is None
+    assert out["live"] == 3 and out["distinct_live"] == 2
+    # area: the share of pixels moved by more than the threshold
+    assert d[0]["signs"]["+"]["area"] == pytest.approx(25 / 256, abs=0.02)
+    assert d[3]["signs"]["+"]["area"] == pytest.approx(1.0)
+    assert d[0]["signs"]["+"]["strength"] == pytest.approx(np.abs(edits[0][1].deltas).mean() / 2, rel=1e-3)
+    # score: consistency x distinctness x (1 - area / 2); dead ones score 0; ranks follow the score
+    s = d[3]["signs"]["+"]
+    assert s["score"] == pytest.approx(s["consistency"] * s["distinctness"] * (1 - s["area"] / 2), abs=1e-3)
+    assert d[1]["score"] == d[2]["score"] == 0
+    assert out["order"][0] == 3 and [x["rank"] for x in d][3] == 1
+    for x in d:
+        assert (x["interval"][0] <= x["score"] + 1e-9 and x["score"] <= x["interval"][1] + 1e-9) or x["dead"]
+    assert out["score"] == pytest.approx(np.mean([x["score"] for x in d]), abs=1e-3)
+
+
+def test_drift_sees_images_turned_to_noise_or_flattened():
+    images = np.clip(RNG.normal(0.5, 0.05, (4, 32, 32, 3)), 0, 1).astype(np.float32)
+    smooth = np.repeat(np.repeat(images[:, ::8, ::8], 8, 1), 8, 2)
+    assert blind.drift(smooth, smooth) == 0
+    assert blind.drift(smooth, images) > blind.MAX_DRIFT  # high-frequency noise appears
+    assert blind.drift(smooth, np.full_like(smooth, 0.5)) > blind.MAX_DRIFT  # everything flattened
+    assert blind.downsize(np.ones((2, 128, 128, 3)), 64).shape == (2, 64, 64, 3)
+
+
+def test_composition_figures_against_their_definitions():
+    before = np.zeros((3, R, R, 3))
+    a, b = before + PATTERN, before + OTHER
+    assert additivity(before, [a, b], before + PATTERN + OTHER) == pytest.approx(1.0)
+    assert additivity(before, [a, b], before + PATTERN).mean() < 0.5  # B's change lost
+    alone = [np.array([0, 1.0, 0, 0, 0, 0, 0]), np.array([0, 0, 0, 0, 0, 0, 0.8])]
+    fid, kept, leak = _fidelity(alone, np.array([0, 0.5, 0, 0, 0, 0.5, 0.8]), [1, 6])
+    assert (
+        kept == [0.5, 1.0]
+        and leak == pytest.approx(0.5 / 1.8)
+        and fid == pytest.approx(0.5 * (1 - 0.5 / 1.8))
+    )
+
+
+def test_a_dead_direction_is_flagged_and_a_known_word_ranked_above_it(shapes_model, tmp_path):
+    """Without the oracle: a random direction of tiny norm edits nothing (dead, calibrated to the
+    ladder's top), the word 'striped' is live and ranked first; the measurement is stored in
+    bank.json with its settings, and its calibration becomes the edit scales."""
+    from noiseclr.evaluation.evaluate import word_bank
+
+    words = word_bank(shapes_model, ("striped",))
+    tiny = torch.randn(1, words.directions.shape[1], generator=torch.Generator().manual_seed(0))
+    vectors = torch.cat([tiny / tiny.norm() * 1e-3, words.directions])
+    bank = DirectionBank(vectors, dict(words.base_model), name="probe", config={"method": "noiseclr"})
+    bank.edit_defaults = {"window": [600, 0]}
+    folder = bank.save(tmp_path / "bank")
+    done = CliRunner().invoke(
+        app, ["measure", str(folder), "--n", "3", "--steps", "8", "--prompt", "a shape at middle center"]
+    )
+    assert done.exit_code == 0, done.output
+    saved = DirectionBank.load(folder, shapes_model)
+    s = saved.scores
+    assert [d["dead"] for d in s["directions"]] == [True, False]
+    assert s["order"] == [1, 0] and s["directions"][1]["score"] > s["directions"][0]["score"] == 0
+    assert s["directions"][0]["signs"]["+"]["scale"] == 32.0  # never reached the target
+    assert s["protocol"]["window"] == [600, 0] and s["protocol"]["images"]["generated"] == 3
+    assert saved.edit_defaults["calibration"] == "blind"
+    assert saved.edit_defaults["scales"][1] == [
+        d["signs"][k]["scale"] for d in s["directions"][1:] for k in "-+"
+    ]
+    assert "| 1 | 1 | `<probe-1>`" in done.output and "dead" in done.output
+    assert json.loads((folder / "bank.json").read_text())["scores"]["live"] == 1
+
+
+def test_measure_refuses_bad_settings_in_one_line(shapes_model, tmp_path):
+    from noiseclr.evaluation.evaluate import word_bank
+
+    folder = word_bank(shapes_model, ("red",)).save(tmp_path / "bank")
+    done = CliRunner().invoke(app, ["measure", str(folder), "--no-generated"])
+    assert done.exit_code == 2 and "--no-generated needs real images" in done.output
+    with pytest.raises(ValueError, match="ladder must be increasing"):
+        blind.BlindProtocol(ladder=(4.0, 2.0))
