@@ -56,8 +56,15 @@ def test_scores_follow_their_definitions_on_hand_made_changes():
     same = np.mean([cos(edits[0][1].deltas[i], edits[4][0].deltas[i]) for i in range(8)])
     assert d[0]["signs"]["+"]["distinctness"] == pytest.approx(1 - same, abs=1e-3)
     assert d[3]["signs"]["+"]["distinctness"] > 0.9  # orthogonal to everything else
-    assert out["groups"] == [[0, 4]] and d[4]["duplicate_of"] == 0 and d[0]["duplicate_of"] is None
+    assert out["groups"] == [[0, 4]]
+    head, dup = (4, 0) if d[0]["duplicate_of"] == 4 else (0, 4)  # the better one represents
+    assert d[dup]["duplicate_of"] == head and d[head]["duplicate_of"] is None
+    assert d[head]["score"] >= d[dup]["score"]
     assert out["live"] == 3 and out["distinct_live"] == 2
+    # display order: best first, a duplicate right after its head, dead ones last
+    bank = DirectionBank(torch.zeros(5, 4), {}, name="b", scores=out)
+    shown = bank.ranked()
+    assert shown[shown.index(head) + 1] == dup and set(shown[-2:]) == {1, 2}
     # area: the share of pixels moved by more than the threshold
     assert d[0]["signs"]["+"]["area"] == pytest.approx(25 / 256, abs=0.02)
     assert d[3]["signs"]["+"]["area"] == pytest.approx(1.0)

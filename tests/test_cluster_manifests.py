@@ -447,7 +447,8 @@ def test_sd15_job_has_the_papers_values(path: Path) -> None:
     cfg = DiscoveryConfig.from_yaml(path)
     paper = {"n_images": 100, "k": 100, "negatives": 20, "tau": 0.5, "lr": 1e-3, "batch": 6}
     assert {key: getattr(cfg, key) for key in paper} == paper
-    assert cfg.model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and not cfg.evaluate
+    assert cfg.model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.evaluate  # oracle-free there
+    assert cfg.gallery_prompt and cfg.evaluate_images == 4
     assert cfg.registered_model == f"noiseclr-{cfg.name}" and cfg.register_alias == "champion"
     assert cfg.workers == (6 if path.stem.endswith("-6gpu") else 0)
 

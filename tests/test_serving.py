@@ -112,6 +112,25 @@ def server(tmp_path_factory, mlflow_server):
         ray.shutdown()
 
 
+def by_index(rows: list[dict]) -> dict[int, dict]:
+    """Directions are listed best first; tests look them up by index."""
+    return {d["index"]: d for d in rows}
+
+
+def test_hide_dead_leaves_dead_directions_out(shapes_model, tmp_path):
+    from noiseclr.serving.engine import BankStore, NotFound
+
+    store = BankStore({"shapes": str(BANK)}, shapes_model, tmp_path, hide_dead=True)
+    rows = json.loads((BANK / "bank.json").read_text())["scores"]["directions"]
+    dead = [d["index"] for d in rows if d["dead"]]
+    assert dead and not {d["index"] for d in store.directions("shapes")} & set(dead)
+    assert store.describe("shapes")["hidden"] == len(dead)
+    with pytest.raises(NotFound, match="measured dead and is hidden"):
+        store.index("shapes", str(dead[0]))
+    shown = BankStore({"shapes": str(BANK)}, shapes_model, tmp_path)
+    assert len(shown.directions("shapes")) == 12 and shown.index("shapes", str(dead[0])) == dead[0]
+
+
 def png_image(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
@@ -176,13 +195,22 @@ def test_lists_banks_directions_thumbnails_and_sets_labels(server):
     c = server["client"]
     banks = c.get("/v1/banks").json()
     assert [b["name"] for b in banks] == ["other", "reg", "shapes"] and banks[2]["directions"] == 12
-    dirs = c.get("/v1/banks/shapes/directions").json()
+    assert banks[2]["live"] == sum(
+        not d["dead"] for d in json.loads((BANK / "bank.json").read_text())["scores"]["directions"]
+    )
+    listed = c.get("/v1/banks/shapes/directions").json()
+    # best first by the oracle-free score, dead directions last
+    live = [d for d in listed if not d["dead"]]
+    assert listed[: len(live)] == live and all(0 <= d["score"] <= 1 for d in listed)
+    heads = [d["score"] for d in live if d["duplicate_of"] is None]
+    assert heads == sorted(heads, reverse=True) and all(d["score"] == 0 for d in listed[len(live) :])
+    dirs = {d["index"]: d for d in listed}
     assert dirs[11]["auto_label"] == "-:lightness+, +:lightness-" and dirs[11]["human_label"] is None
     thumb = c.get(dirs[11]["thumbnail"])
     assert thumb.status_code == 200 and png_image(thumb.content).shape == (64, 192, 3)
     set_ = c.put("/v1/banks/shapes/directions/11/label", json={"label": "darker"})
     assert set_.status_code == 200 and set_.json()["label"] == "darker"
-    assert c.get("/v1/banks/shapes/directions").json()[11]["label"] == "darker"
+    assert by_index(c.get("/v1/banks/shapes/directions").json())[11]["label"] == "darker"
     stored = json.loads((Path(server["cfg"].labels_dir) / "shapes.json").read_text())
     assert stored == {"<shapes-11>": "darker"}
     assert json.loads((BANK / "bank.json").read_text())["labels"]["<shapes-11>"] == {
@@ -353,7 +381,7 @@ def test_a_killed_replica_is_replaced_and_retried_requests_succeed(server):
         time.sleep(1)
     assert health["pid"] != pid
     assert {p.name: p.read_bytes() for p in labels.glob("*.json")} == before
-    assert c.get("/v1/banks/shapes/directions").json()[2]["label"] == "kept"
+    assert by_index(c.get("/v1/banks/shapes/directions").json())[2]["label"] == "kept"
 
 
 def test_serving_metrics_reach_rays_metrics_endpoint(server):
@@ -428,7 +456,13 @@ def test_the_page_edits_with_a_slider_in_headless_chromium(server):
         alert.send_keys("stripes")
         alert.accept()
         wait.until(lambda b: name.text == "stripes")
-        assert server["client"].get("/v1/banks/other/directions").json()[7]["human_label"] == "stripes"
+        assert (
+            by_index(server["client"].get("/v1/banks/other/directions").json())[7]["human_label"] == "stripes"
+        )
+        # dead directions are folded away under the grid of each bank
+        dead = sum(d["dead"] for d in json.loads((BANK / "bank.json").read_text())["scores"]["directions"])
+        folded = browser.find_elements(By.CSS_SELECTOR, "details.dead .dir")
+        assert dead and len(folded) == 3 * dead
         # upload a real image: it is inverted and edited with the slider still at +2
         upload = server["tmp"] / "upload.png"
         Image.fromarray(np.full((96, 80, 3), 200, np.uint8)).save(upload)

@@ -86,6 +86,44 @@ def test_a_small_sweep_tracks_trials_registers_the_best_and_edits_by_alias(
     assert edited.exit_code == 0, edited.output
 
 
+def test_a_sweep_over_a_plain_image_folder_maximises_the_oracle_free_score(mlflow_server, tmp_path):
+    """No oracle: world images handed over as a plain folder (data: DIR), so `auto` picks the
+    oracle-free score; the trials report it and the best bank is registered with its scores."""
+    from noiseclr.domains.dataset import write_world
+
+    write_world(str(tmp_path / "images"), n=6, seed=5, resolution=64, fixed={"x": "center", "y": "middle"})
+    config = write_sweep(tmp_path, mlflow_server.uri, "folder", samples=2)
+    job = (tmp_path / "job.yaml").read_text()
+    (tmp_path / "job.yaml").write_text(job + f"data: {tmp_path / 'images'}\n")
+    text = config.read_text().replace("milestones: [1, 2]", "milestones: [2]")
+    config.write_text(text)
+    done = subprocess.run(sweep_cmd(config, tmp_path / "out"), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    assert best["metric"] == "score" and best["trials"] == 2 and "alignment" not in best["best"]
+    rows = (tmp_path / "out" / "sweep.md").read_text().splitlines()
+    assert rows[0].startswith("| tau | t_range | baseline | steps | score | live | loss")
+    bank = json.loads((Path(best["bank"]) / "bank.json").read_text())
+    assert bank["scores"]["score"] == pytest.approx(best["best"]["score"])
+    assert bank["edit_defaults"]["calibration"] == "blind"  # no oracle: its own calibration
+    name, _, version = best["registered"].removeprefix("models:/").partition("/")
+    tags = MlflowClient(mlflow_server.uri).get_model_version(name, version).tags
+    assert tags["score"].startswith(f"{bank['scores']['score']:.4f}") and tags["live"].endswith("of 2")
+
+
+def test_sweep_metric_alignment_needs_the_oracle(tmp_path):
+    from noiseclr.errors import ConfigError
+    from noiseclr.workflows.sweep import objective
+
+    config = write_sweep(tmp_path, None, "x", samples=1)
+    sweep, job = SweepConfig.from_yaml(config)
+    assert objective(sweep, job) == "alignment"
+    folder = job.model_copy(update={"data": str(tmp_path)})
+    assert objective(sweep, folder) == "score"
+    with pytest.raises(ConfigError, match="metric alignment needs the shapes world's oracle"):
+        objective(sweep.model_copy(update={"metric": "alignment"}), folder)
+
+
 def test_a_sweep_killed_mid_way_resumes(tmp_path):
     config = write_sweep(tmp_path, None, "killed", samples=3)
     out = tmp_path / "out"

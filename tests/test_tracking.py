@@ -66,6 +66,12 @@ def test_a_tracked_run_logs_config_metrics_artifacts_tags_and_a_registered_versi
     assert [m.step for m in losses] == [1, 2, 3]
     assert run.data.metrics["alignment"] == pytest.approx(result.alignment)
     assert run.data.metrics["images"] == 4 and run.data.metrics["run_pairs_per_s"] > 0
+    scores = DirectionBank.load(result.bank).scores  # the oracle-free measurement, logged too
+    assert run.data.metrics["score"] == pytest.approx(scores["score"]) == pytest.approx(result.score)
+    assert run.data.metrics["live_directions"] + run.data.metrics["dead_directions"] == 3
+    assert [run.data.metrics[f"direction_score.{i}"] for i in range(3)] == [
+        pytest.approx(d["score"]) for d in scores["directions"]
+    ]
     for name in ("pairs_per_s", "step_seconds", "images_per_s"):  # per step, like the loss
         history = client.get_metric_history(result.run_id, name)
         assert [m.step for m in history] == [1, 2, 3] and all(m.value > 0 for m in history), name
@@ -81,6 +87,9 @@ def test_a_tracked_run_logs_config_metrics_artifacts_tags_and_a_registered_versi
     name = registry.model_name(bank)
     version = client.get_model_version_by_alias(name, "champion")
     assert version.run_id == result.run_id
+    assert version.tags["live"] == f"{scores['live']} of 3" and version.tags["score"].startswith(
+        f"{scores['score']:.4f}"
+    )
     assert (
         version.tags["sha256.directions.safetensors"]
         == registry.checksums(result.bank)["directions.safetensors"]
@@ -171,6 +180,7 @@ def test_banks_commands_list_show_promote_download(tracked, mlflow_server, tmp_p
     assert listed.exit_code == 0 and name in listed.output and "champion->1" in listed.output
     shown = runner.invoke(app, ["banks", "show", f"models:/{name}@champion"])
     assert shown.exit_code == 0 and "sha256.bank.json" in shown.output
+    assert "| rank | # | token |" in shown.output and "oracle-free score" in shown.output  # ranked table
     promoted = runner.invoke(app, ["banks", "promote", f"models:/{name}/1", "--alias", "staging"])
     assert promoted.exit_code == 0
     assert MlflowClient(mlflow_server.uri).get_model_version_by_alias(name, "staging").version == "1"

@@ -258,6 +258,8 @@ def discover(
     typer.echo(f"bank:    {result.bank}")
     if result.evaluation:
         typer.echo(f"measured: {result.evaluation}")
+    if result.score is not None:
+        typer.echo(f"scores:  {result.score:.3f} (oracle-free), {result.live} live directions; in bank.json")
     if result.gallery:
         typer.echo(f"gallery: {result.gallery}")
         typer.echo(f"page:    {result.html}")
@@ -440,6 +442,66 @@ def evaluate(
         b.save(folder)
     typer.echo(markdown_table(result))
     typer.echo(f"report: {paths['html']}")
+
+
+@app.command()
+def measure(
+    bank: str = typer.Argument(..., help="Bank folder, or models:/NAME@ALIAS or models:/NAME/VERSION."),
+    model: str = typer.Option("shapes", help="The bank's base model: shapes, a diffusers folder, a hub id."),
+    data: str | None = typer.Option(
+        None, help="Real images to edit (fsspec URI), DDIM-inverted. Default: the bank's training data."
+    ),
+    prompt: str | None = typer.Option(
+        None, help="Generated images' prompt. Default: the bank's gallery prompt (or unconditional)."
+    ),
+    generated: bool = typer.Option(True, help="Also edit generated images."),
+    n: int = typer.Option(8, min=2, help="Scored images per source (generated, real)."),
+    steps: int = typer.Option(20, min=2, help="DDIM steps of generated images (real ones: 1.25x)."),
+    target: float = typer.Option(0.02, min=0.001, max=0.5, help="Mean |pixel change| scale 1 means."),
+    window: int | None = typer.Option(
+        None, min=1, max=1000, help="Edits act for t <= this. Default: the bank's."
+    ),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Measure every direction without an oracle, on any model and images: strength, calibrated
+    scale, consistency, distinctness, area, drift; one score each, dead and duplicate directions
+    flagged. Written into bank.json (a registered bank is not rewritten: its table is printed)."""
+    from pydantic import ValidationError
+
+    from noiseclr.data.images import load_images
+    from noiseclr.discovery.config import validation_message
+    from noiseclr.evaluation import blind
+    from noiseclr.models.base import load_model
+
+    base = load_model(model, device=device)
+    folder, b = _open_bank(bank, base)
+    try:
+        protocol = blind.BlindProtocol(
+            n_images=n,
+            steps=steps,
+            inversion_steps=max(2, round(1.25 * steps)),
+            prompt=prompt if prompt is not None else b.config.get("gallery_prompt"),
+            generated=generated,
+            target=target,
+            window=(window, 0) if window else None,
+        )
+    except ValidationError as err:
+        raise ConfigError(validation_message(err)) from None
+    source = data or b.metrics.get("data")
+    real = None
+    if source:
+        want = protocol.n_images + protocol.calibration_images
+        real = load_images(
+            source, base.resolution, limit=want, storage_options=b.config.get("storage_options")
+        ).pixels
+    elif not generated:
+        raise ConfigError("--no-generated needs real images: give --data URI")
+    blind.measure_into(base, b, protocol, real)
+    if bank.startswith("models:/"):
+        typer.echo("a registered bank is not rewritten: log a new version to keep these scores")
+    else:
+        b.save(folder)
+    typer.echo(blind.scores_table(b))
 
 
 @app.command()
@@ -732,14 +794,18 @@ def banks_list() -> None:
 
 @banks_app.command("show")
 def banks_show(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
-    """One version: its run, tags and checksums."""
-    from noiseclr.tracking.registry import resolve_version
+    """One version: its run, tags and checksums, and its directions ranked by the oracle-free score."""
+    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.evaluation.blind import scores_table
+    from noiseclr.tracking.registry import download_bank, resolve_version
 
     _client()
     v = resolve_version(ref)
     typer.echo(f"{v.name} version {v.version} (run {v.run_id}), aliases: {', '.join(v.aliases) or '-'}")
     for key, value in sorted(v.tags.items()):
         typer.echo(f"  {key}: {value}")
+    table = scores_table(DirectionBank.load(download_bank(f"models:/{v.name}/{v.version}")))
+    typer.echo(table or "not measured (noiseclr measure BANK)")
 
 
 @banks_app.command("promote")

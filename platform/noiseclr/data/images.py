@@ -34,9 +34,9 @@ class ImageSet:
     bad_files: list[str] = field(default_factory=list)
 
 
-def list_images(uri: str) -> list[str]:
+def list_images(uri: str, storage_options: dict | None = None) -> list[str]:
     """Image files under `uri` (recursive), sorted, as full URIs."""
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if not fs.exists(root):
         raise DataError(f"image folder {uri!r} does not exist")
     files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
@@ -69,14 +69,20 @@ def decode_image(data: bytes, resolution: int, max_pixels: int = MAX_PIXELS) -> 
     return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
 
 
-def load_images(uri: str, resolution: int, limit: int | None = None, progress: bool = True) -> ImageSet:
+def load_images(
+    uri: str,
+    resolution: int,
+    limit: int | None = None,
+    progress: bool = True,
+    storage_options: dict | None = None,
+) -> ImageSet:
     """Decode up to `limit` good images under `uri`; skip and count the bad ones."""
     good, names, bad = [], [], []
-    for path in tqdm(list_images(uri), desc="images", disable=not progress):
+    for path in tqdm(list_images(uri, storage_options), desc="images", disable=not progress):
         if limit is not None and len(good) >= limit:
             break
         try:
-            with fsspec.open(path, "rb") as f:
+            with fsspec.open(path, "rb", **(storage_options or {})) as f:
                 good.append(decode_image(f.read(), resolution))
             names.append(path)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:

@@ -109,8 +109,20 @@ class DirectionBank:
         )
 
     def ranked(self) -> list[int]:
-        """Direction indices best first by the oracle-free score (bank order if unmeasured)."""
-        return list(self.scores.get("order", range(len(self))))
+        """Direction indices for display: best first by the oracle-free score, each duplicate
+        right after the direction it repeats, dead ones last (bank order if unmeasured)."""
+        rows = self.scores.get("directions")
+        order = list(self.scores.get("order", range(len(self))))
+        if not rows:
+            return order
+        out = []
+        for i in order:
+            if not rows[i]["dead"] and rows[i]["duplicate_of"] is None:
+                out += [
+                    i,
+                    *(j for j in order if j != i and rows[j]["duplicate_of"] == i and not rows[j]["dead"]),
+                ]
+        return out + [i for i in order if i not in out]
 
     def direction_score(self, i: int) -> dict[str, Any]:
         """The measured figures of direction i ({} if unmeasured): score, interval, rank, dead,

@@ -103,10 +103,13 @@ class DiscoveryConfig(BaseModel):
     register_alias: str | None = None  # e.g. champion: point this alias at the new version
     # editing defaults and the measurement of the bank
     edit_window: int = Field(600, ge=1, le=1000)  # edits (gallery, `noiseclr edit`) act for t <= this
-    # On the shapes world (data: null), measure the bank with the oracle after training: labels
-    # and calibrated edit scales go into bank.json (evaluation/evaluate.py). Else skipped.
+    # Measure the bank after training, on any domain, without an oracle (evaluation/blind.py):
+    # every direction's score, rank, dead flag and duplicate group, and its calibrated scales,
+    # into bank.json. On the shapes world (data: null) the oracle measures it too (labels and
+    # the calibrated scales then come from evaluation/evaluate.py).
     evaluate: bool = True
-    evaluate_images: int = Field(8, ge=2)  # generated and real images of that measurement
+    evaluate_images: int = Field(8, ge=2)  # generated and real images of those measurements
+    evaluate_steps: int = Field(20, ge=2)  # DDIM steps of their generated images
     # pictures (scales in units of each direction's measured strength once evaluated)
     gallery: bool = True  # draw the gallery after training
     gallery_scales: list[float] = Field(default_factory=lambda: [-6.0, -3.0, 0.0, 3.0, 6.0])

@@ -51,6 +51,26 @@ def direction_label(bank: DirectionBank, i: int) -> str:
     return labels.get("human") or labels.get("auto") or bank.tokens[i]
 
 
+def state_mark(bank: DirectionBank, i: int) -> str:
+    """ " [dead]", " [= #j]" (a duplicate of direction j) or "" from the bank's measurement."""
+    d = bank.direction_score(i)
+    if d.get("dead"):
+        return " [dead]"
+    if d.get("duplicate_of") is not None:
+        return f" [= #{d['duplicate_of']}]"
+    return ""
+
+
+def measured_note(bank: DirectionBank) -> str:
+    s = bank.scores
+    if not s:
+        return "Not measured: directions in bank order (<code>noiseclr measure BANK</code> ranks them)."
+    return (
+        f"Directions best first by the oracle-free score (bank {s['score']:.2f}, {s['live']} live, "
+        f"{s['dead']} dead, greyed); a duplicate names the direction it repeats."
+    )
+
+
 def labelled(grid: Image.Image, rows: list[str], per_row: int, columns: list[str], cell: int) -> Image.Image:
     """The grid with a header of column labels (scales) and each direction's label at the left
     of its first row. Geometry follows `make_grid`: pad 2, then the whole grid scaled."""
@@ -83,22 +103,29 @@ def write_gallery(
     (out_dir / "directions").mkdir(parents=True, exist_ok=True)
     images = render_gallery(model, bank, scales, seeds, prompt, steps)  # (K, S, C, H, W, 3)
     k, n_seeds, n_scales = images.shape[:3]
+    order = bank.ranked()  # best first by the oracle-free score; bank order if unmeasured
     scale_up = 2 if model.resolution < 128 else 1
-    grid = make_grid(images.reshape(k * n_seeds * n_scales, *images.shape[3:]), cols=n_scales, scale=scale_up)
-    names = [f"{i} {direction_label(bank, i)}" for i in range(k)]
+    ranked = images[order]
+    grid = make_grid(ranked.reshape(k * n_seeds * n_scales, *images.shape[3:]), cols=n_scales, scale=scale_up)
+    names = [f"{i} {direction_label(bank, i)}{state_mark(bank, i)}" for i in order]
     save_png(
         labelled(grid, names, n_seeds, [f"{s:+g}" for s in scales], images.shape[3]), out_dir / "gallery.png"
     )
     rows = []
-    for i in range(k):
+    for i in order:
         strip = make_grid(
             images[i].reshape(n_seeds * n_scales, *images.shape[3:]), cols=n_scales, scale=scale_up
         )
         save_png(strip, out_dir / "directions" / f"{i:03d}.png")
         labels = bank.labels.get(bank.tokens[i], {})
         label = " / ".join(html.escape(v) for v in labels.values() if v) or "&mdash;"
+        d = bank.direction_score(i)
+        score = f"{d['score']:.2f} [{d['interval'][0]:.2f}, {d['interval'][1]:.2f}]" if d else "&mdash;"
+        dead = ' class="dead"' if d.get("dead") else ""
+        state = state_mark(bank, i).strip(" []") or ("live" if d else "-")
         rows.append(
-            f"<tr><td>{i}</td><td><code>{html.escape(bank.tokens[i])}</code></td><td>{label}</td>"
+            f"<tr{dead}><td>{i}</td><td><code>{html.escape(bank.tokens[i])}</code></td><td>{label}</td>"
+            f"<td>{score}</td><td>{html.escape(state)}</td>"
             f'<td><img src="directions/{i:03d}.png" alt="direction {i}"></td></tr>'
         )
     window = default_window(bank)
@@ -106,14 +133,17 @@ def write_gallery(
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>NoiseCLR bank {html.escape(bank.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 8px;vertical-align:middle}}
-img{{image-rendering:pixelated}} code{{background:#eee;padding:1px 4px}}</style></head><body>
+img{{image-rendering:pixelated}} code{{background:#eee;padding:1px 4px}}
+tr.dead{{opacity:.45}}</style></head><body>
 <h1>Direction bank <code>{html.escape(bank.name)}</code></h1>
 <p>{k} directions on base model <code>{html.escape(str(bank.base_model.get("source")))}</code>
 (fingerprint {html.escape(str(bank.base_model.get("fingerprint")))}). Each strip: rows are seeds
 {", ".join(map(str, seeds))}; columns are scales {", ".join(f"{s:+g}" for s in scales)}
 (0 = unedited{units}), edits acting for {window[1]} &le; t &le; {window[0]}.
-Prompt: <code>{html.escape(prompt or "(none: unconditional)")}</code>.</p>
-<table><thead><tr><th>#</th><th>token</th><th>label</th><th>scales &rarr;</th></tr></thead>
+Prompt: <code>{html.escape(prompt or "(none: unconditional)")}</code>.
+{measured_note(bank)}</p>
+<table><thead><tr><th>#</th><th>token</th><th>label</th><th>score</th><th>state</th>
+<th>scales &rarr;</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 <h2>Training</h2><pre>{html.escape(json.dumps(bank.metrics, indent=2, default=str))}</pre>
 <pre>{html.escape(json.dumps(bank.config, indent=2, default=str))}</pre>

@@ -358,6 +358,7 @@ def score_edits(edits: list[list[SignedEdit]], n_boot: int = 200, seed: int = 0)
     directions = []
     for i in range(k):
         group = next((g for g in groups if i in g), [i])
+        head = max(group, key=lambda j: (best[j], -j))  # a group is represented by its best
         signs = {}
         for s, sign in enumerate("-+"):
             e = edits[i][s]
@@ -381,7 +382,7 @@ def score_edits(edits: list[list[SignedEdit]], n_boot: int = 200, seed: int = 0)
                 "interval": [round(float(np.quantile(boots[:, i], q)), 4) for q in (0.025, 0.975)],
                 "rank": order.index(i) + 1,
                 "dead": not bool(live[i].any()),
-                "duplicate_of": min(group) if min(group) != i else None,
+                "duplicate_of": head if head != i else None,
                 "signs": signs,
             }
         )

@@ -379,6 +379,7 @@ def label_bank(bank: DirectionBank, result: dict) -> None:
             "window": list(result["protocol"]["window"]),
             "scales": [[float(a), float(b)] for a, b in result["scales"]],
             "target_effect": result["protocol"]["target_effect"],
+            "calibration": "oracle",
         }
 
 

@@ -76,6 +76,9 @@ class ServeConfig(BaseModel):
     # Banks given as models:/NAME@ALIAS are re-resolved this often; a moved alias (e.g. `noiseclr
     # banks promote`) reloads that bank on every replica without a restart. 0: never.
     alias_poll_s: float = Field(30, ge=0)
+    # Leave out the directions the bank's oracle-free measurement found dead: not listed, and
+    # an edit naming one is a 404. Off: they are listed last and the page folds them away.
+    hide_dead: bool = False
     thumbnail_scales: list[float] = Field(default_factory=lambda: [-2.0, 0.0, 2.0])
     thumbnail_steps: int = Field(15, ge=2)
     limits: Limits = Field(default_factory=Limits)

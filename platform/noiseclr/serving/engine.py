@@ -68,8 +68,10 @@ class BankStore:
     A bank given as models:/NAME@ALIAS remembers the version it loaded; `moved()` names the banks
     whose alias points elsewhere now (someone promoted another version)."""
 
-    def __init__(self, sources: dict[str, str], model: DiffusionModel, labels_dir: str | Path):
-        self.model = model
+    def __init__(
+        self, sources: dict[str, str], model: DiffusionModel, labels_dir: str | Path, hide_dead: bool = False
+    ):
+        self.model, self.hide_dead = model, hide_dead
         self.sources = dict(sources)
         self.labels_dir = Path(labels_dir)
         self.banks: dict[str, DirectionBank] = {}
@@ -113,9 +115,18 @@ class BankStore:
         if named and named[0] in bank.tokens:  # a label set through the API names it too
             return bank.tokens.index(named[0])
         try:
-            return bank.index(direction)
+            i = bank.index(direction)
         except (BankError, KeyError, IndexError, ValueError) as err:
             raise NotFound(f"bank {name!r} has no direction {direction!r} ({len(bank)} directions)") from err
+        if self.hidden(name, i):
+            raise NotFound(
+                f"bank {name!r}: direction {direction!r} was measured dead and is hidden (hide_dead)"
+            )
+        return i
+
+    def hidden(self, name: str, i: int) -> bool:
+        """Direction i is measured dead and this server leaves dead directions out."""
+        return self.hide_dead and bool(self.get(name).direction_score(i).get("dead"))
 
     def _labels_file(self, name: str) -> Path:
         return self.labels_dir / f"{name}.json"
@@ -153,11 +164,17 @@ class BankStore:
             "label": human.get(token) or bank.labels.get(token, {}).get("human") or auto or token,
             "human_label": human.get(token),
             "auto_label": auto,
+            **{
+                k: bank.direction_score(i).get(k)
+                for k in ("score", "interval", "rank", "dead", "duplicate_of")
+            },
         }
 
     def directions(self, name: str) -> list[dict]:
+        """Best first by the oracle-free score (bank order if unmeasured); hidden ones left out."""
         human = self.human_labels(name)
-        return [self.direction(name, i, human) for i in range(len(self.get(name)))]
+        bank = self.get(name)
+        return [self.direction(name, i, human) for i in bank.ranked() if not self.hidden(name, i)]
 
     def describe(self, name: str) -> dict:
         bank = self.get(name)
@@ -170,6 +187,9 @@ class BankStore:
             "window": list(sampler.default_window(bank)),
             "base_model": bank.base_model.get("fingerprint"),
             "version": self.versions.get(name),
+            "score": bank.scores.get("score"),
+            "live": bank.scores.get("live"),
+            "hidden": sum(self.hidden(name, i) for i in range(len(bank))),
         }
 
 
@@ -203,12 +223,12 @@ class EditEngine:
             os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.tracking_uri)
         self.cfg = cfg
         self.model = model or load_model(cfg.model, device=cfg.device, dtype=resolve_dtype(cfg.precision))
-        self.store = BankStore(cfg.banks, self.model, cfg.labels_dir)
+        self.store = BankStore(cfg.banks, self.model, cfg.labels_dir, cfg.hide_dead)
         self._thumbs: dict[str, list[bytes]] = {}
 
     def reload(self, banks: dict[str, str]) -> None:
         """Swap to another set of banks (a new user_config): load first, then replace."""
-        self.store = BankStore(banks, self.model, self.cfg.labels_dir)
+        self.store = BankStore(banks, self.model, self.cfg.labels_dir, self.cfg.hide_dead)
         self._thumbs.clear()
 
     def follow_aliases(self) -> list[str]:

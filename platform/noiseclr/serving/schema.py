@@ -51,6 +51,12 @@ class Direction(BaseModel):
     label: str
     human_label: str | None
     auto_label: str | None
+    # the oracle-free measurement (None where the bank was not measured)
+    score: float | None = None
+    interval: list[float] | None = None
+    rank: int | None = None  # 1 = best
+    dead: bool | None = None  # edits nothing measurable
+    duplicate_of: int | None = None  # the index of the direction it repeats
     thumbnail: str  # URL of its PNG strip
 
 
@@ -62,6 +68,9 @@ class Bank(BaseModel):
     window: list[int]
     base_model: str | None
     version: str | None  # the registered version a models:/ bank is at now
+    score: float | None = None  # the oracle-free measurement's bank score
+    live: int | None = None  # directions measured live
+    hidden: int = 0  # dead directions this server leaves out (hide_dead)
 
 
 def check_limits(req: EditRequest, limits: Limits) -> None:

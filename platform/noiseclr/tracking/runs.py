@@ -155,6 +155,11 @@ def log_discovery(
     if evaluation:
         figures.update(alignment=evaluation["alignment"], coverage=evaluation["coverage_count"])
         figures.update({f"alignment.{name}": s["alignment"] for name, s in evaluation["scores"].items()})
+    if bank.scores:  # the oracle-free measurement, on any domain
+        s = bank.scores
+        figures.update(score=s["score"], live_directions=s["live"], dead_directions=s["dead"])
+        figures.update(distinct_live=s["distinct_live"])
+        figures.update({f"direction_score.{d['index']}": d["score"] for d in s["directions"]})
     mlflow.log_metrics({k: float(v) for k, v in figures.items() if v is not None}, step=result.steps)
     for folder in ("gallery", "evaluation"):
         path = Path(result.bank).parent / folder

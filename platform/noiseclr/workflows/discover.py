@@ -45,6 +45,8 @@ class DiscoveryResult:
     alignment: float | None = None  # the measurement's summary (shapes world only)
     coverage: int | None = None  # factors some direction moves cleanly
     run_id: str | None = None  # the MLflow run, when tracked
+    score: float | None = None  # the oracle-free measurement (any domain): the bank's score
+    live: int | None = None  # directions that edit something (not dead)
 
 
 def generated_data(cfg: DiscoveryConfig, out: Path, resolution: int) -> str:
@@ -117,6 +119,28 @@ def bank_from_state(
     )
 
 
+def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBank, data: str) -> dict:
+    """The oracle-free measurement of `bank`, stored in it: generated images (the gallery's
+    prompt) and the first training images, inverted. Works on any model and domain."""
+    from noiseclr.data.images import load_images
+    from noiseclr.evaluation import blind
+
+    protocol = blind.BlindProtocol(
+        n_images=cfg.evaluate_images,
+        calibration_images=min(4, cfg.evaluate_images),
+        prompt=cfg.gallery_prompt,
+        steps=cfg.evaluate_steps,
+        inversion_steps=max(2, round(1.25 * cfg.evaluate_steps)),
+        window=(cfg.edit_window, 0),
+        seed=cfg.seed + 2000,
+    )
+    want = protocol.n_images + protocol.calibration_images
+    real = load_images(data, model.resolution, limit=want, storage_options=cfg.storage_options).pixels
+    result = blind.measure_into(model, bank, protocol, real)
+    log.info("%s", blind.summary_line(result))
+    return result
+
+
 def run_discovery(
     cfg: DiscoveryConfig,
     out: str | Path,
@@ -167,11 +191,13 @@ def run_discovery(
                 fixed=cfg.world_fixed,
                 n_images=cfg.evaluate_images,
                 calibration_images=min(4, cfg.evaluate_images),
+                steps=cfg.evaluate_steps,
                 window=(cfg.edit_window, 0),
             )
             measured, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
             log.info("alignment %.3f, coverage %s", measured["alignment"], measured["coverage"])
             report = paths["html"]
+        blind = measure_blind(cfg, model, bank, data) if cfg.evaluate else None
         bank_dir = bank.save(out / "bank")
 
         pages = {"grid": None, "html": None}
@@ -202,6 +228,8 @@ def run_discovery(
             alignment=measured["alignment"] if measured else None,
             coverage=measured["coverage_count"] if measured else None,
             run_id=run.info.run_id if run else None,
+            score=blind["score"] if blind else None,
+            live=blind["live"] if blind else None,
         )
         if run is not None:
             log_discovery(cfg, result, final.history, data, measured, since=state.step)

@@ -1,5 +1,6 @@
 """Hyperparameter sweeps: Ray Tune over K, the timestep range, tau (and lr, negatives), each trial a
-discovery run, the objective the evaluation's alignment (the loss is not a quality measure).
+discovery run, the objective a measurement of its bank (the loss is not a quality measure): the
+oracle's alignment on the shapes world, the oracle-free score (evaluation/blind.py) on any domain.
 
     noiseclr sweep --config jobs/sweep-shapes.yaml --out out/sweep
 
@@ -29,6 +30,7 @@ from noiseclr.utils.raycluster import init_ray
 
 log = logging.getLogger(__name__)
 SWEPT = ("k", "t_range", "tau", "lr", "negatives")  # what a space may name
+FIGURES = ("alignment", "coverage", "score", "live", "steps")  # what a trial reports, besides the loss
 
 
 class Dimension(BaseModel):
@@ -72,7 +74,9 @@ class SweepConfig(BaseModel):
     max_concurrent: int = Field(1, ge=1)
     cpus_per_trial: float = Field(2, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
-    metric: Literal["alignment"] = "alignment"
+    # alignment: the shapes world's oracle (data: null); score: the oracle-free bank score, on any
+    # domain; auto: alignment where the oracle exists, else score.
+    metric: Literal["auto", "alignment", "score"] = "auto"
     reduction_factor: int = Field(2, ge=2)
     seed: int = 0
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -156,6 +160,8 @@ def _trial(config: dict) -> None:
             {
                 "alignment": result.alignment if result.alignment is not None else 0.0,
                 "coverage": result.coverage or 0,
+                "score": result.score if result.score is not None else 0.0,
+                "live": result.live or 0,
                 "loss": result.final_loss,
                 "steps": steps,
                 "bank": str(result.bank),
@@ -173,10 +179,8 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
 
     from noiseclr.tracking.runs import tracking_uri
 
-    if not job.evaluate or job.data is not None:
-        raise ConfigError(
-            "a sweep maximises the evaluation's alignment: its job needs evaluate: true and data: null"
-        )
+    metric = objective(sweep, job)
+    sweep = sweep.model_copy(update={"metric": metric})
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "sweep.json"
@@ -225,8 +229,9 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
     summary = {
         "best": {
             **{k: best.config[k] for k in sweep.space},
-            **{k: best.metrics[k] for k in ("alignment", "coverage", "steps")},
+            **{k: best.metrics[k] for k in FIGURES if job.data is None or k not in ("alignment", "coverage")},
         },
+        "metric": metric,
         "bank": best.metrics["bank"],
         "table": str(out / "sweep.md"),
         "figure": str(out / "sweep.png"),
@@ -234,13 +239,28 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
     }
     base = next((row for row in table if row["baseline"]), None)
     if base is not None:  # the job's own values, same protocol: the gain is the sweep's answer
-        summary["baseline"] = {k: base[k] for k in ("alignment", "coverage", "steps")}
-        summary["gain"] = best.metrics["alignment"] - base["alignment"]
+        summary["baseline"] = {k: base[k] for k in FIGURES if k in base}
+        summary["gain"] = best.metrics[metric] - base[metric]
     write_results(table, sweep, out)
     if tracking_uri(job):
         summary["registered"] = _register_best(job, sweep, best, parent, out)
     (out / "best.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def objective(sweep: SweepConfig, job: DiscoveryConfig) -> str:
+    """The metric the sweep maximises ("alignment" or "score"); ConfigError where it cannot be had."""
+    if not job.evaluate:
+        raise ConfigError(
+            "a sweep maximises a measurement of each trial's bank: its job needs evaluate: true"
+        )
+    oracle = job.data is None and job.model == "shapes"
+    if sweep.metric == "alignment" and not oracle:
+        raise ConfigError(
+            "metric alignment needs the shapes world's oracle (model: shapes, data: null); "
+            "on your own images use metric: score (the oracle-free score) or auto"
+        )
+    return sweep.metric if sweep.metric != "auto" else ("alignment" if oracle else "score")
 
 
 def _start_parent(job: DiscoveryConfig, sweep: SweepConfig) -> str | None:
@@ -260,13 +280,15 @@ def results_table(results, sweep: SweepConfig) -> list[dict]:
     """One row per trial: its sampled values, its last measured step and figures."""
     rows = []
     for r in results:
-        if r.metrics is None or "alignment" not in r.metrics:
+        if r.metrics is None or sweep.metric not in r.metrics:
             continue
         row = {k: r.config[k] for k in sweep.space}
         row["baseline"] = sweep.baseline and row == job_values(DiscoveryConfig(**r.config["_job"]), sweep)
-        row.update({k: r.metrics.get(k) for k in ("steps", "alignment", "coverage", "loss")})
+        oracle = r.config["_job"].get("data") is None  # else no alignment was measured
+        figures = FIGURES[:4] if oracle else ("score", "live")
+        row.update({k: r.metrics.get(k) for k in ("steps", *figures, "loss")})
         rows.append(row)
-    return sorted(rows, key=lambda row: -(row["alignment"] or 0))
+    return sorted(rows, key=lambda row: -(row[sweep.metric] or 0))
 
 
 def write_results(rows: list[dict], sweep: SweepConfig, out: Path) -> None:
@@ -295,17 +317,17 @@ def write_results(rows: list[dict], sweep: SweepConfig, out: Path) -> None:
             cats = sorted({tuple(x) for x in xs})
             xs = [cats.index(tuple(x)) for x in xs]
             ax.set_xticks(range(len(cats)), [str(list(c)) for c in cats])
-        ax.scatter(xs, [r["alignment"] for r in rows], c=[r["steps"] for r in rows], cmap="viridis")
+        ax.scatter(xs, [r[sweep.metric] for r in rows], c=[r["steps"] for r in rows], cmap="viridis")
         for r, x in zip(rows, xs, strict=True):
             if r["baseline"]:  # the job's own values, ringed
-                ax.scatter([x], [r["alignment"]], s=160, facecolors="none", edgecolors="red")
+                ax.scatter([x], [r[sweep.metric]], s=160, facecolors="none", edgecolors="red")
         ax.set_xlabel(key)
         if key in ("lr",) or (sweep.space[key].loguniform is not None):
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5)))
             ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[0][0].set_ylabel("alignment")
+    axes[0][0].set_ylabel(sweep.metric)
     fig.suptitle(
         f"{len(rows)} trials; colour: steps reached ({min(steps)} to {max(steps)}); "
         "red ring: the job's own values",
@@ -337,5 +359,5 @@ def _register_best(
         with mlflow.start_run(run_id=parent):
             for name in ("sweep.csv", "sweep.md", "sweep.png"):
                 mlflow.log_artifact(str(out / name))
-            mlflow.log_metric("best_alignment", float(best.metrics["alignment"]))
+            mlflow.log_metric(f"best_{sweep.metric}", float(best.metrics[sweep.metric]))
     return f"models:/{version.name}/{version.version}" if version else None
