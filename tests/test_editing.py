@@ -197,13 +197,24 @@ def test_gallery_writes_grid_and_page(shapes_model, tmp_path):
     assert (left < 128).sum() > 20 and (top < 128).sum() > 20  # dark text on white
     for path in (pages["grid"], pages["html"], tmp_path / "directions" / "000.png"):
         assert path.stat().st_mode & 0o044 == 0o044, f"{path} is not readable by others"
+    # a measured bank: rows best first, the dead direction greyed and marked
+    d = {"score": 0.0, "interval": [0.0, 0.0], "dead": True, "duplicate_of": None}
+    bank.scores = {
+        "score": 0.2,
+        "live": 1,
+        "dead": 1,
+        "order": [1, 0],
+        "directions": [d, {**d, "score": 0.4, "dead": False}],
+    }
+    html = write_gallery(shapes_model, bank, tmp_path / "m", [0.0, 3.0], [0], steps=2)["html"].read_text()
+    assert html.index("&lt;g-1&gt;") < html.index("&lt;g-0&gt;") and html.count('<tr class="dead">') == 1
 
 
 def test_discover_on_the_world_measures_labels_and_calibrates_the_bank(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         "k: 3\nnegatives: 1\nbatch: 2\nsteps: 2\nn_images: 4\ngallery_seeds: 1\ngallery_steps: 3\n"
-        "gallery_scales: [-1, 0, 1]\nevaluate_images: 2\nname: w\nedit_window: 500\n"
+        "gallery_scales: [-1, 0, 1]\nevaluate_images: 2\nevaluate_steps: 6\nname: w\nedit_window: 500\n"
         "world_fixed: {x: center, y: middle}\n"
     )
     out = tmp_path / "out"
@@ -221,6 +232,11 @@ def test_discover_on_the_world_measures_labels_and_calibrates_the_bank(tmp_path)
     assert 0 <= lo <= evaluation["alignment"] <= hi <= 1
     assert (out / "evaluation" / "evaluation.html").exists()
     assert "measured strength" in (out / "gallery" / "index.html").read_text()
+    # the oracle-free measurement too; the oracle's calibration sets the edit scales here
+    assert meta["edit_defaults"]["calibration"] == "oracle" and len(meta["scores"]["directions"]) == 3
+    assert meta["scores"]["protocol"]["window"] == [500, 0]
+    assert meta["scores"]["protocol"]["images"]["real_files"][0].endswith(".png")
+    assert "oracle-free score" in (out / "gallery" / "index.html").read_text()
 
 
 def test_discover_cli_end_to_end_with_a_corrupt_file(tmp_path):
@@ -232,7 +248,7 @@ def test_discover_cli_end_to_end_with_a_corrupt_file(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         "k: 4\nnegatives: 2\nbatch: 3\nsteps: 3\nn_images: 9\ngallery_seeds: 1\ngallery_steps: 3\n"
-        "gallery_scales: [-2, 0, 2]\ncheckpoint_every: 2\nname: tiny\n"
+        "gallery_scales: [-2, 0, 2]\ncheckpoint_every: 2\nname: tiny\nevaluate_images: 2\nevaluate_steps: 4\n"
     )
     out = tmp_path / "out"
     result = CliRunner().invoke(
@@ -242,6 +258,14 @@ def test_discover_cli_end_to_end_with_a_corrupt_file(tmp_path):
     assert "skipped 1 corrupt image" in result.output
     bank = DirectionBank.load(out / "bank")
     assert len(bank) == 4 and bank.metrics["corrupt_images"] == 1 and bank.metrics["steps"] == 3
+    # a plain folder, no oracle: the oracle-free measurement ranks the bank and calibrates it
+    assert len(bank.scores["directions"]) == 4 and bank.edit_defaults["calibration"] == "blind"
+    assert "scores:" in result.output
+    shown = [bank.direction_score(i) for i in bank.ranked()]  # dead ones last, live best first
+    live = [d["score"] for d in shown if not d["dead"]]
+    assert [d["dead"] for d in shown] == sorted(d["dead"] for d in shown) and live == sorted(
+        live, reverse=True
+    )
     assert (out / "gallery" / "gallery.png").exists() and (out / "gallery" / "index.html").exists()
     # `noiseclr edit` on the new bank, with a bad direction first: clear error, nothing written.
     bad = CliRunner().invoke(

@@ -24,7 +24,7 @@ try:  # recent typer vendors click as typer._click: its exceptions are the ones 
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
-from noiseclr.errors import ConfigError, UserError
+from noiseclr.errors import ConfigError, DataError, UserError
 
 DEBUG = {"on": False}
 
@@ -491,12 +491,16 @@ def measure(
     real = None
     if source:
         want = protocol.n_images + protocol.calibration_images
-        real = load_images(
-            source, base.resolution, limit=want, storage_options=b.config.get("storage_options")
-        ).pixels
-    elif not generated:
+        options = b.config.get("storage_options")
+        try:
+            real = load_images(source, base.resolution, limit=want, storage_options=options)
+        except DataError as err:
+            if data or not generated:  # the user named these images: their error stands
+                raise
+            typer.echo(f"warning: the bank's training images are not readable here ({err}); generated only")
+    if real is None and not generated:
         raise ConfigError("--no-generated needs real images: give --data URI")
-    blind.measure_into(base, b, protocol, real)
+    blind.measure_into(base, b, protocol, real and real.pixels, real_names=real and real.files)
     if bank.startswith("models:/"):
         typer.echo("a registered bank is not rewritten: log a new version to keep these scores")
     else:
@@ -804,7 +808,10 @@ def banks_show(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models
     typer.echo(f"{v.name} version {v.version} (run {v.run_id}), aliases: {', '.join(v.aliases) or '-'}")
     for key, value in sorted(v.tags.items()):
         typer.echo(f"  {key}: {value}")
-    table = scores_table(DirectionBank.load(download_bank(f"models:/{v.name}/{v.version}")))
+    try:
+        table = scores_table(DirectionBank.load(download_bank(f"models:/{v.name}/{v.version}")))
+    except UserError as err:  # an old or damaged version: its tags above still say what it is
+        table = f"directions not shown: {err}"
     typer.echo(table or "not measured (noiseclr measure BANK)")
 
 

@@ -17,9 +17,12 @@ the bank's window from a shared trajectory top:
                calibration images without breaking them (binary search, as the oracle's);
                scale 1 of `noiseclr edit` then means that much change on any model;
 - strength     change per unit of raw scale at the calibrated scale;
-- consistency  mean cosine similarity between the change images of two different images
-               (NoiseCLR's own criterion, on the output instead of the noise); a direction that
-               edits the same thing everywhere scores near 1, noise near 0;
+- consistency  how alike the edit's change is on two different images (NoiseCLR's own criterion,
+               on the output instead of the noise): the mean cosine similarity over pairs of
+               images of their change images (the same change everywhere: "stripes appear",
+               "the background darkens"), or of their centred change-magnitude maps (a change in
+               the same place that depends on the image: "the object turns green" moves a red and
+               a blue object's pixels differently), whichever is higher; noise scores near 0;
 - distinctness 1 - the largest mean cosine between its change and another direction's signed
                change on the same images; above DUPLICATE_COS they are grouped as duplicates;
 - area         the share of pixels that moved by more than AREA_THRESHOLD: how much of the
@@ -54,12 +57,14 @@ from noiseclr.editing.sampler import (
     seed_latents,
     sweep_direction,
 )
+from noiseclr.errors import DataError
 from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
 
 DUPLICATE_COS = 0.8  # signed changes this alike on the same images: the same edit
 AREA_THRESHOLD = 0.1  # a pixel counts as disturbed beyond this change (max over channels)
-MAX_DRIFT = 0.5  # |log ratio| of image statistics beyond which an edit breaks images
+MAX_DRIFT = 1.0  # |log ratio| of image statistics (x2.7) beyond which an edit breaks images:
+# stripes drawn on an object raise the fine-detail energy by ~1.6x (0.5), noise far more
 MIN_CONSISTENCY = 0.2  # below this an edit's changes are unrelated from image to image: noise
 
 
@@ -158,6 +163,16 @@ class SignedEdit:
     deltas: np.ndarray  # (N, r, r, 3) after - before on the scored images
     drift: float
 
+    def __post_init__(self) -> None:
+        place = np.abs(self.deltas).sum(axis=3)  # (N, r, r) where the image changed, how much
+        place -= place.mean(axis=(1, 2), keepdims=True)
+        self.cos_change, self.cos_place = pair_cosines(self.deltas), pair_cosines(place)
+        self._area = (np.abs(self.deltas).max(axis=3) > AREA_THRESHOLD).mean(axis=(1, 2))  # (N,)
+
+    def consistency(self, idx: np.ndarray | None = None) -> float:
+        """max(mean pairwise cosine of the changes, of their centred magnitude maps)."""
+        return max(mean_offdiag(self.cos_change, idx), mean_offdiag(self.cos_place, idx))
+
     @property
     def changes(self) -> np.ndarray:
         return np.abs(self.deltas).mean(axis=(1, 2, 3))
@@ -167,8 +182,8 @@ class SignedEdit:
         return self.drift > MAX_DRIFT
 
     def area(self, idx: np.ndarray | None = None) -> float:
-        d = self.deltas if idx is None else self.deltas[idx]
-        return float((np.abs(d).max(axis=3) > AREA_THRESHOLD).mean())
+        """The share of pixels moved by more than AREA_THRESHOLD (on the images idx)."""
+        return float(self._area.mean() if idx is None else self._area[idx].mean())
 
 
 def edit_score(consistency: float, distinctness: float, area: float, live: bool) -> float:
@@ -188,11 +203,15 @@ class BlindHarness:
         protocol: BlindProtocol | None = None,
         real: torch.Tensor | None = None,  # (M, 3, H, W) in [-1, 1]: scored + calibration images
         progress: bool = True,
+        real_names: list[str] | None = None,  # where the real images came from (recorded)
     ):
         self.model, self.p, self.progress = model, protocol or BlindProtocol(), progress
         p = self.p
-        if not p.generated and real is None:
-            raise ValueError("the blind measurement needs generated images or real ones")
+        if not p.generated and (real is None or len(real) < 3):
+            raise DataError(
+                "the oracle-free measurement needs generated images or at least 3 real ones "
+                "(2 scored, 1 for calibration)"
+            )
         self._x: dict[str, tuple[torch.Tensor, int | None]] = {}
         if p.generated:
             self._x["generated"] = (seed_latents(model, list(range(p.seed, p.seed + p.n_images))), None)
@@ -201,13 +220,14 @@ class BlindHarness:
                 seed_latents(model, list(range(cal, cal + p.calibration_images))),
                 None,
             )
-        self.n_real = 0
+        self.n_real, self.real_names, self.cal_names = 0, list(real_names or []), []
         if real is not None:
             if len(real) < 2:
-                raise ValueError(f"the blind measurement needs at least 2 real images, got {len(real)}")
+                raise DataError(f"the oracle-free measurement needs at least 2 real images, got {len(real)}")
             n_cal = max(1, min(p.calibration_images, len(real) // 3))
             scored = real[: min(p.n_images, len(real) - n_cal)]
             self.n_real = len(scored)
+            self.cal_names = self.real_names[len(real) - n_cal :]
             for name, pixels in (("real", scored), ("cal-real", real[len(real) - n_cal :])):
                 self._x[name] = invert(model, encode(model, pixels), p.inversion_steps, progress=progress)
         self._tops: dict[int, dict[str, Images]] = {}
@@ -221,10 +241,11 @@ class BlindHarness:
                 guidance = default_guidance(self.model) if prompt else 1.0
                 steps = self.p.steps if generated else self.p.inversion_steps
                 kw = {"prompt": prompt, "guidance_scale": guidance, "steps": steps}
-                x_top = sample(self.model, x, [], start_t=start, stop_t=top, **kw)
-                before = decode(self.model, sample(self.model, x_top, [], start_t=top, **kw))
+                here = top if start is None else min(top, start)  # inverted images start below 1000
+                x_top = sample(self.model, x, [], start_t=start, stop_t=here, **kw)
+                before = decode(self.model, sample(self.model, x_top, [], start_t=here, **kw))
                 found[name] = Images(
-                    name, x_top, downsize(before, self.p.resolution), prompt, guidance, steps, top
+                    name, x_top, downsize(before, self.p.resolution), prompt, guidance, steps, here
                 )
             self._tops[top] = found
         return self._tops[top]
@@ -255,30 +276,35 @@ class BlindHarness:
         ladder = self.ladder(bank)
         top = self._window(bank)[0]
         cals = [s for name, s in self._images(top).items() if name.startswith("cal-")]
+        before = np.concatenate([c.before for c in cals])
         lo, hi = {-1: 0, 1: 0}, {-1: len(ladder) - 1, 1: len(ladder) - 1}
-        reached = {-1: False, 1: False}
-        while any(lo[s] < hi[s] for s in lo):
-            probes = {s: (lo[s] + hi[s]) // 2 for s in lo if lo[s] < hi[s]}
-            scales = [s * ladder[i] for s, i in probes.items()]
-            edited = [self._edited(bank, k, c, scales) for c in cals]
+        seen: dict[tuple[int, int], str] = {}  # (sign, ladder index) -> "reached" | "weak" | "broken"
+
+        def probe(probes: dict[int, int]) -> None:
+            edited = [self._edited(bank, k, c, [s * ladder[i] for s, i in probes.items()]) for c in cals]
             for j, (sign, i) in enumerate(probes.items()):
-                before = np.concatenate([c.before for c in cals])
                 after = np.concatenate([e[:, j] for e in edited])
                 if drift(before, after) > MAX_DRIFT:
-                    hi[sign] = max(lo[sign], i - 1)
+                    seen[sign, i] = "broken"
                 elif float(np.abs(after - before).mean()) >= self.p.target:
-                    hi[sign], reached[sign] = i, True
+                    seen[sign, i] = "reached"
+                else:
+                    seen[sign, i] = "weak"
+
+        while any(lo[s] < hi[s] for s in lo):
+            probes = {s: (lo[s] + hi[s]) // 2 for s in lo if lo[s] < hi[s]}
+            probe(probes)
+            for sign, i in probes.items():
+                if seen[sign, i] == "broken":
+                    hi[sign] = max(lo[sign], i - 1)
+                elif seen[sign, i] == "reached":
+                    hi[sign] = i
                 else:
                     lo[sign] = i + 1
-        scales = [-ladder[lo[-1]], ladder[lo[1]]]
-        if not all(reached.values()):  # a sign that stopped on the ladder's end: check it there
-            edited = [self._edited(bank, k, c, scales) for c in cals]
-            before = np.concatenate([c.before for c in cals])
-            for j, sign in enumerate((-1, 1)):
-                after = np.concatenate([e[:, j] for e in edited])
-                ok = drift(before, after) <= MAX_DRIFT
-                reached[sign] = ok and float(np.abs(after - before).mean()) >= self.p.target
-        return scales, [reached[-1], reached[1]]
+        unprobed = {s: lo[s] for s in lo if (s, lo[s]) not in seen}  # e.g. the ladder's top
+        if unprobed:
+            probe(unprobed)
+        return [-ladder[lo[-1]], ladder[lo[1]]], [seen[-1, lo[-1]] == "reached", seen[1, lo[1]] == "reached"]
 
     def signed_edits(self, bank: DirectionBank) -> list[list[SignedEdit]]:
         """(K, 2) signed edits at calibrated scales on the scored images (all sources pooled)."""
@@ -309,47 +335,61 @@ class BlindHarness:
                 "generated": self.p.n_images if self.p.generated else 0,
                 "real": self.n_real,
                 "seeds": [self.p.seed, self.p.seed + self.p.n_images] if self.p.generated else None,
+                "real_files": self.real_names[: self.n_real],
+                "calibration_files": self.cal_names,
             },
             "space": f"pixels at {self.p.resolution}x{self.p.resolution}",
         }
         return result
 
 
-def _signed_stats(edits: list[list[SignedEdit]], idx: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    """(K, 2) consistency, distinctness, area, live; (K, 2, K, 2) cross cosines, on images idx."""
-    k = len(edits)
+def per_image_cross(edits: list[list[SignedEdit]]) -> np.ndarray:
+    """(N, 2K, 2K): on each image, the cosine between every two signed edits' changes (row
+    2a + s: direction a, sign s). Computed once; any resample of images averages its rows."""
     n = len(edits[0][0].deltas)
-    idx = np.arange(n) if idx is None else idx
-    flat = np.stack([[e.deltas[idx].reshape(len(idx), -1) for e in pair] for pair in edits])  # (K,2,n,P)
-    norm = np.linalg.norm(flat, axis=3, keepdims=True)
-    unit = flat / np.maximum(norm, 1e-12)
-    # same image, two signed edits: mean over images of their cosine
-    cross = np.einsum("abnp,cdnp->abcd", unit, unit) / len(idx)
+    out = []
+    for i in range(n):
+        rows = np.stack([e.deltas[i].ravel() for pair in edits for e in pair]).astype(np.float64)
+        unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        out.append(unit @ unit.T)
+    return np.stack(out)
+
+
+def _signed_stats(
+    edits: list[list[SignedEdit]], per_image: np.ndarray, idx: np.ndarray | None
+) -> tuple[np.ndarray, ...]:
+    """(K, 2) consistency, distinctness, area, live; (K, 2, K, 2) cross cosines, on images idx.
+    Distinctness is taken against directions outside the direction's own duplicate group (a
+    group is flagged as such; its members need not rank each other down)."""
+    k = len(edits)
+    cross = (per_image if idx is None else per_image[idx]).mean(axis=0).reshape(k, 2, k, 2)
     cons, area, live = np.zeros((k, 2)), np.zeros((k, 2)), np.zeros((k, 2), bool)
     for a, pair in enumerate(edits):
         for s, e in enumerate(pair):
-            cons[a, s] = mean_offdiag(pair_cosines(e.deltas), idx)
+            cons[a, s] = e.consistency(idx)
             area[a, s] = e.area(idx)
             live[a, s] = e.reached and not e.broken and cons[a, s] >= MIN_CONSISTENCY
-    distinct = np.ones((k, 2))
-    for a in range(k):
-        for s in range(2):
-            others = [cross[a, s, b, t] for b in range(k) if b != a for t in range(2) if live[b, t]]
-            distinct[a, s] = 1.0 - max(0.0, max(others, default=0.0))
+    # distinctness: 1 - the largest mean cosine with a live signed edit of another direction
+    others = np.where(live[None, None], cross, -np.inf)  # (K, 2, K, 2), only live targets
+    for group in duplicate_groups(cross, live):  # not itself, nor its duplicates
+        others[np.ix_(group, [0, 1], group, [0, 1])] = -np.inf
+    nearest = others.reshape(k, 2, -1).max(axis=2) if k > 1 else np.full((k, 2), -np.inf)
+    distinct = 1.0 - np.clip(nearest, 0.0, None)
     return cons, distinct, area, live, cross
 
 
 def score_edits(edits: list[list[SignedEdit]], n_boot: int = 200, seed: int = 0) -> dict:
     """Per-direction scores, ranks, dead flags, duplicate groups and bootstrap intervals."""
     k = len(edits)
-    cons, distinct, area, live, cross = _signed_stats(edits, None)
+    per_image = per_image_cross(edits)
+    cons, distinct, area, live, cross = _signed_stats(edits, per_image, None)
     score = np.vectorize(edit_score)(cons, distinct, area, live)
     n = len(edits[0][0].deltas)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
-        c, d, a, lv, _ = _signed_stats(edits, idx)
+        c, d, a, lv, _ = _signed_stats(edits, per_image, idx)
         boots.append(np.vectorize(edit_score)(c, d, a, lv).max(axis=1))
     boots = np.array(boots)  # (B, K)
     groups = duplicate_groups(cross, live)
@@ -387,9 +427,11 @@ def score_edits(edits: list[list[SignedEdit]], n_boot: int = 200, seed: int = 0)
             }
         )
     live_count = sum(not d["dead"] for d in directions)
-    bank_boot = boots.mean(axis=1)
+    once = np.array([d["duplicate_of"] is None for d in directions])  # a duplicate group counts once
+    bank_boot = (boots * once).mean(axis=1)
     return {
-        "score": round(float(best.mean()), 4),  # the bank's: mean direction score (dead = 0)
+        # the bank's: mean over directions of their scores, dead ones and duplicates 0
+        "score": round(float((best * once).mean()), 4),
         "interval": [round(float(np.quantile(bank_boot, q)), 4) for q in (0.025, 0.975)],
         "live": live_count,
         "dead": k - live_count,
@@ -457,9 +499,10 @@ def measure_into(
     protocol: BlindProtocol,
     real: torch.Tensor | None = None,
     progress: bool = True,
+    real_names: list[str] | None = None,
 ) -> dict:
     """Measure `bank` on generated (and `real`) images and store the result in it."""
-    result = BlindHarness(model, protocol, real=real, progress=progress).measure(bank)
+    result = BlindHarness(model, protocol, real=real, progress=progress, real_names=real_names).measure(bank)
     store(bank, result)
     return result
 

@@ -113,11 +113,14 @@ class BankStore:
         bank = self.get(name)
         named = [t for t, label in self.human_labels(name).items() if label == direction]
         if named and named[0] in bank.tokens:  # a label set through the API names it too
-            return bank.tokens.index(named[0])
-        try:
-            i = bank.index(direction)
-        except (BankError, KeyError, IndexError, ValueError) as err:
-            raise NotFound(f"bank {name!r} has no direction {direction!r} ({len(bank)} directions)") from err
+            i = bank.tokens.index(named[0])
+        else:
+            try:
+                i = bank.index(direction)
+            except (BankError, KeyError, IndexError, ValueError) as err:
+                raise NotFound(
+                    f"bank {name!r} has no direction {direction!r} ({len(bank)} directions)"
+                ) from err
         if self.hidden(name, i):
             raise NotFound(
                 f"bank {name!r}: direction {direction!r} was measured dead and is hidden (hide_dead)"

@@ -22,6 +22,7 @@ from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DISTRIBUTED_KEYS, DiscoveryConfig
 from noiseclr.discovery.step import check_schedule
 from noiseclr.discovery.trainer import final_loss, start_state
+from noiseclr.errors import UserError
 from noiseclr.models.base import DiffusionModel, load_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,8 @@ def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBa
         seed=cfg.seed + 2000,
     )
     want = protocol.n_images + protocol.calibration_images
-    real = load_images(data, model.resolution, limit=want, storage_options=cfg.storage_options).pixels
-    result = blind.measure_into(model, bank, protocol, real)
+    real = load_images(data, model.resolution, limit=want, storage_options=cfg.storage_options)
+    result = blind.measure_into(model, bank, protocol, real.pixels, real_names=real.files)
     log.info("%s", blind.summary_line(result))
     return result
 
@@ -197,8 +198,16 @@ def run_discovery(
             measured, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
             log.info("alignment %.3f, coverage %s", measured["alignment"], measured["coverage"])
             report = paths["html"]
-        blind = measure_blind(cfg, model, bank, data) if cfg.evaluate else None
-        bank_dir = bank.save(out / "bank")
+        bank_dir = bank.save(out / "bank")  # kept whatever the measurement below does
+        blind = None
+        if cfg.evaluate:
+            try:
+                blind = measure_blind(cfg, model, bank, data)
+                bank.save(bank_dir)
+            except UserError as err:  # e.g. too few readable images to measure on
+                log.warning(
+                    "the bank is saved unmeasured (%s); measure it with: noiseclr measure %s", err, bank_dir
+                )
 
         pages = {"grid": None, "html": None}
         if cfg.gallery:

@@ -229,7 +229,7 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
     summary = {
         "best": {
             **{k: best.config[k] for k in sweep.space},
-            **{k: best.metrics[k] for k in FIGURES if job.data is None or k not in ("alignment", "coverage")},
+            **{k: best.metrics[k] for k in FIGURES if has_oracle(job) or k not in ("alignment", "coverage")},
         },
         "metric": metric,
         "bank": best.metrics["bank"],
@@ -248,13 +248,20 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
     return summary
 
 
+def has_oracle(job: DiscoveryConfig | dict) -> bool:
+    """The job trains on the shapes world it writes itself (model shapes, data null), where the
+    oracle measures its banks."""
+    values = job if isinstance(job, dict) else job.model_dump()
+    return values.get("data") is None and values.get("model", "shapes") == "shapes"
+
+
 def objective(sweep: SweepConfig, job: DiscoveryConfig) -> str:
     """The metric the sweep maximises ("alignment" or "score"); ConfigError where it cannot be had."""
     if not job.evaluate:
         raise ConfigError(
             "a sweep maximises a measurement of each trial's bank: its job needs evaluate: true"
         )
-    oracle = job.data is None and job.model == "shapes"
+    oracle = has_oracle(job)
     if sweep.metric == "alignment" and not oracle:
         raise ConfigError(
             "metric alignment needs the shapes world's oracle (model: shapes, data: null); "
@@ -284,7 +291,7 @@ def results_table(results, sweep: SweepConfig) -> list[dict]:
             continue
         row = {k: r.config[k] for k in sweep.space}
         row["baseline"] = sweep.baseline and row == job_values(DiscoveryConfig(**r.config["_job"]), sweep)
-        oracle = r.config["_job"].get("data") is None  # else no alignment was measured
+        oracle = has_oracle(r.config["_job"])  # else no alignment was measured
         figures = FIGURES[:4] if oracle else ("score", "live")
         row.update({k: r.metrics.get(k) for k in ("steps", *figures, "loss")})
         rows.append(row)
