@@ -1,0 +1,184 @@
+"""Does the oracle-free score follow the oracle? Every direction of several banks measured both
+ways on the shapes world's discovery domain; prints (and writes) the validation table.
+
+    python jobs/validate_blind.py --out out/validate [--n 8] [--bank NAME=FOLDER ...]
+
+Banks: the shipped main-job bank, the 8 known words, 12 random directions of its norm, 4 random
+directions of tiny norm (dead by construction), a pullback bank (8 directions, trained here), and
+any --bank given (sweep trials, other runs). Per direction: the oracle's quality (best signed
+edit, `evaluation.evaluate`) and its dead flag (no signed edit with an effect; label "none" both
+ways), and the blind score and dead flag (`evaluation.blind`) on other images (generated from the
+domain's prompt, and world images handed over as plain pixels). Reported: Spearman's rank
+correlation between the two scores and the agreement on dead vs live, per bank and pooled, with
+95% bootstrap intervals over directions. Raw per-direction rows go to OUT/validation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.domains import shapes
+from noiseclr.evaluation import blind, evaluate
+from noiseclr.models.base import load_model
+
+FIXED = {"x": "center", "y": "middle"}
+SHIPPED = Path(__file__).resolve().parents[1] / "platform/noiseclr/pretrained/banks/shapes"
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho (average ranks for ties); nan when either side is constant."""
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # ties share their mean rank
+            r[x == v] = r[x == v].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a == b).mean())
+
+
+def balanced(a: np.ndarray, b: np.ndarray) -> float:
+    """Balanced accuracy of b's dead flags against a's (mean of the recall on dead and on live),
+    so a pool of directions dead both ways does not inflate the agreement; nan without both."""
+    if a.all() or not a.any():
+        return float("nan")
+    return float(((b[a]).mean() + (~b[~a]).mean()) / 2)
+
+
+def interval(stat, *cols: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    n = len(cols[0])
+    vals = [stat(*(c[idx] for c in cols)) for idx in (rng.integers(0, n, n) for _ in range(n_boot))]
+    vals = np.array([v for v in vals if np.isfinite(v)])
+    if not vals.size:
+        return [float("nan"), float("nan")]
+    return [round(float(np.quantile(vals, q)), 3) for q in (0.025, 0.975)]
+
+
+def tiny_bank(like: DirectionBank, k: int = 4, norm: float = 0.01) -> DirectionBank:
+    g = torch.Generator().manual_seed(7)
+    v = torch.randn(k, like.directions.shape[1], generator=g)
+    v = v / v.norm(dim=1, keepdim=True) * norm
+    return DirectionBank(v, dict(like.base_model), name="tiny", config={"method": "noiseclr"})
+
+
+def rows_of(name: str, bank: DirectionBank, oracle: dict, measured: dict) -> list[dict]:
+    out = []
+    for k in range(len(bank)):
+        pair = oracle["scores"]["all"]["edits"][k]
+        d = measured["directions"][k]
+        out.append(
+            {
+                "bank": name,
+                "direction": k,
+                "oracle_quality": max(e["quality"] for e in pair),
+                "oracle_effect": max(max(e["effect"]) for e in pair),
+                "oracle_dead": all(e["label"] == "none" for e in pair),
+                "oracle_label": oracle["labels"][k],
+                "blind_score": d["score"],
+                "blind_dead": d["dead"],
+                "blind": d["signs"],
+            }
+        )
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| bank | directions | oracle dead | blind dead | dead/live agreement [95% CI] "
+        "| balanced accuracy [95% CI] | Spearman rho [95% CI] | rho, live (oracle) only |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in [*dict.fromkeys(r["bank"] for r in rows), "pooled"]:
+        rs = rows if name == "pooled" else [r for r in rows if r["bank"] == name]
+        q = np.array([r["oracle_quality"] for r in rs])
+        s = np.array([r["blind_score"] for r in rs])
+        od = np.array([r["oracle_dead"] for r in rs])
+        bd = np.array([r["blind_dead"] for r in rs])
+
+        def txt(stat, *cols) -> str:
+            v = stat(*cols) if len(cols[0]) > 1 else float("nan")
+            return "-" if not np.isfinite(v) else f"{v:.2f} {interval(stat, *cols)}"
+
+        live = ~od
+        lines.append(
+            f"| {'**pooled**' if name == 'pooled' else name} | {len(rs)} | {int(od.sum())} | {int(bd.sum())} "
+            f"| {txt(agreement, od, bd)} | {txt(balanced, od, bd)} | {txt(spearman, q, s)} "
+            f"| {txt(spearman, q[live], s[live])} (n={int(live.sum())}) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("out/validate"))
+    ap.add_argument("--n", type=int, default=8, help="images per source, both measurements")
+    ap.add_argument("--bank", action="append", default=[], help="NAME=FOLDER (repeatable)")
+    ap.add_argument("--only", nargs="*", help="measure only these banks")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model = load_model("shapes", device="cpu")
+    main_bank = DirectionBank.load(SHIPPED, model)
+    banks = {
+        "main": main_bank,
+        "words": evaluate.word_bank(model),
+        "random": evaluate.random_bank(model, main_bank),
+        "tiny": tiny_bank(main_bank),
+    }
+    for item in args.bank:
+        name, _, folder = item.partition("=")
+        banks[name] = DirectionBank.load(folder, model)
+    if "pullback" not in banks and (not args.only or "pullback" in args.only):
+        from noiseclr.discovery.pullback import discover_pullback
+        from noiseclr.editing.sampler import encode
+
+        pixels = shapes.render(shapes.sample_scenes(16, seed=0, fixed=FIXED), model.resolution) * 2 - 1
+        banks["pullback"] = discover_pullback(model, encode(model, pixels), k=8, seed=0)
+    if args.only:
+        banks = {k: v for k, v in banks.items() if k in args.only}
+    oracle = evaluate.Harness(model, evaluate.Protocol(fixed=FIXED, n_images=args.n))
+    # Plain pixels of other world scenes for the blind side: it never sees their factors.
+    scenes = shapes.sample_scenes(args.n + 4, seed=4242, fixed=FIXED)
+    real = shapes.render(scenes, model.resolution) * 2 - 1
+    # the same edit window as the oracle's (banks without edit defaults would act from t = 1000)
+    protocol = blind.BlindProtocol(prompt="a shape at middle center", n_images=args.n, window=oracle.p.window)
+    harness = blind.BlindHarness(model, protocol, real=real)
+    rows = []
+    for name, bank in banks.items():
+        edits = harness.signed_edits(bank)
+        measured = blind.score_edits(edits)
+        np.savez_compressed(  # raw changes, for studying other scores offline
+            args.out / f"{name}.npz",
+            deltas=np.array([[e.deltas for e in pair] for pair in edits], dtype=np.float16),
+            scales=np.array([[e.scale for e in pair] for pair in edits]),
+            reached=np.array([[e.reached for e in pair] for pair in edits]),
+            drift=np.array([[e.drift for e in pair] for pair in edits]),
+        )
+        rows += rows_of(name, bank, oracle.evaluate(bank), measured)
+        (args.out / "validation.json").write_text(json.dumps(rows, indent=1))
+        print(f"{name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+    text = table(rows)
+    (args.out / "validation.md").write_text(text + "\n")
+    print(text)
+    print(f"{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
