@@ -125,12 +125,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bank_table(summary: dict) -> str:
+    lines = [
+        "| bank | oracle-free bank score [95% CI] | live (oracle-free) | alignment [95% CI] | coverage |",
+        "|---|---|---|---|---|",
+    ]
+    for name, b in sorted(summary.items(), key=lambda kv: -kv[1]["blind_score"]):
+        lines.append(
+            f"| {name} | {b['blind_score']:.3f} {b['blind_interval']} | {b['blind_live']} "
+            f"| {b['alignment']:.3f} {b['alignment_interval']} | {', '.join(b['coverage']) or '-'} |"
+        )
+    names = list(summary)
+    if len(names) > 2:
+        rho = spearman(
+            np.array([summary[n]["blind_score"] for n in names]),
+            np.array([summary[n]["alignment"] for n in names]),
+        )
+        lines.append(f"\nSpearman rho between the two over {len(names)} banks: {rho:.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/validate"))
     ap.add_argument("--n", type=int, default=8, help="images per source, both measurements")
     ap.add_argument("--bank", action="append", default=[], help="NAME=FOLDER (repeatable)")
     ap.add_argument("--only", nargs="*", help="measure only these banks")
+    ap.add_argument("--append", action="store_true", help="keep OUT/validation.json's banks, add new ones")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -145,7 +166,11 @@ def main() -> None:
     for item in args.bank:
         name, _, folder = item.partition("=")
         banks[name] = DirectionBank.load(folder, model)
-    if "pullback" not in banks and (not args.only or "pullback" in args.only):
+    if (
+        "pullback" not in banks
+        and (not args.only or "pullback" in args.only)
+        and not (args.append and '"pullback"' in (args.out / "validation.json").read_text())
+    ):
         from noiseclr.discovery.pullback import discover_pullback
         from noiseclr.editing.sampler import encode
 
@@ -160,10 +185,24 @@ def main() -> None:
     # the same edit window as the oracle's (banks without edit defaults would act from t = 1000)
     protocol = blind.BlindProtocol(prompt="a shape at middle center", n_images=args.n, window=oracle.p.window)
     harness = blind.BlindHarness(model, protocol, real=real)
-    rows = []
+    rows = json.loads((args.out / "validation.json").read_text()) if args.append else []
+    done = {r["bank"] for r in rows}
+    summary = json.loads((args.out / "banks.json").read_text()) if args.append else {}
     for name, bank in banks.items():
+        if name in done:
+            continue
         edits = harness.signed_edits(bank)
         measured = blind.score_edits(edits)
+        graded = oracle.evaluate(bank)
+        summary[name] = {  # the bank-level figures: does the bank score follow the alignment?
+            "blind_score": measured["score"],
+            "blind_interval": measured["interval"],
+            "blind_live": measured["live"],
+            "alignment": graded["alignment"],
+            "alignment_interval": graded["scores"]["all"]["intervals"]["alignment"],
+            "coverage": graded["coverage"],
+        }
+        (args.out / "banks.json").write_text(json.dumps(summary, indent=1))
         np.savez_compressed(  # raw changes, for studying other scores offline
             args.out / f"{name}.npz",
             deltas=np.array([[e.deltas for e in pair] for pair in edits], dtype=np.float16),
@@ -171,10 +210,10 @@ def main() -> None:
             reached=np.array([[e.reached for e in pair] for pair in edits]),
             drift=np.array([[e.drift for e in pair] for pair in edits]),
         )
-        rows += rows_of(name, bank, oracle.evaluate(bank), measured)
+        rows += rows_of(name, bank, graded, measured)
         (args.out / "validation.json").write_text(json.dumps(rows, indent=1))
         print(f"{name}: done ({time.perf_counter() - started:.0f} s)", flush=True)
-    text = table(rows)
+    text = table(rows) + "\n\n" + bank_table(summary)
     (args.out / "validation.md").write_text(text + "\n")
     print(text)
     print(f"{time.perf_counter() - started:.0f} s")

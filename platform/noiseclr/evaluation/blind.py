@@ -24,7 +24,11 @@ the bank's window from a shared trajectory top:
                the same place that depends on the image: "the object turns green" moves a red and
                a blue object's pixels differently), whichever is higher; noise scores near 0;
 - distinctness 1 - the largest mean cosine between its change and another direction's signed
-               change on the same images; above DUPLICATE_COS they are grouped as duplicates;
+               change on the same images (outside its own duplicate group), or the change of
+               the null direction (a zero embedding at the same scale: a token without content
+               still conditions the UNet unlike the empty prompt, so any direction does that
+               much); above DUPLICATE_COS directions are grouped as duplicates, and one that
+               only does what the null direction does is dead;
 - area         the share of pixels that moved by more than AREA_THRESHOLD: how much of the
                image it disturbs;
 - drift        how far the edited images' statistics leave the unedited ones' (high-frequency
@@ -162,6 +166,14 @@ class SignedEdit:
     reached: bool  # its change reached the target on the calibration images
     deltas: np.ndarray  # (N, r, r, 3) after - before on the scored images
     drift: float
+    # (N,) per image, the cosine with the change the null direction (a zero embedding: what any
+    # token does, whatever its content) makes at the same scale; None: no null reference
+    null_cos: np.ndarray | None = None
+
+    def null_similarity(self, idx: np.ndarray | None = None) -> float:
+        if self.null_cos is None:
+            return 0.0
+        return float(self.null_cos.mean() if idx is None else self.null_cos[idx].mean())
 
     def __post_init__(self) -> None:
         place = np.abs(self.deltas).sum(axis=3)  # (N, r, r) where the image changed, how much
@@ -311,17 +323,36 @@ class BlindHarness:
         top = self._window(bank)[0]
         scored = [s for name, s in self._images(top).items() if not name.startswith("cal-")]
         before = np.concatenate([s.before for s in scored])
+        null = self._null_changes(bank, scored, before)
         out = []
         for k in tqdm(range(len(bank)), desc=f"measure {bank.name}", disable=not self.progress):
             scales, reached = self.calibrate(bank, k)
             after = np.concatenate([self._edited(bank, k, s, scales) for s in scored])  # (N, 2, ...)
-            out.append(
-                [
-                    SignedEdit(scales[j], reached[j], after[:, j] - before, drift(before, after[:, j]))
-                    for j in range(2)
-                ]
-            )
+            pair = []
+            for j in range(2):
+                delta = after[:, j] - before
+                ref = null.get(scales[j])
+                cos = None if ref is None else _row_cosines(delta, ref)
+                pair.append(SignedEdit(scales[j], reached[j], delta, drift(before, after[:, j]), cos))
+            out.append(pair)
         return out
+
+    def _null_changes(self, bank: DirectionBank, scored: list[Images], before: np.ndarray) -> dict:
+        """signed scale -> (N, r, r, 3) the change a zero token embedding makes at that scale on
+        the scored images: the floor of an embedding direction (a token with no content still
+        conditions the UNet unlike the empty prompt). None for pullback banks (x_t shifts)."""
+        if bank.method == "pullback":
+            return {}
+        zero = DirectionBank(
+            torch.zeros(1, bank.directions.shape[1]),
+            dict(bank.base_model),
+            name="null",
+            edit_defaults={"window": list(self._window(bank))},
+        )
+        ladder = self.ladder(bank)
+        scales = [-a for a in ladder] + ladder
+        after = np.concatenate([self._edited(zero, 0, s, scales) for s in scored])  # (N, S, ...)
+        return {sc: after[:, j] - before for j, sc in enumerate(scales)}
 
     def measure(self, bank: DirectionBank) -> dict:
         """Scores of every direction (JSON-ready, for bank.json's `scores`)."""
@@ -341,6 +372,12 @@ class BlindHarness:
             "space": f"pixels at {self.p.resolution}x{self.p.resolution}",
         }
         return result
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) cosine between a[i] and b[i] flattened."""
+    fa, fb = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (fa * fb).sum(1) / np.maximum(np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1), 1e-12)
 
 
 def per_image_cross(edits: list[list[SignedEdit]]) -> np.ndarray:
@@ -363,18 +400,21 @@ def _signed_stats(
     group is flagged as such; its members need not rank each other down)."""
     k = len(edits)
     cross = (per_image if idx is None else per_image[idx]).mean(axis=0).reshape(k, 2, k, 2)
-    cons, area, live = np.zeros((k, 2)), np.zeros((k, 2)), np.zeros((k, 2), bool)
+    cons, area, null, live = np.zeros((k, 2)), np.zeros((k, 2)), np.zeros((k, 2)), np.zeros((k, 2), bool)
     for a, pair in enumerate(edits):
         for s, e in enumerate(pair):
             cons[a, s] = e.consistency(idx)
             area[a, s] = e.area(idx)
-            live[a, s] = e.reached and not e.broken and cons[a, s] >= MIN_CONSISTENCY
+            null[a, s] = e.null_similarity(idx)
+            live[a, s] = (
+                e.reached and not e.broken and cons[a, s] >= MIN_CONSISTENCY and null[a, s] <= DUPLICATE_COS
+            )
     # distinctness: 1 - the largest mean cosine with a live signed edit of another direction
     others = np.where(live[None, None], cross, -np.inf)  # (K, 2, K, 2), only live targets
     for group in duplicate_groups(cross, live):  # not itself, nor its duplicates
         others[np.ix_(group, [0, 1], group, [0, 1])] = -np.inf
     nearest = others.reshape(k, 2, -1).max(axis=2) if k > 1 else np.full((k, 2), -np.inf)
-    distinct = 1.0 - np.clip(nearest, 0.0, None)
+    distinct = 1.0 - np.clip(np.maximum(nearest, null), 0.0, None)  # the null direction counts too
     return cons, distinct, area, live, cross
 
 
@@ -409,6 +449,7 @@ def score_edits(edits: list[list[SignedEdit]], n_boot: int = 200, seed: int = 0)
                 "strength": round(float(e.changes.mean() / abs(e.scale)), 6),
                 "consistency": round(float(cons[i, s]), 4),
                 "distinctness": round(float(distinct[i, s]), 4),
+                "null_similarity": round(float(e.null_similarity()), 4),
                 "area": round(float(area[i, s]), 4),
                 "drift": round(float(e.drift), 4),
                 "broken": bool(e.broken),
