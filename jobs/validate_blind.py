@@ -192,7 +192,7 @@ def main() -> None:
         if name in done:
             continue
         edits = harness.signed_edits(bank)
-        measured = blind.score_edits(edits)
+        measured = blind.score_edits(edits, ladder0=harness.ladder(bank)[0])
         graded = oracle.evaluate(bank)
         summary[name] = {  # the bank-level figures: does the bank score follow the alignment?
             "blind_score": measured["score"],

@@ -100,6 +100,18 @@ def test_scores_follow_their_definitions_on_hand_made_changes():
     )
 
 
+def test_a_weaker_edit_scores_less_by_its_calibrated_scale():
+    """The strength term: the same change reached at scale 8 instead of 2 (two ladder steps up)
+    scores a third."""
+    out = score_edits(
+        [[edit(-PATTERN), edit(PATTERN)], [edit(-OTHER, scale=8.0), edit(OTHER, scale=8.0)]], 20, 0, 2.0
+    )
+    s = out["directions"][1]["signs"]["+"]
+    assert s["score"] == pytest.approx(
+        s["consistency"] * s["distinctness"] * (1 - s["area"] / 2) / 3, abs=1e-3
+    )
+
+
 def mean_signed(e):
     return np.mean(
         [cos(e.deltas[a], e.deltas[b]) for a in range(len(e.deltas)) for b in range(len(e.deltas)) if a != b]

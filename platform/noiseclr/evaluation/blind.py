@@ -35,8 +35,11 @@ the bank's window from a shared trajectory top:
                energy and colour spread, log-ratio): images turned to noise or flattened drift;
                above MAX_DRIFT an edit counts as breaking the image.
 
-score = consistency x distinctness x (1 - area / 2), 0 for an edit that never reaches the target
-or breaks images. A direction's score is its better sign's; it is dead when neither sign lives.
+score = consistency x distinctness x (1 - area / 2) / (1 + log2(scale / ladder[0])): the last
+factor is the strength (a direction that needs scale 32 to change the image as much as another
+does at 1 is the weaker edit; on the shapes world it is what follows the oracle best alone,
+docs/oracle-free.md). 0 for an edit that never reaches the target or breaks images. A
+direction's score is its better sign's; it is dead when neither sign lives.
 Bootstrap intervals resample images (calibrated scales fixed).
 """
 
@@ -198,11 +201,12 @@ class SignedEdit:
         return float(self._area.mean() if idx is None else self._area[idx].mean())
 
 
-def edit_score(consistency: float, distinctness: float, area: float, live: bool) -> float:
-    """consistency x distinctness x (1 - area / 2), 0 for an edit that is not live."""
+def edit_score(consistency: float, distinctness: float, area: float, live: bool, steps: float = 0.0) -> float:
+    """consistency x distinctness x (1 - area / 2) / (1 + steps), 0 for an edit that is not live;
+    steps = log2(calibrated scale / the ladder's first)."""
     if not live:
         return 0.0
-    return max(0.0, consistency) * max(0.0, distinctness) * (1.0 - area / 2)
+    return max(0.0, consistency) * max(0.0, distinctness) * (1.0 - area / 2) / (1.0 + max(0.0, steps))
 
 
 class BlindHarness:
@@ -357,7 +361,7 @@ class BlindHarness:
     def measure(self, bank: DirectionBank) -> dict:
         """Scores of every direction (JSON-ready, for bank.json's `scores`)."""
         edits = self.signed_edits(bank)
-        result = score_edits(edits, n_boot=self.p.n_boot)
+        result = score_edits(edits, n_boot=self.p.n_boot, ladder0=self.ladder(bank)[0])
         result["protocol"] = {
             **self.p.model_dump(),
             "window": list(self._window(bank)),
@@ -418,19 +422,23 @@ def _signed_stats(
     return cons, distinct, area, live, cross
 
 
-def score_edits(edits: list[list[SignedEdit]], n_boot: int = 200, seed: int = 0) -> dict:
+def score_edits(
+    edits: list[list[SignedEdit]], n_boot: int = 200, seed: int = 0, ladder0: float | None = None
+) -> dict:
     """Per-direction scores, ranks, dead flags, duplicate groups and bootstrap intervals."""
     k = len(edits)
     per_image = per_image_cross(edits)
     cons, distinct, area, live, cross = _signed_stats(edits, per_image, None)
-    score = np.vectorize(edit_score)(cons, distinct, area, live)
+    base = min(abs(e.scale) for pair in edits for e in pair) if ladder0 is None else ladder0
+    steps = np.array([[np.log2(abs(e.scale) / base) for e in pair] for pair in edits])
+    score = np.vectorize(edit_score)(cons, distinct, area, live, steps)
     n = len(edits[0][0].deltas)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         c, d, a, lv, _ = _signed_stats(edits, per_image, idx)
-        boots.append(np.vectorize(edit_score)(c, d, a, lv).max(axis=1))
+        boots.append(np.vectorize(edit_score)(c, d, a, lv, steps).max(axis=1))
     boots = np.array(boots)  # (B, K)
     groups = duplicate_groups(cross, live)
     best = score.max(axis=1)
