@@ -468,7 +468,6 @@ def measure(
     flagged. Written into bank.json (a registered bank is not rewritten: its table is printed)."""
     from pydantic import ValidationError
 
-    from noiseclr.data.images import load_images
     from noiseclr.discovery.config import validation_message
     from noiseclr.evaluation import blind
     from noiseclr.models.base import load_model
@@ -490,10 +489,8 @@ def measure(
     source = data or b.metrics.get("data")
     real = None
     if source:
-        want = protocol.n_images + protocol.calibration_images
-        options = b.config.get("storage_options")
         try:
-            real = load_images(source, base.resolution, limit=want, storage_options=options)
+            real = blind.real_images(source, base, protocol, b.config.get("storage_options"))
         except DataError as err:
             if data or not generated:  # the user named these images: their error stands
                 raise

@@ -542,6 +542,16 @@ def store(bank: DirectionBank, result: dict) -> None:
         }
 
 
+def real_images(
+    uri: str, model: DiffusionModel, protocol: BlindProtocol, storage_options: dict | None = None
+):
+    """The first scored + calibration images under `uri` (an ImageSet: pixels and file names)."""
+    from noiseclr.data.images import load_images
+
+    want = protocol.n_images + protocol.calibration_images
+    return load_images(uri, model.resolution, limit=want, storage_options=storage_options)
+
+
 def measure_into(
     model: DiffusionModel,
     bank: DirectionBank,

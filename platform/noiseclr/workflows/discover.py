@@ -123,7 +123,6 @@ def bank_from_state(
 def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBank, data: str) -> dict:
     """The oracle-free measurement of `bank`, stored in it: generated images (the gallery's
     prompt) and the first training images, inverted. Works on any model and domain."""
-    from noiseclr.data.images import load_images
     from noiseclr.evaluation import blind
 
     protocol = blind.BlindProtocol(
@@ -135,8 +134,7 @@ def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBa
         window=(cfg.edit_window, 0),
         seed=cfg.seed + 2000,
     )
-    want = protocol.n_images + protocol.calibration_images
-    real = load_images(data, model.resolution, limit=want, storage_options=cfg.storage_options)
+    real = blind.real_images(data, model, protocol, cfg.storage_options)
     result = blind.measure_into(model, bank, protocol, real.pixels, real_names=real.files)
     log.info("%s", blind.summary_line(result))
     return result
