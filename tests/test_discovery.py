@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -238,3 +239,71 @@ def test_empty_or_unreadable_image_folders(tmp_path):
 def test_batch_larger_than_the_data(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="batch \\(6\\) is larger than the number of images \\(4\\)"):
         trainer(small_cfg(batch=6), tiny_model, torch.randn(4, 4, 16, 16), tmp_path)
+
+
+def test_direction_conditioning_is_reentrant_across_threads(tiny_model):
+    """Two threads encode different direction tables on one text encoder at once (as an edit batch
+    and a thumbnail render do on one replica): each gets its own table's states, every time.
+    Swapping the encoder's embedding module per call gave the other thread's rows or an IndexError."""
+    import sys
+    import threading
+
+    pipe = tiny_model.pipe
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
+    tables = [torch.randn(n, width, generator=torch.Generator().manual_seed(n)) for n in (2, 7)]
+    with torch.no_grad():
+        alone = [encode_directions(pipe.text_encoder, pipe.tokenizer, d) for d in tables]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def encode(i: int) -> None:
+        start.wait()
+        try:
+            with torch.no_grad():
+                for _ in range(150):
+                    got = encode_directions(pipe.text_encoder, pipe.tokenizer, tables[i])
+                    torch.testing.assert_close(got, alone[i], atol=1e-6, rtol=0)
+        except BaseException as e:  # reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in (0, 1)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[0]
+    # Outside any `directions_in` the encoder is its plain self: ordinary ids encode as before and
+    # a direction id is a clear error, not another call's row.
+    state = pipe.text_encoder.state_dict()
+    assert "text_model.embeddings.token_embedding.weight" in state or any(
+        k.endswith("token_embedding.weight") for k in state
+    )
+    vocab = pipe.text_encoder.get_input_embeddings().num_embeddings
+    with pytest.raises(IndexError, match="direction id 0 of a 0-row table"):
+        pipe.text_encoder(torch.tensor([[0, vocab, 1]]))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("tokens", ["<../../x>", "<b>"], "token '<../../x>'"),
+        ("tokens", ["<a/b>", "<b>"], "token '<a/b>'"),
+        ("tokens", ["plain", "<b>"], "token 'plain'"),
+        ("tokens", ["<a>", "<a>"], "share one token"),
+        ("name", "../up", "bank name '../up'"),
+    ],
+)
+def test_a_bank_whose_names_would_be_paths_is_refused_on_load(tmp_path, field, value, says):
+    """Tokens become export-ti file names: a registry bank with "<../../x>" would write outside."""
+    bank = DirectionBank(torch.randn(2, 8), {"source": "x", "fingerprint": "f", "hidden_size": 8}, name="ok")
+    bank.save(tmp_path / "bank")
+    meta = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    (tmp_path / "bank" / "bank.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(BankError, match=re.escape(says)):
+        DirectionBank.load(tmp_path / "bank")
+    assert not (tmp_path.parent / "x.safetensors").exists()

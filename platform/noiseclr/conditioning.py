@@ -3,10 +3,12 @@ turn (M, D) direction vectors into text-encoder states and noise differences.
 
 A direction d_k is a token embedding in the text encoder's input space (textual inversion
 style); the UNet sees it through the frozen text encoder as the one-token prompt "<d_k>".
-`DirectionEmbedding` wraps the encoder's own token table (`get_input_embeddings` /
-`set_input_embeddings`, the stable API on transformers 4 and 5) and maps ids past the
-vocabulary to direction rows, so the only trainable tensor is the (K, D) direction matrix,
-every other weight stays bit-identical, and several banks compose by stacking their rows.
+`DirectionEmbedding` extends the encoder's own token table (installed once through
+`get_input_embeddings` / `set_input_embeddings`, the stable API on transformers 4 and 5; CLIP's
+text model takes no `inputs_embeds`) and maps ids past the vocabulary to the rows made current by
+`directions_in` in the calling thread, so the only trainable tensor is the (K, D) direction
+matrix, every other weight stays bit-identical, concurrent callers never see each other's rows,
+and several banks compose by stacking their rows.
 
 Noise differences are batched: the official code calls the UNet once per direction (22 calls a
 step at its settings); here the text encoder runs once for all sampled directions plus the
@@ -16,45 +18,85 @@ only when a row budget asks for it.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 
-class DirectionEmbedding(nn.Module):
-    """Token embedding table that maps ids >= vocab_size to rows of `directions`."""
+class DirectionEmbedding(nn.Embedding):
+    """The encoder's token table, extended: ids >= vocab_size read rows of the directions that
+    `directions_in` made current in the calling thread / task.
 
-    def __init__(self, base: nn.Embedding, directions: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.directions = directions  # (M, D); a Parameter while training, else a tensor
+    Installed once per text encoder and left in place: it holds the very same weight Parameter
+    (state dicts, `save_pretrained` and `num_embeddings` are unchanged) and, with no directions
+    current, is the plain table. The directions live in a ContextVar, so an edit batch, a
+    thumbnail render and an upload's inversion running in separate threads on one replica each
+    read their own table; swapping the module per call, as before, let one thread's restore land
+    inside another's encode (a wrong image or an IndexError).
+    """
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__(
+            base.num_embeddings,
+            base.embedding_dim,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+            _weight=base.weight,
+        )
+        self.weight = base.weight  # the encoder's own Parameter, not a copy
         self.vocab_size = base.num_embeddings
+        self._current: ContextVar[torch.Tensor | None] = ContextVar("noiseclr_directions", default=None)
 
-    @property
-    def weight(self) -> torch.Tensor:  # what callers of get_input_embeddings().weight expect
-        return self.base.weight
+    def __getstate__(self) -> dict:  # a ContextVar neither pickles nor deep-copies
+        state = self.__dict__.copy()
+        state.pop("_current", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._current = ContextVar("noiseclr_directions", default=None)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_dir = input_ids >= self.vocab_size
-        base = self.base(input_ids.clamp(max=self.vocab_size - 1))
+        base = super().forward(input_ids.clamp(max=self.vocab_size - 1))
         if not is_dir.any():
             return base
-        dirs = self.directions.to(base.dtype)[(input_ids - self.vocab_size).clamp(min=0)]
+        directions = self._current.get()
+        n_rows = 0 if directions is None else directions.shape[0]
+        if int(input_ids.max()) - self.vocab_size >= n_rows:
+            raise IndexError(f"direction id {int(input_ids.max()) - self.vocab_size} of a {n_rows}-row table")
+        dirs = directions.to(base.dtype)[(input_ids - self.vocab_size).clamp(min=0)]
         return torch.where(is_dir[..., None], dirs, base)
+
+
+_INSTALL = threading.Lock()
+
+
+def direction_table(text_encoder: nn.Module) -> DirectionEmbedding:
+    """The encoder's `DirectionEmbedding`, installed on first use (once, under a lock)."""
+    with _INSTALL:
+        table = text_encoder.get_input_embeddings()
+        if not isinstance(table, DirectionEmbedding):
+            table = DirectionEmbedding(table)
+            text_encoder.set_input_embeddings(table)
+        return table
 
 
 @contextmanager
 def directions_in(text_encoder: nn.Module, directions: torch.Tensor):
-    """Temporarily let `text_encoder` read direction rows for ids >= its vocabulary."""
-    base = text_encoder.get_input_embeddings()
-    if isinstance(base, DirectionEmbedding):
-        base = base.base
-    text_encoder.set_input_embeddings(DirectionEmbedding(base, directions))
+    """Let `text_encoder` read `directions` for ids >= its vocabulary, in this thread/task only."""
+    table = direction_table(text_encoder)
+    token = table._current.set(directions)
     try:
         yield
     finally:
-        text_encoder.set_input_embeddings(base)
+        table._current.reset(token)
 
 
 def prompt_ids(tokenizer, text_encoder, n_directions: int, device: torch.device) -> torch.Tensor:
@@ -67,11 +109,7 @@ def prompt_ids(tokenizer, text_encoder, n_directions: int, device: torch.device)
     empty = tokenizer(
         "", padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     ).input_ids
-    vocab = (
-        text_encoder.get_input_embeddings().base.num_embeddings
-        if isinstance(text_encoder.get_input_embeddings(), DirectionEmbedding)
-        else text_encoder.get_input_embeddings().num_embeddings
-    )
+    vocab = text_encoder.get_input_embeddings().num_embeddings
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((n_directions, length), pad, dtype=torch.long)
     ids[:, 0] = tokenizer.bos_token_id

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ def init_directions(
     return vectors / vectors.norm(dim=1, keepdim=True) * norm
 
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+SAFE_TOKEN = re.compile(r"^<[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}>$")
+
+
 @dataclass
 class DirectionBank:
     """K directions plus what they were learnt on and how."""
@@ -82,6 +87,15 @@ class DirectionBank:
             self.tokens = [f"<{self.name}-{i}>" for i in range(len(self.directions))]
         if len(self.tokens) != len(self.directions):
             raise BankError(f"{len(self.tokens)} token names for {len(self.directions)} directions")
+        # Names and tokens become file names (export-ti, the registry, caches): a bank from
+        # elsewhere whose token is "<../../x>" must not write outside the folder it is given.
+        if not isinstance(self.name, str) or not SAFE_NAME.match(self.name):
+            raise BankError(f"bank name {self.name!r}: letters, digits, '_', '-', '.' (not first) only")
+        bad = [t for t in self.tokens if not isinstance(t, str) or not SAFE_TOKEN.match(t)]
+        if bad:
+            raise BankError(f"token {bad[0]!r}: a token is <name> with letters, digits, '_', '-', '.' only")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise BankError("two directions share one token name")
 
     def __len__(self) -> int:
         return len(self.directions)
