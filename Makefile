@@ -37,7 +37,7 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/ruff check platform tests jobs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests jobs
