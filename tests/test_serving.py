@@ -131,6 +131,29 @@ def test_hide_dead_leaves_dead_directions_out(shapes_model, tmp_path):
     assert len(shown.directions("shapes")) == 12 and shown.index("shapes", str(dead[0])) == dead[0]
 
 
+def labels_file(server, name: str) -> Path:
+    (path,) = Path(server["cfg"].labels_dir).glob(f"{name}.*.json")
+    return path
+
+
+def test_labels_belong_to_one_set_of_directions(shapes_model, tmp_path):
+    """A promoted version under the same name (other vectors) does not inherit the old labels."""
+    import torch
+
+    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.serving.engine import BankStore
+
+    first = BankStore({"b": str(BANK)}, shapes_model, tmp_path / "labels")
+    first.set_label("b", 3, "stripes")
+    assert first.index("b", "stripes") == 3
+    bank = DirectionBank.load(BANK)
+    bank.directions = bank.directions + 0.01 * torch.randn_like(bank.directions)
+    bank.save(tmp_path / "v2")
+    second = BankStore({"b": str(tmp_path / "v2")}, shapes_model, tmp_path / "labels")
+    assert second.human_labels("b") == {} and second.direction("b", 3)["human_label"] is None
+    assert BankStore({"b": str(BANK)}, shapes_model, tmp_path / "labels").index("b", "stripes") == 3
+
+
 def png_image(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
@@ -191,6 +214,57 @@ def test_concurrent_requests_are_batched_and_match_single_requests(server):
     assert np.abs(png_image(alone.content).astype(int) - png_image(together[4].content)).max() <= 2
 
 
+def test_an_edit_is_the_same_image_beside_thumbnails_uploads_labels_and_other_edits(server):
+    """On a replica that has rendered no thumbnails of these banks yet: the same request alone and
+    while thumbnails of two banks, uploads (inverted with no directions), label writes and other
+    edits run beside it in the replica's threads gives the same image; nothing answers 5xx."""
+    c = server["client"]
+    body = {"seed": 11, "edits": [{"bank": "shapes", "direction": 6, "scale": 2}]}
+    upload = {"image": B64(encoded(Image.new("RGB", (64, 64), (200, 40, 40)), "PNG")), "edits": []}
+    work = (
+        [lambda: edit(c, body)] * 4
+        + [
+            lambda b=b, i=i: c.get(f"/v1/banks/{b}/directions/{i}/thumbnail.png")
+            for b in ("other", "reg")
+            for i in (0, 5, 11)
+        ]
+        + [lambda: edit(c, upload)] * 3
+        + [
+            lambda i=i: c.put(f"/v1/banks/other/directions/{i}/label", json={"label": f"l{i}"})
+            for i in (1, 2)
+        ]
+        + [
+            lambda s=s: edit(c, {"seed": s, "edits": [{"bank": "other", "direction": s, "scale": -2}]})
+            for s in (1, 2, 3)
+        ]
+    )
+    with ThreadPoolExecutor(len(work)) as pool:
+        replies = list(pool.map(lambda f: f(), work))
+    assert all(r.status_code == 200 for r in replies), [
+        (r.status_code, r.text[:200]) for r in replies if r.status_code != 200
+    ]
+    alone = png_image(edit(c, body).content).astype(int)
+    for r in replies[:4]:
+        assert np.abs(png_image(r.content).astype(int) - alone).max() <= 2
+    assert json.loads(labels_file(server, "other").read_text()) == {
+        "<shapes-1>": "l1",
+        "<shapes-2>": "l2",
+    }
+
+
+def test_health_tells_anyone_it_is_up_and_only_key_holders_the_details(server):
+    c = server["client"]
+    anonymous = c.get("/v1/health", headers={"x-api-key": ""})
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}
+    details = c.get("/v1/health").json()
+    assert (
+        details["auth"]
+        and isinstance(details["pid"], int)
+        and details["sources"]["reg"].startswith("models:/")
+    )
+    assert not any(v.startswith("/") for v in details["sources"].values())  # folder names, no paths
+
+
 def test_lists_banks_directions_thumbnails_and_sets_labels(server):
     c = server["client"]
     banks = c.get("/v1/banks").json()
@@ -211,7 +285,7 @@ def test_lists_banks_directions_thumbnails_and_sets_labels(server):
     set_ = c.put("/v1/banks/shapes/directions/11/label", json={"label": "darker"})
     assert set_.status_code == 200 and set_.json()["label"] == "darker"
     assert by_index(c.get("/v1/banks/shapes/directions").json())[11]["label"] == "darker"
-    stored = json.loads((Path(server["cfg"].labels_dir) / "shapes.json").read_text())
+    stored = json.loads(labels_file(server, "shapes").read_text())
     assert stored == {"<shapes-11>": "darker"}
     assert json.loads((BANK / "bank.json").read_text())["labels"]["<shapes-11>"] == {
         "auto": "-:lightness+, +:lightness-"
@@ -242,10 +316,33 @@ def png_header(width: int, height: int) -> bytes:
 
 
 B64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+
+
+def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
 GOOD = {"bank": "shapes", "direction": 0, "scale": 1}
 BAD = [
     ("corrupt base64", {"image": "not*base64!"}, {}, 422, "base64"),
-    ("not an image", {"image": B64(b"hello, not a picture")}, {}, 422, "not a readable image"),
+    ("not an image", {"image": B64(b"hello, not a picture")}, {}, 422, "not a png, jpeg or webp image"),
+    (
+        "a GIF upload",
+        {"image": B64(encoded(Image.new("RGB", (64, 64)), "GIF"))},
+        {},
+        422,
+        "png, jpeg or webp",
+    ),
+    (
+        "a TIFF upload",
+        {"image": B64(encoded(Image.new("RGB", (64, 64)), "TIFF"))},
+        {},
+        422,
+        "png, jpeg or webp",
+    ),
+    ("one direction twice", {"edits": [GOOD, {**GOOD, "direction": "<shapes-0>"}]}, {}, 422, "given twice"),
     ("20000 x 20000 header", {"image": B64(png_header(20000, 20000))}, {}, 413, "refused"),
     ("3000 x 3000 header", {"image": B64(png_header(3000, 3000))}, {}, 413, "3000 x 3000 pixels"),
     ("negative steps", {"steps": -3}, {}, 422, "steps"),
@@ -282,6 +379,34 @@ def test_bad_edit_requests_get_a_clear_4xx(server, what, body, headers, status, 
     assert c.get("/v1/health").status_code == 200
 
 
+def camera_and_editor_uploads() -> dict[str, bytes]:
+    """What cameras and editors write: modes, depths, transparency, orientation, odd shapes."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # "rotate 90": a phone's portrait JPEG
+    return {
+        "RGBA PNG": encoded(rgb.convert("RGBA"), "PNG"),
+        "grey+alpha PNG": encoded(rgb.convert("LA"), "PNG"),
+        "palette PNG, transparent": encoded(rgb.convert("P"), "PNG", transparency=0),
+        "16-bit PNG": encoded(Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)), "PNG"),
+        "1-bit PNG": encoded(rgb.convert("1"), "PNG"),
+        "CMYK JPEG": encoded(rgb.convert("CMYK"), "JPEG"),
+        "progressive JPEG": encoded(rgb, "JPEG", progressive=True),
+        "rotated JPEG (EXIF)": encoded(rgb, "JPEG", exif=exif),
+        "animated WebP": encoded(rgb, "WEBP", save_all=True, append_images=[rgb.rotate(90)]),
+        "1 x 1 PNG": encoded(Image.new("RGB", (1, 1)), "PNG"),
+        "1 x 4000 PNG": encoded(Image.new("RGB", (1, 4000)), "PNG"),
+    }
+
+
+def test_uploads_in_every_format_a_camera_or_editor_writes_are_edited(server):
+    c = server["client"]
+    for what, raw in camera_and_editor_uploads().items():
+        r = edit(c, {"image": B64(raw), "edits": [GOOD]})
+        assert r.status_code == 200, (what, r.status_code, r.text[:300])
+        assert png_image(r.content).shape == (64, 64, 3), what
+
+
 def test_bad_label_and_lookup_requests(server):
     c = server["client"]
     assert (
@@ -298,7 +423,120 @@ def test_bad_label_and_lookup_requests(server):
     assert c.get("/v1/banks").status_code == 200
     assert c.get("/v1/banks", headers={"x-api-key": "second-key"}).status_code == 200
     assert c.get("/v1/banks", headers={"x-api-key": ""}).status_code == 401
-    assert not (Path(server["cfg"].labels_dir) / "nope.json").exists()
+    assert not list(Path(server["cfg"].labels_dir).glob("nope*"))
+    # A label never shadows what an index or a token names, nor another direction's label.
+    assert c.put("/v1/banks/shapes/directions/1/label", json={"label": "3"}).status_code == 422
+    assert c.put("/v1/banks/shapes/directions/1/label", json={"label": "<shapes-2>"}).status_code == 422
+    assert c.put("/v1/banks/shapes/directions/1/label", json={"label": "taken"}).status_code == 200
+    clash = c.put("/v1/banks/shapes/directions/2/label", json={"label": "taken"})
+    assert clash.status_code == 422 and "already names <shapes-1>" in clash.json()["error"]
+    assert c.put("/v1/banks/shapes/directions/1/label", json={"label": ""}).status_code == 200
+
+
+def test_past_the_queue_bound_requests_get_503_with_retry_after(server):
+    """A second app on the same cluster with room for one running and one waiting request: a burst
+    of ten gets some 200s and, for the rest, an immediate 503 carrying Retry-After (no queue)."""
+    from ray import serve
+
+    from noiseclr.serving.app import build
+
+    cfg = server["cfg"]
+    tight = cfg.model_copy(
+        update={
+            "banks": {"shapes": str(BANK)},
+            "replicas": cfg.replicas.model_copy(
+                update={
+                    "num_replicas": 1,
+                    "max_ongoing_requests": 1,
+                    "max_queued_requests": 1,
+                    "retry_after_s": 3,
+                }
+            ),
+        }
+    )
+    serve.run(build(tight), name="tight", route_prefix="/tight")
+    try:
+        url = f"http://{cfg.host}:{cfg.port}/tight"
+        body = {"seed": 1, "steps": 40, "edits": [GOOD]}
+        with httpx.Client(base_url=url, timeout=120, headers={"X-API-Key": KEY}) as c:
+            assert edit(c, body).status_code == 200  # the replica is up
+            with ThreadPoolExecutor(10) as pool:
+                replies = list(pool.map(lambda _: edit(c, body), range(10)))
+        codes = sorted(r.status_code for r in replies)
+        assert set(codes) == {200, 503} and codes.count(200) >= 1, codes
+        assert all(r.headers.get("retry-after") == "3" for r in replies if r.status_code == 503)
+    finally:
+        serve.delete("tight")
+
+
+def test_no_keys_on_a_reachable_address_is_refused_unless_anonymous_is_meant(monkeypatch):
+    from noiseclr.errors import ConfigError
+    from noiseclr.serving.app import check_exposure, key_hashes
+
+    cfg = ServeConfig.from_yaml(ROOT / "jobs/serve-sd15.yaml")  # binds 0.0.0.0
+    monkeypatch.delenv(cfg.api_keys_env, raising=False)
+    with pytest.raises(ConfigError, match=r"0\.0\.0\.0 is reachable from other machines and no API key"):
+        check_exposure(cfg, key_hashes(cfg))
+    check_exposure(cfg.model_copy(update={"allow_anonymous": True}), [])
+    check_exposure(cfg.model_copy(update={"host": "127.0.0.1"}), [])
+    monkeypatch.setenv(cfg.api_keys_env, "k1")
+    check_exposure(cfg, key_hashes(cfg))
+
+
+def test_thumbnails_render_once_per_bank_in_chunks_within_the_row_budget(shapes_model, tmp_path):
+    """Four threads ask for one bank's thumbnails at once: one render (others wait for it), in
+    chunks whose UNet calls stay within thumbnail_max_rows, the same strips as one big call."""
+    from noiseclr.serving.engine import EditEngine
+
+    def engine(rows: int) -> EditEngine:
+        cfg = ServeConfig(
+            banks={"shapes": str(BANK)},
+            device="cpu",
+            thumbnail_steps=2,
+            thumbnail_max_rows=rows,
+            labels_dir=str(tmp_path),
+        )
+        return EditEngine(cfg, shapes_model)
+
+    chunked, whole = engine(12), engine(200)
+    chunks, rows = [], []
+    chunked.on_thumbnail_chunk = chunks.append
+    unet = shapes_model.pipe.unet
+    hook = unet.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            strips = list(pool.map(lambda _: chunked.thumbnails("shapes"), range(4)))
+    finally:
+        hook.remove()
+    assert chunks == ["shapes"] * 6  # 12 directions, 2 per call (12 rows / (2 x 3 scales)): rendered once
+    assert rows and max(rows) <= 12
+    assert all(s is strips[0] for s in strips)
+    for a, b in zip(strips[0], whole.thumbnails("shapes"), strict=True):
+        assert np.abs(png_image(a).astype(int) - png_image(b).astype(int)).max() <= 2
+
+
+def test_a_failing_request_gets_its_own_error_and_its_neighbours_their_images(
+    shapes_model, tmp_path, monkeypatch
+):
+    import torch
+
+    from noiseclr.editing import sampler
+    from noiseclr.errors import EditError
+    from noiseclr.serving.engine import EditEngine
+    from noiseclr.serving.schema import EditRequest
+
+    cfg = ServeConfig(banks={"shapes": str(BANK)}, device="cpu", labels_dir=str(tmp_path))
+    eng = EditEngine(cfg, shapes_model)
+    good = eng.prepare(EditRequest(seed=2, steps=4, edits=[GOOD]))
+    bad = eng.prepare(EditRequest(seed=3, steps=4, edits=[GOOD]))
+    bad.x_T = torch.full_like(bad.x_T, float("nan"))  # what a broken start latent gives
+    calls, sample = [], sampler.sample
+    monkeypatch.setattr(sampler, "sample", lambda *a, **k: calls.append(1) or sample(*a, **k))
+    together = eng.run([good, bad])
+    assert isinstance(together[1], EditError) and "non-finite" in str(together[1])
+    assert len(calls) == 1  # one batched call for both; nobody re-run
+    alone = eng.run([eng.prepare(EditRequest(seed=2, steps=4, edits=[GOOD]))])[0]
+    assert np.abs(png_image(together[0]).astype(int) - png_image(alone).astype(int)).max() <= 2
 
 
 # --- operations ------------------------------------------------------------------------------------

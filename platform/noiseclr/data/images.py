@@ -15,9 +15,10 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from noiseclr.discovery.config import resolve_env
 from noiseclr.errors import DataError, ImageError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class ImageSet:
 
 def list_images(uri: str, storage_options: dict | None = None) -> list[str]:
     """Image files under `uri` (recursive), sorted, as full URIs."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(uri, **resolve_env(storage_options or {}))
     if not fs.exists(root):
         raise DataError(f"image folder {uri!r} does not exist")
     files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
@@ -46,27 +47,42 @@ def list_images(uri: str, storage_options: dict | None = None) -> list[str]:
     return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in files]
 
 
-def decode_image(data: bytes, resolution: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes, resolution: int, max_pixels: int = MAX_PIXELS, formats: tuple[str, ...] | None = None
+) -> np.ndarray:
     """Bytes -> (resolution, resolution, 3) uint8: RGB, shorter side resized, centre crop.
 
-    The size in the header is checked against max_pixels before any pixel is decoded."""
+    The size in the header is checked against max_pixels before any pixel is decoded; `formats`
+    (PIL names) limits which decoders may open the bytes at all."""
     with warnings.catch_warnings():  # PIL warns from 89 MP; ours refuses from MAX_PIXELS, below that
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=formats)
     if img.width * img.height > max_pixels:
         raise Image.DecompressionBombError(
             f"{img.width} x {img.height} pixels is more than the {max_pixels / 1e6:g} MP limit"
         )
     img.load()  # raises on truncated data
-    img = img.convert("RGB")
-    scale = resolution / min(img.size)
-    if scale != 1:
-        img = img.resize(
-            (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
-            Image.BICUBIC,
-        )
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+    img = ImageOps.exif_transpose(img)  # a camera's rotated JPEG, upright
+    img = _rgb(img)
+    side = min(img.size)  # centre square first: a 1 x 4M-pixel strip never becomes a huge resize
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(img)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: 16-bit and float greys scaled to 8 bits, transparency on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray((a.clip(0, top) * (255 / top)).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def load_images(
@@ -82,7 +98,7 @@ def load_images(
         if limit is not None and len(good) >= limit:
             break
         try:
-            with fsspec.open(path, "rb", **(storage_options or {})) as f:
+            with fsspec.open(path, "rb", **resolve_env(storage_options or {})) as f:
                 good.append(decode_image(f.read(), resolution))
             names.append(path)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
@@ -108,17 +124,26 @@ def read_image_file(path: str | Path, resolution: int) -> torch.Tensor:
 
 
 def image_tensor(
-    data: bytes, resolution: int, what: str = "image", max_pixels: int = MAX_PIXELS
+    data: bytes,
+    resolution: int,
+    what: str = "image",
+    max_pixels: int = MAX_PIXELS,
+    formats: tuple[str, ...] | None = None,
 ) -> torch.Tensor:
     """Image bytes -> (1, 3, resolution, resolution) in [-1, 1]; `ImageError` starting with `what`
-    when they are not an image, truncated, or over max_pixels (a file's or an upload's)."""
+    when they are not an image (of `formats`, if given), truncated, or over max_pixels."""
     try:
-        pixels = decode_image(data, resolution, max_pixels)
+        pixels = decode_image(data, resolution, max_pixels, formats)
     except Image.DecompressionBombError as err:
         raise ImageError(f"{what}: refused, {err}") from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+    except UnidentifiedImageError as err:
+        if formats is None:
+            raise ImageError(f"{what}: not a readable image ({err})") from None
+        names = ", ".join(formats[:-1]) + f" or {formats[-1]}" if len(formats) > 1 else formats[0]
+        raise ImageError(f"{what}: not a {names} image") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise ImageError(f"{what}: not a readable image ({type(err).__name__}: {err})") from None
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @torch.no_grad()

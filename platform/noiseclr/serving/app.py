@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 
-from noiseclr.errors import ImageError, UserError
+from noiseclr.errors import ConfigError, ImageError, UserError
 from noiseclr.serving.config import ServeConfig
 from noiseclr.serving.schema import Bank, Direction, EditRequest, EditResponse, LabelRequest, check_limits
 from noiseclr.utils.raycluster import init_ray
@@ -104,6 +105,9 @@ def _metrics():
             boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32],
         ),
         "errors": Counter("noiseclr_edit_errors", "Refused or failed requests by kind", tag_keys=("kind",)),
+        "thumbnails": Counter(
+            "noiseclr_thumbnail_chunks", "Thumbnail sampling calls (a chunk of a bank)", tag_keys=("bank",)
+        ),
     }
 
 
@@ -121,6 +125,7 @@ class EditServer:
         self.engine = EditEngine(self.cfg)
         self.keys = list(key_hashes or [])
         self.metrics = _metrics()
+        self.engine.on_thumbnail_chunk = lambda bank: self.metrics["thumbnails"].inc(tags={"bank": bank})
         self._edit_batch.set_max_batch_size(self.cfg.batching.max_batch_size)
         self._edit_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
         self.started = time.time()
@@ -149,16 +154,19 @@ class EditServer:
             log.exception("could not check the bank aliases")
 
     # --- helpers --------------------------------------------------------------------------
-    def _auth(self, request: Request) -> None:
-        if not self.keys:
-            return
+    def _key_ok(self, request: Request) -> bool:
         given = request.headers.get("x-api-key", "")
         digest = hashlib.sha256(given.encode()).hexdigest()
         # compare against every key, always, in constant time per comparison
         ok = False
         for key in self.keys:
             ok |= hmac.compare_digest(digest, key)
-        if not ok:
+        return ok
+
+    def _auth(self, request: Request) -> None:
+        if not self.keys:
+            return
+        if not self._key_ok(request):
             self.metrics["errors"].inc(tags={"kind": "auth"})
             raise HTTPError(401, "missing or wrong API key (header X-API-Key)")
 
@@ -182,19 +190,8 @@ class EditServer:
     async def _edit_batch(self, jobs: list) -> list:
         """Each request's (PNG, size of the batch it ran in), or its exception."""
         self.metrics["batch"].observe(len(jobs))
-        try:
-            return [(png, len(jobs)) for png in await asyncio.to_thread(self.engine.run, jobs)]
-        except Exception:  # one bad request must not fail the others: run each alone
-            if len(jobs) == 1:
-                raise
-            log.exception("batch of %d failed; running its requests one by one", len(jobs))
-            results = []
-            for job in jobs:
-                try:
-                    results.append(((await asyncio.to_thread(self.engine.run, [job]))[0], 1))
-                except Exception as err:
-                    results.append(err)
-            return results
+        results = await asyncio.to_thread(self.engine.run, jobs)  # each its PNG or its own error
+        return [r if isinstance(r, Exception) else (r, len(jobs)) for r in results]
 
     # --- routes ---------------------------------------------------------------------------
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -203,12 +200,17 @@ class EditServer:
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     @api.get("/v1/health")
-    async def health(self) -> dict:
+    async def health(self, request: Request) -> dict:
+        """Liveness for anyone; the replica's details (banks, their sources and versions, pid)
+        only with a valid key, or on a server that needs none."""
+        if self.keys and not self._key_ok(request):
+            return {"status": "ok"}
+        store = self.engine.store
         return {
             "status": "ok",
-            "banks": sorted(self.engine.store.banks),
-            "sources": self.engine.store.sources,
-            "versions": self.engine.store.versions,
+            "banks": sorted(store.banks),
+            "sources": {n: r if r.startswith("models:/") else Path(r).name for n, r in store.sources.items()},
+            "versions": store.versions,
             "pid": os.getpid(),
             "up_s": round(time.time() - self.started, 1),
             "auth": bool(self.keys),
@@ -330,6 +332,10 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     r = cfg.replicas
     options: dict[str, Any] = {
         "max_ongoing_requests": r.max_ongoing_requests,
+        # Past this many waiting requests (per caller) Serve answers 503 with Retry-After at once
+        # instead of queueing without bound.
+        "max_queued_requests": r.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": r.retry_after_s},
         "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
         "user_config": {"banks": cfg.banks},
     }
@@ -348,9 +354,27 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     return options
 
 
+LOOPBACK = ("127.", "::1", "localhost")
+
+
+def check_exposure(cfg: ServeConfig, hashes: list[str]) -> None:
+    """No keys and a non-loopback address: refused unless the config says allow_anonymous."""
+    if hashes:
+        return
+    if not cfg.host.startswith(LOOPBACK) and not cfg.allow_anonymous:
+        raise ConfigError(
+            f"serve: host {cfg.host} is reachable from other machines and no API key is set "
+            f"(${cfg.api_keys_env} is empty): set keys there, bind 127.0.0.1, or say "
+            "allow_anonymous: true in the serve config"
+        )
+    log.warning("serving without API keys: anyone who reaches %s:%s may edit and label", cfg.host, cfg.port)
+
+
 def build(cfg: ServeConfig):
     """The bound Serve application for a config."""
-    return EditServer.options(**deployment_options(cfg)).bind(cfg.model_dump(), key_hashes(cfg))
+    hashes = key_hashes(cfg)
+    check_exposure(cfg, hashes)
+    return EditServer.options(**deployment_options(cfg)).bind(cfg.model_dump(), hashes)
 
 
 def build_app(args: dict[str, str]):

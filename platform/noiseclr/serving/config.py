@@ -41,6 +41,8 @@ class Replicas(BaseModel):
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(2, gt=0)
     max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(32, ge=1)  # beyond it: 503 with Retry-After, not a longer queue
+    retry_after_s: float = Field(2, ge=0)
     upscale_delay_s: float = Field(3, ge=0)
     downscale_delay_s: float = Field(30, ge=0)
     num_cpus: float = Field(1, ge=0)
@@ -69,6 +71,8 @@ class ServeConfig(BaseModel):
     name: str = Field("noiseclr-edit", pattern=r"^[A-Za-z0-9_-]+$")
     # API keys: comma-separated in this environment variable. Unset or empty: no key needed.
     api_keys_env: str = "NOISECLR_API_KEYS"
+    # Without keys the server only binds a loopback host, unless this says anonymous use is meant.
+    allow_anonymous: bool = False
     # Human labels set through the API (an overlay: bank files are never rewritten).
     labels_dir: str = "out/serve/labels"
     default_steps: int = Field(20, ge=2)
@@ -81,6 +85,9 @@ class ServeConfig(BaseModel):
     hide_dead: bool = False
     thumbnail_scales: list[float] = Field(default_factory=lambda: [-2.0, 0.0, 2.0])
     thumbnail_steps: int = Field(15, ge=2)
+    # A bank's thumbnails render in chunks of directions: at most this many UNet rows per call
+    # (a K = 100 bank is then many small calls, not one that holds hundreds of rows).
+    thumbnail_max_rows: int = Field(48, ge=2)
     limits: Limits = Field(default_factory=Limits)
     batching: Batching = Field(default_factory=Batching)
     replicas: Replicas = Field(default_factory=Replicas)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import fcntl
+import hashlib
 import io
 import json
 import logging
 import os
+import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +78,7 @@ class BankStore:
         self.sources = dict(sources)
         self.labels_dir = Path(labels_dir)
         self.banks: dict[str, DirectionBank] = {}
+        self._digests: dict[str, tuple[DirectionBank, str]] = {}  # name -> (bank, its vectors' hash)
         self.versions: dict[str, str | None] = {}
         for name, ref in sources.items():
             self.banks[name], self.versions[name] = self._load(name, ref)
@@ -110,17 +114,18 @@ class BankStore:
         return self.banks[name]
 
     def index(self, name: str, direction: str | int) -> int:
+        """An index, a token, the bank's own label, or a label set through the API (in that order:
+        a label never takes over what an index or a token names)."""
         bank = self.get(name)
-        named = [t for t, label in self.human_labels(name).items() if label == direction]
-        if named and named[0] in bank.tokens:  # a label set through the API names it too
-            i = bank.tokens.index(named[0])
-        else:
-            try:
-                i = bank.index(direction)
-            except (BankError, KeyError, IndexError, ValueError) as err:
+        try:
+            i = bank.index(direction)
+        except (BankError, KeyError, IndexError, ValueError) as err:
+            named = [t for t, label in self.human_labels(name).items() if label == direction]
+            if not (named and named[0] in bank.tokens):
                 raise NotFound(
                     f"bank {name!r} has no direction {direction!r} ({len(bank)} directions)"
                 ) from err
+            i = bank.tokens.index(named[0])
         if self.hidden(name, i):
             raise NotFound(
                 f"bank {name!r}: direction {direction!r} was measured dead and is hidden (hide_dead)"
@@ -132,7 +137,14 @@ class BankStore:
         return self.hide_dead and bool(self.get(name).direction_score(i).get("dead"))
 
     def _labels_file(self, name: str) -> Path:
-        return self.labels_dir / f"{name}.json"
+        """Labels belong to one set of directions: keyed by the bank's name and a hash of its
+        vectors, so a promoted version (other directions) starts without the old one's labels."""
+        bank = self.get(name)
+        known = self._digests.get(name)
+        if known is None or known[0] is not bank:
+            digest = hashlib.sha256(bank.directions.detach().float().cpu().numpy().tobytes()).hexdigest()
+            known = self._digests[name] = (bank, digest[:16])
+        return self.labels_dir / f"{name}.{known[1]}.json"
 
     def human_labels(self, name: str) -> dict[str, str]:
         path = self._labels_file(name)
@@ -144,11 +156,17 @@ class BankStore:
     def set_label(self, name: str, direction: str | int, label: str) -> dict:
         """Set (or with "" clear) a direction's human label; atomic, under a file lock."""
         i = self.index(name, direction)
-        token = self.get(name).tokens[i]
+        bank = self.get(name)
+        token = bank.tokens[i]
+        if label and (label in bank.tokens or label.lstrip("-").isdigit()):
+            raise EditError(f"label {label!r} is a direction's index or token; choose another name")
         self.labels_dir.mkdir(parents=True, exist_ok=True)
         with open(self.labels_dir / ".lock", "w") as lock:  # replicas read-modify-write one file
             fcntl.flock(lock, fcntl.LOCK_EX)
             labels = self.human_labels(name)
+            taken = [t for t, other in labels.items() if other == label and t != token]
+            if label and taken:
+                raise EditError(f"label {label!r} already names {taken[0]}; choose another name")
             if label:
                 labels[token] = label
             else:
@@ -196,6 +214,9 @@ class BankStore:
         }
 
 
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what the API documents; PIL would open many more
+
+
 def decode_upload(data: str, resolution: int, max_pixels: int) -> torch.Tensor:
     """A base64 image (optionally a data: URL) -> (1, 3, R, R) in [-1, 1]; ImageError otherwise."""
     from noiseclr.data.images import image_tensor
@@ -206,7 +227,7 @@ def decode_upload(data: str, resolution: int, max_pixels: int) -> torch.Tensor:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ImageError("image: not valid base64") from None
-    return image_tensor(raw, resolution, "image", max_pixels)
+    return image_tensor(raw, resolution, "image", max_pixels, UPLOAD_FORMATS)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -227,7 +248,10 @@ class EditEngine:
         self.cfg = cfg
         self.model = model or load_model(cfg.model, device=cfg.device, dtype=resolve_dtype(cfg.precision))
         self.store = BankStore(cfg.banks, self.model, cfg.labels_dir, cfg.hide_dead)
-        self._thumbs: dict[str, list[bytes]] = {}
+        self._thumbs: dict[str, tuple[DirectionBank, list[bytes]]] = {}  # name -> (bank, strips)
+        self._thumbs_guard = threading.Lock()
+        self._thumb_locks: dict[str, threading.Lock] = {}
+        self.on_thumbnail_chunk: Callable[[str], None] | None = None  # the server counts renders
 
     def reload(self, banks: dict[str, str]) -> None:
         """Swap to another set of banks (a new user_config): load first, then replace."""
@@ -247,10 +271,16 @@ class EditEngine:
     def prepare(self, req: EditRequest) -> Job:
         """Check a request against the banks and the limits; resolve it to a Job (cheap, no UNet)."""
         lim = self.cfg.limits
-        edits = []
+        edits, seen = [], {}
         for item in req.edits:
             bank = self.store.get(item.bank)
             i = self.store.index(item.bank, item.direction)
+            if (item.bank, i) in seen:  # scales of one direction would add up past max_scale
+                raise EditError(
+                    f"edits: direction {item.direction!r} of bank {item.bank!r} is given twice (as "
+                    f"{seen[(item.bank, i)]!r} too); give it once, with one scale"
+                )
+            seen[(item.bank, i)] = item.direction
             raw = sampler.calibrated_scales(bank, i, [item.scale])[0]
             hi, lo = sampler.default_window(bank)
             hi = hi if item.t_high is None else item.t_high
@@ -291,66 +321,114 @@ class EditEngine:
         )
 
     @torch.no_grad()
-    def run(self, jobs: list[Job]) -> list[bytes]:
+    def run(self, jobs: list[Job]) -> list[bytes | Exception]:
         """Edit many requests in as few batched calls as their settings allow: uploads are
         inverted together per step count; then one sampling call per (steps, start) group, its
-        edits the union of the group's, each trajectory scaling only its own."""
+        edits the union of the group's, each trajectory scaling only its own.
+
+        Each request gets its PNG or its own exception: a call that fails fails only the
+        requests in it, and an image that comes out non-finite fails only its request; nothing
+        is run twice."""
+        out: dict[int, bytes | Exception] = {}
         uploads = defaultdict(list)
-        for job in jobs:
+        for n, job in enumerate(jobs):
             if job.x_T is None:
-                uploads[job.steps].append(job)
+                uploads[job.steps].append(n)
         for steps, group in uploads.items():
-            latents = sampler.encode(self.model, torch.cat([j.pixels for j in group]))
-            x_t, start = sampler.invert(self.model, latents, steps)
-            for j, x in zip(group, x_t, strict=True):
-                j.x_T, j.start_t = x[None].cpu(), start
+            try:
+                latents = sampler.encode(self.model, torch.cat([jobs[n].pixels for n in group]))
+                x_t, start = sampler.invert(self.model, latents, steps)
+            except Exception as err:  # becomes these requests' answers
+                log.exception("inverting %d uploads failed", len(group))
+                out.update(dict.fromkeys(group, err))
+                continue
+            for n, x in zip(group, x_t, strict=True):
+                jobs[n].x_T, jobs[n].start_t = x[None].cpu(), start
         groups = defaultdict(list)
         for n, job in enumerate(jobs):
-            groups[(job.steps, job.start_t)].append(n)
-        images: dict[int, np.ndarray] = {}
-        for (steps, start), members in groups.items():
-            union: dict[tuple, int] = {}
-            columns: list[sampler.Edit] = []
-            for n in members:
-                for e in jobs[n].edits:
-                    key = (e.label, e.t_high, e.t_low)
-                    if key not in union:
-                        union[key] = len(columns)
-                        columns.append(sampler.Edit(e.vector, 1.0, e.t_high, e.t_low, e.label))
-            scales = torch.zeros(len(members), len(columns))
-            for row, n in enumerate(members):
-                for e in jobs[n].edits:
-                    scales[row, union[(e.label, e.t_high, e.t_low)]] += e.scale
-            x0 = sampler.sample(
-                self.model,
-                torch.cat([jobs[n].x_T for n in members]),
-                columns,
-                scales,
-                prompt=[jobs[n].prompt for n in members],
-                guidance_scale=[jobs[n].guidance for n in members],
-                steps=steps,
-                start_t=start,
-            )
-            for n, image in zip(members, sampler.decode(self.model, x0), strict=True):
-                images[n] = image
-        return [png_bytes(images[n]) for n in range(len(jobs))]
+            if n not in out:
+                groups[(job.steps, job.start_t)].append(n)
+        for key, members in groups.items():
+            try:
+                out.update(self._sample_group(jobs, members, *key))
+            except Exception as err:  # becomes these requests' answers
+                log.exception("a sampling call of %d requests failed", len(members))
+                out.update(dict.fromkeys(members, err))
+        return [out[n] for n in range(len(jobs))]
+
+    def _sample_group(
+        self, jobs: list[Job], members: list[int], steps: int, start: int | None
+    ) -> dict[int, bytes | Exception]:
+        """One sampling call for requests of one (steps, start): their PNGs, or a per-request error."""
+        union: dict[tuple, int] = {}
+        columns: list[sampler.Edit] = []
+        for n in members:
+            for e in jobs[n].edits:
+                key = (e.label, e.t_high, e.t_low)
+                if key not in union:
+                    union[key] = len(columns)
+                    columns.append(sampler.Edit(e.vector, 1.0, e.t_high, e.t_low, e.label))
+        scales = torch.zeros(len(members), len(columns))
+        for row, n in enumerate(members):
+            for e in jobs[n].edits:
+                scales[row, union[(e.label, e.t_high, e.t_low)]] += e.scale
+        x0 = sampler.sample(
+            self.model,
+            torch.cat([jobs[n].x_T for n in members]),
+            columns,
+            scales,
+            prompt=[jobs[n].prompt for n in members],
+            guidance_scale=[jobs[n].guidance for n in members],
+            steps=steps,
+            start_t=start,
+        )
+        done: dict[int, bytes | Exception] = {}
+        finite = torch.isfinite(x0.flatten(1)).all(dim=1).tolist()
+        for n, image, ok in zip(members, sampler.decode(self.model, x0), finite, strict=True):
+            done[n] = png_bytes(image) if ok else EditError("the edit gave a non-finite image")
+        return done
 
     def thumbnails(self, name: str) -> list[bytes]:
-        """Per direction a strip at the configured scales (the bank's units) from seed 0: one
-        batched call for the whole bank, cached on the replica."""
-        if name not in self._thumbs:
+        """Per direction a strip at the configured scales (the bank's units) from seed 0, cached
+        on the replica. Rendered once per bank (single flight: concurrent callers wait for the
+        render under way instead of starting their own), a chunk of directions per sampling call
+        so that no call holds more than `thumbnail_max_rows` UNet rows."""
+        with self._thumbs_guard:
+            lock = self._thumb_locks.setdefault(name, threading.Lock())
+        with lock:
             bank = self.store.get(name)
-            k, s = len(bank), len(self.cfg.thumbnail_scales)
-            hi, lo = sampler.default_window(bank)
-            edits = [sampler.Edit(bank.directions[i], 1.0, hi, lo, bank.tokens[i]) for i in range(k)]
-            scales = torch.zeros(k * s, k)  # trajectory (i, j): direction i at the j-th scale
-            for i in range(k):
-                scales[i * s : (i + 1) * s, i] = torch.tensor(
-                    sampler.calibrated_scales(bank, i, self.cfg.thumbnail_scales)
-                )
-            x_T = sampler.seed_latents(self.model, [0]).expand(k * s, -1, -1, -1)
-            x0 = sampler.sample(self.model, x_T, edits, scales, steps=self.cfg.thumbnail_steps)
-            images = sampler.decode(self.model, x0)
-            images = images.reshape(k, s, *images.shape[1:])
-            self._thumbs[name] = [png_bytes(np.concatenate(list(row), axis=1)) for row in images]
-        return self._thumbs[name]
+            cached = self._thumbs.get(name)
+            if cached is not None and cached[0] is bank:
+                return cached[1]
+            s = len(self.cfg.thumbnail_scales)
+            per_call = max(1, self.cfg.thumbnail_max_rows // (2 * s))  # empty + edit row per strip
+            strips: list[bytes] = []
+            for first in range(0, len(bank), per_call):
+                strips += self._thumbnail_chunk(bank, range(first, min(len(bank), first + per_call)))
+                if self.on_thumbnail_chunk is not None:
+                    self.on_thumbnail_chunk(name)
+            if self.store.banks.get(name) is bank:  # not reloaded meanwhile
+                self._thumbs[name] = (bank, strips)
+            return strips
+
+    def _thumbnail_chunk(self, bank: DirectionBank, indices: range) -> list[bytes]:
+        k, s = len(indices), len(self.cfg.thumbnail_scales)
+        hi, lo = sampler.default_window(bank)
+        edits = [sampler.Edit(bank.directions[i], 1.0, hi, lo, bank.tokens[i]) for i in indices]
+        scales = torch.zeros(k * s, k)  # trajectory (c, j): the chunk's c-th direction at scale j
+        for c, i in enumerate(indices):
+            scales[c * s : (c + 1) * s, c] = torch.tensor(
+                sampler.calibrated_scales(bank, i, self.cfg.thumbnail_scales)
+            )
+        x_T = sampler.seed_latents(self.model, [0]).expand(k * s, -1, -1, -1)
+        x0 = sampler.sample(
+            self.model,
+            x_T,
+            edits,
+            scales,
+            steps=self.cfg.thumbnail_steps,
+            max_rows=self.cfg.thumbnail_max_rows,
+        )
+        images = sampler.decode(self.model, x0)
+        images = images.reshape(k, s, *images.shape[1:])
+        return [png_bytes(np.concatenate(list(row), axis=1)) for row in images]
