@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -149,6 +150,54 @@ def test_a_tampered_artifact_fails_its_checksum(tracked, mlflow_server, tmp_path
     finally:
         for p, data in originals.items():
             p.write_bytes(data)
+
+
+def test_banks_download_never_deletes_what_the_user_owns(tracked, mlflow_server, tmp_path, monkeypatch):
+    """`--out out` used to wipe out/; now a folder holding anything but a bank is refused untouched,
+    a bank folder gets the bank's files and keeps the user's own, and replicas sharing the cache
+    download it once and read a folder nobody replaces under them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setattr(registry, "CACHE", tmp_path / "cache")
+    ref = f"models:/{registry.model_name(DirectionBank.load(tracked[1].bank))}/1"
+    runs = tmp_path / "out"
+    (runs / "discovery").mkdir(parents=True)
+    (runs / "discovery" / "notes.txt").write_text("a week of GPU time")
+    with pytest.raises(BankError, match="not empty and holds no bank"):
+        registry.download_bank(ref, runs)
+    assert (runs / "discovery" / "notes.txt").read_text() == "a week of GPU time"
+    assert sorted(p.name for p in runs.iterdir()) == ["discovery"]
+    mine = registry.download_bank(ref, tmp_path / "mine")
+    (mine / "my-notes.md").write_text("keep me")
+    (mine / "bank.json").write_text("{}")  # an older or damaged copy: replaced
+    assert registry.download_bank(ref, mine) == mine
+    assert (mine / "my-notes.md").read_text() == "keep me"
+    assert (DirectionBank.load(mine).directions == DirectionBank.load(tracked[1].bank).directions).all()
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: registry.download_bank(ref), range(4)))
+    assert len(set(folders)) == 1 and DirectionBank.load(folders[0]).name
+    stamp = (folders[0] / "directions.safetensors").stat().st_mtime_ns
+    assert registry.download_bank(ref) == folders[0]  # verified and reused, not replaced
+    assert (folders[0] / "directions.safetensors").stat().st_mtime_ns == stamp
+    leftovers = [p.name for p in folders[0].parent.iterdir() if "partial" in p.name or "download" in p.name]
+    assert not leftovers
+
+
+def test_a_registered_bank_is_model_code_not_a_pickle(tracked, mlflow_server, tmp_path, monkeypatch):
+    """Loading a registry bank with mlflow.pyfunc runs our model file; no pickle is stored."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    bank = DirectionBank.load(tracked[1].bank)
+    uri = f"models:/{registry.model_name(bank)}/1"
+    files = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "m")))
+    stored = [p.name for p in files.rglob("*") if p.is_file()]
+    assert not [n for n in stored if n.endswith((".pkl", ".pickle", ".cloudpickle"))], stored
+    assert "bank_model_code.py" in stored
+    vectors = mlflow.pyfunc.load_model(uri).predict(["2", bank.tokens[1]])
+    torch.testing.assert_close(torch.tensor(vectors), bank.directions[[2, 1]])
 
 
 def test_two_runs_registering_at_once_both_get_versions(tracked, mlflow_server, tmp_path):

@@ -130,8 +130,8 @@ def load_model(
     source, world = _resolve(name_or_path)
     try:
         extra = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, safety_checker=None, requires_safety_checker=False, **extra
+        pipe = StableDiffusionPipeline.from_pretrained(  # weights from safetensors only, no pickle
+            source, safety_checker=None, requires_safety_checker=False, use_safetensors=True, **extra
         )
     except Exception as err:  # hub unreachable, missing files, wrong layout: one clear error
         raise ModelLoadError(

@@ -12,10 +12,13 @@ Everything that loads a bank takes `open_bank(ref)`: a folder, `models:/NAME@ALI
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from noiseclr.discovery.bank import DIRECTIONS_FILE, META_FILE, DirectionBank
@@ -46,14 +49,12 @@ def log_bank(bank_dir: str | Path, registered_model: str | None = None, alias: s
     import mlflow
     from mlflow import MlflowClient
 
-    from noiseclr.tracking.bank_model import BankModel
-
     bank = DirectionBank.load(bank_dir)
     name = registered_model if registered_model is not None else model_name(bank)
     sums = checksums(bank_dir)
-    info = mlflow.pyfunc.log_model(
+    info = mlflow.pyfunc.log_model(  # models from code: the model is this file, nothing pickled
         name="bank",
-        python_model=BankModel(),
+        python_model=str(Path(__file__).with_name("bank_model_code.py")),
         artifacts={"bank": str(bank_dir)},
         pip_requirements=["noiseclr", "mlflow"],
     )
@@ -104,41 +105,82 @@ def resolve_version(ref: str):
 
 
 def download_bank(ref: str, dst: str | Path | None = None) -> Path:
-    """Download a registered bank into `dst` (default: a cache per name and version) and verify
-    both files against the checksums recorded when it was logged. Returns the bank folder."""
+    """Download a registered bank and verify both files against the checksums recorded when it
+    was logged. Returns the bank folder.
+
+    Without `dst`: a cache folder per name and version, shared by the replicas of a node: under a
+    file lock, reused as it is when its files still match, so one process never replaces files
+    another is reading. With `dst` (a user's folder): refused when it holds anything but a bank;
+    the bank's files are written into it and nothing else there is touched or deleted."""
+    version = resolve_version(ref)
+    expected = {k: version.tags.get(CHECKSUM_TAG.format(k)) for k in (DIRECTIONS_FILE, META_FILE)}
+    if dst is None:
+        dst = CACHE / version.name / str(version.version)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst.parent / f".{dst.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _matches(dst, expected):
+                return dst
+            with _fetched(ref, version, dst.parent, expected) as folder:
+                if dst.exists():  # a damaged cache entry (ours): set aside, then removed
+                    aside = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+                    os.replace(dst, aside / "bank")
+                    shutil.rmtree(aside, ignore_errors=True)
+                os.replace(folder, dst)
+        return dst
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise BankError(f"{dst} is a file; give a folder for the bank")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / META_FILE).exists():
+        raise BankError(
+            f"{dst} is not empty and holds no bank: nothing there is overwritten or deleted; "
+            "give an empty or new folder"
+        )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _fetched(ref, version, dst.parent, expected) as folder:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            target = dst / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)  # each file whole: the old one or the new one, never half
+    return dst
+
+
+def _matches(folder: Path, expected: dict[str, str | None]) -> bool:
+    try:
+        return all(expected.values()) and checksums(folder) == expected
+    except OSError:
+        return False
+
+
+@contextmanager
+def _fetched(ref: str, version, beside: Path, expected: dict[str, str | None]):
+    """The version's bank folder, downloaded into a private temporary folder in `beside` (same
+    file system, so it can be renamed into place) and verified; the temporary folder is removed."""
     import mlflow
 
-    version = resolve_version(ref)
-    dst = Path(dst) if dst else CACHE / version.name / str(version.version)
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(dir=beside, prefix=".noiseclr-download-"))
     try:
-        got = Path(
-            mlflow.artifacts.download_artifacts(
-                f"models:/{version.name}/{version.version}", dst_path=str(tmp)
+        try:
+            got = Path(
+                mlflow.artifacts.download_artifacts(
+                    f"models:/{version.name}/{version.version}", dst_path=str(tmp)
+                )
             )
-        )
-    except Exception as err:  # the store is unreachable or the files are gone
+        except Exception as err:  # the store is unreachable or the files are gone
+            raise BankError(f"{ref}: could not download version {version.version} ({err})") from None
+        # MLflow stores an artifact folder under its own name (not the artifacts key): find it.
+        found = sorted((got / "artifacts").rglob(DIRECTIONS_FILE)) if (got / "artifacts").exists() else []
+        folder = found[0].parent if found else got / "artifacts" / "bank"
+        actual = checksums(folder) if (folder / DIRECTIONS_FILE).exists() else {}
+        bad = [k for k, v in expected.items() if v is None or actual.get(k) != v]
+        if bad:
+            raise BankError(
+                f"{ref} (version {version.version}): {', '.join(bad)} fails its checksum: the stored "
+                "artifact was changed or damaged after it was logged"
+            )
+        yield folder
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BankError(f"{ref}: could not download version {version.version} ({err})") from None
-    # MLflow stores an artifact folder under its own name (not the artifacts key): find it.
-    found = sorted((got / "artifacts").rglob(DIRECTIONS_FILE)) if (got / "artifacts").exists() else []
-    folder = found[0].parent if found else got / "artifacts" / "bank"
-    expected = {k: version.tags.get(CHECKSUM_TAG.format(k)) for k in (DIRECTIONS_FILE, META_FILE)}
-    actual = checksums(folder) if (folder / DIRECTIONS_FILE).exists() else {}
-    bad = [k for k, v in expected.items() if v is None or actual.get(k) != v]
-    if bad:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BankError(
-            f"{ref} (version {version.version}): {', '.join(bad)} fails its checksum: the stored artifact "
-            "was changed or damaged after it was logged"
-        )
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(folder), str(dst))
-    shutil.rmtree(tmp, ignore_errors=True)
-    return dst
 
 
 def bank_folder(ref: str | Path) -> Path:

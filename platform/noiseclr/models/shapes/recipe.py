@@ -368,7 +368,7 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
     schedule = noise_schedule(cfg.prediction_type, cfg.zero_terminal_snr)
     if cfg.init_from:
         pipe = StableDiffusionPipeline.from_pretrained(
-            cfg.init_from, safety_checker=None, requires_safety_checker=False
+            cfg.init_from, safety_checker=None, requires_safety_checker=False, use_safetensors=True
         )
         pipe.vae.to(device).requires_grad_(False)
         pipe.scheduler = DDIMScheduler(**schedule)
