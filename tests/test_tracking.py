@@ -309,3 +309,63 @@ def test_an_s3_artifact_store(s3_server, s3_bucket, tmp_path):
     fs = s3fs.S3FileSystem(**{k: v for k, v in s3_server.items()})
     assert fs.glob("mlflow-artifacts/store/**/note.txt"), "the artifact did not reach the bucket"
     assert os.environ.get("MLFLOW_S3_ENDPOINT_URL") is None  # the server's env did not leak here
+
+
+def test_metrics_are_live_and_survive_the_server_going_away_mid_run(tmp_path, monkeypatch, shapes_model):
+    """A run's losses reach MLflow while it trains; the real server is then killed (SIGKILL) and
+    brought back on the same store: training never waits for it, and at the end every step's
+    loss is in the run exactly once and the bank is registered."""
+    from noiseclr.discovery.trainer import DiscoveryTrainer
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while it is down
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    server = MlflowServer(tmp_path / "mlflow").start()
+    seen: dict[str, object] = {}
+    step = DiscoveryTrainer.train_step
+
+    def train_step(self):
+        loss = step(self)
+        if self.step == 4:  # wait (bounded) until the live logger has sent the first steps
+            import mlflow
+
+            run_id = seen["run"] = mlflow.active_run().info.run_id
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not seen.get("live"):
+                seen["live"] = len(MlflowClient(server.uri).get_metric_history(run_id, "loss"))
+                time.sleep(0.5)
+            os.killpg(server.proc.pid, signal.SIGKILL)  # the server dies mid-run
+            server.proc.wait()
+            server.proc = None
+            seen["killed_at"] = time.monotonic()
+        if self.step == 12:
+            seen["steps_while_down"] = self.step - 4
+            server.start()  # back, same port and store
+        return loss
+
+    monkeypatch.setattr(DiscoveryTrainer, "train_step", train_step)
+    cfg = DiscoveryConfig(
+        name="live",
+        k=3,
+        negatives=1,
+        batch=2,
+        n_images=4,
+        steps=16,
+        device="cpu",
+        evaluate=False,
+        gallery=False,
+        checkpoint_every=8,
+        world_fixed={"x": "center", "y": "middle"},
+        tracking_uri=server.uri,
+        experiment="live",
+    )
+    try:
+        result = run_discovery(cfg, tmp_path / "run", model=shapes_model)
+        client = MlflowClient(server.uri)
+        assert seen["live"] and result.run_id == seen["run"] and result.tracking_error is None
+        steps = sorted(m.step for m in client.get_metric_history(result.run_id, "loss"))
+        assert steps == list(range(1, 17))  # every step once: none lost while down, none twice
+        assert client.get_run(result.run_id).info.status == "FINISHED"
+        name = registry.model_name(DirectionBank.load(result.bank))
+        assert client.search_model_versions(f"name = '{name}'")
+    finally:
+        server.stop()

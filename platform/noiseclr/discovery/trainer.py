@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,6 +91,7 @@ class DiscoveryTrainer:
         self.step, self.micro = state.step, state.micro
         self.pairs_per_s: float | None = None
         self.history = list(state.history)
+        self.on_step: Callable[[dict], None] | None = None  # e.g. live MLflow logging; must not block
         if step.want_checkpointing(cfg, self.deltas, tuple(self.latents.shape[1:]), cfg.batch, self.device):
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers checkpoints only in training mode; no dropout in SD's UNet
@@ -163,6 +165,8 @@ class DiscoveryTrainer:
             rate = self.pairs_per_s = done_here * pairs / (time.perf_counter() - started)
             seconds = time.perf_counter() - step_started
             self.history.append({"step": self.step, "loss": loss, "seconds": seconds})
+            if self.on_step is not None:
+                self.on_step(self.history[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.1f}")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:

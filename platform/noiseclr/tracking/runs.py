@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import time
@@ -20,8 +21,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.discovery.config import DiscoveryConfig, resolve_env
 from noiseclr.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: DiscoveryConfig) -> str | None:
@@ -50,13 +53,93 @@ def tracked_run(
             f"MLflow at {uri} is not reachable or refused experiment {cfg.experiment!r}: {err}"
         ) from None
     if run_id:  # a sweep trial's next milestone: the same run goes on
-        with mlflow.start_run(run_id=run_id) as run:
-            yield run
-        return
-    with mlflow.start_run(
-        run_name=run_name, experiment_id=experiment.experiment_id, parent_run_id=parent
-    ) as run:
+        run = mlflow.start_run(run_id=run_id)
+    else:
+        exp = experiment.experiment_id
+        run = mlflow.start_run(run_name=run_name, experiment_id=exp, parent_run_id=parent)
+    status = "FAILED"
+    try:
         yield run
+        status = "FINISHED"
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as err:  # the server went away (end_run has let go of the run already)
+            log.error("could not mark MLflow run %s %s (%s)", run.info.run_id, status, err)
+
+
+def step_metrics(cfg: DiscoveryConfig, h: dict, now: int) -> list:
+    """MLflow metrics of one training step: loss, step time, pairs/s and images/s."""
+    from mlflow.entities import Metric
+
+    step, out = int(h["step"]), [Metric("loss", float(h["loss"]), now, int(h["step"]))]
+    if h.get("seconds"):  # older checkpoints' history has no step times
+        pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum  # (image, direction) pairs a step
+        seconds = float(h["seconds"])
+        out.append(Metric("step_seconds", seconds, now, step))
+        out.append(Metric("pairs_per_s", pairs / seconds, now, step))
+        out.append(Metric("images_per_s", cfg.batch * cfg.grad_accum / seconds, now, step))
+    return out
+
+
+class LiveMetrics:
+    """Per-step metrics sent to the run while training goes on: buffered, sent in batches from a
+    background thread every `interval` seconds, so a slow or absent tracking server never holds a
+    step up. A batch that fails stays buffered and is sent when the server answers again;
+    `sent_through` is the last step whose metrics all reached it (the end-of-run logging sends
+    the rest)."""
+
+    def __init__(self, cfg: DiscoveryConfig, run_id: str, interval: float = 2.0):
+        import threading
+
+        from mlflow import MlflowClient
+
+        self.cfg, self.run_id, self.interval = cfg, run_id, interval
+        self.client = MlflowClient()
+        self.pending: list = []  # FIFO of Metric, in step order
+        self.sent_through = 0
+        self.failing = False
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-live", daemon=True)
+        self._thread.start()
+
+    def step(self, h: dict) -> None:
+        with self._lock:
+            self.pending += step_metrics(self.cfg, h, int(time.time() * 1000))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what is buffered; False (and kept) when the server does not take it."""
+        while True:
+            with self._lock:
+                batch = self.pending[:1000]  # the batch limit of log_batch
+            if not batch:
+                return True
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:  # down, restarting, unreachable: keep it for the next try
+                if not self.failing:
+                    log.warning("MLflow did not take the live metrics (%s); buffering them", err)
+                self.failing = True
+                return False
+            with self._lock:
+                del self.pending[: len(batch)]
+                following = self.pending[0].step if self.pending else None
+                last = batch[-1].step
+                self.sent_through = last if following != last else last - 1
+            if self.failing:
+                log.warning("MLflow answers again: buffered metrics sent")
+            self.failing = False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread and try once more; what is still unsent is left to the caller."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.flush()
 
 
 def params(cfg: DiscoveryConfig) -> dict[str, str]:
@@ -74,7 +157,7 @@ def data_hash(uri: str, storage_options: dict | None = None) -> str:
 
     from noiseclr.data.images import IMAGE_SUFFIXES
 
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(uri, **resolve_env(storage_options or {}))
     h = hashlib.sha256()
     for path, info in sorted(fs.find(root, detail=True).items()):
         if not path.lower().endswith(IMAGE_SUFFIXES):
@@ -104,7 +187,7 @@ def log_discovery(
     cfg: DiscoveryConfig, result, history: list[dict], data: str, evaluation: dict | None, since: int = 0
 ) -> None:
     """Everything a finished discovery run records (the active run must be its run). `since`: the
-    step this call resumed from (earlier steps' losses were logged by the call that made them)."""
+    last step already logged (by the call this one resumed from, or live during training)."""
     import mlflow
 
     from noiseclr.discovery.bank import DirectionBank
@@ -126,22 +209,8 @@ def log_discovery(
     if result.resumed_from:
         tags["resumed_from"] = str(result.resumed_from)
     mlflow.set_tags(tags)
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
-    pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum  # (image, direction) pairs a step
-    steps = []
-    for h in history:
-        if h["step"] > since:
-            steps.append(Metric("loss", float(h["loss"]), now, int(h["step"])))
-            if h.get("seconds"):  # older checkpoints' history has no step times
-                steps.append(Metric("step_seconds", float(h["seconds"]), now, int(h["step"])))
-                steps.append(Metric("pairs_per_s", pairs / float(h["seconds"]), now, int(h["step"])))
-                steps.append(
-                    Metric(
-                        "images_per_s", cfg.batch * cfg.grad_accum / float(h["seconds"]), now, int(h["step"])
-                    )
-                )
+    steps = [m for h in history if h["step"] > since for m in step_metrics(cfg, h, now)]
     for start in range(0, len(steps), 1000):  # the batch limit of log_batch
         mlflow.MlflowClient().log_batch(run_id, metrics=steps[start : start + 1000])
     figures = {

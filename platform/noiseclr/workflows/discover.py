@@ -48,6 +48,7 @@ class DiscoveryResult:
     run_id: str | None = None  # the MLflow run, when tracked
     score: float | None = None  # the oracle-free measurement (any domain): the bank's score
     live: int | None = None  # directions that edit something (not dead)
+    tracking_error: str | None = None  # the run's record did not reach MLflow (the bank is saved)
 
 
 def generated_data(cfg: DiscoveryConfig, out: Path, resolution: int) -> str:
@@ -71,13 +72,16 @@ def generated_data(cfg: DiscoveryConfig, out: Path, resolution: int) -> str:
     return str(data)
 
 
-def _train_single(cfg: DiscoveryConfig, model: DiffusionModel, data: str, out: Path, state: TrainState):
+def _train_single(
+    cfg: DiscoveryConfig, model: DiffusionModel, data: str, out: Path, state: TrainState, live=None
+):
     from noiseclr.data.images import encode_latents, load_images
     from noiseclr.discovery.trainer import DiscoveryTrainer
 
-    images = load_images(data, model.resolution, limit=cfg.n_images)
+    images = load_images(data, model.resolution, limit=cfg.n_images, storage_options=cfg.storage_options)
     latents = encode_latents(model.pipe.vae, images.pixels)
     trainer = DiscoveryTrainer(cfg, model, latents, state)
+    trainer.on_step = live.step if live is not None else None
     final = trainer.fit(out)
     return final, {
         "files": len(images.files) + len(images.bad_files),
@@ -155,7 +159,7 @@ def run_discovery(
     With a tracking URI the run is an MLflow run (a child of `parent_run_id` when given; the
     existing run `run_id` continued when given, as a sweep's trial does at each milestone).
     """
-    from noiseclr.tracking.runs import log_discovery, tracked_run
+    from noiseclr.tracking.runs import LiveMetrics, log_discovery, tracked_run
 
     out = Path(out).resolve()
     started = time.perf_counter()
@@ -173,11 +177,16 @@ def run_discovery(
     with tracked_run(cfg, run_name=f"{cfg.name}-{out.name}", parent=parent_run_id, run_id=run_id) as run:
         out.mkdir(parents=True, exist_ok=True)
         data = cfg.data or generated_data(cfg, out, model.resolution)
-        if cfg.workers:
-            final, counts = _train_ray(cfg, model, data, out, resumed, address)
-            model.pipe.to(resolve_device(cfg.device))  # the workers are done: measure and draw here
-        else:
-            final, counts = _train_single(cfg, model, data, out, state)
+        live = LiveMetrics(cfg, run.info.run_id) if run is not None and not cfg.workers else None
+        try:
+            if cfg.workers:  # the driver logs the workers' history when they are done
+                final, counts = _train_ray(cfg, model, data, out, resumed, address)
+                model.pipe.to(resolve_device(cfg.device))  # the workers are done: measure and draw here
+            else:
+                final, counts = _train_single(cfg, model, data, out, state, live)
+        finally:
+            if live is not None:
+                live.close()
         images = counts["files"] - counts["corrupt_images"]
         bank = bank_from_state(cfg, model, final, {**counts, "images": images, "data": data})
         bank.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -239,5 +248,17 @@ def run_discovery(
             live=blind["live"] if blind else None,
         )
         if run is not None:
-            log_discovery(cfg, result, final.history, data, measured, since=state.step)
+            logged = max(state.step, live.sent_through if live else 0)
+            try:
+                log_discovery(cfg, result, final.history, data, measured, since=logged)
+            except Exception as err:  # the compute is done and the bank saved: do not lose them
+                log.error(
+                    "the bank is saved in %s but MLflow did not take the run's record (%s); run the "
+                    "same command again when the server answers: it resumes at step %d (nothing "
+                    "to train), measures and logs the run",
+                    bank_dir,
+                    err,
+                    final.step,
+                )
+                result.tracking_error = str(err)
     return result
