@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +29,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    # The S3 test server's credentials reach the workers as a cluster's would: in the environment.
+    env = {"DS_ACCELERATOR": "cpu", "NOISECLR_TEST_S3_KEY": "test", "NOISECLR_TEST_S3_SECRET": "test"}
+    os.environ.update(env)
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()
 
@@ -147,8 +150,15 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, s3_b
         steps=2,
         checkpoint_every=1,
         storage_path="s3://shapes-bucket/ray",
-        storage_options=s3_server,
+        # credentials by name only: a literal key/secret in a job is refused (it would be written)
+        storage_options={
+            **s3_server,
+            "key": "${NOISECLR_TEST_S3_KEY}",
+            "secret": "${NOISECLR_TEST_S3_SECRET}",
+        },
     )
+    with pytest.raises(ValueError, match=r"storage_options\.key looks like a credential"):
+        cfg(data="s3://shapes-bucket/imgs", storage_options=s3_server)
     result = run_discovery(job, tmp_path)
     assert result.corrupt_images == 2 and result.images == 4
     bank = DirectionBank.load(result.bank)
@@ -157,3 +167,7 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, s3_b
     saved = fs.glob("shapes-bucket/ray/**/state.safetensors")
     assert saved, "no checkpoint reached the bucket"
     assert not (tmp_path / "ray").exists()
+    written = (Path(result.bank) / "bank.json").read_text() + "".join(
+        fs.cat(p).decode("latin-1") for p in fs.glob("shapes-bucket/ray/**/state.json")
+    )
+    assert "${NOISECLR_TEST_S3_SECRET}" in written and '"secret": "test"' not in written

@@ -21,6 +21,7 @@ import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from noiseclr.data.images import IMAGE_SUFFIXES, decode_image
+from noiseclr.discovery.config import resolve_env
 from noiseclr.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Counter:
 def pyarrow_filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSystem, str]:
     """pyarrow view of the fsspec filesystem behind `uri` (what Ray Data and Ray Train take),
     and the path inside it, scheme stripped."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(uri, **resolve_env(storage_options or {}))
     return PyFileSystem(FSSpecHandler(fs)), root
 
 

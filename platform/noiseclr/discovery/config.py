@@ -8,6 +8,7 @@ without workers.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,50 @@ def read_mapping(path: str | Path, what: str = "config") -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{what} {path}: expected a mapping of config keys, got {type(values).__name__}")
     return values
+
+
+# Option names that hold credentials (s3fs key/secret/token, gcsfs token, adlfs account_key,
+# sas_token, client_secret, passwords...). Their values must be "${VAR}": the job file, bank.json,
+# MLflow params and checkpoints then hold the variable's name, never the secret.
+CREDENTIAL = re.compile(r"(^|_)(key|secret|token|password|passwd|credentials?|sas|signature)($|_)", re.I)
+ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+URI_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@:]*:[^/@]+@", re.I)
+
+
+def check_no_secrets(options: object, where: str) -> None:
+    """ValueError when a credential-named option holds a literal instead of "${VAR}"."""
+    if isinstance(options, dict):
+        for key, value in options.items():
+            here = f"{where}.{key}"
+            literal = value is not None and not isinstance(value, dict | list | bool)
+            if CREDENTIAL.search(str(key)) and literal and not ENV_REF.match(str(value)):
+                raise ValueError(
+                    f"{here} looks like a credential: a job file's options are written into "
+                    f'bank.json, MLflow params and checkpoints; write "${{VAR}}" and set VAR in '
+                    "the environment (or use the provider's own, e.g. AWS_SECRET_ACCESS_KEY)"
+                )
+            check_no_secrets(value, here)
+    elif isinstance(options, list):
+        for n, value in enumerate(options):
+            check_no_secrets(value, f"{where}[{n}]")
+
+
+def resolve_env(options: object) -> object:
+    """A copy with every "${VAR}" value replaced by the environment's VAR (where it is used, in
+    the process that opens the files; never written back). ConfigError when VAR is unset."""
+    import os
+
+    if isinstance(options, dict):
+        return {k: resolve_env(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [resolve_env(v) for v in options]
+    if isinstance(options, str) and (m := ENV_REF.match(options)):
+        if m.group(1) not in os.environ:
+            raise ConfigError(
+                f"storage option {options}: ${m.group(1)} is not set in this process's environment"
+            )
+        return os.environ[m.group(1)]
+    return options
 
 
 class DiscoveryConfig(BaseModel):
@@ -132,6 +177,13 @@ class DiscoveryConfig(BaseModel):
             raise ValueError("gallery_scales must name at least one scale")
         if self.init == "tokens" and not self.init_tokens:
             raise ValueError("init: tokens needs init_tokens")
+        check_no_secrets(self.storage_options, "storage_options")
+        if self.tracking_uri and URI_PASSWORD.match(self.tracking_uri):
+            raise ValueError(
+                "tracking_uri carries a password: it would be written into MLflow params, bank.json "
+                "and checkpoints; give the user and password as $MLFLOW_TRACKING_USERNAME / "
+                "$MLFLOW_TRACKING_PASSWORD instead"
+            )
         return self
 
     @property
