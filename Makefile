@@ -26,14 +26,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/noiseclr discover --config jobs/shapes.yaml --out $(OUT) --device $(DEVICE)
 
-# The page test drives Debian's headless chromium, the dashboards test runs Debian's Prometheus;
+# The page test drives Debian's headless chromium, the dashboards test runs Debian's Prometheus,
+# the endpoint's load test Debian's hey (an external HTTP load generator);
 # install them when missing and apt-get can (root on Debian); elsewhere those checks skip, saying why.
-APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver prometheus >/dev/null
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver prometheus hey >/dev/null
 browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v prometheus >/dev/null || \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v prometheus >/dev/null && \
+	  command -v hey >/dev/null || \
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	    { $(APT) || { apt-get update -q >/dev/null && $(APT); }; }; } || \
-	  echo "no chromium/prometheus: the page test and the dashboards' PromQL check will skip"
+	  echo "no chromium/prometheus/hey: the page test, the dashboards' PromQL check and the external load test will skip"
 
 test: $(STAMP) browser
 	$(BIN)/ruff check platform tests jobs

@@ -130,7 +130,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(cluster, reference, tmp_
     same_bank(result.bank, straight.bank)
 
 
-def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, s3_bucket, tmp_path):
+def test_s3_bucket_with_corrupt_files_trains_end_to_end(
+    cluster, s3_server, s3_bucket, mlflow_server, tmp_path
+):
     import s3fs
 
     s3_bucket("shapes-bucket")
@@ -156,6 +158,9 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, s3_b
             "key": "${NOISECLR_TEST_S3_KEY}",
             "secret": "${NOISECLR_TEST_S3_SECRET}",
         },
+        tracking_uri=mlflow_server.uri,  # rank 0 logs the steps live, the driver the rest
+        experiment="distributed",
+        register_bank=False,
     )
     with pytest.raises(ValueError, match=r"storage_options\.key looks like a credential"):
         cfg(data="s3://shapes-bucket/imgs", storage_options=s3_server)
@@ -171,3 +176,8 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(cluster, s3_server, s3_b
         fs.cat(p).decode("latin-1") for p in fs.glob("shapes-bucket/ray/**/state.json")
     )
     assert "${NOISECLR_TEST_S3_SECRET}" in written and '"secret": "test"' not in written
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == [1, 2]  # each once
+    assert "${NOISECLR_TEST_S3_SECRET}" in client.get_run(result.run_id).data.params["storage_options"]

@@ -829,7 +829,9 @@ def banks_promote(
 @banks_app.command("download")
 def banks_download(
     ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION"),
-    out: Path = typer.Option(..., help="Folder to write the bank into."),
+    out: Path = typer.Option(
+        ..., help="Folder to write the bank into: new, empty or a bank (nothing else there is touched)."
+    ),
 ) -> None:
     """Download a registered bank into a folder, verified against its logged checksums."""
     from noiseclr.tracking.registry import download_bank

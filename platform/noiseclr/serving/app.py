@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from noiseclr.errors import ConfigError, ImageError, UserError
 from noiseclr.serving.config import ServeConfig
@@ -53,6 +54,26 @@ class HTTPError(Exception):
 @api.exception_handler(HTTPError)
 async def _http_error(_: Request, err: HTTPError) -> JSONResponse:
     return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+HEADER_LIMIT = 16384  # bytes of request headers, all together (the body has max_body_bytes)
+
+
+@api.middleware("http")
+async def _header_limit(request: Request, call_next):
+    """Limits hold for the whole request: oversized headers get a 431 before any route runs."""
+    size = sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
+    if size > HEADER_LIMIT:
+        return JSONResponse(
+            {"error": f"request headers of {size} bytes; at most {HEADER_LIMIT}"}, status_code=431
+        )
+    return await call_next(request)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _starlette_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404) and missing methods (405) answer like every other error."""
+    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
 
 
 @api.exception_handler(RequestValidationError)

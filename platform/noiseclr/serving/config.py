@@ -101,6 +101,13 @@ class ServeConfig(BaseModel):
         for name in self.banks:
             if not re.match(BANK_NAME, name):
                 raise ValueError(f"bank name {name!r}: letters, digits, '_', '-', '.' only")
+        from noiseclr.discovery.config import URI_PASSWORD
+
+        if self.tracking_uri and URI_PASSWORD.match(self.tracking_uri):
+            raise ValueError(
+                "tracking_uri carries a password (it would travel in the deployment's arguments); "
+                "give it as $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD instead"
+            )
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
         return self

@@ -10,9 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from noiseclr.serving.config import BANK_NAME, Limits
 
+# strict: a JSON type the API does not document is refused, not coerced ("5" or true as a seed).
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
 
 class EditItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT
 
     bank: str = Field(..., pattern=BANK_NAME, description="A bank name from GET /v1/banks.")
     direction: int | str = Field(..., description="Index, token (<name-3>) or label.")
@@ -24,7 +27,7 @@ class EditItem(BaseModel):
 class EditRequest(BaseModel):
     """A seed (and optional prompt) to generate and edit, or an uploaded image to invert and edit."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = STRICT
 
     seed: int = Field(0, ge=0, le=2**31 - 1)
     prompt: str | None = Field(None, description="For a seed; the embedded model knows its world's words.")
@@ -41,7 +44,7 @@ class EditResponse(BaseModel):
 
 
 class LabelRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     label: str = Field(..., description="The human label; an empty string clears it.")
 
 

@@ -234,6 +234,12 @@ def train_loop_per_worker(config: dict) -> None:
     exported = DiscoveryMetrics(cfg.name, rank, device)
     step_times: list[float] = []
     step, micro, history = state.step, state.micro, list(state.history)
+    live = None
+    if rank == 0 and config.get("mlflow"):  # the run's per-step metrics, live, from rank 0
+        from noiseclr.tracking.runs import LiveMetrics
+
+        os.environ["MLFLOW_TRACKING_URI"] = config["mlflow"]["uri"]
+        live = LiveMetrics(cfg, config["mlflow"]["run_id"])
 
     shard = ray.train.get_dataset_shard("train")
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # this worker's latents after one pass
@@ -279,6 +285,8 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         step_times.append(time.perf_counter() - started)
         history.append({"step": step, "loss": total, "seconds": step_times[-1]})
+        if live is not None:
+            live.step(history[-1])
         recent = step_times[1:] or step_times  # the first step includes warm-up
         metrics = {
             "step": step,
@@ -287,6 +295,9 @@ def train_loop_per_worker(config: dict) -> None:
             "pairs_per_s": cfg.batch * cfg.directions_per_step * cfg.grad_accum * len(recent) / sum(recent),
         }
         exported.record_step(step, total, metrics["pairs_per_s"], step_times[-1], local * cfg.grad_accum)
+        if live is not None and step == cfg.steps:  # the driver logs what did not get through
+            live.close()
+            metrics["mlflow_sent_through"] = live.sent_through
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             full = _full_state(engine, param)
             saved = TrainState(
@@ -337,12 +348,14 @@ def train_distributed(
     resolution: int,
     resume_from: Path | None = None,
     address: str | None = None,
+    mlflow_run: dict | None = None,
 ) -> tuple[object, dict]:
     """Start (or join) Ray, stream latents with Ray Data, train with a TorchTrainer.
 
     Returns the final `ray.train.Checkpoint` (a TrainState folder in Ray Train's storage:
     `storage_path`, default OUT/ray) and the data counts. `resume_from` is a checkpoint folder to start from;
     storage_options reach fsspec for the data and, through the same filesystem, the checkpoints.
+    mlflow_run ({"uri", "run_id"}): rank 0 sends each step's metrics to that run as it trains.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -370,6 +383,7 @@ def train_distributed(
             "discovery": cfg.model_dump(),
             "use_gpu": use_gpu,
             "resume": {p.name: p.read_bytes() for p in Path(resume_from).iterdir()} if resume_from else None,
+            "mlflow": mlflow_run,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}
@@ -395,6 +409,10 @@ def train_distributed(
         "files": n_files,
         "corrupt_images": corrupt["corrupt"],
         "corrupt_examples": corrupt["examples"],
-        **{k: result.metrics[k] for k in ("pairs_per_s", "param_mib") if k in result.metrics},
+        **{
+            k: result.metrics[k]
+            for k in ("pairs_per_s", "param_mib", "mlflow_sent_through")
+            if k in result.metrics
+        },
     }
     return result.checkpoint, counts

@@ -91,11 +91,13 @@ def _train_single(
 
 
 def _train_ray(
-    cfg: DiscoveryConfig, model: DiffusionModel, data: str, out: Path, resume: Path | None, address
+    cfg: DiscoveryConfig, model: DiffusionModel, data: str, out: Path, resume: Path | None, address, run=None
 ):
+    from noiseclr.tracking.runs import tracking_uri
     from noiseclr.training.distributed import train_distributed
 
-    result, counts = train_distributed(cfg, out, data, model.resolution, resume, address)
+    mlflow_run = {"uri": tracking_uri(cfg), "run_id": run.info.run_id} if run is not None else None
+    result, counts = train_distributed(cfg, out, data, model.resolution, resume, address, mlflow_run)
     with result.as_directory() as d:
         final = TrainState.load(d)
     checkpoint.write(out, final, cfg.keep_checkpoints)  # where the next run, of either kind, resumes
@@ -179,14 +181,15 @@ def run_discovery(
         data = cfg.data or generated_data(cfg, out, model.resolution)
         live = LiveMetrics(cfg, run.info.run_id) if run is not None and not cfg.workers else None
         try:
-            if cfg.workers:  # the driver logs the workers' history when they are done
-                final, counts = _train_ray(cfg, model, data, out, resumed, address)
+            if cfg.workers:  # rank 0 logs the steps live; the driver what did not get through
+                final, counts = _train_ray(cfg, model, data, out, resumed, address, run)
                 model.pipe.to(resolve_device(cfg.device))  # the workers are done: measure and draw here
             else:
                 final, counts = _train_single(cfg, model, data, out, state, live)
         finally:
             if live is not None:
                 live.close()
+        sent_by_workers = int(counts.pop("mlflow_sent_through", 0) or 0)  # rank 0's live metrics
         images = counts["files"] - counts["corrupt_images"]
         bank = bank_from_state(cfg, model, final, {**counts, "images": images, "data": data})
         bank.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -248,7 +251,7 @@ def run_discovery(
             live=blind["live"] if blind else None,
         )
         if run is not None:
-            logged = max(state.step, live.sent_through if live else 0)
+            logged = max(state.step, live.sent_through if live else sent_by_workers)
             try:
                 log_discovery(cfg, result, final.history, data, measured, since=logged)
             except Exception as err:  # the compute is done and the bank saved: do not lose them
