@@ -56,6 +56,10 @@ def uploads() -> dict[str, str]:
     exif[0x0112] = 6  # "rotate 90": a phone's portrait JPEG
     return {
         "RGBA PNG": encoded(rgb.convert("RGBA"), "PNG"),
+        "grey+alpha PNG": encoded(rgb.convert("LA"), "PNG"),
+        "1-bit PNG": encoded(rgb.convert("1"), "PNG"),
+        "progressive JPEG": encoded(rgb, "JPEG", progressive=True),
+        "1 x 1 PNG": encoded(Image.new("RGB", (1, 1)), "PNG"),
         "palette PNG, transparent": encoded(rgb.convert("P"), "PNG", transparency=0),
         "16-bit PNG": encoded(Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)), "PNG"),
         "CMYK JPEG": encoded(rgb.convert("CMYK"), "JPEG"),
