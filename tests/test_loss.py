@@ -74,3 +74,35 @@ def test_delta_features_pool_and_center():
     # a part every direction shares does not change the centered features
     shared = deltas + torch.randn(3, 1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(delta_features(shared, center=True), centered, atol=1e-5, rtol=0)
+
+
+def test_strength_penalty_matches_a_plain_loop_and_spares_strong_directions():
+    from noiseclr.discovery.loss import strength_penalty
+
+    torch.manual_seed(0)
+    deltas = torch.randn(3, 4, 2, 5, 5) * torch.tensor([1e-3, 0.02, 0.2, 1.0]).view(1, 4, 1, 1, 1)
+    target = 0.05
+    plain = 0.0
+    for s in range(4):
+        rms = math.sqrt(sum(float(v) ** 2 for v in deltas[:, s].flatten()) / deltas[:, s].numel())
+        plain += max(0.0, math.log(target) - math.log(rms)) / 4
+    assert strength_penalty(deltas, target).item() == pytest.approx(plain, rel=1e-5)
+    # the strong directions (rms 0.2, 1.0) add nothing and get no gradient; a weak one is pushed up
+    d = deltas.clone().requires_grad_(True)
+    strength_penalty(d, target).backward()
+    assert d.grad[:, 2:].abs().max() == 0 and d.grad[:, 0].abs().max() > 0
+    assert (d.grad[:, 0] * deltas[:, 0]).sum() < 0  # descending the loss grows the weak difference
+
+
+def test_the_strength_term_enters_the_objective_only_when_weighted():
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.loss import strength_penalty
+    from noiseclr.discovery.step import objective
+
+    torch.manual_seed(1)
+    deltas = torch.randn(3, 4, 2, 5, 5) * 1e-3
+    base = objective(DiscoveryConfig(k=4, negatives=3), deltas)
+    weighted = objective(DiscoveryConfig(k=4, negatives=3, strength_weight=0.5, strength_target=0.1), deltas)
+    assert weighted.item() == pytest.approx(
+        base.item() + 0.5 * strength_penalty(deltas, 0.1).item(), rel=1e-6
+    )

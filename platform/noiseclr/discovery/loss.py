@@ -18,6 +18,8 @@ Both default to the paper's plain flattened difference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -75,3 +77,18 @@ def symmetric_noiseclr_loss(deltas: torch.Tensor, tau: float = 0.5) -> torch.Ten
     neg = across_dirs.permute(1, 0, 2)[not_self[:, None, :].expand(n_dir, n_img, n_dir)]
     neg = neg.view(n_dir, n_img * (n_dir - 1)) / tau
     return (torch.logsumexp(neg, 1) - torch.logsumexp(pos, 1)).mean()
+
+
+def strength_penalty(deltas: torch.Tensor, target: float) -> torch.Tensor:
+    """A hinge on each sampled direction's effect size: mean over directions of
+    relu(log(target) - log(rms(delta_s))), rms over images and latent elements.
+
+    The contrastive loss sees a noise difference only through its cosine, so a direction whose
+    difference is consistent but vanishingly small is as good to it as a strong one (the dead
+    directions of docs/discovery-quality.md: 60x weaker, as consistent). The UNet predicts
+    unit-variance noise on every latent diffusion model, so `target` is a fraction of the noise
+    itself on Stable Diffusion as on the embedded model: no labels, no model constant. Zero for
+    directions already at or above the target, so it never pushes strength past it.
+    """
+    rms = deltas.float().pow(2).mean(dim=(0, *range(2, deltas.ndim))).clamp_min(1e-20).sqrt()  # (S,)
+    return torch.relu(math.log(target) - rms.log()).mean()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.discovery.loss import delta_features, noiseclr_loss, symmetric_noiseclr_loss
+from noiseclr.discovery.loss import delta_features, noiseclr_loss, strength_penalty, symmetric_noiseclr_loss
 from noiseclr.errors import ConfigError
 from noiseclr.models.base import resolve_dtype
 
@@ -47,8 +47,12 @@ def objective(cfg: DiscoveryConfig, deltas: torch.Tensor) -> torch.Tensor:
     """The configured NoiseCLR loss on (B, S, C, h, w) deltas (anchor: direction 0)."""
     feats = delta_features(deltas, cfg.delta_pool, cfg.delta_center)
     if cfg.loss == "paper":
-        return noiseclr_loss(feats, cfg.tau, anchor=0)
-    return symmetric_noiseclr_loss(feats, cfg.tau)
+        loss = noiseclr_loss(feats, cfg.tau, anchor=0)
+    else:
+        loss = symmetric_noiseclr_loss(feats, cfg.tau)
+    if cfg.strength_weight:
+        loss = loss + cfg.strength_weight * strength_penalty(deltas, cfg.strength_target)
+    return loss
 
 
 def check_schedule(cfg: DiscoveryConfig, num_train_timesteps: int) -> None:
