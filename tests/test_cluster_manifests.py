@@ -367,6 +367,8 @@ def test_serve_applications_build_from_their_config(monkeypatch: pytest.MonkeyPa
     import importlib
 
     monkeypatch.chdir(ROOT)
+    # The pods get the keys from the Secret noiseclr-secrets; a 0.0.0.0 app without them is refused.
+    monkeypatch.setenv("NOISECLR_API_KEYS", "a-key-from-the-secret")
     for application in serve_config_v2(rayservice())["applications"]:
         module, _, name = application["import_path"].partition(":")
         builder = getattr(importlib.import_module(module), name)
