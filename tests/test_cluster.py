@@ -143,6 +143,9 @@ def prometheus(head):
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ray"]
     job["file_sd_configs"][0]["files"] = [str(head["tmp"] / "ray/prom_metrics_service_discovery.json")]
+    # Re-read the targets file every 2 s: file watching (inotify) is not available everywhere,
+    # and the fallback is the default 5 min, longer than this test waits for a new target.
+    job["file_sd_configs"][0]["refresh_interval"] = "2s"
     job["relabel_configs"] = [
         {
             "source_labels": ["__address__"],
@@ -229,7 +232,7 @@ def dashboard_queries(name: str) -> list[str]:
     for var in board["templating"]["list"]:
         if var["type"] == "query":  # label_values(metric, label): that label must exist
             metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", var["query"]["query"]).groups()
-            out.append(f"count by ({label}) ({metric})")
+            out.append(f"count by ({label}) (last_over_time({metric}[5m]))")  # series in the range
     # The variables as a user would pick them: this run, this app (so a missing label shows).
     fill = {"$__rate_interval": "30s", "$run": "tiny", "$application": "noiseclr-edit"}
     return [re.sub(r"\$\w+", lambda m: fill[m.group(0)], q) for q in out]
@@ -372,7 +375,14 @@ def test_every_dashboard_metric_is_exported_and_every_panel_query_has_data(
     targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
     scrapes = [(t["scrapeUrl"], t["health"], t["lastError"]) for t in targets]
     lines = {name: now.get(name) for name in metric_names(missing)}
-    assert not missing, f"panel queries without data: {missing}; exported then: {lines}; targets: {scrapes}"
+    known = {
+        name: httpx.get(f"{prometheus}/api/v1/series", params={"match[]": name}, timeout=10).json()
+        for name in metric_names(missing)
+    }
+    assert not missing, (
+        f"panel queries without data: {missing}; exported then: {lines}; targets: {scrapes}; "
+        f"series Prometheus holds for them: {known}"
+    )
 
 
 def test_stopping_a_submitted_endpoint_shuts_it_down(head, serve_job):
