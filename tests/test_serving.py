@@ -482,45 +482,13 @@ def test_past_the_queue_bound_requests_get_503_with_retry_after(server):
         # twelve get 200s and 503s, never a 5xx of another kind or a dropped connection.
         if shutil.which("hey") is None:
             pytest.skip("no hey binary (make test installs Debian's): the external load check not run")
-        one, many = hey(f"{url}/v1/edits", body, clients=1), hey(f"{url}/v1/edits", body, clients=12)
+        hey = probe_module().hey  # the load generator docs/serving.md's table comes from
+        one = hey(f"{url}/v1/edits", body, 1, seconds=4, key=KEY)
+        many = hey(f"{url}/v1/edits", body, 12, seconds=4, key=KEY)
         assert set(one["codes"]) == {200} and not one["errors"], one
         assert set(many["codes"]) == {200, 503} and not many["errors"], many
     finally:
         serve.delete("tight")
-
-
-def hey(url: str, body: dict, clients: int, seconds: int = 4) -> dict:
-    """Run Debian's hey against URL; its status-code counts, errors and latency percentiles."""
-    import re
-    import subprocess
-
-    out = subprocess.run(
-        [
-            "hey",
-            "-z",
-            f"{seconds}s",
-            "-c",
-            str(clients),
-            "-m",
-            "POST",
-            "-T",
-            "application/json",
-            "-H",
-            f"X-API-Key: {KEY}",
-            "-d",
-            json.dumps(body),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 120,
-        check=True,
-    ).stdout
-    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
-    errors = out.split("Error distribution:")[1].strip() if "Error distribution:" in out else ""
-    pct = {p: float(v) for p, v in re.findall(r"(\d+)% in ([\d.]+) secs", out)}
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    return {"codes": codes, "errors": errors, "p50": pct.get("50"), "p99": pct.get("99"), "rps": rate}
 
 
 def test_no_keys_on_a_reachable_address_is_refused_unless_anonymous_is_meant(monkeypatch):
