@@ -72,7 +72,8 @@ def step_metrics(cfg: DiscoveryConfig, h: dict, now: int) -> list:
     """MLflow metrics of one training step: loss, step time, pairs/s and images/s."""
     from mlflow.entities import Metric
 
-    step, out = int(h["step"]), [Metric("loss", float(h["loss"]), now, int(h["step"]))]
+    step = int(h["step"])
+    out = [Metric("loss", float(h["loss"]), now, step)]
     if h.get("seconds"):  # older checkpoints' history has no step times
         pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum  # (image, direction) pairs a step
         seconds = float(h["seconds"])
