@@ -410,6 +410,7 @@ def build_app(args: dict[str, str]):
 def start(cfg: ServeConfig, address: str | None = None, blocking: bool = False):
     """Start (or connect to) Ray, start Serve's HTTP proxy on cfg.host:cfg.port and deploy the
     app; returns the app's base URL. `noiseclr serve` and the tests both start it this way."""
+    check_exposure(cfg, key_hashes(cfg))  # refused before Ray and Serve are started for nothing
     init_ray(address, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
