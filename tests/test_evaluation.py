@@ -13,6 +13,7 @@ from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.pullback import discover_pullback, local_directions
 from noiseclr.domains import shapes
 from noiseclr.domains.oracle import measure
+from noiseclr.editing import sampler
 from noiseclr.evaluation.evaluate import Harness, Protocol, perfect_edit, word_bank
 from noiseclr.evaluation.metrics import FACTORS, bootstrap, changes, score_bank, score_edit
 
@@ -139,6 +140,48 @@ def test_harness_ceiling_floor_and_calibration_on_the_model(shapes_model):
     assert result["alignment"] < ceiling["alignment"]
 
 
+def test_each_direction_keeps_the_window_where_its_calibrated_edits_are_best(
+    shapes_model, tmp_path, monkeypatch
+):
+    """Protocol.windows: every direction is calibrated in each candidate top and keeps the one
+    where its calibrated edits score best on the calibration images (ties: the lower top); it
+    is scored in that window, and the bank then edits in it by default."""
+    from noiseclr.evaluation.evaluate import label_bank
+
+    protocol = Protocol(
+        fixed={"x": "center", "y": "middle"},
+        n_images=2,
+        steps=4,
+        real=False,
+        calibration_images=1,
+        ladder=(4.0, 16.0),
+        n_boot=10,
+        windows=(600, 300),
+    )
+    harness = Harness(shapes_model, protocol, progress=False)
+    bank = word_bank(shapes_model, ("striped", "red", "blue"))
+    quality = {(0, 300): 0.1, (0, 600): 0.5, (1, 300): 0.4, (1, 600): 0.2, (2, 300): 0.3, (2, 600): 0.3}
+    monkeypatch.setattr(harness, "_cal_quality", lambda b, k, top, s: quality[k, top])
+    seen, edited = [], harness._edited
+    monkeypatch.setattr(
+        harness,
+        "_edited",
+        lambda b, k, src, sc, n=None: seen.append((k, src.name, src.top)) or edited(b, k, src, sc, n),
+    )
+    result = harness.evaluate(bank)
+    assert result["windows"] == [[600, 0], [300, 0], [300, 0]]
+    assert {(k, top) for k, name, top in seen if name == "generated"} == {(0, 600), (1, 300), (2, 300)}
+    assert {top for _, name, top in seen if name == "cal-generated"} == {300, 600}  # both tried
+    label_bank(bank, result)
+    bank.save(tmp_path / "bank")
+    loaded = DirectionBank.load(tmp_path / "bank")
+    assert loaded.edit_defaults["windows"] == [[600, 0], [300, 0], [300, 0]]
+    assert loaded.edit_defaults["window"] == [600, 0]  # the protocol's, for banks read before
+    edits = {text: sampler.parse_edit(text, {"w": loaded}) for text in ("0=1", "1=1", "1=1@800-100")}
+    assert [(e.t_high, e.t_low) for e in edits.values()] == [(600, 0), (300, 0), (800, 100)]
+    assert edits["1=1"].scale == loaded.edit_defaults["scales"][1][1]
+
+
 def test_pullback_finds_the_top_singular_directions(tiny_model):
     x_t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     v, sigma = local_directions(
@@ -192,12 +235,15 @@ def test_evaluate_cli_writes_reports_labels_and_edit_defaults(shapes_model, tmp_
             "4",
             "--fix",
             "x=center",
+            "--windows",
+            "400,600",
             "--device",
             "cpu",
         ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert len(report["windows"]) == 2 and {w[0] for w in report["windows"]} <= {400, 600}
     pooled = report["scores"]["all"]
     assert len(pooled["edits"]) == 2 and len(pooled["edits"][0][0]["effect"]) == 7
     assert report["protocol"]["factors"] == ["shape", "hue", "size", "y", "lightness", "pattern"]
@@ -208,6 +254,7 @@ def test_evaluate_cli_writes_reports_labels_and_edit_defaults(shapes_model, tmp_
     meta = json.loads((tmp_path / "bank" / "bank.json").read_text())
     assert set(meta["labels"]) == set(bank.tokens) and all("auto" in v for v in meta["labels"].values())
     assert meta["edit_defaults"]["scales"] == report["scales"]
+    assert meta["edit_defaults"]["windows"] == report["windows"]
     assert meta["metrics"]["evaluation"]["alignment"] == report["alignment"]
 
 
@@ -253,6 +300,9 @@ def test_compare_has_ceiling_and_floor_rows_and_writes_grids(shapes_model, tmp_p
         ({"fixed": {"x": "centre"}}, "fixed x='centre'"),
         ({"fixed": {"colour": "red"}}, "fixed colour='red'"),
         ({"window": (100, 600)}, "window"),
+        ({"windows": (0, 600)}, "windows must be distinct window tops"),
+        ({"windows": (600, 600)}, "windows must be distinct window tops"),
+        ({"window": (600, 400), "windows": (300, 800)}, "every window top must lie above t_low"),
         ({"ladder": (4.0, 2.0)}, "ladder must be increasing"),
         ({"ladder": (1.0, float("nan"))}, "ladder must be increasing"),
         ({"n_images": 1}, "n_images"),

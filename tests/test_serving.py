@@ -505,6 +505,40 @@ def test_no_keys_on_a_reachable_address_is_refused_unless_anonymous_is_meant(mon
     check_exposure(cfg, key_hashes(cfg))
 
 
+def test_a_direction_edits_in_its_own_measured_window(shapes_model, tmp_path, monkeypatch):
+    """A bank whose measurement chose a window per direction: requests, thumbnails and the
+    direction list use direction k's window; a request's own t_high still wins."""
+    from noiseclr.editing import sampler
+    from noiseclr.serving.engine import EditEngine
+    from noiseclr.serving.schema import EditRequest
+
+    shutil.copytree(BANK, tmp_path / "bank")
+    meta = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    meta["edit_defaults"]["windows"] = [[600, 0]] * 12
+    meta["edit_defaults"]["windows"][3] = [850, 0]
+    (tmp_path / "bank" / "bank.json").write_text(json.dumps(meta))
+    cfg = ServeConfig(banks={"shapes": str(tmp_path / "bank")}, device="cpu", labels_dir=str(tmp_path))
+    eng = EditEngine(cfg, shapes_model)
+    own, other, forced = (
+        eng.prepare(
+            EditRequest(seed=1, steps=4, edits=[{"bank": "shapes", "direction": d, "scale": 1, **kw}])
+        )
+        for d, kw in ((3, {}), (2, {}), (3, {"t_high": 500}))
+    )
+    assert [(j.edits[0].t_high, j.edits[0].t_low) for j in (own, other, forced)] == [
+        (850, 0),
+        (600, 0),
+        (500, 0),
+    ]
+    assert eng.store.direction("shapes", 3)["window"] == [850, 0]
+    seen, sample = [], sampler.sample
+    monkeypatch.setattr(
+        sampler, "sample", lambda m, x, edits, *a, **k: seen.append(edits) or sample(m, x, edits, *a, **k)
+    )
+    eng._thumbnail_chunk(eng.store.get("shapes"), range(2, 4))
+    assert [(e.t_high, e.t_low) for e in seen[0]] == [(600, 0), (850, 0)]
+
+
 def test_thumbnails_render_once_per_bank_in_chunks_within_the_row_budget(shapes_model, tmp_path):
     """Four threads ask for one bank's thumbnails at once: one render (others wait for it), in
     chunks whose UNet calls stay within thumbnail_max_rows, the same strips as one big call."""

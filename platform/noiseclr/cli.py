@@ -402,6 +402,14 @@ def _protocol(fix: list[str] | None, default_fixed: dict, **values):
         raise ConfigError(validation_message(err)) from None
 
 
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    """ "400,600" -> (400, 600); a clear error for anything else."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{option} takes integers separated by commas, got {text!r}") from None
+
+
 @app.command()
 def evaluate(
     bank: str = typer.Argument(..., help="Bank folder, or models:/NAME@ALIAS or models:/NAME/VERSION."),
@@ -409,6 +417,9 @@ def evaluate(
     n: int = typer.Option(16, min=2, help="Generated and real images per direction."),
     steps: int = typer.Option(20, min=2, help="DDIM steps of generated images."),
     window: int = typer.Option(600, min=1, max=1000, help="Edits act for t <= this."),
+    windows: str = typer.Option(
+        "", help="Window tops to try per direction, e.g. 400,600,800: each keeps its best (not --window)."
+    ),
     target: float = typer.Option(0.5, min=0.01, help="Bins of effect each signed edit is scaled to."),
     fix: list[str] = typer.Option(
         None, help="Domain factor=word (repeatable). Default: the world the bank was trained on."
@@ -433,6 +444,7 @@ def evaluate(
         steps=steps,
         real=real,
         window=(window, 0),
+        windows=_int_list("--windows", windows),
         target_effect=target,
     )
     result, paths = measure_bank(base, b, protocol, out or _beside(bank, folder, "evaluation"), label=label)

@@ -96,6 +96,23 @@ class DirectionBank:
             raise BankError(f"token {bad[0]!r}: a token is <name> with letters, digits, '_', '-', '.' only")
         if len(set(self.tokens)) != len(self.tokens):
             raise BankError("two directions share one token name")
+        self._check_edit_defaults()
+
+    def _check_edit_defaults(self) -> None:
+        """Per-direction scales and windows, where recorded, are one per direction and valid."""
+        k = len(self.directions)
+        for key, ok in (
+            ("scales", lambda v: len(v) == 2 and all(math.isfinite(float(x)) for x in v)),
+            ("windows", lambda v: len(v) == 2 and 0 <= int(v[1]) < int(v[0]) <= 1000),
+        ):
+            rows = self.edit_defaults.get(key)
+            if rows is None:
+                continue
+            valid = isinstance(rows, list) and len(rows) == k
+            if not valid or not all(isinstance(r, list | tuple) and ok(r) for r in rows):
+                raise BankError(
+                    f"edit_defaults.{key}: one valid [a, b] per direction ({k}), got {str(rows)[:80]}"
+                )
 
     def __len__(self) -> int:
         return len(self.directions)

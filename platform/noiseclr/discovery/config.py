@@ -153,6 +153,9 @@ class DiscoveryConfig(BaseModel):
     register_alias: str | None = None  # e.g. champion: point this alias at the new version
     # editing defaults and the measurement of the bank
     edit_window: int = Field(600, ge=1, le=1000)  # edits (gallery, `noiseclr edit`) act for t <= this
+    # Window tops the oracle measurement tries per direction (each keeps its best, recorded in
+    # bank.json beside its scale); empty: every direction edits for t <= edit_window.
+    evaluate_windows: list[int] = Field(default_factory=list)
     # Measure the bank after training, on any domain, without an oracle (evaluation/blind.py):
     # every direction's score, rank, dead flag and duplicate group, and its calibrated scales,
     # into bank.json. On the shapes world (data: null) the oracle measures it too (labels and

@@ -40,7 +40,7 @@ def render_gallery(
     for k in tqdm(range(len(bank)), desc="gallery", disable=not progress):
         raw = calibrated_scales(bank, k, scales)
         out.append(
-            sweep_direction(model, bank, k, x_T, raw, prompt, guidance, steps, window=default_window(bank))
+            sweep_direction(model, bank, k, x_T, raw, prompt, guidance, steps, window=default_window(bank, k))
         )
     return np.stack(out)
 
@@ -123,12 +123,14 @@ def write_gallery(
         score = f"{d['score']:.2f} [{d['interval'][0]:.2f}, {d['interval'][1]:.2f}]" if d else "&mdash;"
         dead = ' class="dead"' if d.get("dead") else ""
         state = state_mark(bank, i).strip(" []") or ("live" if d else "-")
+        hi, lo = default_window(bank, i)
         rows.append(
             f"<tr{dead}><td>{i}</td><td><code>{html.escape(bank.tokens[i])}</code></td><td>{label}</td>"
-            f"<td>{score}</td><td>{html.escape(state)}</td>"
+            f"<td>{score}</td><td>{html.escape(state)}</td><td>{lo}&ndash;{hi}</td>"
             f'<td><img src="directions/{i:03d}.png" alt="direction {i}"></td></tr>'
         )
     window = default_window(bank)
+    own = "each direction's measured window (column t)" if bank.edit_defaults.get("windows") else ""
     units = "; in units of each direction's measured strength" if bank.edit_defaults.get("scales") else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>NoiseCLR bank {html.escape(bank.name)}</title>
@@ -139,10 +141,10 @@ tr.dead{{opacity:.45}}</style></head><body>
 <p>{k} directions on base model <code>{html.escape(str(bank.base_model.get("source")))}</code>
 (fingerprint {html.escape(str(bank.base_model.get("fingerprint")))}). Each strip: rows are seeds
 {", ".join(map(str, seeds))}; columns are scales {", ".join(f"{s:+g}" for s in scales)}
-(0 = unedited{units}), edits acting for {window[1]} &le; t &le; {window[0]}.
+(0 = unedited{units}), edits acting {own or f"for {window[1]} &le; t &le; {window[0]}"}.
 Prompt: <code>{html.escape(prompt or "(none: unconditional)")}</code>.
 {measured_note(bank)}</p>
-<table><thead><tr><th>#</th><th>token</th><th>label</th><th>score</th><th>state</th>
+<table><thead><tr><th>#</th><th>token</th><th>label</th><th>score</th><th>state</th><th>t</th>
 <th>scales &rarr;</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 <h2>Training</h2><pre>{html.escape(json.dumps(bank.metrics, indent=2, default=str))}</pre>

@@ -266,14 +266,15 @@ class BlindHarness:
             self._tops[top] = found
         return self._tops[top]
 
-    def _window(self, bank: DirectionBank) -> tuple[int, int]:
+    def _window(self, bank: DirectionBank, k: int | None = None) -> tuple[int, int]:
+        """The protocol's window, else direction k's (or the bank's) measured one."""
         if bank.method == "pullback":
             return int(bank.config["t_edit"]), 0
-        return tuple(self.p.window) if self.p.window else default_window(bank)
+        return tuple(self.p.window) if self.p.window else default_window(bank, k)
 
     def _edited(self, bank: DirectionBank, k: int, src: Images, scales: list[float]) -> np.ndarray:
         """(N, S, r, r, 3) src's images edited by direction k at each raw scale."""
-        window = self._window(bank)
+        window = self._window(bank, k)
         imgs = sweep_direction(
             self.model, bank, k, src.x_top, scales, src.prompt, src.guidance, src.steps, src.top, window
         )
@@ -290,7 +291,7 @@ class BlindHarness:
         calibration images reaches the target without breaking them (else the largest that does
         not break). Binary search: changes grow with the scale."""
         ladder = self.ladder(bank)
-        top = self._window(bank)[0]
+        top = self._window(bank, k)[0]
         cals = [s for name, s in self._images(top).items() if name.startswith("cal-")]
         before = np.concatenate([c.before for c in cals])
         lo, hi = {-1: 0, 1: 0}, {-1: len(ladder) - 1, 1: len(ladder) - 1}
@@ -324,12 +325,15 @@ class BlindHarness:
 
     def signed_edits(self, bank: DirectionBank) -> list[list[SignedEdit]]:
         """(K, 2) signed edits at calibrated scales on the scored images (all sources pooled)."""
-        top = self._window(bank)[0]
-        scored = [s for name, s in self._images(top).items() if not name.startswith("cal-")]
-        before = np.concatenate([s.before for s in scored])
-        null = self._null_changes(bank, scored, before)
+        nulls: dict[tuple[int, int], dict] = {}  # per window: a direction's own (issue 26.3)
         out = []
         for k in tqdm(range(len(bank)), desc=f"measure {bank.name}", disable=not self.progress):
+            window = self._window(bank, k)
+            scored = [s for name, s in self._images(window[0]).items() if not name.startswith("cal-")]
+            before = np.concatenate([s.before for s in scored])
+            if window not in nulls:
+                nulls[window] = self._null_changes(bank, scored, before, window)
+            null = nulls[window]
             scales, reached = self.calibrate(bank, k)
             after = np.concatenate([self._edited(bank, k, s, scales) for s in scored])  # (N, 2, ...)
             pair = []
@@ -341,7 +345,9 @@ class BlindHarness:
             out.append(pair)
         return out
 
-    def _null_changes(self, bank: DirectionBank, scored: list[Images], before: np.ndarray) -> dict:
+    def _null_changes(
+        self, bank: DirectionBank, scored: list[Images], before: np.ndarray, window: tuple[int, int]
+    ) -> dict:
         """signed scale -> (N, r, r, 3) the change a zero token embedding makes at that scale on
         the scored images: the floor of an embedding direction (a token with no content still
         conditions the UNet unlike the empty prompt). None for pullback banks (x_t shifts)."""
@@ -351,7 +357,7 @@ class BlindHarness:
             torch.zeros(1, bank.directions.shape[1]),
             dict(bank.base_model),
             name="null",
-            edit_defaults={"window": list(self._window(bank))},
+            edit_defaults={"window": list(window)},
         )
         ladder = self.ladder(bank)
         scales = [-a for a in ladder] + ladder
@@ -365,6 +371,7 @@ class BlindHarness:
         result["protocol"] = {
             **self.p.model_dump(),
             "window": list(self._window(bank)),
+            "windows": [list(self._window(bank, k)) for k in range(len(bank))],
             "ladder": self.ladder(bank),
             "images": {
                 "generated": self.p.n_images if self.p.generated else 0,

@@ -11,6 +11,9 @@ What the protocol fixes, so every row of a comparison is measured the same way:
 - the edit window: directions act only for t <= window[0]. Editing from t = 1000 re-draws the
   scene on the embedded model (new position, shape, colour), which measures re-sampling, not
   editing. The trajectory above the window is shared by all edits of an image (run once);
+- per-direction windows (`windows`, optional): candidate window tops; each direction is
+  calibrated in each and keeps the one where its calibrated edits are best on the calibration
+  images (mean quality of its two signs; ties to the lower top), as its scale is chosen there;
 - calibration: each signed edit (+s, -s) gets the smallest scale of a ladder at which its total
   effect above the floor reaches `target_effect` bins on separate calibration images without
   breaking the object, so weak and strong directions are compared at equal strength;
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from noiseclr.discovery.bank import DirectionBank
@@ -62,6 +65,8 @@ class Protocol(Schema):
     inversion_steps: int = Field(50, ge=2)  # real images: inversion and editing steps
     real: bool = True
     window: tuple[int, int] = (600, 0)  # t_high, t_low of every NoiseCLR edit
+    # Candidate window tops tried per direction (t_low stays window[1]); empty: window only.
+    windows: tuple[int, ...] = ()
     target_effect: float = Field(0.5, gt=0)  # bins of total effect each signed edit is scaled to
     ladder: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # candidate |scale| (pullback x2.5)
     calibration_images: int = Field(4, ge=1)
@@ -83,6 +88,24 @@ class Protocol(Schema):
         if not 0 <= window[1] < window[0] <= 1000:
             raise ValueError(f"window (t_high, t_low) must satisfy 0 <= t_low < t_high <= 1000, got {window}")
         return window
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, windows: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 0 < t <= 1000 for t in windows) or len(set(windows)) != len(windows):
+            raise ValueError(f"windows must be distinct window tops in 1..1000, got {windows}")
+        return tuple(sorted(windows))
+
+    @model_validator(mode="after")
+    def _windows_above_low(self) -> Protocol:
+        if any(t <= self.window[1] for t in self.windows):
+            raise ValueError(f"every window top must lie above t_low = {self.window[1]}, got {self.windows}")
+        return self
+
+    @property
+    def tops(self) -> tuple[int, ...]:
+        """The window tops each direction is calibrated in."""
+        return self.windows or (self.window[0],)
 
     @field_validator("ladder")
     @classmethod
@@ -193,8 +216,10 @@ class Harness:
         self, bank: DirectionBank, k: int, src: Source, scales: list[float], n: int | None = None
     ) -> np.ndarray:
         """src's (first n) images edited by direction k at each scale: (N, S, H, W, 3)."""
-        x = src.x_top[:n]
-        return sweep_direction(self.model, bank, k, x, scales, src.prompt, src.guidance, src.steps, src.top)
+        x, window = src.x_top[:n], (src.top, self.p.window[1])
+        return sweep_direction(
+            self.model, bank, k, x, scales, src.prompt, src.guidance, src.steps, src.top, window
+        )
 
     def _edit(self, bank: DirectionBank, k: int, src: Source, scales: list[float]) -> list[list[Measurement]]:
         """Measurements of src's images edited by direction k at each scale: [scale][image]."""
@@ -224,24 +249,56 @@ class Harness:
                     lo[sign] = i + 1
         return [-ladder[lo[-1]], ladder[lo[1]]]
 
+    def _cal_quality(self, bank: DirectionBank, k: int, top: int, scales: list[float]) -> float:
+        """Mean quality of direction k's two calibrated edits on the calibration images."""
+        cals = [s for name, s in self._prepare(top).items() if name.startswith("cal-")]
+        per_cal = [[changes(c.before, r, self.res) for r in self._edit(bank, k, c, scales)] for c in cals]
+        return float(
+            np.mean(
+                [
+                    score_edit(Changes.concat(parts), self.floor).quality
+                    for parts in zip(*per_cal, strict=True)
+                ]
+            )
+        )
+
+    def _choose(self, bank: DirectionBank, k: int) -> tuple[int, list[float]]:
+        """(window top, [-s, +s]) of direction k: calibrated in each candidate top, the top
+        whose calibrated edits are best on the calibration images (ties: the lower top)."""
+        if bank.method == "pullback" or len(self.p.tops) == 1:
+            top = self._top(bank)
+            return top, self._calibrate(bank, k, top)
+        best: tuple[float, int, list[float]] | None = None
+        for top in self.p.tops:  # ascending: a later top must do strictly better
+            s = self._calibrate(bank, k, top)
+            q = self._cal_quality(bank, k, top, s)
+            if best is None or q > best[0]:
+                best = (q, top, s)
+        assert best is not None
+        return best[1], best[2]
+
     def _top(self, bank: DirectionBank) -> int:
         return int(bank.config["t_edit"]) if bank.method == "pullback" else self.p.window[0]
 
     # --- banks ------------------------------------------------------------------------------
     def evaluate(self, bank: DirectionBank) -> dict:
         """Calibrated scales, per-source and pooled scores with intervals, for every direction."""
-        top = self._top(bank)
-        srcs = {name: s for name, s in self._prepare(top).items() if not name.startswith("cal-")}
-        per_source: dict[str, list[list[Changes]]] = {name: [] for name in srcs}
-        scales = []
+        per_source: dict[str, list[list[Changes]]] = {}
+        scales, windows = [], []
         for k in tqdm(range(len(bank)), desc=f"evaluate {bank.name}", disable=not self.progress):
-            s = self._calibrate(bank, k, top)
+            top, s = self._choose(bank, k)
             scales.append(s)
-            for name, src in srcs.items():
-                rows = self._edit(bank, k, src, s)
-                per_source[name].append([changes(src.before, row, self.res) for row in rows])
+            windows.append([top, 0 if bank.method == "pullback" else self.p.window[1]])
+            for name, src in self._prepare(top).items():
+                if not name.startswith("cal-"):
+                    rows = self._edit(bank, k, src, s)
+                    per_source.setdefault(name, []).append(
+                        [changes(src.before, row, self.res) for row in rows]
+                    )
         result = self._result(per_source)
-        result.update(bank=bank.name, method=bank.method, directions=len(bank), scales=scales)
+        result.update(
+            bank=bank.name, method=bank.method, directions=len(bank), scales=scales, windows=windows
+        )
         return result
 
     def evaluate_perfect(self, steps: int = 1) -> dict:
@@ -266,8 +323,8 @@ class Harness:
         """A row per domain factor: its best signed edit (by quality) on the first n generated
         and n real images, unedited above edited at the calibrated scale; "none" rows when
         no edit of the bank is dominated by that factor."""
-        top = self._top(bank)
-        sources = [s for name, s in self._prepare(top).items() if not name.startswith("cal-")]
+        tops = [w[0] for w in result.get("windows") or [[self._top(bank)]] * len(bank)]
+        sources = [s for name, s in self._prepare(tops[0]).items() if not name.startswith("cal-")]
         edits = result["scores"]["all"]["edits"]
         rows, labels = [], []
         for f in self.p.factors:
@@ -283,8 +340,10 @@ class Harness:
                 after, label = np.ones_like(before), f"{f}: none"
             else:
                 scale = result["scales"][k][i]
-                after = np.concatenate([self._edited(bank, k, src, [scale], n)[:, 0] for src in sources])
-                label = f"{f}: #{k} x{scale:g} {edits[k][i]['label']} q={q:.2f}"
+                own = [s for name, s in self._prepare(tops[k]).items() if not name.startswith("cal-")]
+                after = np.concatenate([self._edited(bank, k, src, [scale], n)[:, 0] for src in own])
+                at = f"@{tops[k]}" if len(set(tops)) > 1 else ""
+                label = f"{f}: #{k} x{scale:g}{at} {edits[k][i]['label']} q={q:.2f}"
             rows.append(np.concatenate([before, after]))
             labels.append(label)
         cols = len(rows[0]) // 2
@@ -378,6 +437,7 @@ def label_bank(bank: DirectionBank, result: dict) -> None:
         bank.edit_defaults = {
             "window": list(result["protocol"]["window"]),
             "scales": [[float(a), float(b)] for a, b in result["scales"]],
+            **({"windows": result["windows"]} if result["protocol"].get("windows") else {}),
             "target_effect": result["protocol"]["target_effect"],
             "calibration": "oracle",
         }

@@ -185,6 +185,7 @@ class BankStore:
             "label": human.get(token) or bank.labels.get(token, {}).get("human") or auto or token,
             "human_label": human.get(token),
             "auto_label": auto,
+            "window": list(sampler.default_window(bank, i)),
             **{
                 k: bank.direction_score(i).get(k)
                 for k in ("score", "interval", "rank", "dead", "duplicate_of")
@@ -282,7 +283,7 @@ class EditEngine:
                 )
             seen[(item.bank, i)] = item.direction
             raw = sampler.calibrated_scales(bank, i, [item.scale])[0]
-            hi, lo = sampler.default_window(bank)
+            hi, lo = sampler.default_window(bank, i)
             hi = hi if item.t_high is None else item.t_high
             lo = lo if item.t_low is None else item.t_low
             edits.append(sampler.Edit(bank.directions[i], raw, hi, lo, label=f"{item.bank}:{bank.tokens[i]}"))
@@ -413,8 +414,10 @@ class EditEngine:
 
     def _thumbnail_chunk(self, bank: DirectionBank, indices: range) -> list[bytes]:
         k, s = len(indices), len(self.cfg.thumbnail_scales)
-        hi, lo = sampler.default_window(bank)
-        edits = [sampler.Edit(bank.directions[i], 1.0, hi, lo, bank.tokens[i]) for i in indices]
+        edits = [
+            sampler.Edit(bank.directions[i], 1.0, *sampler.default_window(bank, i), bank.tokens[i])
+            for i in indices
+        ]
         scales = torch.zeros(k * s, k)  # trajectory (c, j): the chunk's c-th direction at scale j
         for c, i in enumerate(indices):
             scales[c * s : (c + 1) * s, c] = torch.tensor(

@@ -137,7 +137,7 @@ def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBa
         prompt=cfg.gallery_prompt,
         steps=cfg.evaluate_steps,
         inversion_steps=max(2, round(1.25 * cfg.evaluate_steps)),
-        window=(cfg.edit_window, 0),
+        window=None,  # each direction in its own edit window (the oracle's choice, else edit_window)
         seed=cfg.seed + 2000,
     )
     real = blind.real_images(data, model, protocol, cfg.storage_options)
@@ -204,6 +204,7 @@ def run_discovery(
                 calibration_images=min(4, cfg.evaluate_images),
                 steps=cfg.evaluate_steps,
                 window=(cfg.edit_window, 0),
+                windows=tuple(cfg.evaluate_windows),
             )
             measured, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
             log.info("alignment %.3f, coverage %s", measured["alignment"], measured["coverage"])
