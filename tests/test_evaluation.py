@@ -182,6 +182,15 @@ def test_each_direction_keeps_the_window_where_its_calibrated_edits_are_best(
     assert edits["1=1"].scale == loaded.edit_defaults["scales"][1][1]
 
 
+def test_the_pair_reference_is_the_difference_of_the_two_words_embeddings(shapes_model):
+    from noiseclr.evaluation.evaluate import pair_bank
+
+    pairs = pair_bank(shapes_model, (("circle", "square"), ("small", "large")))
+    words = word_bank(shapes_model, ("circle", "square", "small", "large")).directions
+    assert pairs.tokens == ["<circle-to-square>", "<small-to-large>"]
+    assert torch.equal(pairs.directions, torch.stack([words[1] - words[0], words[3] - words[2]]))
+
+
 def test_pullback_finds_the_top_singular_directions(tiny_model):
     x_t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     v, sigma = local_directions(

@@ -486,3 +486,29 @@ def word_bank(model: DiffusionModel, words: tuple[str, ...] = KNOWN_WORDS) -> Di
         name="words",
         config={"method": "noiseclr", "words": list(words)},
     )
+
+
+# factor -> (from word, to word): the supervised reference of issue 26.4
+REFERENCE_PAIRS = (
+    ("circle", "square"),
+    ("square", "triangle"),
+    ("red", "blue"),
+    ("small", "large"),
+    ("light", "dark"),
+    ("plain", "striped"),
+)
+
+
+def pair_bank(model: DiffusionModel, pairs: tuple[tuple[str, str], ...] = REFERENCE_PAIRS) -> DirectionBank:
+    """A supervised reference: per pair of world words (a, b), the direction e(b) - e(a) between
+    their input embeddings, the difference of the two one-word prompts. It uses the labels the
+    method does not have, so it shows what the model can edit at all, not what was found."""
+    words = word_bank(model, tuple(w for pair in pairs for w in pair))
+    vectors = words.directions.view(len(pairs), 2, -1)
+    return DirectionBank(
+        (vectors[:, 1] - vectors[:, 0]).clone(),
+        dict(words.base_model),
+        name="pairs",
+        tokens=[f"<{a}-to-{b}>" for a, b in pairs],
+        config={"method": "noiseclr", "pairs": [list(p) for p in pairs]},
+    )
