@@ -17,7 +17,7 @@ What each tool reads (from its source; docs/export.md cites the files):
   own dict ("string_to_param": {"*": (n, D)}, "name", "step", ...); a .safetensors is a flat
   tensor file, which it accepts when it holds exactly one tensor. Embeddings whose width is not
   the loaded model's are skipped. `<stem>.json` beside the file is the card's user metadata
-  ("description" is shown, and searched, in the Textual Inversion tab).
+  ("description" is shown on the Textual Inversion card, and searched where the filter reads it).
 - ComfyUI `sd1_clip.load_embed`: `embedding:NAME` finds NAME(.safetensors|.pt|.bin) in the
   embeddings folders; it takes "string_to_param" first, else the tensor keyed by the encoder's
   name, else the first tensor; .pt files go through `torch.load(weights_only=True)`.
@@ -99,7 +99,7 @@ def export_bank(
         raise BankError(f"bank {bank.name!r} has non-finite directions: refusing to export it")
     dim = int(bank.directions.shape[1])
     recorded = bank.base_model.get("hidden_size")
-    if recorded is not None and int(recorded) != dim:
+    if isinstance(recorded, int) and recorded != dim:
         raise BankError(
             f"bank {bank.name!r} has {dim}-dim directions but bank.json records a {recorded}-dim "
             "base model: the bank is damaged"
