@@ -579,12 +579,49 @@ def compare(
     typer.echo(f"wrote {table} and compare.json")
 
 
+@app.command("export")
+def export(
+    bank: str = typer.Argument(..., help="Bank folder or models:/ reference."),
+    out: Path = typer.Option(..., help="Folder for the embedding files, their .json sidecars and index."),
+    fmt: str = typer.Option(
+        "diffusers", "--format", help="diffusers, a1111 (AUTOMATIC1111), comfyui or kohya."
+    ),
+    pt: bool = typer.Option(False, "--pt", help="Write .pt (tensors only) instead of .safetensors."),
+    model: str | None = typer.Option(
+        None, help="Refuse the bank unless its width is this model's text encoder's ('shapes', a folder...)."
+    ),
+) -> None:
+    """Export a bank as textual-inversion files that diffusers, AUTOMATIC1111, ComfyUI or kohya
+    load: one file per direction named for its prompt token, labels and scales in sidecar JSON."""
+    from noiseclr.export import FORMATS, LOAD_HINTS, export_bank, read_index
+
+    if fmt not in FORMATS:  # before opening the bank or loading a model
+        raise ConfigError(f"--format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
+    opened = _open_bank(bank)[1]
+    encoder = None
+    if model is not None:
+        from noiseclr.models.base import load_model
+
+        base = load_model(model, device="cpu")
+        encoder = base.pipe.text_encoder
+        if opened.base_model.get("fingerprint") != base.fingerprint:
+            typer.echo(
+                f"note: bank {opened.name!r} was learnt on {opened.base_model.get('source')!r}, not on "
+                f"{model!r}: its tokens load there but may not mean the same",
+                err=True,
+            )
+    paths = export_bank(opened, out, fmt, pt=pt, text_encoder=encoder)
+    first = read_index(out)["directions"][0]
+    typer.echo(f"wrote {len(paths)} {fmt} files, their .json sidecars and bank-export.json to {out}")
+    typer.echo(f"load: {LOAD_HINTS[fmt]} (first: {first['file']}, prompt {first['prompt']!r})")
+
+
 @app.command("export-ti")
 def export_ti(
     bank: str = typer.Argument(..., help="Bank folder or models:/ reference."),
     out: Path = typer.Option(..., help="Folder for the textual-inversion files."),
 ) -> None:
-    """Export a bank as textual-inversion files for diffusers' `load_textual_inversion`."""
+    """Export a bank as textual-inversion files for diffusers (`noiseclr export --format diffusers`)."""
     paths = _open_bank(bank)[1].export_textual_inversion(out)
     typer.echo(f"wrote {len(paths)} files to {out}; load them into a diffusers pipeline with:")
     typer.echo(f'  pipe.load_textual_inversion(sorted(glob.glob("{out}/*.safetensors")))')

@@ -1,8 +1,8 @@
 """Direction banks: K learned directions, what they were learnt on, and their files.
 
 How the text encoder sees a direction is `noiseclr.conditioning`. `install` adds real tokens
-to a tokenizer and encoder for tools that expect them, and `export_textual_inversion` writes
-the files diffusers' `load_textual_inversion` reads.
+to a tokenizer and encoder for tools that expect them; `noiseclr.export` writes the files
+diffusers, AUTOMATIC1111, ComfyUI and kohya load (`export_textual_inversion`: diffusers').
 
 On disk a bank is a folder: `directions.safetensors` (tensor "directions", (K, D)) and
 `bank.json` (base model identity, token names, training config, metrics, labels).
@@ -261,22 +261,12 @@ class DirectionBank:
         return ids
 
     def export_textual_inversion(self, folder: str | Path) -> list[Path]:
-        """One `<token>.safetensors` per direction in diffusers' format ({token: vector}),
-        loadable with `pipe.load_textual_inversion(paths)`."""
-        if self.method != "noiseclr":
-            raise BankError(
-                f"bank {self.name!r} holds {self.method} directions (x_t vectors), not token "
-                "embeddings: it has no textual-inversion form; edit with `noiseclr edit` instead"
-            )
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, token in enumerate(self.tokens):
-            path = folder / f"{token.strip('<>')}.safetensors"
-            save_file({token: self.directions[i].detach().float().cpu().contiguous()}, str(path))
-            readable(path)
-            paths.append(path)
-        return paths
+        """One `<token>.safetensors` per direction in diffusers' format ({token: (1, D)}),
+        loadable with `pipe.load_textual_inversion(paths)`; `noiseclr.export` has the other
+        tools' formats."""
+        from noiseclr.export import export_bank
+
+        return export_bank(self, folder, "diffusers")
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,0 +1,297 @@
+"""Banks as textual-inversion files for the tools people edit images with.
+
+`export_bank` writes one file per direction in the layout each tool loads, named so that the
+tool's prompt syntax reaches it, plus one sidecar JSON per file and an index:
+
+    tool        file (token <shapes-3>)       prompt                 tensors in the file
+    diffusers   shapes-3.safetensors          "<shapes-3>"           {"<shapes-3>": (1, D)}
+    a1111       shapes-3.safetensors          "shapes-3"             {"emb_params": (1, D)}
+    comfyui     shapes-3.safetensors          "embedding:shapes-3"   {"emb_params": (1, D)}
+    kohya       shapes-3.safetensors          "shapes-3"             {"emb_params": (1, D)}
+
+What each tool reads (from its source; docs/export.md cites the files):
+
+- diffusers `load_textual_inversion`: a dict with one key is {token: embedding}; a dict with
+  "string_to_param" is A1111's, token = its "name". A folder loads `weight_name` from it.
+- AUTOMATIC1111 `EmbeddingDatabase.load_from_file`: the token is the file stem. A .pt holds its
+  own dict ("string_to_param": {"*": (n, D)}, "name", "step", ...); a .safetensors is a flat
+  tensor file, which it accepts when it holds exactly one tensor. Embeddings whose width is not
+  the loaded model's are skipped. `<stem>.json` beside the file is the card's user metadata
+  ("description" is shown on the Textual Inversion card, and searched where the filter reads it).
+- ComfyUI `sd1_clip.load_embed`: `embedding:NAME` finds NAME(.safetensors|.pt|.bin) in the
+  embeddings folders; it takes "string_to_param" first, else the tensor keyed by the encoder's
+  name, else the first tensor; .pt files go through `torch.load(weights_only=True)`.
+- kohya sd-scripts: {"emb_params": (n, D)} (train_textual_inversion.py `save_weights`); its
+  generation script takes the token from the file stem and n from the tensor's first dimension.
+
+So a1111, comfyui and kohya share their .safetensors layout (one (1, D) tensor under kohya's
+key); with `pt=True` a1111 and comfyui get A1111's dict and kohya its {"emb_params"} dict,
+written with tensors, str, int and None only (loadable with `torch.load(weights_only=True)`).
+
+Labels, scores and calibrated scales go into `<stem>.json` (A1111's user-metadata keys plus a
+"noiseclr" block) and `bank-export.json`, so "hue->green" is findable beside the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from noiseclr.discovery.bank import META_FILE, DirectionBank
+from noiseclr.errors import BankError, ConfigError
+from noiseclr.utils.images import atomic_write_bytes
+
+FORMATS = ("diffusers", "a1111", "comfyui", "kohya")
+INDEX_FILE = "bank-export.json"
+KOHYA_KEY = "emb_params"  # kohya's key; A1111 and ComfyUI read a lone tensor under any key
+A1111_TOKEN_ID = 265  # the placeholder id A1111 writes in "string_to_token" (it never reads it)
+
+
+def trigger(token: str) -> str:
+    """The word a user types in A1111 and kohya (the file stem): the token without brackets.
+    Safe as a file name: DirectionBank only admits tokens <[A-Za-z0-9_.-]+>."""
+    return token.strip("<>")
+
+
+def prompt_syntax(fmt: str, token: str) -> str:
+    """How the direction is written in the tool's prompt."""
+    return {"diffusers": token, "comfyui": f"embedding:{trigger(token)}"}.get(fmt, trigger(token))
+
+
+def text_encoder_width(text_encoder) -> int:
+    return int(text_encoder.get_input_embeddings().weight.shape[1])
+
+
+def check_width(bank: DirectionBank, text_encoder) -> None:
+    """One-line BankError when the bank's directions are not token embeddings of this text
+    encoder's width. The tools themselves skip such files (A1111), log a warning and ignore them
+    (ComfyUI) or raise an unformatted error (diffusers)."""
+    width, dim = text_encoder_width(text_encoder), int(bank.directions.shape[1])
+    if width != dim:
+        raise BankError(
+            f"bank {bank.name!r} has {dim}-dim directions but the text encoder's token embeddings are "
+            f"{width}-dim: export a bank learnt on this model's text encoder"
+        )
+
+
+def export_bank(
+    bank: DirectionBank, out: str | Path, fmt: str, pt: bool = False, text_encoder=None
+) -> list[Path]:
+    """Write one embedding file per direction in `fmt`'s layout (safetensors; `.pt` if `pt`),
+    a sidecar `<stem>.json` beside each and `bank-export.json`; return the embedding files in
+    bank order. With `text_encoder`, first refuse a bank of another width. Everything is
+    checked before anything is written; each file is written to a temporary name, then renamed."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
+    if bank.method != "noiseclr":
+        raise BankError(
+            f"bank {bank.name!r} holds {bank.method} directions (x_t vectors), not token "
+            "embeddings: it has no textual-inversion form; edit with `noiseclr edit` instead"
+        )
+    if not torch.isfinite(bank.directions).all():
+        raise BankError(f"bank {bank.name!r} has non-finite directions: refusing to export it")
+    dim = int(bank.directions.shape[1])
+    recorded = bank.base_model.get("hidden_size")
+    if isinstance(recorded, int) and recorded != dim:
+        raise BankError(
+            f"bank {bank.name!r} has {dim}-dim directions but bank.json records a {recorded}-dim "
+            "base model: the bank is damaged"
+        )
+    if text_encoder is not None:
+        check_width(bank, text_encoder)
+    out = Path(out)
+    if (out / META_FILE).exists():
+        raise BankError(f"{out} holds a direction bank ({META_FILE}): export into another folder")
+    if INDEX_FILE.removesuffix(".json") in {trigger(t) for t in bank.tokens}:
+        raise BankError(f"a token of bank {bank.name!r} would name its sidecar {INDEX_FILE}: rename it")
+
+    suffix = ".pt" if pt else ".safetensors"
+    files: dict[Path, bytes] = {}
+    entries = []
+    for i, token in enumerate(bank.tokens):
+        stem = trigger(token)
+        path = out / f"{stem}{suffix}"
+        vector = bank.directions[i : i + 1].detach().float().cpu().clone().contiguous()  # (1, D)
+        files[path] = _embedding_bytes(bank, fmt, pt, token, vector, i)
+        entry = _entry(bank, fmt, i, path.name)
+        files[out / f"{stem}.json"] = _json_bytes(_sidecar(bank, entry))
+        entries.append(entry)
+    index = {
+        "bank": bank.name,
+        "format": fmt,
+        "file_type": suffix.lstrip("."),
+        "width": dim,
+        "base_model": bank.base_model,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load": LOAD_HINTS[fmt],
+        "directions": entries,
+    }
+    for path, data in files.items():
+        atomic_write_bytes(path, data)
+    atomic_write_bytes(out / INDEX_FILE, _json_bytes(index))  # last: it names the files above
+    return [out / e["file"] for e in entries]
+
+
+LOAD_HINTS = {
+    "diffusers": "pipe.load_textual_inversion(FOLDER, weight_name=FILE) per file, or "
+    "noiseclr.export.load_exported(pipe, FOLDER); prompt with the token, e.g. '<shapes-3>'",
+    "a1111": "copy the files (and their .json) into stable-diffusion-webui/embeddings/; prompt with "
+    "the file stem, e.g. 'shapes-3'",
+    "comfyui": "copy the files into ComfyUI/models/embeddings/; prompt with 'embedding:STEM', e.g. "
+    "'embedding:shapes-3'",
+    "kohya": "pass the files to sd-scripts' --textual_inversion_embeddings (token: the file stem) or "
+    "one to train_textual_inversion.py --weights",
+}
+
+
+def _embedding_bytes(
+    bank: DirectionBank, fmt: str, pt: bool, token: str, vector: torch.Tensor, i: int
+) -> bytes:
+    """The file's bytes: the tensor dict of `fmt` (A1111's full dict in a1111/comfyui .pt)."""
+    tensors = {token: vector} if fmt == "diffusers" else {KOHYA_KEY: vector}
+    if not pt:
+        meta = {
+            "noiseclr.bank": bank.name,
+            "noiseclr.token": token,
+            "noiseclr.index": str(i),
+            "noiseclr.base_model": str(bank.base_model.get("source", "")),
+            "noiseclr.fingerprint": str(bank.base_model.get("fingerprint", "")),
+        }
+        return safetensors_bytes(tensors, metadata=meta)
+    if fmt in ("a1111", "comfyui"):
+        steps = bank.metrics.get("steps", bank.config.get("steps", 0))
+        payload: dict[str, Any] = {
+            "string_to_token": {"*": A1111_TOKEN_ID},
+            "string_to_param": {"*": vector},
+            "name": trigger(token),
+            "step": int(steps) if isinstance(steps, int | float) else 0,
+            "sd_checkpoint": None,  # A1111's hash of a checkpoint file: ours is another hash
+            "sd_checkpoint_name": str(bank.base_model.get("source", "")) or None,
+        }
+    else:
+        payload = tensors
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def _entry(bank: DirectionBank, fmt: str, i: int, file: str) -> dict[str, Any]:
+    """What is known about direction i, for its sidecar and the index."""
+    token = bank.tokens[i]
+    score = bank.direction_score(i)
+    scales = bank.edit_defaults.get("scales")
+    windows = bank.edit_defaults.get("windows")
+    window = windows[i] if windows else bank.edit_defaults.get("window")
+    duplicate = score.get("duplicate_of")
+    return {
+        "index": i,
+        "token": token,
+        "trigger": trigger(token),
+        "prompt": prompt_syntax(fmt, token),
+        "file": file,
+        "labels": dict(bank.labels.get(token, {})),
+        "score": score.get("score"),
+        "interval": score.get("interval"),
+        "rank": score.get("rank"),
+        "dead": score.get("dead"),
+        "duplicate_of": bank.tokens[duplicate] if isinstance(duplicate, int) else None,
+        # noiseclr's calibrated edit strengths (lambda of the noise-difference edit, for
+        # `noiseclr edit`), not prompt weights of the tool.
+        "edit_scales": list(scales[i]) if scales else None,
+        "edit_window": list(window) if window else None,
+    }
+
+
+def _sidecar(bank: DirectionBank, entry: dict[str, Any]) -> dict[str, Any]:
+    """A1111's user-metadata keys ("description", "notes") plus everything in a "noiseclr" block."""
+    labels = entry["labels"]
+    words = [labels[k] for k in ("human", "auto") if labels.get(k)]
+    parts = [entry["trigger"], *words]
+    if entry["dead"]:
+        parts.append("dead")
+    if entry["duplicate_of"]:
+        parts.append(f"duplicate of {trigger(entry['duplicate_of'])}")
+    if entry["score"] is not None:
+        parts.append(f"score {entry['score']:.3g}")
+    if entry["edit_scales"]:
+        low, high = entry["edit_scales"]
+        parts.append(f"noiseclr scales {low:g}..{high:+g}")
+    if entry["edit_window"]:
+        parts.append("window {}-{}".format(*entry["edit_window"]))
+    source = bank.base_model.get("source")
+    notes = (
+        f"NoiseCLR direction {entry['index']} of bank {bank.name!r}, learnt on base model {source!r} "
+        f"(fingerprint {bank.base_model.get('fingerprint')}). Prompt: {entry['prompt']}. Edit scales "
+        "and window are noiseclr's calibrated edit settings (`noiseclr edit`), not prompt weights."
+    )
+    return {
+        "description": " | ".join(parts),
+        "notes": notes,
+        "noiseclr": {"bank": bank.name, "base_model": bank.base_model, **entry},
+    }
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """Strict JSON (a non-finite score becomes null): the tools' readers need not accept NaN."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False).encode()
+
+
+def read_index(folder: str | Path) -> dict[str, Any]:
+    """The export's bank-export.json, or a one-line BankError."""
+    path = Path(folder) / INDEX_FILE
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BankError(f"{folder} is not a noiseclr export (no {INDEX_FILE})") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BankError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(index, dict) or not {"width", "directions", "format"} <= set(index):
+        raise BankError(f"{path} lacks width, format or directions: not an export this version wrote")
+    return index
+
+
+def load_exported(pipe, folder: str | Path) -> list[str]:
+    """Load every file of an export (any format) into a diffusers pipeline, each under the bank's
+    token ("<shapes-3>"); refuse, in one line, an export of another width or tokens already
+    present. Returns the tokens."""
+    index = read_index(folder)
+    width = text_encoder_width(pipe.text_encoder)
+    if int(index["width"]) != width:
+        raise BankError(
+            f"{folder}: bank {index.get('bank')!r} has {index['width']}-dim directions but the "
+            f"pipeline's text encoder takes {width}-dim token embeddings"
+        )
+    odd = [e.get("file") for e in index["directions"] if not _plain_name(e.get("file"))]
+    if odd:
+        raise BankError(f"{folder}/{INDEX_FILE} names {odd[0]!r}: not a file name of this folder")
+    tokens = [e["token"] for e in index["directions"]]
+    present = [t for t in tokens if t in pipe.tokenizer.get_vocab()]
+    if present:
+        raise BankError(f"tokens already in the pipeline's tokenizer: {present[:4]}")
+    for entry in index["directions"]:
+        pipe.load_textual_inversion(str(folder), weight_name=entry["file"], token=entry["token"])
+    return tokens
+
+
+def _plain_name(name: Any) -> bool:
+    """A file directly in the export folder (an index from elsewhere must not point outside it)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "\\" in name:
+        return False
+    return Path(name).name == name
