@@ -62,6 +62,12 @@ def decode_image(
             f"{img.width} x {img.height} pixels is more than the {max_pixels / 1e6:g} MP limit"
         )
     img.load()  # raises on truncated data
+    return square_image(img, resolution)
+
+
+def square_image(img: Image.Image, resolution: int) -> np.ndarray:
+    """A decoded PIL image -> (resolution, resolution, 3) uint8: upright (EXIF), RGB, centre
+    square, resized. The one preparation every input image gets, file or in-memory."""
     img = ImageOps.exif_transpose(img)  # a camera's rotated JPEG, upright
     img = _rgb(img)
     side = min(img.size)  # centre square first: a 1 x 4M-pixel strip never becomes a huge resize

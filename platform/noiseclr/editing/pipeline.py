@@ -1,0 +1,335 @@
+"""`noiseclr edit` as a diffusers pipeline: a thin adapter over `editing.sampler`.
+
+    pipe = NoiseCLRPipeline.from_pretrained("shapes")     # or any SD 1.x / 2.x diffusers folder / hub id
+    pipe.load_bank("out/discovery/bank")
+    image = pipe(edits={"3": 1.0}, seed=0).images[0]      # a generated image, as `noiseclr edit 3=1 --seed 0`
+    image = pipe(edits=["3=1"], image=photo).images[0]    # a real image, DDIM-inverted as `--image`
+
+The class is a `StableDiffusionPipeline` (the official code's `EditingPipeline` extends it too),
+so `from_pretrained`, `from_pipe`, `.to(device)`, `save_pretrained` and the components behave as
+diffusers users expect. `__call__` builds the same x_T, steps, guidance and inversion as the CLI
+and hands them to `sampler.sample` / `sampler.invert`: the maths lives in one place only.
+
+`sega_arguments` hands the same directions to diffusers' `SemanticStableDiffusionPipeline`
+(SEGA), for users who want its thresholding and momentum instead of the plain sum.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from PIL import Image
+
+from noiseclr.conditioning import encode_directions
+from noiseclr.data.images import read_image_file, square_image
+from noiseclr.discovery.bank import SAFE_NAME, DirectionBank
+from noiseclr.editing import sampler
+from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
+from noiseclr.errors import BankError, EditError, ImageError
+from noiseclr.models.base import EMBEDDED, DiffusionModel, fingerprint
+from noiseclr.models.generate import default_guidance
+
+log = logging.getLogger(__name__)
+
+# What `edits=` takes: {"3": 1.0, "shapes:hue+": "-1@800-200"}, ["3=1", "shapes:5=-1"], one "3=1",
+# or parsed `sampler.Edit`s.
+EditSpec = Mapping[str | int, float | str] | Sequence[str | sampler.Edit] | str | None
+# What `image=` takes, one or a list: a path, a PIL image, an (H, W[, 3|4]) array (uint8, or
+# float in [0, 1]), or a prepared (N, 3, R, R) tensor in [-1, 1] at the model's resolution R.
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class NoiseCLRPipeline(StableDiffusionPipeline):
+    """Stable Diffusion with NoiseCLR direction banks: `pipe(prompt, edits=...)` gives the
+    image `noiseclr edit` gives for the same seed or real image and the same edits."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> NoiseCLRPipeline:
+        """diffusers' `from_pretrained`, plus the names of embedded models ("shapes"); weights are
+        read from safetensors only (pass `use_safetensors=False` to allow pickled ones)."""
+        name = str(pretrained_model_name_or_path)
+        if name in EMBEDDED:  # ships without a safety checker: nothing to warn about
+            name = str(EMBEDDED[name])
+            kwargs.setdefault("requires_safety_checker", False)
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(name, **kwargs)
+
+    # -- banks ---------------------------------------------------------------------------------
+
+    @property
+    def banks(self) -> dict[str, DirectionBank]:
+        """Loaded banks by the name edits address them with (`name:direction=scale`)."""
+        # Not set in __init__: diffusers reads a pipeline's components off __init__'s signature.
+        return self.__dict__.setdefault("_noiseclr_banks", {})
+
+    def load_bank(
+        self, bank: DirectionBank | str | Path, name: str | None = None, strict: bool = True
+    ) -> DirectionBank:
+        """Load a bank (a folder or a `DirectionBank`) for `edits=`, under `name` (default: the
+        bank's own name, as `noiseclr edit` addresses it).
+
+        The bank's width must match the text encoder's token embeddings. With `strict` (the
+        CLI's behaviour) it must also have been learnt on these very weights (the base model's
+        fingerprint); `strict=False` only warns, e.g. for the same model loaded in fp16.
+        """
+        if not isinstance(bank, DirectionBank):
+            bank = DirectionBank.load(bank)
+        key = bank.name if name is None else name
+        if not isinstance(key, str) or not SAFE_NAME.match(key):
+            raise BankError(f"bank name {key!r}: letters, digits, '_', '-', '.' (not first) only")
+        if key in self.banks:
+            raise BankError(f"a bank named {key!r} is already loaded; pass another name= to load_bank")
+        if bank.method != "noiseclr":
+            raise BankError(
+                f"bank {key!r} holds {bank.method} directions (x_t vectors, not token embeddings): "
+                "the pipeline applies token directions only; view them with `noiseclr gallery`"
+            )
+        width = self.text_encoder.get_input_embeddings().weight.shape[1]
+        if bank.directions.shape[1] != width:
+            raise BankError(
+                f"bank {key!r} has {bank.directions.shape[1]}-dim directions but this pipeline's text "
+                f"encoder takes {width}-dim token embeddings: it was learnt on another model"
+            )
+        try:
+            bank.check_model(self._model(with_fingerprint=True))
+        except BankError as err:
+            if strict:
+                raise
+            log.warning("%s; loading it anyway (strict=False)", err)
+        self.banks[key] = bank
+        return bank
+
+    # -- editing -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | None = None,
+        edits: EditSpec = None,
+        image: ImageInput | list[ImageInput] | None = None,
+        seed: int | list[int] = 0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        inversion_steps: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """Edit a generated image (x_T from `seed`, `generator` or `latents`) or a real `image`.
+
+        Args:
+            prompt: for a generated image (default: unconditional, as the CLI). A real image is
+                edited without one, the paper's real-image form; giving both is an error.
+            edits: `noiseclr edit`'s syntax, `[bank:]direction=scale[@t_high-t_low]`: a dict
+                `{"3": 1.0}`, a list `["shapes:3=1"]` or one string. On a measured bank scale 1
+                is the direction's measured clean edit and the window its measured one.
+            image: a real image (or a list): DDIM-inverted under the empty prompt.
+            seed: the CLI's `--seed` (a list gives a batch); image i is the CLI's image of seed i.
+            generator / latents: diffusers' ways to choose x_T instead of `seed`.
+            num_inference_steps: default 25, or 100 for a real image (the CLI's defaults).
+            guidance_scale: CFG on `prompt` (default: the model's, 7.5 for SD); unused without one.
+            inversion_steps: DDIM inversion steps (default: `num_inference_steps`, as the CLI).
+            output_type: "pil", "np" ((N, H, W, 3) floats in [0, 1]), "pt" ((N, 3, H, W) in
+                [0, 1]) or "latent" (x_0 latents).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
+        for what, value in (
+            ("num_inference_steps", num_inference_steps),
+            ("inversion_steps", inversion_steps),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+        model = self._model()
+        parsed = self._edits(edits)
+        progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        if image is not None:
+            if prompt is not None:
+                raise EditError(
+                    "prompt= is for generated images: a real image is inverted and edited without a "
+                    "prompt (as `noiseclr edit --image`)"
+                )
+            if latents is not None or generator is not None:
+                raise EditError("give image= or latents= / generator=, not both: a real image sets x_T")
+            steps = num_inference_steps or INVERSION_STEPS
+            pixels = self._pixels(image, model.resolution)
+            x_T, start_t = sampler.invert(
+                model, sampler.encode(model, pixels), inversion_steps or steps, progress=progress
+            )
+            guidance = 1.0
+        else:
+            steps = num_inference_steps or SEED_STEPS
+            x_T, start_t = self._initial_latents(model, seed, generator, latents), None
+            if guidance_scale is None:
+                guidance_scale = default_guidance(model) if prompt else 1.0
+            guidance = guidance_scale
+        x0 = sampler.sample(
+            model,
+            x_T,
+            parsed,
+            prompt=prompt,
+            guidance_scale=guidance,
+            steps=steps,
+            start_t=start_t,
+            progress=progress,
+        )
+        if output_type == "latent":
+            images, nsfw = x0, None
+        else:
+            images, nsfw = sampler.decode(model, x0), None  # (N, H, W, 3) in [0, 1]
+            if self.safety_checker is not None:  # an SD checkpoint loaded with its checker: respect it
+                images, nsfw = self.run_safety_checker(images, model.device, self.text_encoder.dtype)
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+            elif output_type == "pt":
+                images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        if not return_dict:
+            return images, nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+    def sega_arguments(self, edits: EditSpec, num_inference_steps: int) -> dict[str, Any]:
+        """Keyword arguments that hand `edits` to diffusers' `SemanticStableDiffusionPipeline`.
+
+        `editing_prompt_embeddings` is each direction's one-token prompt `<d_k>` through the text
+        encoder (what the sampler's eps(x_t, d_k) sees), `edit_guidance_scale` / `reverse_editing_
+        direction` the raw scale's size and sign, and `edit_warmup_steps` / `edit_cooldown_steps`
+        the window in steps of this pipeline's scheduler at `num_inference_steps`. SEGA applies
+        edits only under CFG (`guidance_scale > 1`; `prompt=""` for an unconditional image) and
+        by default keeps the top 10% of each edit (`edit_threshold=0.9`) with momentum: with
+        `edit_threshold=0.0, edit_momentum_scale=0.0` and one edit (or edits sharing a window)
+        it gives the sampler's image.
+        """
+        parsed = self._edits(edits)
+        if not parsed:
+            raise EditError("sega_arguments needs at least one edit")
+        vectors = torch.stack([e.vector for e in parsed]).to(self.device)
+        with torch.no_grad():
+            embeddings = encode_directions(self.text_encoder, self.tokenizer, vectors)[:-1]  # (E, L, H)
+        schedule = type(self.scheduler).from_config(self.scheduler.config)  # SEGA steps with this one
+        schedule.set_timesteps(num_inference_steps)
+        timesteps = [int(t) for t in schedule.timesteps]
+        return {
+            "editing_prompt_embeddings": embeddings.to(self.unet.dtype),
+            "reverse_editing_direction": [e.scale < 0 for e in parsed],
+            "edit_guidance_scale": [abs(e.scale) for e in parsed],
+            "edit_warmup_steps": [sum(t > e.t_high for t in timesteps) for e in parsed],
+            "edit_cooldown_steps": [sum(t >= e.t_low for t in timesteps) for e in parsed],
+        }
+
+    # -- adapters to the sampler's inputs ------------------------------------------------------
+
+    def _model(self, with_fingerprint: bool = False) -> DiffusionModel:
+        """This pipeline as the `DiffusionModel` the sampler takes (no copy of any weight)."""
+        source = str(self.name_or_path or "pipeline")
+        if "_noiseclr_world" not in self.__dict__:  # the embedded model's world: guidance, prompt words
+            world_file = Path(source) / "world.json" if self.name_or_path else None
+            world = json.loads(world_file.read_text()) if world_file and world_file.is_file() else None
+            self.__dict__["_noiseclr_world"] = world
+        # The fingerprint hashes a few weights: computed for bank checks, not on every call.
+        stamp = fingerprint(self) if with_fingerprint else ""
+        return DiffusionModel(
+            pipe=self, source=source, fingerprint=stamp, world=self.__dict__["_noiseclr_world"]
+        )
+
+    def _edits(self, edits: EditSpec) -> list[sampler.Edit]:
+        if edits is None:
+            return []
+        if isinstance(edits, str):
+            items: list[str | sampler.Edit] = [edits]
+        elif isinstance(edits, Mapping):
+            items = []
+            for key, value in edits.items():
+                if isinstance(value, bool) or not isinstance(value, int | float | str):
+                    raise EditError(
+                        f"edits[{key!r}]: a scale (number) or 'scale@t_high-t_low', got {value!r}"
+                    )
+                items.append(f"{key}={float(value)!r}" if not isinstance(value, str) else f"{key}={value}")
+        else:
+            items = list(edits)
+        texts = [e for e in items if not isinstance(e, sampler.Edit)]
+        if texts and not self.banks:
+            raise EditError("no bank is loaded: call pipe.load_bank(folder) before passing edits")
+        out = []
+        for e in items:
+            if isinstance(e, sampler.Edit):
+                out.append(e)
+            elif isinstance(e, str):
+                out.append(sampler.parse_edit(e, self.banks))
+            else:
+                raise EditError(f"an edit is a string like '3=1' or a dict {{'3': 1.0}}, got {e!r}")
+        return out
+
+    @staticmethod
+    def _initial_latents(
+        model: DiffusionModel,
+        seed: int | list[int],
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x_T (N, C, h, w): given, drawn from generator(s), or the CLI's x_T for each seed."""
+        pipe, side = model.pipe, model.resolution // model.pipe.vae_scale_factor
+        shape = (pipe.unet.config.in_channels, side, side)
+        if latents is not None:
+            if latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
+                raise ValueError(
+                    f"latents must be (N, {', '.join(map(str, shape))}), got {tuple(latents.shape)}"
+                )
+            return latents
+        if generator is not None:
+            gens = generator if isinstance(generator, list) else [generator]
+            return torch.stack([torch.randn(shape, generator=g, device=g.device).cpu() for g in gens])
+        return sampler.seed_latents(model, [seed] if isinstance(seed, int) else list(seed))
+
+    @staticmethod
+    def _pixels(image: ImageInput | list[ImageInput], resolution: int) -> torch.Tensor:
+        """Real image(s) -> (N, 3, R, R) in [-1, 1], prepared exactly as `noiseclr edit --image`
+        prepares a file (upright, RGB, centre square, bicubic resize)."""
+        items = image if isinstance(image, list) else [image]
+        if not items:
+            raise ImageError("image= is an empty list")
+        out = []
+        for item in items:
+            if isinstance(item, str | Path):
+                out.append(read_image_file(item, resolution))
+                continue
+            if isinstance(item, torch.Tensor):
+                x = item[None] if item.ndim == 3 else item
+                if x.ndim != 4 or tuple(x.shape[1:]) != (3, resolution, resolution):
+                    raise ImageError(
+                        f"a tensor image is (N, 3, {resolution}, {resolution}) in [-1, 1], "
+                        f"got {tuple(item.shape)}"
+                    )
+                out.append(x.float().cpu())
+                continue
+            if isinstance(item, np.ndarray):
+                item = _array_image(item)
+            if not isinstance(item, Image.Image):
+                raise ImageError(
+                    f"image= takes a path, PIL image, array or tensor, got {type(item).__name__}"
+                )
+            pixels = square_image(item, resolution)
+            out.append(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1)
+        return torch.cat(out)
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, 3) or (H, W, 4) uint8, or floats in [0, 1] (diffusers' "np" images) -> PIL."""
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError(f"an array image is (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ImageError(f"an array image is uint8 or floats in [0, 1], got {array.dtype}")
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(array)

@@ -1,0 +1,141 @@
+"""NoiseCLRPipeline: the diffusers pipeline gives `noiseclr edit`'s pixels; the SEGA hand-off."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from noiseclr.cli import app
+from noiseclr.data.images import read_image_file
+from noiseclr.discovery.bank import DirectionBank
+from noiseclr.domains import shapes
+from noiseclr.editing import sampler
+from noiseclr.editing.pipeline import NoiseCLRPipeline
+from noiseclr.errors import BankError, EditError, ImageError
+from noiseclr.models.base import EMBEDDED, PRETRAINED_DIR
+
+BANK = PRETRAINED_DIR / "banks" / "shapes"
+TOLERANCE = 2 / 255
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    # The shipped model's folder, as a user would pass any SD diffusers folder.
+    p = NoiseCLRPipeline.from_pretrained(str(EMBEDDED["shapes"]))
+    p.set_progress_bar_config(disable=True)
+    p.load_bank(BANK)
+    return p
+
+
+def cli_after(tmp_path, *args: str) -> np.ndarray:
+    """Run `noiseclr edit ARGS` and return the "after" half of edit.png as (H, W, 3) in [0, 1]."""
+    out = tmp_path / "edit.png"
+    result = CliRunner().invoke(
+        app, ["edit", *args, "--bank", str(BANK), "--device", "cpu", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    # make_grid: 2 images of 64 px, 2 px white padding, upscaled x2 (nearest) below 128 px.
+    scale, pad, side = 2, 2, 64
+    left, top = (pad + side + pad) * scale, pad * scale
+    assert grid.shape == ((side + 2 * pad) * scale, (2 * side + 3 * pad) * scale, 3)
+    after = grid[top : top + side * scale : scale, left : left + side * scale : scale]
+    return after.astype(np.float32) / 255
+
+
+def as_float(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32) / 255
+
+
+def test_seed_edit_matches_the_cli(pipe, tmp_path):
+    cli = cli_after(tmp_path, "3=1", "--seed", "2", "--steps", "4")
+    ours = pipe(edits={"3": 1.0}, seed=2, num_inference_steps=4).images[0]  # PIL, as diffusers
+    assert ours.size == (64, 64)
+    assert np.abs(as_float(ours) - cli).max() <= TOLERANCE
+    same = pipe(edits=["shapes:3=1"], seed=2, num_inference_steps=4, output_type="np").images[0]
+    np.testing.assert_array_equal(np.asarray(ours), (same * 255).round().astype(np.uint8))  # dict = list
+    plain = pipe(seed=2, num_inference_steps=4, output_type="np").images[0]
+    assert np.abs(same - plain).max() > 0.05  # the edit does something: the comparison is not vacuous
+
+
+def test_prompted_seed_edit_matches_the_cli(pipe, tmp_path):
+    """With a prompt both use CFG at the model's default guidance (world.json's for shapes)."""
+    prompt = "a red circle"
+    cli = cli_after(tmp_path, "3=1", "--seed", "0", "--prompt", prompt, "--steps", "4")
+    ours = pipe(prompt, edits={"3": 1.0}, seed=0, num_inference_steps=4, output_type="np").images[0]
+    assert np.abs(ours - cli).max() <= TOLERANCE
+
+
+def test_real_image_edit_matches_the_cli(pipe, tmp_path):
+    rendered = shapes.render(shapes.sample_scenes(1, seed=21))[0].permute(1, 2, 0).numpy()
+    photo = Image.fromarray((rendered * 255).round().astype(np.uint8))
+    photo.save(tmp_path / "real.png")
+    cli = cli_after(tmp_path, "3=1", "--image", str(tmp_path / "real.png"), "--steps", "6")
+    ours = pipe(edits="3=1", image=photo, num_inference_steps=6, output_type="np").images[0]
+    assert np.abs(ours - cli).max() <= TOLERANCE
+    from_file = read_image_file(tmp_path / "real.png", 64)  # what the CLI feeds the inversion
+    for given in (photo, np.asarray(photo), rendered, str(tmp_path / "real.png")):
+        torch.testing.assert_close(NoiseCLRPipeline._pixels(given, 64), from_file, atol=0, rtol=0)
+    assert np.abs(ours - as_float(photo)).max() > 0.05  # edited, not just reconstructed
+
+
+def test_a_saved_diffusers_folder_loads_and_edits_alike(pipe, shapes_model, tmp_path):
+    """The generic SD path: a folder save_pretrained wrote (no world.json, no embedded name)."""
+    shapes_model.pipe.save_pretrained(tmp_path / "sd")
+    other = NoiseCLRPipeline.from_pretrained(tmp_path / "sd")
+    other.set_progress_bar_config(disable=True)
+    other.load_bank(BANK)  # same weights: the bank's fingerprint check passes
+    a = other(edits={"3": 1}, seed=1, num_inference_steps=4, output_type="np").images
+    b = pipe(edits={"3": 1}, seed=1, num_inference_steps=4, output_type="np").images
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_unknown_direction_and_no_bank_are_clear_errors(pipe):
+    with pytest.raises(BankError, match="'nope' does not exist in bank 'shapes'") as err:
+        pipe(edits={"nope": 1.0}, num_inference_steps=2)
+    assert "\n" not in str(err.value)
+    with pytest.raises(BankError, match="direction 99 does not exist"):
+        pipe(edits=["99=1"], num_inference_steps=2)
+    with pytest.raises(EditError, match="no bank is loaded"):
+        NoiseCLRPipeline(**pipe.components)(edits={"3": 1.0})
+    with pytest.raises(EditError, match="without a prompt"):
+        pipe(prompt="a shape", image=np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ImageError, match="path, PIL image, array or tensor"):
+        pipe(image=3)
+    with pytest.raises(ValueError, match="num_inference_steps must be a whole number >= 1"):
+        pipe(num_inference_steps=0)
+
+
+def test_a_bank_of_another_width_is_refused_in_one_line(pipe):
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    bank = DirectionBank(torch.randn(2, width // 2), {"source": "other"}, name="narrow")
+    with pytest.raises(BankError, match=f"{width // 2}-dim directions .* takes {width}-dim") as err:
+        pipe.load_bank(bank)
+    assert "\n" not in str(err.value)
+    assert "narrow" not in pipe.banks
+    alien = DirectionBank(torch.randn(2, width), {"source": "other", "fingerprint": "0"}, name="alien")
+    with pytest.raises(BankError, match="was learnt on base model 'other'"):
+        pipe.load_bank(alien)
+    with pytest.raises(BankError, match="already loaded"):
+        pipe.load_bank(BANK)
+
+
+def test_sega_gets_the_same_directions(pipe):
+    """diffusers' SEGA pipeline runs on the hand-off; with its thresholding and momentum off it
+    gives the sampler's image, so the embeddings and windows are the ones the sampler uses."""
+    from diffusers import SemanticStableDiffusionPipeline
+
+    sega = SemanticStableDiffusionPipeline.from_pipe(pipe)
+    sega.set_progress_bar_config(disable=True)
+    x_T = sampler.seed_latents(pipe._model(), [0])
+    edits = ["3=1", "5=-1"]  # the shipped bank's measured window (t <= 600) for both
+    args = pipe.sega_arguments(edits, num_inference_steps=4)
+    assert args["editing_prompt_embeddings"].shape[0] == 2
+    assert args["reverse_editing_direction"] == [False, True]
+    plain = dict(prompt="", guidance_scale=2.0, num_inference_steps=4, output_type="np")  # CFG on ""
+    out = sega(latents=x_T.clone(), edit_threshold=0.0, edit_momentum_scale=0.0, **args, **plain).images
+    ours = pipe(edits=edits, latents=x_T, num_inference_steps=4, output_type="np").images
+    assert np.abs(out - ours).max() <= TOLERANCE
+    thresholded = sega(latents=x_T.clone(), **args, **plain).images  # SEGA's own defaults run too
+    assert thresholded.shape == ours.shape and np.isfinite(thresholded).all()
