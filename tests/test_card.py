@@ -230,7 +230,9 @@ def test_a_registered_version_downloads_with_its_card(tmp_path, monkeypatch):
     (tmp_path / "run" / "gallery").mkdir()
     (tmp_path / "run" / "gallery" / "gallery.png").write_bytes(b"\x89PNG picture")
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_tracking_uri exports it: removed after the test
+    mlflow.set_tracking_uri(uri)
     try:
         experiment = mlflow.create_experiment("card", artifact_location=(tmp_path / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
@@ -246,3 +248,54 @@ def test_a_registered_version_downloads_with_its_card(tmp_path, monkeypatch):
     ]
     card = (got / CARD_FILE).read_text()
     assert front_matter(card)["base_model"] == "org/sd-model" and "](gallery.png)" in card
+
+
+def test_discover_writes_the_card_last_with_its_gallery(tmp_path, monkeypatch):
+    """The smallest discovery run (no measurement): bank/README.md links this run's gallery."""
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # untracked: nothing but OUT is written
+    from noiseclr.cli import app
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "k: 2\nnegatives: 1\nbatch: 2\nsteps: 1\nn_images: 2\nevaluate: false\nname: c\n"
+        "gallery_seeds: 1\ngallery_steps: 2\ngallery_scales: [0, 1]\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["discover", "--config", str(cfg), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    card = (out / "bank" / CARD_FILE).read_text()
+    assert f"card:    {out.resolve() / 'bank' / CARD_FILE}" in result.output
+    assert front_matter(card)["base_model"] == "shapes" and (out / "gallery" / "gallery.png").exists()
+    assert "![what each direction does](../gallery/gallery.png)" in card
+    assert [r[2] for r in table(card)] == ["`<c-0>`", "`<c-1>`"] and "| `steps` | 1 |" in card
+    assert "noiseclr edit 0=4 --bank BANK --model shapes" in card and "| `c-0` |" in card
+
+
+def test_noiseclr_gallery_beside_a_bank_puts_it_on_the_card(tmp_path):
+    from typer.testing import CliRunner
+
+    from noiseclr.cli import app
+
+    shipped = DirectionBank.load(SHIPPED)  # two of its directions: a small gallery
+    DirectionBank(shipped.directions[[6, 11]], shipped.base_model, name="two").save(tmp_path / "bank")
+    assert "## Gallery" not in (tmp_path / "bank" / CARD_FILE).read_text()
+    args = [
+        "gallery",
+        str(tmp_path / "bank"),
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--columns",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "gallery" / "gallery.png").exists()
+    assert (
+        "![what each direction does](../gallery/gallery.png)" in (tmp_path / "bank" / CARD_FILE).read_text()
+    )

@@ -356,7 +356,7 @@ def _usage(bank, export: dict | None) -> list[str]:
     ]
     for fmt in FORMATS:
         prompt = code(prompt_syntax(fmt, bank.tokens[i]))
-        out.append(f"| {TOOLS[fmt]} | `{fmt}` | {prompt} | {cell(_sentence(LOAD_HINTS[fmt]))} |")
+        out.append(f"| {TOOLS[fmt]} | `{fmt}` | {prompt} | {cell(_hint(fmt, bank.tokens[i]))} |")
     out += [
         "",
         f"The files load into a model whose text encoder takes {int(bank.directions.shape[1])}-dim "
@@ -374,7 +374,7 @@ def _export_usage(bank, export: dict, i: int) -> list[str]:
         f"## How to load it in {TOOLS.get(fmt, fmt)}",
         "",
         f"Prompt syntax: {code(prompt_syntax(fmt, token))} for direction {i} (the table's `prompt` "
-        f"column for the others). {cell(_sentence(LOAD_HINTS.get(fmt, '')))}",
+        f"column for the others). Load: {cell(_hint(fmt, token))}.",
         "",
     ]
     if fmt == "diffusers":
@@ -399,8 +399,9 @@ def _export_usage(bank, export: dict, i: int) -> list[str]:
     return out
 
 
-def _sentence(text: str) -> str:
-    return f"{text[:1].upper()}{text[1:]}." if text else ""
+def _hint(fmt: str, token: str) -> str:
+    """export.LOAD_HINTS[fmt] with its example direction (the shipped bank's) made this bank's."""
+    return LOAD_HINTS.get(fmt, "").replace("<shapes-3>", token).replace("shapes-3", trigger(token))
 
 
 def is_card(path: Path) -> bool:
