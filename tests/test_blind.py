@@ -169,6 +169,8 @@ def test_a_dead_direction_is_flagged_and_a_known_word_ranked_above_it(shapes_mod
     ]
     assert "| 1 | 1 | `<probe-1>`" in done.output and "dead" in done.output
     assert json.loads((folder / "bank.json").read_text())["scores"]["live"] == 1
+    card = (folder / "README.md").read_text()  # the card follows the measurement
+    assert "| 1 | `<probe-1>` |" in card and "**dead**" in card and "without an oracle" in card
 
 
 def test_measure_refuses_bad_settings_in_one_line(shapes_model, tmp_path):

@@ -145,7 +145,8 @@ def test_bank_round_trip_and_checks(tiny_model, shapes_model, tmp_path):
     bank = train(small_cfg(steps=2), tiny_model, torch.randn(8, 4, 16, 16), tmp_path)
     bank.labels = {bank.tokens[1]: {"auto": "hue+", "human": "redder"}}
     bank.save(tmp_path / "bank")
-    assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == ["bank.json", "directions.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "bank").iterdir())
+    assert names == ["README.md", "bank.json", "directions.safetensors"]  # README.md: the bank card
     again = DirectionBank.load(tmp_path / "bank", tiny_model)
     assert torch.equal(again.directions, bank.directions)
     assert again.config["k"] == 6 and again.index("redder") == 1 and again.index("hue+") == 1

@@ -265,6 +265,13 @@ def test_evaluate_cli_writes_reports_labels_and_edit_defaults(shapes_model, tmp_
     assert meta["edit_defaults"]["scales"] == report["scales"]
     assert meta["edit_defaults"]["windows"] == report["windows"]
     assert meta["metrics"]["evaluation"]["alignment"] == report["alignment"]
+    card = (tmp_path / "bank" / "README.md").read_text()  # rewritten with the labels and scales
+    assert (
+        f"Alignment {report['alignment']:.3g}" in card and "calibrated edit strengths by the shapes" in card
+    )
+    for i, token in enumerate(bank.tokens):
+        window = "{}-{}".format(*report["windows"][i])
+        assert f"| {i} | `{token}` |" in card and f"| {window} |" in card
 
 
 def test_evaluate_cli_refuses_a_bad_domain_in_one_line(shapes_model, tmp_path):

@@ -329,6 +329,8 @@ def test_cli_exports_the_shipped_bank_and_hue_to_green_is_findable(tmp_path):
     bank = DirectionBank.load(SHIPPED)
     registered, _ = a1111_load(tmp_path, bank.directions.shape[1])
     torch.testing.assert_close(registered["shapes-6"][0], bank.directions[6])
+    card = (tmp_path / "README.md").read_text()  # the bank card, for this format
+    assert "# shapes: 12 NoiseCLR directions for AUTOMATIC1111" in card and "`shapes-6.safetensors`" in card
 
 
 def test_cli_refuses_an_unknown_format_and_export_ti_still_writes_diffusers_files(tmp_path):

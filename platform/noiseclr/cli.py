@@ -250,6 +250,8 @@ def discover(
     if result.corrupt_images:
         typer.echo(f"skipped {result.corrupt_images} corrupt image(s)")
     typer.echo(f"bank:    {result.bank}")
+    if result.card:
+        typer.echo(f"card:    {result.card}")
     if result.evaluation:
         typer.echo(f"measured: {result.evaluation}")
     if result.score is not None:
@@ -290,6 +292,10 @@ def gallery(
         scales = [round(float(s), 4) for s in np.linspace(-top, top, columns)]
         target = out or _beside(ref, folder, "gallery")
         pages = write_gallery(base, b, target, scales, list(range(seeds)), prompt, steps)
+        if not ref.startswith("models:/") and Path(target).resolve() == (folder.parent / "gallery").resolve():
+            from noiseclr.card import write_card
+
+            write_card(folder, b)  # the card shows the gallery beside the bank
         typer.echo(f"{ref}: {pages['grid']} {pages['html']}")
 
 

@@ -29,13 +29,15 @@ key); with `pt=True` a1111 and comfyui get A1111's dict and kohya its {"emb_para
 written with tensors, str, int and None only (loadable with `torch.load(weights_only=True)`).
 
 Labels, scores and calibrated scales go into `<stem>.json` (A1111's user-metadata keys plus a
-"noiseclr" block) and `bank-export.json`, so "hue->green" is findable beside the file.
+"noiseclr" block) and `bank-export.json`, so "hue->green" is findable beside the file; README.md
+is the bank card for this format (`noiseclr.card`: each file, its prompt, how the tool loads it).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -52,6 +54,8 @@ FORMATS = ("diffusers", "a1111", "comfyui", "kohya")
 INDEX_FILE = "bank-export.json"
 KOHYA_KEY = "emb_params"  # kohya's key; A1111 and ComfyUI read a lone tensor under any key
 A1111_TOKEN_ID = 265  # the placeholder id A1111 writes in "string_to_token" (it never reads it)
+
+log = logging.getLogger(__name__)
 
 
 def trigger(token: str) -> str:
@@ -85,9 +89,10 @@ def export_bank(
     bank: DirectionBank, out: str | Path, fmt: str, pt: bool = False, text_encoder=None
 ) -> list[Path]:
     """Write one embedding file per direction in `fmt`'s layout (safetensors; `.pt` if `pt`),
-    a sidecar `<stem>.json` beside each and `bank-export.json`; return the embedding files in
-    bank order. With `text_encoder`, first refuse a bank of another width. Everything is
-    checked before anything is written; each file is written to a temporary name, then renamed."""
+    a sidecar `<stem>.json` beside each, the card README.md and `bank-export.json`; return the
+    embedding files in bank order. With `text_encoder`, first refuse a bank of another width.
+    Everything is checked before anything is written; each file is written to a temporary name,
+    then renamed. A README.md that is not a noiseclr card is left as it is (no card then)."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
     if bank.method != "noiseclr":
@@ -133,6 +138,13 @@ def export_bank(
         "load": LOAD_HINTS[fmt],
         "directions": entries,
     }
+    from noiseclr.card import CARD_FILE, bank_card, is_card
+
+    card = out / CARD_FILE
+    if card.exists() and not is_card(card):
+        log.warning("%s is not a noiseclr bank card: left as it is, no card written", card)
+    else:  # the bank card for this format: files, prompts, how the tool loads them
+        files[card] = bank_card(bank, export=index).encode()
     for path, data in files.items():
         atomic_write_bytes(path, data)
     atomic_write_bytes(out / INDEX_FILE, _json_bytes(index))  # last: it names the files above

@@ -4,13 +4,15 @@ How the text encoder sees a direction is `noiseclr.conditioning`. `install` adds
 to a tokenizer and encoder for tools that expect them; `noiseclr.export` writes the files
 diffusers, AUTOMATIC1111, ComfyUI and kohya load (`export_textual_inversion`: diffusers').
 
-On disk a bank is a folder: `directions.safetensors` (tensor "directions", (K, D)) and
-`bank.json` (base model identity, token names, training config, metrics, labels).
+On disk a bank is a folder: `directions.safetensors` (tensor "directions", (K, D)),
+`bank.json` (base model identity, token names, training config, metrics, labels) and
+`README.md`, the bank card written from them (`noiseclr.card`; loading never reads it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -29,6 +31,8 @@ from noiseclr.utils.images import atomic_write_bytes, readable
 DIRECTIONS_FILE = "directions.safetensors"
 META_FILE = "bank.json"
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def init_directions(
@@ -181,8 +185,9 @@ class DirectionBank:
                 f"(fingerprint {model.fingerprint})"
             )
 
-    def save(self, folder: str | Path) -> Path:
-        """Write both files atomically (tensor first, then the JSON that names it)."""
+    def save(self, folder: str | Path, card: bool = True) -> Path:
+        """Write both files atomically (tensor first, then the JSON that names it), then, with
+        `card`, the bank card README.md (`noiseclr.card`: the gallery beside the folder, if any)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if not torch.isfinite(self.directions).all():
@@ -205,6 +210,13 @@ class DirectionBank:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2, default=_json_default).encode())
+        if card:
+            from noiseclr.card import write_card
+
+            try:
+                write_card(folder, self)
+            except Exception as err:  # the card is derived from bank.json: never lose a bank to it
+                log.warning("the bank is saved in %s but its card README.md is not (%s)", folder, err)
         return folder
 
     @classmethod

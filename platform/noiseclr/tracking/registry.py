@@ -1,10 +1,10 @@
 """Direction banks as MLflow registered models: versions, aliases, checksums.
 
 A bank is logged as a pyfunc model whose artifacts are the bank folder (directions.safetensors,
-bank.json); its `predict` returns direction vectors by index, token or label. One registered
-model per (domain, base model), a version per registered run; aliases (`champion`, ...) and
-tags, not stages. The sha256 of both files is recorded on the version at logging time and
-checked on every download.
+bank.json, and its card README.md with the gallery image the card shows); its `predict` returns
+direction vectors by index, token or label. One registered model per (domain, base model), a
+version per registered run; aliases (`champion`, ...) and tags, not stages. The sha256 of the
+two bank files is recorded on the version at logging time and checked on every download.
 
 Everything that loads a bank takes `open_bank(ref)`: a folder, `models:/NAME@ALIAS` or
 `models:/NAME/VERSION`.
@@ -42,6 +42,22 @@ def model_name(bank: DirectionBank) -> str:
     return f"noiseclr-{bank.name}-{str(bank.base_model.get('fingerprint', 'unknown'))[:8]}"
 
 
+def stage_bank(bank_dir: str | Path, bank: DirectionBank, staged: Path) -> Path:
+    """The folder a registered version stores: the bank's two files as they are (their checksums
+    are the version's), its card README.md, and the gallery image beside the bank, copied in as
+    gallery.png so the card shows it wherever the version is downloaded."""
+    from noiseclr.card import GALLERY_FILE, write_card
+
+    staged.mkdir(parents=True)
+    for name in (DIRECTIONS_FILE, META_FILE):
+        shutil.copyfile(Path(bank_dir) / name, staged / name)
+    gallery = Path(bank_dir).parent / "gallery" / GALLERY_FILE
+    if gallery.is_file():
+        shutil.copyfile(gallery, staged / GALLERY_FILE)
+    write_card(staged, bank, gallery=staged / GALLERY_FILE, find_gallery=False)
+    return staged
+
+
 def log_bank(bank_dir: str | Path, registered_model: str | None = None, alias: str | None = None):
     """Log the bank in `bank_dir` as a pyfunc model of the active run and register a version.
 
@@ -52,12 +68,14 @@ def log_bank(bank_dir: str | Path, registered_model: str | None = None, alias: s
     bank = DirectionBank.load(bank_dir)
     name = registered_model if registered_model is not None else model_name(bank)
     sums = checksums(bank_dir)
-    info = mlflow.pyfunc.log_model(  # models from code: the model is this file, nothing pickled
-        name="bank",
-        python_model=str(Path(__file__).with_name("bank_model_code.py")),
-        artifacts={"bank": str(bank_dir)},
-        pip_requirements=["noiseclr", "mlflow"],
-    )
+    with tempfile.TemporaryDirectory(prefix="noiseclr-log-") as tmp:
+        staged = stage_bank(bank_dir, bank, Path(tmp) / "bank")
+        info = mlflow.pyfunc.log_model(  # models from code: the model is this file, nothing pickled
+            name="bank",
+            python_model=str(Path(__file__).with_name("bank_model_code.py")),
+            artifacts={"bank": str(staged)},
+            pip_requirements=["noiseclr", "mlflow"],
+        )
     mlflow.set_tags({f"bank.{CHECKSUM_TAG.format(k)}": v for k, v in sums.items()})
     if not name:
         return None

@@ -1,6 +1,7 @@
 """The discovery job, one workflow for one process and for Ray Train workers:
 
     model -> data -> train (single process or Ray Train + DeepSpeed) -> bank -> measure -> gallery
+          -> the bank card (OUT/bank/README.md, showing OUT/gallery/gallery.png)
 
 Both paths start from OUT/checkpoints (the same `TrainState` format), run the same micro-step
 (`discovery.step`), and end in the same bank, measurement and gallery, so every config key means
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from noiseclr.card import write_card
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.checkpoint import TrainState
@@ -49,6 +51,7 @@ class DiscoveryResult:
     score: float | None = None  # the oracle-free measurement (any domain): the bank's score
     live: int | None = None  # directions that edit something (not dead)
     tracking_error: str | None = None  # the run's record did not reach MLflow (the bank is saved)
+    card: Path | None = None  # the bank card, bank/README.md (None: a README.md of the user's is there)
 
 
 def generated_data(cfg: DiscoveryConfig, out: Path, resolution: int) -> str:
@@ -233,6 +236,7 @@ def run_discovery(
                 cfg.gallery_prompt,
                 cfg.gallery_steps,
             )
+        card = write_card(bank_dir, bank, gallery=pages["grid"], find_gallery=False)  # this run's gallery
         result = DiscoveryResult(
             bank=bank_dir,
             steps=final.step,
@@ -250,6 +254,7 @@ def run_discovery(
             run_id=run.info.run_id if run else None,
             score=blind["score"] if blind else None,
             live=blind["live"] if blind else None,
+            card=card,
         )
         if run is not None:
             logged = max(state.step, live.sent_through if live else sent_by_workers)
