@@ -114,7 +114,9 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(
     with pytest.raises(ConfigError, match=f"another config \\({named}\\).*--fresh"):
         trainer(small_cfg(**change), tiny_model, latents, tmp_path)
     # keys that do not change what is learnt may change: more steps, another gallery
-    more = trainer(small_cfg(steps=8, gallery_seeds=1), tiny_model, latents, tmp_path)
+    more = trainer(
+        small_cfg(steps=8, gallery_seeds=1, evaluate_windows=[600, 800]), tiny_model, latents, tmp_path
+    )
     assert more.step == 2
 
 

@@ -41,6 +41,7 @@ RUNTIME_KEYS = frozenset(
         "edit_window",
         "evaluate",
         "evaluate_images",
+        "evaluate_windows",
         "evaluate_steps",
         "gallery",
         "gallery_scales",
