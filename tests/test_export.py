@@ -319,16 +319,21 @@ def test_a_bank_of_another_width_is_refused_in_one_line(tiny_model, tmp_path, mo
     assert not (tmp_path / "k").exists()
 
 
-def test_cli_exports_the_shipped_bank_and_hue_to_green_is_findable(tmp_path):
+def test_cli_exports_the_shipped_bank_and_its_labels_are_findable(tmp_path):
     result = runner.invoke(app, ["export", str(SHIPPED), "--format", "a1111", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "wrote 12 a1111 files" in result.output
-    found = [p.stem for p in sorted(tmp_path.glob("shapes-*.json")) if "hue->green" in p.read_text()]
-    assert found == ["shapes-6"]
-    assert "hue->green" in a1111_user_metadata(tmp_path / "shapes-6.safetensors")["description"]
     bank = DirectionBank.load(SHIPPED)
+    labels = [bank.labels[t]["auto"] for t in bank.tokens]
+    k = next(i for i, lab in enumerate(labels) if labels.count(lab) == 1 and "none" not in lab)
+    stem = bank.tokens[k].strip("<>")  # a label only direction k has: its sidecar finds it
+    found = [
+        p.stem for p in sorted(tmp_path.glob("shapes-*.json")) if json.dumps(labels[k])[1:-1] in p.read_text()
+    ]
+    assert found == [stem]
+    assert labels[k] in a1111_user_metadata(tmp_path / f"{stem}.safetensors")["description"]
     registered, _ = a1111_load(tmp_path, bank.directions.shape[1])
-    torch.testing.assert_close(registered["shapes-6"][0], bank.directions[6])
+    torch.testing.assert_close(registered[stem][0], bank.directions[k])
     card = (tmp_path / "README.md").read_text()  # the bank card, for this format
     assert "# shapes: 12 NoiseCLR directions for AUTOMATIC1111" in card and "`shapes-6.safetensors`" in card
 
