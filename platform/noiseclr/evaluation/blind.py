@@ -325,15 +325,16 @@ class BlindHarness:
 
     def signed_edits(self, bank: DirectionBank) -> list[list[SignedEdit]]:
         """(K, 2) signed edits at calibrated scales on the scored images (all sources pooled)."""
-        nulls: dict[tuple[int, int], dict] = {}  # per window: a direction's own (issue 26.3)
+        # per window (a direction's own, issue 26.3): the scored images, their "before", the null
+        per_window: dict[tuple[int, int], tuple[list[Images], np.ndarray, dict]] = {}
         out = []
         for k in tqdm(range(len(bank)), desc=f"measure {bank.name}", disable=not self.progress):
             window = self._window(bank, k)
-            scored = [s for name, s in self._images(window[0]).items() if not name.startswith("cal-")]
-            before = np.concatenate([s.before for s in scored])
-            if window not in nulls:
-                nulls[window] = self._null_changes(bank, scored, before, window)
-            null = nulls[window]
+            if window not in per_window:
+                scored = [s for name, s in self._images(window[0]).items() if not name.startswith("cal-")]
+                before = np.concatenate([s.before for s in scored])
+                per_window[window] = (scored, before, self._null_changes(bank, scored, before, window))
+            scored, before, null = per_window[window]
             scales, reached = self.calibrate(bank, k)
             after = np.concatenate([self._edited(bank, k, s, scales) for s in scored])  # (N, 2, ...)
             pair = []

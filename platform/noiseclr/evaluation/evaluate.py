@@ -42,6 +42,7 @@ from noiseclr.errors import WorldError
 from noiseclr.evaluation.metrics import (
     FACTORS,
     Changes,
+    EditScore,
     bootstrap,
     changes,
     noise_floor,
@@ -233,14 +234,11 @@ class Harness:
         grow with the scale): about log2(len(ladder)) rounds, both signs in one batch."""
         p = self.p
         ladder = [a * (2.5 if bank.method == "pullback" else 1.0) for a in p.ladder]
-        cals = [s for name, s in self._prepare(top).items() if name.startswith("cal-")]
         lo, hi = {-1: 0, 1: 0}, {-1: len(ladder) - 1, 1: len(ladder) - 1}
         while any(lo[s] < hi[s] for s in lo):
             probes = {s: (lo[s] + hi[s]) // 2 for s in lo if lo[s] < hi[s]}
-            scales = [s * ladder[i] for s, i in probes.items()]
-            per_cal = [[changes(c.before, r, self.res) for r in self._edit(bank, k, c, scales)] for c in cals]
-            for (sign, i), parts in zip(probes.items(), zip(*per_cal, strict=True), strict=True):
-                score = score_edit(Changes.concat(parts), self.floor)
+            scores = self._cal_scores(bank, k, top, [s * ladder[i] for s, i in probes.items()])
+            for (sign, i), score in zip(probes.items(), scores, strict=True):
                 if score.broken > p.max_broken:
                     hi[sign] = max(lo[sign], i - 1)
                 elif score.effect.sum() >= p.target_effect:
@@ -249,18 +247,15 @@ class Harness:
                     lo[sign] = i + 1
         return [-ladder[lo[-1]], ladder[lo[1]]]
 
-    def _cal_quality(self, bank: DirectionBank, k: int, top: int, scales: list[float]) -> float:
-        """Mean quality of direction k's two calibrated edits on the calibration images."""
+    def _cal_scores(self, bank: DirectionBank, k: int, top: int, scales: list[float]) -> list[EditScore]:
+        """Direction k's edit at each scale, scored on all calibration images at once."""
         cals = [s for name, s in self._prepare(top).items() if name.startswith("cal-")]
         per_cal = [[changes(c.before, r, self.res) for r in self._edit(bank, k, c, scales)] for c in cals]
-        return float(
-            np.mean(
-                [
-                    score_edit(Changes.concat(parts), self.floor).quality
-                    for parts in zip(*per_cal, strict=True)
-                ]
-            )
-        )
+        return [score_edit(Changes.concat(parts), self.floor) for parts in zip(*per_cal, strict=True)]
+
+    def _cal_quality(self, bank: DirectionBank, k: int, top: int, scales: list[float]) -> float:
+        """Mean quality of direction k's two calibrated edits on the calibration images."""
+        return float(np.mean([e.quality for e in self._cal_scores(bank, k, top, scales)]))
 
     def _choose(self, bank: DirectionBank, k: int) -> tuple[int, list[float]]:
         """(window top, [-s, +s]) of direction k: calibrated in each candidate top, the top
