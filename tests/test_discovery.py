@@ -120,6 +120,55 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(
     assert more.step == 2
 
 
+def test_a_checkpoint_that_predates_a_key_resumes_at_its_default(tiny_model, latents, tmp_path):
+    trainer(small_cfg(), tiny_model, latents, tmp_path).fit(tmp_path, stop_after=2)
+    meta = next((tmp_path / "checkpoints").glob("step-*")) / checkpoint.STATE_META
+    saved = json.loads(meta.read_text())
+    del saved["config"]["direction_norm"]  # as written before the key existed
+    meta.write_text(json.dumps(saved))
+    assert trainer(small_cfg(), tiny_model, latents, tmp_path).step == 2
+    with pytest.raises(ConfigError, match="direction_norm: 'free' -> 'vocab'"):
+        trainer(small_cfg(direction_norm="vocab"), tiny_model, latents, tmp_path)
+
+
+def test_init_vocab_copies_distinct_non_special_token_rows(tiny_model):
+    from noiseclr.discovery.bank import init_directions
+
+    pipe = tiny_model.pipe
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    rows = init_directions(
+        pipe.text_encoder, 6, torch.Generator().manual_seed(3), pipe.tokenizer, from_vocab=True
+    )
+    ids = [int((table - r).abs().sum(1).argmin()) for r in rows]
+    assert all(torch.equal(rows[n], table[i]) for n, i in enumerate(ids))  # exact copies
+    assert len(set(ids)) == 6 and not set(ids) & set(pipe.tokenizer.all_special_ids)
+    again = init_directions(
+        pipe.text_encoder, 6, torch.Generator().manual_seed(3), pipe.tokenizer, from_vocab=True
+    )
+    assert torch.equal(rows, again)  # drawn from the run's generator
+
+
+def test_direction_norm_vocab_trains_directions_at_the_token_tables_norm(tiny_model, latents, tmp_path):
+    pipe = tiny_model.pipe
+    norm = pipe.text_encoder.get_input_embeddings().weight.detach().norm(dim=1).mean()
+    cfg = small_cfg(direction_norm="vocab", lr=0.05)
+    tr = trainer(cfg, tiny_model, latents, tmp_path / "v")
+    # what the loss sees: the raw parameter rescaled, against a plain computation
+    g = torch.Generator().manual_seed(1)
+    x_t, t, dirs = torch.randn(2, 4, 16, 16, generator=g), torch.full((2,), 300), torch.tensor([0, 2])
+    with torch.no_grad():
+        tr.directions.mul_(torch.tensor([[3.0], [1.0], [0.5], [1.0], [1.0], [1.0]]))  # off the norm
+        raw = tr.directions[dirs]
+        plain = direction_deltas(
+            pipe.unet, pipe.text_encoder, pipe.tokenizer, raw / raw.norm(dim=1, keepdim=True) * norm, x_t, t
+        )
+        torch.testing.assert_close(tr.deltas(x_t, t, dirs), plain)
+    bank = bank_from_state(cfg, tiny_model, tr.fit(tmp_path / "v"), {})
+    torch.testing.assert_close(bank.directions.norm(dim=1), norm.expand(6))
+    free = train(small_cfg(lr=0.05), tiny_model, latents, tmp_path / "f")
+    assert (free.directions.norm(dim=1) - norm).abs().max() > 1e-2  # free directions leave it
+
+
 @pytest.mark.parametrize("loss", ["paper", "symmetric"])
 def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(
     tiny_model, latents, tmp_path, monkeypatch, loss

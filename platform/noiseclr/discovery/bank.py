@@ -35,15 +35,22 @@ FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 
 
+def vocab_norm(text_encoder: nn.Module) -> torch.Tensor:
+    """The token table's mean row norm: the scale of the embeddings the encoder was trained on."""
+    return text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean().cpu()
+
+
 def init_directions(
     text_encoder: nn.Module,
     k: int,
     generator: torch.Generator,
     tokenizer=None,
     init_tokens: list[str] | None = None,
+    from_vocab: bool = False,
 ) -> torch.Tensor:
-    """(K, D) initial directions: random with the mean norm of the token table, or copies
-    of given tokens' embeddings (cycled if fewer than K)."""
+    """(K, D) initial directions: random with the mean norm of the token table, copies of
+    given tokens' embeddings (cycled if fewer than K), or (`from_vocab`) copies of K distinct
+    rows of the table drawn from `generator`, the tokenizer's special tokens left out."""
     table = text_encoder.get_input_embeddings().weight.detach().float().cpu()
     if init_tokens:
         if tokenizer is None:
@@ -57,9 +64,15 @@ def init_directions(
                 )
             rows.append(table[ids[0]])
         return torch.stack([rows[i % len(rows)] for i in range(k)]).clone()
-    norm = table.norm(dim=1).mean()
+    if from_vocab:
+        special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        order = torch.randperm(len(table), generator=generator)
+        ids = [int(i) for i in order if int(i) not in special][:k]
+        if len(ids) < k:
+            raise BankError(f"init: vocab needs {k} tokens, the table has {len(ids)} that are not special")
+        return table[ids].clone()
     vectors = torch.randn(k, table.shape[1], generator=generator)
-    return vectors / vectors.norm(dim=1, keepdim=True) * norm
+    return vectors / vectors.norm(dim=1, keepdim=True) * vocab_norm(text_encoder)
 
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

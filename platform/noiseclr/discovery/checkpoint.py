@@ -127,9 +127,14 @@ class TrainState:
             )
         now = cfg.model_dump()
         runtime = set(RUNTIME_KEYS) - ({"steps"} if cfg.schedule == "cosine" else set())
-        changed = sorted(k for k in now if k not in runtime and self.config.get(k) != now[k])
+        # A key the checkpoint predates was trained at its default.
+        then = {
+            k: self.config.get(k, type(cfg).model_fields[k].get_default(call_default_factory=True))
+            for k in now
+        }
+        changed = sorted(k for k in now if k not in runtime and then[k] != now[k])
         if changed:
-            diff = ", ".join(f"{k}: {self.config.get(k)!r} -> {now[k]!r}" for k in changed)
+            diff = ", ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in changed)
             raise ConfigError(
                 f"checkpoint {where} was trained with another config ({diff}); "
                 "use --fresh to start over, or another --out"

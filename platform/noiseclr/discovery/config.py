@@ -117,8 +117,14 @@ class DiscoveryConfig(BaseModel):
     # 0: the paper's loss alone.
     strength_weight: float = Field(0.0, ge=0)
     strength_target: float = Field(0.05, gt=0, le=1)
-    init: Literal["random", "tokens"] = "random"
+    # Initial directions (bank.init_directions): random at the token table's mean norm; copies
+    # of `init_tokens`; or copies of K distinct random rows of the token table (real tokens).
+    init: Literal["random", "tokens", "vocab"] = "random"
     init_tokens: list[str] = Field(default_factory=list)
+    # free: directions grow as the optimizer takes them (the paper). vocab: every direction is
+    # used at the token table's mean norm (a reparametrisation, d / |d| * norm, the same on one
+    # process and on DeepSpeed workers), so it stays at the scale the text encoder was trained on.
+    direction_norm: Literal["free", "vocab"] = "free"
     # optimisation
     steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -33,6 +33,22 @@ log = logging.getLogger(__name__)
 DeltasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def fixed_norm(cfg: DiscoveryConfig, text_encoder: torch.nn.Module) -> torch.Tensor | None:
+    """The norm every direction is used at (`direction_norm: vocab`), or None (free)."""
+    if cfg.direction_norm == "free":
+        return None
+    from noiseclr.discovery.bank import vocab_norm
+
+    return vocab_norm(text_encoder)
+
+
+def shaped(directions: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+    """The directions the model sees: as trained (norm None), or each rescaled to `norm`."""
+    if norm is None:
+        return directions
+    return torch.nn.functional.normalize(directions, dim=-1) * norm.to(directions)
+
+
 def lr_factor(cfg: DiscoveryConfig, step: int) -> float:
     """Learning-rate multiplier at optimizer step `step`: linear warm-up, then constant or cosine."""
     if step < cfg.warmup:

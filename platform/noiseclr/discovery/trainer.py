@@ -34,7 +34,12 @@ def initial_state(cfg: DiscoveryConfig, model: DiffusionModel) -> TrainState:
     pipe = model.pipe
     gen = torch.Generator().manual_seed(cfg.seed)
     init = init_directions(
-        pipe.text_encoder, cfg.k, gen, pipe.tokenizer, cfg.init_tokens if cfg.init == "tokens" else None
+        pipe.text_encoder,
+        cfg.k,
+        gen,
+        pipe.tokenizer,
+        cfg.init_tokens if cfg.init == "tokens" else None,
+        from_vocab=cfg.init == "vocab",
     )
     return TrainState(
         step=0,
@@ -81,6 +86,7 @@ class DiscoveryTrainer:
         self.gen = torch.Generator()
         self.gen.set_state(state.rng)
         self.directions = torch.nn.Parameter(state.directions.float().to(self.device))
+        self.norm = step.fixed_norm(cfg, self.text_encoder)
         self.opt = torch.optim.AdamW([self.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
         if state.exp_avg is not None:
             self.opt.state[self.directions] = {
@@ -98,7 +104,13 @@ class DiscoveryTrainer:
 
     def deltas(self, x_t: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
         return direction_deltas(
-            self.unet, self.text_encoder, self.tokenizer, self.directions[dirs], x_t, t, self.cfg.max_rows
+            self.unet,
+            self.text_encoder,
+            self.tokenizer,
+            step.shaped(self.directions[dirs], self.norm),
+            x_t,
+            t,
+            self.cfg.max_rows,
         )
 
     def train_step(self) -> float:

@@ -72,18 +72,20 @@ class NoiseCLRModule(nn.Module):
         tokenizer,
         directions: torch.Tensor,
         max_rows: int | None = None,
+        norm: torch.Tensor | None = None,
     ):
         super().__init__()
         self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
         self.unet.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
         self.directions = nn.Parameter(directions)
-        self.max_rows = max_rows
+        self.max_rows, self.norm = max_rows, norm
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-        return direction_deltas(
-            self.unet, self.text_encoder, self.tokenizer, self.directions[dirs], x_t, t, self.max_rows
-        )
+        from noiseclr.discovery.step import shaped
+
+        rows = shaped(self.directions[dirs], self.norm)
+        return direction_deltas(self.unet, self.text_encoder, self.tokenizer, rows, x_t, t, self.max_rows)
 
 
 def deepspeed_config(cfg: DiscoveryConfig, world: int) -> dict:
@@ -211,8 +213,9 @@ def train_loop_per_worker(config: dict) -> None:
         state = initial_state(cfg, model)
     gen = torch.Generator()
     gen.set_state(state.rng)
+    norm = steps.fixed_norm(cfg, pipe.text_encoder)
     module = NoiseCLRModule(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, state.directions.to(device), cfg.max_rows
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, state.directions.to(device), cfg.max_rows, norm
     )
     local = cfg.batch // world
     side = model.resolution // pipe.vae_scale_factor

@@ -22,7 +22,7 @@ from noiseclr.discovery import checkpoint
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DISTRIBUTED_KEYS, DiscoveryConfig
-from noiseclr.discovery.step import check_schedule
+from noiseclr.discovery.step import check_schedule, fixed_norm, shaped
 from noiseclr.discovery.trainer import final_loss, start_state
 from noiseclr.errors import UserError
 from noiseclr.models.base import DiffusionModel, load_model, resolve_device
@@ -110,8 +110,9 @@ def _train_ray(
 def bank_from_state(
     cfg: DiscoveryConfig, model: DiffusionModel, state: TrainState, metrics: dict
 ) -> DirectionBank:
+    norm = fixed_norm(cfg, model.pipe.text_encoder)  # the directions as the model saw them
     return DirectionBank(
-        directions=state.directions.float(),
+        directions=shaped(state.directions.float(), norm),
         base_model={
             "source": model.source,
             "fingerprint": model.fingerprint,
