@@ -1,5 +1,5 @@
-"""The single-process NoiseCLR loop (plain torch): `discovery.step` for the maths, AdamW on the
-(K, D) direction matrix only, `discovery.checkpoint` for the state.
+"""The single process: `discovery.core`'s loop on its plain AdamW engine, with a progress bar,
+checkpoints in OUT/checkpoints and the last finite bank kept when training diverges.
 
 Randomness: timesteps and directions come from one CPU generator seeded by the config (its
 state is checkpointed); images and noise are keyed by (seed, micro-step), so a resumed run gives
@@ -18,11 +18,12 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from noiseclr.conditioning import direction_deltas
-from noiseclr.discovery import checkpoint, step
+from noiseclr.discovery import checkpoint
+from noiseclr.discovery import step as steps
 from noiseclr.discovery.bank import init_directions
 from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.discovery.core import AdamWEngine, TrainLoop
 from noiseclr.errors import ConfigError, TrainingDiverged
 from noiseclr.models.base import DiffusionModel
 
@@ -69,7 +70,8 @@ def final_loss(history: list[dict]) -> float | None:
 
 
 class DiscoveryTrainer:
-    """Learns directions for `model` from `latents` (N, C, h, w), already scaled, from `state`."""
+    """Learns directions for `model` from `latents` (N, C, h, w), already scaled, from `state`:
+    `core.TrainLoop` on an `AdamWEngine`, images picked per micro-step by `steps.select_images`."""
 
     def __init__(self, cfg: DiscoveryConfig, model: DiffusionModel, latents: torch.Tensor, state: TrainState):
         if len(latents) < cfg.batch:
@@ -77,80 +79,40 @@ class DiscoveryTrainer:
         self.cfg, self.model = cfg, model
         self.device = model.device
         pipe = model.pipe
-        self.unet, self.text_encoder, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        step.check_schedule(cfg, self.scheduler.config.num_train_timesteps)
+        self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        steps.check_schedule(cfg, scheduler.config.num_train_timesteps)
         for module in (self.unet, self.text_encoder, pipe.vae):
             module.requires_grad_(False).eval()
         self.latents = latents.float().cpu()
-        self.gen = torch.Generator()
-        self.gen.set_state(state.rng)
-        self.directions = torch.nn.Parameter(state.directions.float().to(self.device))
-        self.norm = step.fixed_norm(cfg, self.text_encoder)
-        self.opt = torch.optim.AdamW([self.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if state.exp_avg is not None:
-            self.opt.state[self.directions] = {
-                "step": torch.tensor(state.optimizer_steps),
-                "exp_avg": state.exp_avg.to(self.device),
-                "exp_avg_sq": state.exp_avg_sq.to(self.device),
-            }
-        self.step, self.micro = state.step, state.micro
+        self.engine = AdamWEngine(cfg, self.unet, self.text_encoder, pipe.tokenizer, state, self.device)
+        self.loop = TrainLoop(cfg, self.engine, scheduler, state, self._batch, self.device)
         self.pairs_per_s: float | None = None
-        self.history = list(state.history)
         self.on_step: Callable[[dict], None] | None = None  # e.g. live MLflow logging; must not block
-        if step.want_checkpointing(cfg, self.deltas, tuple(self.latents.shape[1:]), cfg.batch, self.device):
+        if steps.want_checkpointing(cfg, self.deltas, tuple(self.latents.shape[1:]), cfg.batch, self.device):
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers checkpoints only in training mode; no dropout in SD's UNet
 
+    def _batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = steps.select_images(self.cfg, micro, len(self.latents))
+        return index, self.latents[index]
+
+    # what tests and callers read
+    directions = property(lambda self: self.engine.directions)
+    opt = property(lambda self: self.engine.opt)
+    step = property(lambda self: self.loop.step)
+    micro = property(lambda self: self.loop.micro)
+    history = property(lambda self: self.loop.history)
+
     def deltas(self, x_t: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-        return direction_deltas(
-            self.unet,
-            self.text_encoder,
-            self.tokenizer,
-            step.shaped(self.directions[dirs], self.norm),
-            x_t,
-            t,
-            self.cfg.max_rows,
-        )
+        return self.engine.deltas(x_t, t, dirs)
 
     def train_step(self) -> float:
         """One optimizer step (grad_accum micro-steps). Returns the mean loss."""
-        cfg = self.cfg
-        for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * step.lr_factor(cfg, self.step)
-        self.opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            index = step.select_images(cfg, self.micro, len(self.latents))
-            t, dirs = step.draw(cfg, self.gen)
-            loss = step.micro_step_loss(
-                cfg, self.deltas, self.scheduler, self.latents[index], index, t, dirs, self.micro, self.device
-            )
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at step {self.step}")
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-            self.micro += 1
-        self.opt.step()
-        if not torch.isfinite(self.directions).all():
-            raise TrainingDiverged(f"directions went non-finite at step {self.step}")
-        self.step += 1
-        return total
+        return self.loop.optimizer_step()["loss"]
 
     def state(self) -> TrainState:
-        opt = self.opt.state.get(self.directions, {})
-        return TrainState(
-            step=self.step,
-            micro=self.micro,
-            directions=self.directions.detach().float().cpu(),
-            rng=self.gen.get_state(),
-            config=self.cfg.model_dump(),
-            fingerprint=self.model.fingerprint,
-            exp_avg=opt["exp_avg"].float().cpu() if "exp_avg" in opt else None,
-            exp_avg_sq=opt["exp_avg_sq"].float().cpu() if "exp_avg_sq" in opt else None,
-            optimizer_steps=float(opt["step"]) if "step" in opt else 0.0,
-            history=list(self.history),
-        )
+        return self.loop.state()
 
     def fit(self, out: str | Path, stop_after: int | None = None) -> TrainState:
         """Train to cfg.steps, checkpointing into OUT/checkpoints; return the final state.
@@ -163,7 +125,6 @@ class DiscoveryTrainer:
         started, done_here = time.perf_counter(), 0
         while self.step < cfg.steps and (stop_after is None or done_here < stop_after):
             good = self.directions.detach().clone()
-            step_started = time.perf_counter()
             try:
                 loss = self.train_step()
             except TrainingDiverged as err:
@@ -175,8 +136,6 @@ class DiscoveryTrainer:
                 ) from err
             done_here += 1
             rate = self.pairs_per_s = done_here * pairs / (time.perf_counter() - started)
-            seconds = time.perf_counter() - step_started
-            self.history.append({"step": self.step, "loss": loss, "seconds": seconds})
             if self.on_step is not None:
                 self.on_step(self.history[-1])
             bar.update(1)

@@ -1,8 +1,8 @@
 """Distributed discovery: Ray Train workers run the NoiseCLR micro-step inside a DeepSpeed engine.
 
-The maths is `discovery.step`, the same function the single process runs; this file only
-places it: the frozen UNet and text encoder and the (K, D) directions live in one module that
-DeepSpeed wraps (ZeRO 0-3 from the config; stage 3 also partitions the frozen weights), the
+The loop is `discovery.core.TrainLoop` and the maths `discovery.step`, the same the single
+process runs; this file only places them. `DeepSpeedEngine` is the loop's engine: the frozen
+UNet and text encoder and the (K, D) directions live in one module that DeepSpeed wraps (ZeRO 0-3 from the config; stage 3 also partitions the frozen weights), the
 only trainable tensor is the direction matrix, and DeepSpeed averages its gradient across
 workers and accumulates `grad_accum` micro-steps. Latents stream from Ray Data through
 `get_dataset_shard`.
@@ -29,7 +29,6 @@ from torch import nn
 
 from noiseclr.conditioning import direction_deltas
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.errors import TrainingDiverged
 
 # Steps between Ray Train reports (checkpoint steps and the last step always report). A report is
 # a round trip through Ray Train's controller, measured at ~2 s on the 2-core CPU machine: once
@@ -86,6 +85,40 @@ class NoiseCLRModule(nn.Module):
 
         rows = shaped(self.directions[dirs], self.norm)
         return direction_deltas(self.unet, self.text_encoder, self.tokenizer, rows, x_t, t, self.max_rows)
+
+
+class DeepSpeedEngine:
+    """`discovery.core.Engine` on DeepSpeed: AdamW on the module's directions inside a DeepSpeed
+    engine (ZeRO `zero_stage`), which averages the gradient over the workers, accumulates
+    grad_accum micro-steps and steps at their boundary."""
+
+    def __init__(self, cfg: DiscoveryConfig, module: NoiseCLRModule, world: int, state):
+        import deepspeed
+
+        opt = torch.optim.AdamW([module.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.engine, self.opt, _, _ = deepspeed.initialize(
+            model=module, optimizer=opt, config=deepspeed_config(cfg, world)
+        )
+        self.param = module.directions
+        if state.exp_avg is not None:
+            _restore(self.engine, self.param, state)
+
+    def deltas(self, x_t: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+        return self.engine(x_t, t, dirs)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by grad_accum itself
+        self.engine.step()  # an update only at the accumulation boundary
+
+    def step(self) -> None:
+        pass  # DeepSpeed stepped at the boundary, in the last `backward`
+
+    def moments(self) -> dict:
+        return {**_full_state(self.engine, self.param), "optimizer_steps": _optimizer_steps(self.engine)}
 
 
 def deepspeed_config(cfg: DiscoveryConfig, world: int) -> dict:
@@ -180,14 +213,12 @@ def train_loop_per_worker(config: dict) -> None:
     if not config.get("use_gpu"):
         # Before DeepSpeed picks its accelerator: CPU workers on a machine that may have a GPU.
         os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
     import ray.train
     import torch.distributed as dist
     from diffusers import DDPMScheduler
 
     from noiseclr.discovery import step as steps
-    from noiseclr.discovery.checkpoint import TrainState
-    from noiseclr.discovery.trainer import initial_state
+    from noiseclr.discovery.core import TrainLoop
     from noiseclr.models.base import load_model, resolve_dtype
     from noiseclr.training.metrics import DiscoveryMetrics
 
@@ -199,24 +230,11 @@ def train_loop_per_worker(config: dict) -> None:
     pipe = model.pipe
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     steps.check_schedule(cfg, sched.config.num_train_timesteps)
-
-    checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts this run after a failure
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = TrainState.load(d)
-    elif config.get("resume"):  # the run's start: a checkpoint from OUT/checkpoints, as bytes
-        with tempfile.TemporaryDirectory() as d:
-            for name, data in config["resume"].items():
-                (Path(d) / name).write_bytes(data)
-            state = TrainState.load(d)
-    else:
-        state = initial_state(cfg, model)
-    gen = torch.Generator()
-    gen.set_state(state.rng)
-    norm = steps.fixed_norm(cfg, pipe.text_encoder)
+    state = _start_state(cfg, model, config.get("resume"))
     module = NoiseCLRModule(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, state.directions.to(device), cfg.max_rows, norm
-    )
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, state.directions.to(device), cfg.max_rows,
+        steps.fixed_norm(cfg, pipe.text_encoder),
+    )  # fmt: skip
     local = cfg.batch // world
     side = model.resolution // pipe.vae_scale_factor
     # Decided before DeepSpeed partitions anything; every rank takes the most cautious answer.
@@ -228,101 +246,83 @@ def train_loop_per_worker(config: dict) -> None:
     if flag.item():
         pipe.unet.enable_gradient_checkpointing()
         pipe.unet.train()
-    opt = torch.optim.AdamW([module.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=deepspeed_config(cfg, world))
-    param = module.directions
-    if state.exp_avg is not None:
-        _restore(engine, param, state)
-    param_mib = param_bytes_per_worker(engine) / 2**20
+    engine = DeepSpeedEngine(cfg, module, world, state)
+    stream = _local_batches(cfg, ray.train.get_dataset_shard("train"), local)
+    for _ in range(state.micro):  # data position: skip the batches this run had consumed
+        next(stream)
+    gather = GatherBatch.apply if world > 1 else None
+    # Under DeepSpeed bf16/fp16 the module itself is converted: give it inputs of its dtype.
+    dtype = resolve_dtype(cfg.precision)
+    loop = TrainLoop(cfg, engine, sched, state, lambda _: next(stream), device, dtype, gather, world)
+    param_mib = param_bytes_per_worker(engine.engine) / 2**20
     exported = DiscoveryMetrics(cfg.name, rank, device)
-    step_times: list[float] = []
-    step, micro, history = state.step, state.micro, list(state.history)
     live = None
     if rank == 0 and config.get("mlflow"):  # the run's per-step metrics, live, from rank 0
         from noiseclr.tracking.runs import LiveMetrics
 
         os.environ["MLFLOW_TRACKING_URI"] = config["mlflow"]["uri"]
         live = LiveMetrics(cfg, config["mlflow"]["run_id"])
-
-    shard = ray.train.get_dataset_shard("train")
-    cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # this worker's latents after one pass
-
-    def batches():
-        """Local batches forever: first pass streams from Ray Data, later passes reuse it."""
-        for batch in shard.iter_torch_batches(batch_size=local, drop_last=True, dtypes=None):
-            item = (batch["index"].cpu(), batch["latent"].float().cpu())
-            if cfg.cache_latents:
-                cache.append(item)
-            yield item
-        while True:
-            if not cache:
-                yield from (
-                    (b["index"].cpu(), b["latent"].float().cpu())
-                    for b in shard.iter_torch_batches(batch_size=local, drop_last=True)
-                )
-            yield from cache
-
-    stream = batches()
-    for _ in range(micro):  # data position: skip the batches this run had consumed
-        next(stream)
-    # Under DeepSpeed bf16/fp16 the module itself is converted: give it inputs of its dtype.
-    input_dtype = resolve_dtype(cfg.precision)
-    gather = GatherBatch.apply if world > 1 else None
-    while step < cfg.steps:
-        started = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * steps.lr_factor(cfg, step)
-        total = 0.0
-        for _ in range(cfg.grad_accum):  # DeepSpeed accumulates and steps at the boundary
-            index, x0 = next(stream)
-            t, dirs = steps.draw(cfg, gen)
-            loss = steps.micro_step_loss(
-                cfg, engine, sched, x0, index, t, dirs, micro, device, input_dtype, gather
-            )
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; lower lr or raise tau")
-            engine.backward(loss)
-            engine.step()
-            total += loss.item() / cfg.grad_accum
-            micro += 1
-        step += 1
-        step_times.append(time.perf_counter() - started)
-        history.append({"step": step, "loss": total, "seconds": step_times[-1]})
+    pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum
+    step_times: list[float] = []
+    while loop.step < cfg.steps:
+        record = loop.optimizer_step()
+        step_times.append(record["seconds"])
         if live is not None:
-            live.step(history[-1])
+            live.step(record)
         recent = step_times[1:] or step_times  # the first step includes warm-up
-        metrics = {
-            "step": step,
-            "loss": total,
-            "param_mib": param_mib,
-            "pairs_per_s": cfg.batch * cfg.directions_per_step * cfg.grad_accum * len(recent) / sum(recent),
-        }
-        exported.record_step(step, total, metrics["pairs_per_s"], step_times[-1], local * cfg.grad_accum)
-        if live is not None and step == cfg.steps:  # the driver logs what did not get through
+        metrics = {"step": loop.step, "loss": record["loss"], "param_mib": param_mib}
+        metrics["pairs_per_s"] = pairs * len(recent) / sum(recent)
+        exported.record_step(
+            loop.step, record["loss"], metrics["pairs_per_s"], record["seconds"], local * cfg.grad_accum
+        )
+        if live is not None and loop.step == cfg.steps:  # the driver logs what did not get through
             live.close()
             metrics["mlflow_sent_through"] = live.sent_through
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            full = _full_state(engine, param)
-            saved = TrainState(
-                step=step,
-                micro=micro,
-                directions=full["directions"],
-                rng=gen.get_state(),
-                config=cfg.model_dump(),
-                fingerprint=model.fingerprint,
-                exp_avg=full.get("exp_avg"),
-                exp_avg_sq=full.get("exp_avg_sq"),
-                optimizer_steps=_optimizer_steps(engine),
-                history=history,
-                world=world,
-            )
+        if loop.step % cfg.checkpoint_every == 0 or loop.step == cfg.steps:
+            saved = loop.state()  # every rank: a collective under ZeRO-3
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    ckpt = ray.train.Checkpoint.from_directory(saved.save(tmp))
+                ckpt = ray.train.Checkpoint.from_directory(saved.save(tmp)) if rank == 0 else None
                 ray.train.report(metrics, checkpoint=ckpt)
-        elif step % REPORT_EVERY == 0:
+        elif loop.step % REPORT_EVERY == 0:
             ray.train.report(metrics)
+
+
+def _start_state(cfg: DiscoveryConfig, model, resume: dict | None):
+    """Where this worker starts: Ray Train's checkpoint after a restart, else the run's start
+    checkpoint (its files, sent as bytes in the config), else step 0."""
+    import ray.train
+
+    from noiseclr.discovery.checkpoint import TrainState
+    from noiseclr.discovery.trainer import initial_state
+
+    checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts this run after a failure
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            return TrainState.load(d)
+    if resume:
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in resume.items():
+                (Path(d) / name).write_bytes(data)
+            return TrainState.load(d)
+    return initial_state(cfg, model)
+
+
+def _local_batches(cfg: DiscoveryConfig, shard, local: int):
+    """(indices, latents) of this worker's local batches forever: the first pass streams from
+    Ray Data, later passes reuse it (cache_latents) or stream again."""
+    cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for batch in shard.iter_torch_batches(batch_size=local, drop_last=True, dtypes=None):
+        item = (batch["index"].cpu(), batch["latent"].float().cpu())
+        if cfg.cache_latents:
+            cache.append(item)
+        yield item
+    while True:
+        if not cache:
+            yield from (
+                (b["index"].cpu(), b["latent"].float().cpu())
+                for b in shard.iter_torch_batches(batch_size=local, drop_last=True)
+            )
+        yield from cache
 
 
 def param_bytes_per_worker(engine) -> int:

@@ -1,0 +1,154 @@
+"""The one NoiseCLR training loop, for the single process and every Ray Train worker.
+
+`TrainLoop` owns what both paths share: the run generator (timesteps and directions), the
+learning-rate schedule, the micro-steps of one optimizer step, the loss checks, the step and
+data counters, the loss history and the `TrainState` a checkpoint holds. What differs is the
+engine that holds the directions and their optimizer, behind five methods (`Engine`):
+
+- `AdamWEngine` (here): plain torch AdamW on the (K, D) direction matrix, one process;
+- `training.distributed.DeepSpeedEngine`: the same AdamW inside a DeepSpeed engine (ZeRO
+  0-3), its gradient averaged over the workers.
+
+Where the images come from is the caller's (`batch_of(micro)`): the single process picks them
+with a keyed generator, a worker reads its Ray Data shard in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from noiseclr.conditioning import direction_deltas
+from noiseclr.discovery import step
+from noiseclr.discovery.checkpoint import TrainState
+from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.errors import TrainingDiverged
+
+
+class Engine(Protocol):
+    """Holds the directions and their optimizer."""
+
+    def deltas(self, x_t: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+        """Noise differences (B, S, C, h, w) of directions `dirs` on x_t at t."""
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate one micro-step's gradient (of grad_accum in an optimizer step)."""
+
+    def step(self) -> None:
+        """End one optimizer step: update the directions, clear the gradient."""
+
+    def moments(self) -> dict:
+        """The full fp32 directions and AdamW moments on the CPU, and the optimizer's step count:
+        {"directions", "exp_avg", "exp_avg_sq" (absent before the first step), "optimizer_steps"}."""
+
+
+class AdamWEngine:
+    """One process: AdamW on the (K, D) direction matrix, nothing else trains."""
+
+    def __init__(self, cfg: DiscoveryConfig, unet, text_encoder, tokenizer, state: TrainState, device):
+        self.cfg, self.unet, self.text_encoder, self.tokenizer = cfg, unet, text_encoder, tokenizer
+        self.directions = torch.nn.Parameter(state.directions.float().to(device))
+        self.norm = step.fixed_norm(cfg, text_encoder)
+        self.opt = torch.optim.AdamW([self.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if state.exp_avg is not None:
+            self.opt.state[self.directions] = {
+                "step": torch.tensor(state.optimizer_steps),
+                "exp_avg": state.exp_avg.to(device),
+                "exp_avg_sq": state.exp_avg_sq.to(device),
+            }
+
+    def deltas(self, x_t: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+        rows = step.shaped(self.directions[dirs], self.norm)
+        return direction_deltas(self.unet, self.text_encoder, self.tokenizer, rows, x_t, t, self.cfg.max_rows)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(self.directions).all():
+            raise TrainingDiverged("directions went non-finite")
+
+    def moments(self) -> dict:
+        opt = self.opt.state.get(self.directions, {})
+        found = {"directions": self.directions.detach()}
+        found.update({k: opt[k] for k in ("exp_avg", "exp_avg_sq") if k in opt})
+        out: dict = {k: v.detach().float().cpu().contiguous() for k, v in found.items()}
+        out["optimizer_steps"] = float(opt["step"]) if "step" in opt else 0.0
+        return out
+
+
+class TrainLoop:
+    """Optimizer steps of `engine` from `state`; `batch_of(micro)` gives (indices, latents) of a
+    micro-step's images, `gather` joins the workers' deltas (None on one process)."""
+
+    def __init__(
+        self,
+        cfg: DiscoveryConfig,
+        engine: Engine,
+        scheduler,
+        state: TrainState,
+        batch_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+        input_dtype: torch.dtype = torch.float32,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        world: int = 1,
+    ):
+        self.cfg, self.engine, self.scheduler, self.batch_of = cfg, engine, scheduler, batch_of
+        self.device, self.input_dtype, self.gather, self.world = device, input_dtype, gather, world
+        self.fingerprint = state.fingerprint
+        self.gen = torch.Generator()
+        self.gen.set_state(state.rng)
+        self.step, self.micro, self.history = state.step, state.micro, list(state.history)
+
+    def optimizer_step(self) -> dict:
+        """One optimizer step (grad_accum micro-steps); its history entry {"step", "loss", "seconds"}."""
+        cfg, started = self.cfg, time.perf_counter()
+        self.engine.set_lr(cfg.lr * step.lr_factor(cfg, self.step))
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            index, x0 = self.batch_of(self.micro)
+            t, dirs = step.draw(cfg, self.gen)
+            loss = step.micro_step_loss(
+                cfg, self.engine.deltas, self.scheduler, x0, index, t, dirs, self.micro, self.device,
+                self.input_dtype, self.gather,
+            )  # fmt: skip
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss.item()} at step {self.step}")
+            self.engine.backward(loss)
+            total += loss.item() / cfg.grad_accum
+            self.micro += 1
+        try:
+            self.engine.step()
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err} at step {self.step}") from None
+        self.step += 1
+        self.history.append({"step": self.step, "loss": total, "seconds": time.perf_counter() - started})
+        return self.history[-1]
+
+    def state(self) -> TrainState:
+        """The state to resume from (a collective under ZeRO-3: every worker calls it)."""
+        m = self.engine.moments()
+        return TrainState(
+            step=self.step,
+            micro=self.micro,
+            directions=m["directions"],
+            rng=self.gen.get_state(),
+            config=self.cfg.model_dump(),
+            fingerprint=self.fingerprint,
+            exp_avg=m.get("exp_avg"),
+            exp_avg_sq=m.get("exp_avg_sq"),
+            optimizer_steps=m["optimizer_steps"],
+            history=list(self.history),
+            world=self.world,
+        )
