@@ -2,9 +2,10 @@
 
 The loop is `discovery.core.TrainLoop` and the maths `discovery.step`, the same the single
 process runs; this file only places them. `DeepSpeedEngine` is the loop's engine: the frozen
-UNet and text encoder and the (K, D) directions live in one module that DeepSpeed wraps (ZeRO 0-3 from the config; stage 3 also partitions the frozen weights), the
-only trainable tensor is the direction matrix, and DeepSpeed averages its gradient across
-workers and accumulates `grad_accum` micro-steps. Latents stream from Ray Data through
+UNet and text encoder and the (K, D) directions live in one module that DeepSpeed wraps (ZeRO
+0-3 from the config; stage 3 also partitions the frozen weights), the only trainable tensor is
+the direction matrix, and DeepSpeed averages its gradient across workers and accumulates
+`grad_accum` micro-steps. Latents stream from Ray Data through
 `get_dataset_shard`.
 
 The global batch is split across workers. The loss couples images (positives are pairs of
