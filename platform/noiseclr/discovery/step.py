@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from noiseclr.discovery.bank import vocab_norm
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.loss import delta_features, noiseclr_loss, strength_penalty, symmetric_noiseclr_loss
 from noiseclr.errors import ConfigError
@@ -35,11 +36,7 @@ DeltasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def fixed_norm(cfg: DiscoveryConfig, text_encoder: torch.nn.Module) -> torch.Tensor | None:
     """The norm every direction is used at (`direction_norm: vocab`), or None (free)."""
-    if cfg.direction_norm == "free":
-        return None
-    from noiseclr.discovery.bank import vocab_norm
-
-    return vocab_norm(text_encoder)
+    return None if cfg.direction_norm == "free" else vocab_norm(text_encoder)
 
 
 def shaped(directions: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
