@@ -52,7 +52,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, field_validator
-from tqdm.auto import tqdm
 
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.editing.sampler import (
@@ -67,6 +66,7 @@ from noiseclr.editing.sampler import (
 from noiseclr.errors import DataError
 from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
+from noiseclr.utils import parallel
 
 DUPLICATE_COS = 0.8  # signed changes this alike on the same images: the same edit
 AREA_THRESHOLD = 0.1  # a pixel counts as disturbed beyond this change (max over channels)
@@ -220,8 +220,10 @@ class BlindHarness:
         real: torch.Tensor | None = None,  # (M, 3, H, W) in [-1, 1]: scored + calibration images
         progress: bool = True,
         real_names: list[str] | None = None,  # where the real images came from (recorded)
+        streams: int = parallel.MAX_STREAMS,  # directions measured at once on a CPU (1: in turn)
     ):
         self.model, self.p, self.progress = model, protocol or BlindProtocol(), progress
+        self.streams = streams
         p = self.p
         if not p.generated and (real is None or len(real) < 3):
             raise DataError(
@@ -324,17 +326,19 @@ class BlindHarness:
         return [-ladder[lo[-1]], ladder[lo[1]]], [seen[-1, lo[-1]] == "reached", seen[1, lo[1]] == "reached"]
 
     def signed_edits(self, bank: DirectionBank) -> list[list[SignedEdit]]:
-        """(K, 2) signed edits at calibrated scales on the scored images (all sources pooled)."""
-        # per window (a direction's own, issue 26.3): the scored images, their "before", the null
+        """(K, 2) signed edits at calibrated scales on the scored images (all sources pooled);
+        directions measured concurrently on a CPU's cores (utils.parallel)."""
+        windows = [self._window(bank, k) for k in range(len(bank))]
+        # per window (a direction's own, issue 26.3): the scored images, their "before", the null,
+        # all made before the threads share them
         per_window: dict[tuple[int, int], tuple[list[Images], np.ndarray, dict]] = {}
-        out = []
-        for k in tqdm(range(len(bank)), desc=f"measure {bank.name}", disable=not self.progress):
-            window = self._window(bank, k)
-            if window not in per_window:
-                scored = [s for name, s in self._images(window[0]).items() if not name.startswith("cal-")]
-                before = np.concatenate([s.before for s in scored])
-                per_window[window] = (scored, before, self._null_changes(bank, scored, before, window))
-            scored, before, null = per_window[window]
+        for window in dict.fromkeys(windows):
+            scored = [s for name, s in self._images(window[0]).items() if not name.startswith("cal-")]
+            before = np.concatenate([s.before for s in scored])
+            per_window[window] = (scored, before, self._null_changes(bank, scored, before, window))
+
+        def one(k: int) -> list[SignedEdit]:
+            scored, before, null = per_window[windows[k]]
             scales, reached = self.calibrate(bank, k)
             after = np.concatenate([self._edited(bank, k, s, scales) for s in scored])  # (N, 2, ...)
             pair = []
@@ -343,8 +347,11 @@ class BlindHarness:
                 ref = null.get(scales[j])
                 cos = None if ref is None else _row_cosines(delta, ref)
                 pair.append(SignedEdit(scales[j], reached[j], delta, drift(before, after[:, j]), cos))
-            out.append(pair)
-        return out
+            return pair
+
+        return parallel.map_ordered(
+            one, range(len(bank)), self.model.device, f"measure {bank.name}", self.progress, self.streams
+        )
 
     def _null_changes(
         self, bank: DirectionBank, scored: list[Images], before: np.ndarray, window: tuple[int, int]

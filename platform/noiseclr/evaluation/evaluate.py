@@ -32,7 +32,6 @@ import torch
 from PIL import Image, ImageDraw
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, field_validator, model_validator
-from tqdm.auto import tqdm
 
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.domains import shapes
@@ -52,6 +51,7 @@ from noiseclr.evaluation.metrics import (
 )
 from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
+from noiseclr.utils import parallel
 from noiseclr.utils.images import make_grid
 
 
@@ -151,8 +151,14 @@ class Harness:
     and scenes) only choose the scales.
     """
 
-    def __init__(self, model: DiffusionModel, protocol: Protocol | None = None, progress: bool = True):
-        self.model, self.p, self.progress = model, protocol or Protocol(), progress
+    def __init__(
+        self,
+        model: DiffusionModel,
+        protocol: Protocol | None = None,
+        progress: bool = True,
+        streams: int = parallel.MAX_STREAMS,  # directions measured at once on a CPU (1: in turn)
+    ):
+        self.model, self.p, self.progress, self.streams = model, protocol or Protocol(), progress, streams
         p = self.p
         self.res = model.resolution
         self.guidance = default_guidance(model)
@@ -277,22 +283,35 @@ class Harness:
 
     # --- banks ------------------------------------------------------------------------------
     def evaluate(self, bank: DirectionBank) -> dict:
-        """Calibrated scales, per-source and pooled scores with intervals, for every direction."""
-        per_source: dict[str, list[list[Changes]]] = {}
-        scales, windows = [], []
-        for k in tqdm(range(len(bank)), desc=f"evaluate {bank.name}", disable=not self.progress):
+        """Calibrated scales, per-source and pooled scores with intervals, for every direction
+        (directions measured concurrently on a CPU's cores: utils.parallel)."""
+        for top in [self._top(bank)] if bank.method == "pullback" else self.p.tops:
+            self._prepare(top)  # the shared sources exist before the threads read them
+
+        def one(k: int) -> tuple[int, list[float], dict[str, list[Changes]]]:
             top, s = self._choose(bank, k)
-            scales.append(s)
-            windows.append([top, 0 if bank.method == "pullback" else self.p.window[1]])
-            for name, src in self._prepare(top).items():
-                if not name.startswith("cal-"):
-                    rows = self._edit(bank, k, src, s)
-                    per_source.setdefault(name, []).append(
-                        [changes(src.before, row, self.res) for row in rows]
-                    )
+            rows = {
+                name: [changes(src.before, row, self.res) for row in self._edit(bank, k, src, s)]
+                for name, src in self._prepare(top).items()
+                if not name.startswith("cal-")
+            }
+            return top, s, rows
+
+        done = parallel.map_ordered(
+            one, range(len(bank)), self.model.device, f"evaluate {bank.name}", self.progress, self.streams
+        )
+        per_source: dict[str, list[list[Changes]]] = {}
+        for _, _, rows in done:
+            for name, row in rows.items():
+                per_source.setdefault(name, []).append(row)
+        windows = [[top, 0 if bank.method == "pullback" else self.p.window[1]] for top, _, _ in done]
         result = self._result(per_source)
         result.update(
-            bank=bank.name, method=bank.method, directions=len(bank), scales=scales, windows=windows
+            bank=bank.name,
+            method=bank.method,
+            directions=len(bank),
+            scales=[s for _, s, _ in done],
+            windows=windows,
         )
         return result
 

@@ -1,0 +1,90 @@
+"""Directions measured concurrently on a CPU's cores give what measuring them in turn gives."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from noiseclr.evaluation import blind
+from noiseclr.evaluation.evaluate import Harness, Protocol, word_bank
+from noiseclr.utils import parallel
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_map_ordered_keeps_order_splits_threads_and_raises(two_threads):
+    def work(i: int) -> tuple[int, int, str]:
+        time.sleep(0.02 * (6 - i))  # later items finish first
+        return i * i, torch.get_num_threads(), threading.current_thread().name
+
+    out = parallel.map_ordered(work, range(6), "cpu", progress=False)
+    assert [o[0] for o in out] == [i * i for i in range(6)]
+    assert {o[1] for o in out} == {1}  # each of the 2 streams runs on 1 of the 2 torch threads
+    assert {o[2].rsplit("_", 1)[0] for o in out} == {"noiseclr-direction"}
+    assert torch.get_num_threads() == 2  # the caller's count is untouched
+    assert parallel.streams("cuda", 6) == 1 and parallel.streams("cpu", 1) == 1
+    seq = parallel.map_ordered(work, range(3), "cpu", progress=False, most=1)
+    assert [o[1:] for o in seq] == [(2, threading.current_thread().name)] * 3  # in turn, here
+
+    def fails(i: int) -> int:
+        if i == 2:
+            raise ValueError("direction 2 is broken")
+        return i
+
+    with pytest.raises(ValueError, match="direction 2 is broken"):
+        parallel.map_ordered(fails, range(5), "cpu", progress=False)
+
+
+def _one_thread_then_two(run):
+    """run(streams) in turn on one torch thread, then concurrently on two (one each): the
+    per-direction work runs at one torch thread in both."""
+    torch.set_num_threads(1)
+    alone = run(1)
+    torch.set_num_threads(2)
+    return alone, run(2)
+
+
+def test_the_oracle_measurement_is_the_same_measured_concurrently(shapes_model, two_threads):
+    bank = word_bank(shapes_model, ("striped", "red", "large"))
+    protocol = Protocol(
+        fixed={"x": "center", "y": "middle"},
+        n_images=2,
+        steps=4,
+        real=False,
+        calibration_images=1,
+        ladder=(1.0, 4.0, 16.0),
+        n_boot=10,
+    )
+    alone, together = _one_thread_then_two(
+        lambda n: Harness(shapes_model, protocol, progress=False, streams=n).evaluate(bank)
+    )
+    assert together["scales"] == alone["scales"] and together["windows"] == alone["windows"]
+    assert json.dumps(together, default=str) == json.dumps(alone, default=str)  # every score, as is
+
+
+def test_the_oracle_free_measurement_is_the_same_measured_concurrently(shapes_model, two_threads):
+    bank = word_bank(shapes_model, ("striped", "red", "large"))
+    bank.edit_defaults = {"window": [600, 0]}
+    protocol = blind.BlindProtocol(
+        n_images=2, calibration_images=1, steps=4, prompt="a shape at middle center"
+    )
+
+    def run(n: int) -> list[list[blind.SignedEdit]]:
+        return blind.BlindHarness(shapes_model, protocol, progress=False, streams=n).signed_edits(bank)
+
+    alone, together = _one_thread_then_two(run)
+    for a, b in zip(alone, together, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert (x.scale, x.reached) == (y.scale, y.reached)
+            # pixels agree to float rounding (sums split over 1 or 2 torch threads)
+            np.testing.assert_allclose(x.deltas, y.deltas, rtol=0, atol=1e-4)
+            assert x.drift == pytest.approx(y.drift, abs=1e-4)
