@@ -88,3 +88,26 @@ def test_the_oracle_free_measurement_is_the_same_measured_concurrently(shapes_mo
             # pixels agree to float rounding (sums split over 1 or 2 torch threads)
             np.testing.assert_allclose(x.deltas, y.deltas, rtol=0, atol=1e-4)
             assert x.drift == pytest.approx(y.drift, abs=1e-4)
+
+
+def test_a_training_step_on_two_streams_matches_one_call(tiny_model, two_threads):
+    """The single process splits a micro-step's images over two threads (forward and backward);
+    its deltas and its gradient are the one-call ones, to float rounding."""
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.trainer import DiscoveryTrainer, initial_state
+
+    cfg = DiscoveryConfig(k=5, negatives=3, batch=4, n_images=4, steps=2, warmup=0, strength_weight=1.0)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x_t, t, dirs = torch.randn(4, 4, 16, 16, generator=g), torch.tensor([100, 300, 500, 700]), torch.arange(4)
+    found = {}
+    for n in (1, 2):
+        engine = DiscoveryTrainer(cfg, tiny_model, latents, initial_state(cfg, tiny_model)).engine
+        engine.streams = n
+        deltas = engine.deltas(x_t, t, dirs)
+        assert (engine._pending is not None) == (n == 2)  # two streams really ran
+        engine.backward((deltas**2).mean() + deltas[:, 0].abs().mean())
+        found[n] = deltas.detach(), engine.directions.grad.clone()
+    torch.testing.assert_close(found[2][0], found[1][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(found[2][1], found[1][1], rtol=1e-4, atol=1e-7)
+    assert found[1][1][:4].abs().sum() > 0 and found[1][1][4].abs().sum() == 0  # only the drawn ones

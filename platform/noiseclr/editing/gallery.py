@@ -19,6 +19,7 @@ from noiseclr.discovery.bank import DirectionBank
 from noiseclr.editing.sampler import calibrated_scales, default_window, seed_latents, sweep_direction
 from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
+from noiseclr.utils import parallel
 from noiseclr.utils.images import atomic_write_bytes, make_grid, save_png
 
 
@@ -31,18 +32,18 @@ def render_gallery(
     steps: int = 25,
     progress: bool = True,
 ) -> np.ndarray:
-    """(K, n_seeds, n_scales, H, W, 3) images: every direction swept over `scales` at each seed."""
-    from tqdm.auto import tqdm
-
+    """(K, n_seeds, n_scales, H, W, 3) images: every direction swept over `scales` at each seed
+    (directions drawn concurrently on a CPU's cores: utils.parallel)."""
     x_T = seed_latents(model, seeds)
     guidance = default_guidance(model) if prompt else 1.0
-    out = []
-    for k in tqdm(range(len(bank)), desc="gallery", disable=not progress):
+
+    def sweep(k: int) -> np.ndarray:
         raw = calibrated_scales(bank, k, scales)
-        out.append(
-            sweep_direction(model, bank, k, x_T, raw, prompt, guidance, steps, window=default_window(bank, k))
+        return sweep_direction(
+            model, bank, k, x_T, raw, prompt, guidance, steps, window=default_window(bank, k)
         )
-    return np.stack(out)
+
+    return np.stack(parallel.map_ordered(sweep, range(len(bank)), model.device, "gallery", progress))
 
 
 def direction_label(bank: DirectionBank, i: int) -> str:

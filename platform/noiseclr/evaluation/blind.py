@@ -369,7 +369,15 @@ class BlindHarness:
         )
         ladder = self.ladder(bank)
         scales = [-a for a in ladder] + ladder
-        after = np.concatenate([self._edited(zero, 0, s, scales) for s in scored])  # (N, S, ...)
+        half = len(ladder)  # the two signs on two streams
+
+        def edited(part: list[float]) -> np.ndarray:
+            return np.concatenate([self._edited(zero, 0, s, part) for s in scored])  # (N, S/2, ...)
+
+        signs = parallel.map_ordered(
+            edited, [scales[:half], scales[half:]], self.model.device, progress=False
+        )
+        after = np.concatenate(signs, axis=1)
         return {sc: after[:, j] - before for j, sc in enumerate(scales)}
 
     def measure(self, bank: DirectionBank) -> dict:
