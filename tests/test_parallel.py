@@ -21,7 +21,7 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_map_ordered_keeps_order_splits_threads_and_raises(two_threads):
+def test_map_ordered_keeps_order_splits_threads_and_raises(two_threads, monkeypatch):
     def work(i: int) -> tuple[int, int, str]:
         time.sleep(0.02 * (6 - i))  # later items finish first
         return i * i, torch.get_num_threads(), threading.current_thread().name
@@ -29,11 +29,15 @@ def test_map_ordered_keeps_order_splits_threads_and_raises(two_threads):
     out = parallel.map_ordered(work, range(6), "cpu", progress=False)
     assert [o[0] for o in out] == [i * i for i in range(6)]
     assert {o[1] for o in out} == {1}  # each of the 2 streams runs on 1 of the 2 torch threads
-    assert {o[2].rsplit("_", 1)[0] for o in out} == {"noiseclr-direction"}
+    assert {o[2].rsplit("_", 1)[0] for o in out} == {parallel.PREFIX}
     assert torch.get_num_threads() == 2  # the caller's count is untouched
     assert parallel.streams("cuda", 6) == 1 and parallel.streams("cpu", 1) == 1
     seq = parallel.map_ordered(work, range(3), "cpu", progress=False, most=1)
     assert [o[1:] for o in seq] == [(2, threading.current_thread().name)] * 3  # in turn, here
+    inner = parallel.map_ordered(lambda i: parallel.streams("cpu", 6), range(2), "cpu", progress=False)
+    assert inner == [1, 1]  # a stream's work does not fan out again (no pool waits on itself)
+    monkeypatch.setenv("NOISECLR_STREAMS", "1")  # several jobs sharing a machine
+    assert parallel.streams("cpu", 6) == 1
 
     def fails(i: int) -> int:
         if i == 2:

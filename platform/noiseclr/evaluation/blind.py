@@ -246,14 +246,21 @@ class BlindHarness:
             scored = real[: min(p.n_images, len(real) - n_cal)]
             self.n_real = len(scored)
             self.cal_names = self.real_names[len(real) - n_cal :]
-            for name, pixels in (("real", scored), ("cal-real", real[len(real) - n_cal :])):
-                self._x[name] = invert(model, encode(model, pixels), p.inversion_steps, progress=progress)
+            both = parallel.map_ordered(
+                lambda pixels: invert(model, encode(model, pixels), p.inversion_steps),
+                [scored, real[len(real) - n_cal :]],
+                model.device,
+                progress=False,
+                most=streams,
+            )
+            self._x.update(zip(("real", "cal-real"), both, strict=True))
         self._tops: dict[int, dict[str, Images]] = {}
 
     def _images(self, top: int) -> dict[str, Images]:
         if top not in self._tops:
-            found = {}
-            for name, (x, start) in self._x.items():
+
+            def prepare(name: str) -> Images:
+                x, start = self._x[name]
                 generated = not name.endswith("real")
                 prompt = self.p.prompt if generated else None
                 guidance = default_guidance(self.model) if prompt else 1.0
@@ -262,10 +269,12 @@ class BlindHarness:
                 here = top if start is None else min(top, start)  # inverted images start below 1000
                 x_top = sample(self.model, x, [], start_t=start, stop_t=here, **kw)
                 before = decode(self.model, sample(self.model, x_top, [], start_t=here, **kw))
-                found[name] = Images(
-                    name, x_top, downsize(before, self.p.resolution), prompt, guidance, steps, here
-                )
-            self._tops[top] = found
+                return Images(name, x_top, downsize(before, self.p.resolution), prompt, guidance, steps, here)
+
+            found = parallel.map_ordered(
+                prepare, list(self._x), self.model.device, progress=False, most=self.streams
+            )
+            self._tops[top] = {images.name: images for images in found}
         return self._tops[top]
 
     def _window(self, bank: DirectionBank, k: int | None = None) -> tuple[int, int]:

@@ -173,11 +173,15 @@ class Harness:
             cal = shapes.sample_scenes(
                 p.calibration_images, seed=p.seed + CALIBRATION_SEED_OFFSET, fixed=p.fixed
             )
-            for name, scenes in (("real", self.scenes), ("cal-real", cal)):
+
+            def inverted(scenes: list[shapes.Scene]) -> tuple[torch.Tensor, int]:
                 pixels = shapes.render(scenes, self.res) * 2 - 1
-                self.inverted[name] = invert(
-                    model, encode(model, pixels), p.inversion_steps, progress=progress
-                )
+                return invert(model, encode(model, pixels), p.inversion_steps)
+
+            both = parallel.map_ordered(
+                inverted, [self.scenes, cal], model.device, progress=False, most=streams
+            )
+            self.inverted = dict(zip(("real", "cal-real"), both, strict=True))
         self.sources: dict[int, dict[str, Source]] = {}
         sources = self._prepare(p.window[0])
         self.fidelity: float | None = None
@@ -197,8 +201,8 @@ class Harness:
         prompt, guidance = (self.p.prompt, self.guidance) if generated else (None, 1.0)
         steps = self.p.steps if generated else self.p.inversion_steps
         kw = {"prompt": prompt, "guidance_scale": guidance, "steps": steps}
-        x_top = sample(self.model, x, [], start_t=start_t, stop_t=top, progress=self.progress, **kw)
-        images = decode(self.model, sample(self.model, x_top, [], start_t=top, progress=self.progress, **kw))
+        x_top = sample(self.model, x, [], start_t=start_t, stop_t=top, **kw)  # on a stream: no bars
+        images = decode(self.model, sample(self.model, x_top, [], start_t=top, **kw))
         return Source(name, x_top, images, prompt, guidance, steps, top)
 
     def _prepare(self, top: int) -> dict[str, Source]:
@@ -209,13 +213,12 @@ class Harness:
                 "generated": range(p.seed, p.seed + p.n_images),
                 "cal-generated": range(cal, cal + p.calibration_images),
             }
-            found = {
-                name: self._source(name, seed_latents(self.model, list(s)), None, top)
-                for name, s in seeds.items()
-            }
-            for name, (x_t, t) in self.inverted.items():
-                found[name] = self._source(name, x_t, t, top)
-            self.sources[top] = found
+            starts = [(name, seed_latents(self.model, list(s)), None) for name, s in seeds.items()]
+            starts += [(name, x_t, t) for name, (x_t, t) in self.inverted.items()]
+            found = parallel.map_ordered(
+                lambda a: self._source(*a, top), starts, self.model.device, progress=False, most=self.streams
+            )
+            self.sources[top] = {src.name: src for src in found}
         return self.sources[top]
 
     # --- one direction --------------------------------------------------------------------
