@@ -1,12 +1,16 @@
-"""Distributed discovery on a real local Ray cluster: two CPU workers over gloo running DeepSpeed
-(its CPU accelerator), Ray Data streaming, checkpoints, a killed worker, and an S3 bucket on a
-real S3-compatible server (moto) on 127.0.0.1."""
+"""Distributed discovery on a real multi-node Ray cluster on this host (a head and two worker nodes,
+each its own raylet, object store and resources, as Ray's own tests run them): two CPU workers on
+two nodes over gloo running DeepSpeed (its CPU accelerator), Ray Data streaming, checkpoints, a
+node lost mid-run and replaced, and S3 buckets on a real S3-compatible server (moto, 127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,14 +31,51 @@ from noiseclr.workflows.discover import run_discovery  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
+WORKER_NODE = {"num_cpus": 3, "object_store_memory": 100 * 2**20}  # a train worker + data tasks
+
+
 @pytest.fixture(scope="module")
 def cluster():
+    """A head with no CPUs to give (the driver's node) and two worker nodes of 2 CPUs each, so
+    the two Ray Train workers (1 CPU each) of a STRICT_SPREAD job land on different nodes."""
+    from ray.cluster_utils import Cluster
+
     # The S3 test server's credentials reach the workers as a cluster's would: in the environment.
     env = {"DS_ACCELERATOR": "cpu", "NOISECLR_TEST_S3_KEY": "test", "NOISECLR_TEST_S3_SECRET": "test"}
     os.environ.update(env)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
-    yield
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20, "include_dashboard": False},
+    )
+    for _ in range(2):
+        nodes.add_node(**WORKER_NODE)
+    nodes.wait_for_nodes()
+    ray.init(address=nodes.address, runtime_env={"env_vars": env})
+    joined: list[subprocess.Popen] = []
+
+    def join() -> None:
+        """A new worker node, as an autoscaler would start one: `ray start` joined to the head."""
+        args = ["--address", nodes.address, "--num-cpus", str(WORKER_NODE["num_cpus"]), "--block"]
+        args += ["--object-store-memory", str(WORKER_NODE["object_store_memory"]), "--disable-usage-stats"]
+        joined.append(
+            subprocess.Popen(
+                [str(Path(sys.executable).parent / "ray"), "start", *args],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+
+    nodes.join = join
+    yield nodes
     ray.shutdown()
+    for proc in joined:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    nodes.shutdown()
 
 
 def cfg(**kw) -> DiscoveryConfig:
@@ -73,16 +114,18 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage, accum", [(2, 1), (3, 2)])
-def test_the_same_job_on_two_workers_gives_the_single_process_bank(
+def test_the_same_job_on_two_workers_on_two_nodes_gives_the_single_process_bank(
     cluster, reference, tmp_path, stage, accum
 ):
     ref, data = reference
     if accum != 1:  # the single process at this grad_accum, for the comparison
         ref = run_discovery(cfg(grad_accum=accum, data=data), tmp_path / "single").bank
-    result = run_discovery(cfg(workers=2, zero_stage=stage, grad_accum=accum, data=data), tmp_path / "ray")
+    job = cfg(workers=2, zero_stage=stage, grad_accum=accum, data=data, placement_strategy="STRICT_SPREAD")
+    result = run_discovery(job, tmp_path / "ray")
     assert result.workers == 2 and result.steps == 4
     bank = DirectionBank.load(result.bank)
     assert bank.metrics["world"] == 2 and bank.config["grad_accum"] == accum
+    assert bank.metrics["nodes"] == 2  # one worker on each worker node
     same_bank(result.bank, ref)
     assert result.gallery.exists() and result.html.exists()  # the same outputs as the single process
     assert (tmp_path / "ray" / "checkpoints" / "step-0000004" / "state.json").exists()
@@ -100,31 +143,67 @@ def test_a_single_process_checkpoint_resumes_on_workers_and_a_changed_config_is_
     same_bank(result.bank, ref)
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(cluster, reference, tmp_path):
+def s3_options(s3_server) -> dict:
+    """The server's options with the credentials by name (a literal key in a job is refused)."""
+    return {**s3_server, "key": "${NOISECLR_TEST_S3_KEY}", "secret": "${NOISECLR_TEST_S3_SECRET}"}
+
+
+def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
+    cluster, reference, s3_server, s3_bucket, tmp_path
+):
+    """Kill the processes of the node running a worker (its raylet and its workers, by pid) after
+    a checkpoint reached the bucket; a new node joins, as an autoscaler would bring one; the run
+    resumes from the bucket's last checkpoint and ends with the uninterrupted run's bank."""
+    import psutil
+    import s3fs
+
     _, data = reference
-    storage = tmp_path / "ray"
-    killed = {}
+    s3_bucket("nodes-bucket")
+    fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True)  # not the run's (cached) instance
+    lost: dict = {}
 
-    def kill_one_worker():
-        import psutil
-
+    def lose_a_node() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
-            if any(storage.rglob("checkpoint_*")):
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed["pid"] = proc.info["pid"]
+            fs.invalidate_cache()
+            if fs.glob("nodes-bucket/ray/**/state.safetensors"):
+                for node in cluster.worker_nodes:
+                    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+                    victims = [
+                        p
+                        for p in raylet.children(recursive=True)
+                        if "RayTrainWorker" in " ".join(p.cmdline())
+                    ]
+                    if victims:
+                        for proc in [*victims, raylet]:
+                            proc.kill()
+                        lost["pids"] = [p.pid for p in victims]
+                        cluster.remove_node(node, allow_graceful=False)  # the rest of its processes
+                        cluster.join()  # the replacement
                         return
             time.sleep(0.2)
 
-    thread = threading.Thread(target=kill_one_worker, daemon=True)
+    def guarded() -> None:
+        try:
+            lose_a_node()
+        except Exception as err:  # the test says what went wrong, not a hang
+            lost["error"] = repr(err)
+
+    thread = threading.Thread(target=guarded, daemon=True)
     thread.start()
-    long = dict(workers=2, zero_stage=2, data=data, steps=30, checkpoint_every=5)
-    result = run_discovery(cfg(**long, storage_path=str(storage)), tmp_path / "killed")
+    long = dict(
+        workers=2, zero_stage=2, data=data, steps=30, checkpoint_every=5, placement_strategy="STRICT_SPREAD"
+    )
+    result = run_discovery(
+        cfg(**long, storage_path="s3://nodes-bucket/ray", storage_options=s3_options(s3_server)),
+        tmp_path / "lost",
+    )
     thread.join(timeout=5)
-    assert "pid" in killed, "the test did not manage to kill a worker"
+    assert lost.get("pids"), f"the test did not manage to kill a node running a worker: {lost}"
     assert result.steps == 30
+    assert DirectionBank.load(result.bank).metrics["nodes"] == 2  # the last attempt ran on two nodes again
+    alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+    assert len(alive) == 2  # the lost node is gone from the cluster, its replacement in
     straight = run_discovery(cfg(**long), tmp_path / "straight")
     # No step lost or repeated: the resumed run ends exactly where the uninterrupted one does.
     same_bank(result.bank, straight.bank)
@@ -153,11 +232,7 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(
         checkpoint_every=1,
         storage_path="s3://shapes-bucket/ray",
         # credentials by name only: a literal key/secret in a job is refused (it would be written)
-        storage_options={
-            **s3_server,
-            "key": "${NOISECLR_TEST_S3_KEY}",
-            "secret": "${NOISECLR_TEST_S3_SECRET}",
-        },
+        storage_options=s3_options(s3_server),
         tracking_uri=mlflow_server.uri,  # rank 0 logs the steps live, the driver the rest
         experiment="distributed",
         register_bank=False,

@@ -29,17 +29,29 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class Counter:
-    """Counts corrupt files across decode tasks (fire-and-forget adds, one read at the end)."""
+    """Counts corrupt files across decode tasks (fire-and-forget adds, one read at the end).
+
+    Distinct files: after a worker restart the data is read again, and a file is counted once.
+    Started on the driver's node (`start_counter`), whose loss ends the run anyway: on a worker
+    node it would die with that node and take the run's counts with it."""
 
     def __init__(self) -> None:
-        self.n, self.examples = 0, []
+        self.bad: dict[str, str] = {}  # path -> "path: error", first seen first
 
-    def add(self, n: int, examples: list[str]) -> None:
-        self.n += n
-        self.examples = (self.examples + examples)[:20]
+    def add(self, lines: list[str]) -> None:
+        for line in lines:
+            self.bad.setdefault(line.rsplit(": ", 1)[0], line)
 
     def get(self) -> dict:
-        return {"corrupt": self.n, "examples": self.examples}
+        return {"corrupt": len(self.bad), "examples": list(self.bad.values())[:20]}
+
+
+def start_counter():
+    """The corrupt-file counter, pinned to this (the driver's) node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Counter.options(scheduling_strategy=here).remote()
 
 
 def pyarrow_filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSystem, str]:
@@ -81,7 +93,7 @@ class Decode:
             pixels.append(img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
             index.append(self.index_of[path])
         if bad:
-            self.counter.add.remote(len(bad), bad)
+            self.counter.add.remote(bad)
         self.metrics.record(len(index), len(bad))
         shape = (0, 3, self.resolution, self.resolution)
         return {
@@ -123,7 +135,7 @@ def latent_dataset(
     pa_fs, _, paths = filesystem(uri, storage_options)
     paths = paths[:limit] if limit else paths
     index_of = {p: i for i, p in enumerate(paths)}
-    counter = Counter.remote()
+    counter = start_counter()
     ds = ray.data.read_binary_files(paths, filesystem=pa_fs, include_paths=True)
     ds = ds.map_batches(
         Decode,

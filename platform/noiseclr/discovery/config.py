@@ -25,6 +25,7 @@ DISTRIBUTED_KEYS = (
     "offload",
     "max_failures",
     "cache_latents",
+    "placement_strategy",
 )
 
 
@@ -150,6 +151,9 @@ class DiscoveryConfig(BaseModel):
     offload: bool = False  # ZeRO optimizer state on the CPU
     max_failures: int = Field(2, ge=0)  # worker restarts from the last checkpoint
     cache_latents: bool = True  # workers keep their shard's latents after the first pass
+    # Ray Train's worker placement: PACK fills a node first; STRICT_SPREAD puts every worker on
+    # its own node (bank metrics["nodes"] says how many nodes the workers ran on).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     keep_checkpoints: int = Field(2, ge=1)
     # tracking (MLflow): none unless a tracking URI is given here or in $MLFLOW_TRACKING_URI
     tracking_uri: str | None = None

@@ -214,6 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not config.get("use_gpu"):
         # Before DeepSpeed picks its accelerator: CPU workers on a machine that may have a GPU.
         os.environ["DS_ACCELERATOR"] = "cpu"
+    import ray
     import ray.train
     import torch.distributed as dist
     from diffusers import DDPMScheduler
@@ -256,6 +257,8 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = resolve_dtype(cfg.precision)
     loop = TrainLoop(cfg, engine, sched, state, lambda _: next(stream), device, dtype, gather, world)
     param_mib = param_bytes_per_worker(engine.engine) / 2**20
+    nodes: list[str | None] = [None] * world  # the Ray nodes the workers run on (this attempt)
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     exported = DiscoveryMetrics(cfg.name, rank, device)
     live = None
     if rank == 0 and config.get("mlflow"):  # the run's per-step metrics, live, from rank 0
@@ -271,7 +274,12 @@ def train_loop_per_worker(config: dict) -> None:
         if live is not None:
             live.step(record)
         recent = step_times[1:] or step_times  # the first step includes warm-up
-        metrics = {"step": loop.step, "loss": record["loss"], "param_mib": param_mib}
+        metrics = {
+            "step": loop.step,
+            "loss": record["loss"],
+            "param_mib": param_mib,
+            "nodes": len(set(nodes)),
+        }
         metrics["pairs_per_s"] = pairs * len(recent) / sum(recent)
         exported.record_step(
             loop.step, record["loss"], metrics["pairs_per_s"], record["seconds"], local * cfg.grad_accum
@@ -390,7 +398,10 @@ def train_distributed(
             "mlflow": mlflow_run,
         },
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1}
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
+            placement_strategy=cfg.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -408,6 +419,8 @@ def train_distributed(
     result = trainer.fit()
     if result.error:
         raise result.error
+    if fs is not None:  # the workers wrote the checkpoints: a listing cached here would miss them
+        fs.handler.fs.invalidate_cache()
     corrupt = ray.get(counter.get.remote())
     counts = {
         "files": n_files,
@@ -415,7 +428,7 @@ def train_distributed(
         "corrupt_examples": corrupt["examples"],
         **{
             k: result.metrics[k]
-            for k in ("pairs_per_s", "param_mib", "mlflow_sent_through")
+            for k in ("pairs_per_s", "param_mib", "nodes", "mlflow_sent_through")
             if k in result.metrics
         },
     }
