@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from noiseclr.errors import ConfigError
 from noiseclr.evaluation import blind
 from noiseclr.evaluation.evaluate import Harness, Protocol, word_bank
 from noiseclr.utils import parallel
@@ -38,6 +39,10 @@ def test_map_ordered_keeps_order_splits_threads_and_raises(two_threads, monkeypa
     assert inner == [1, 1]  # a stream's work does not fan out again (no pool waits on itself)
     monkeypatch.setenv("NOISECLR_STREAMS", "1")  # several jobs sharing a machine
     assert parallel.streams("cpu", 6) == 1
+    monkeypatch.setenv("NOISECLR_STREAMS", "two")
+    with pytest.raises(ConfigError, match="NOISECLR_STREAMS must be a whole number"):
+        parallel.streams("cpu", 6)
+    monkeypatch.delenv("NOISECLR_STREAMS")
 
     def fails(i: int) -> int:
         if i == 2:

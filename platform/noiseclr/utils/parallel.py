@@ -23,6 +23,8 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from noiseclr.errors import ConfigError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -37,8 +39,10 @@ def streams(device: torch.device | str, n_items: int, most: int = MAX_STREAMS) -
     on CPU only, and 1 inside a stream (a stream's work does not fan out again)."""
     if torch.device(device).type != "cpu" or threading.current_thread().name.startswith(PREFIX):
         return 1
-    limit = int(os.environ.get("NOISECLR_STREAMS", most) or most)
-    return max(1, min(torch.get_num_threads(), n_items, most, limit))
+    raw = os.environ.get("NOISECLR_STREAMS", "").strip()
+    if raw and not (raw.isdigit() and int(raw) >= 1):
+        raise ConfigError(f"NOISECLR_STREAMS must be a whole number of threads >= 1, got {raw!r}")
+    return max(1, min(torch.get_num_threads(), n_items, most, int(raw) if raw else most))
 
 
 def _pool(n: int, per_stream: int) -> ThreadPoolExecutor:
