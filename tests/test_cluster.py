@@ -1,4 +1,5 @@
-"""Beyond one machine, on a real local Ray cluster (`ray start --head` on 127.0.0.1, token auth on):
+"""Beyond one machine, on a real local Ray cluster of two nodes (`ray start --head` on 127.0.0.1,
+token auth on, and a worker node joined with `ray start --address`):
 `noiseclr submit` through Ray's Jobs API (a discovery job followed to success, an edit endpoint
 submitted then stopped, refusals), and the dashboards: every metric a panel queries is exported by
 the cluster's metrics endpoints, and a real Prometheus running dashboards/prometheus.yml's scrape
@@ -68,6 +69,12 @@ def wait_for(check, seconds: float, what: str, every: float = 1.0, fail: bool = 
     return None
 
 
+def alive_nodes(address: str) -> list:
+    """The cluster's live nodes, through Ray's state API (the dashboard, with the token)."""
+    reply = httpx.get(f"{address}/api/v0/nodes", headers=jobs.auth_headers(), timeout=10).json()
+    return [n for n in reply["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "noiseclr"), *args],
@@ -80,7 +87,8 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
 
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head with the dashboard (Jobs API) and metrics agent on 127.0.0.1; stopped at the end."""
+    """A Ray head with the dashboard (Jobs API) and metrics agent on 127.0.0.1, and a worker node
+    joined to it (its own raylet, object store and metrics agent); both stopped at the end."""
     tmp = Path(tempfile.mkdtemp(prefix="nclr"))  # short: Ray's socket paths live under it
     # Every port chosen free, so a Ray already running on this machine cannot collide with it.
     names = ("gcs", "dashboard", "metrics", "agent-listen", "agent-grpc", "runtime-env", "client")
@@ -109,10 +117,30 @@ def head():
     )
     address = f"http://127.0.0.1:{ports['dashboard']}"
     os.environ.update(auth)  # this process's Jobs API clients, as for `ray job`
+    procs = [proc]
     try:
         up = lambda: httpx.get(f"{address}/api/version", timeout=5).status_code < 500  # noqa: E731
         if not wait_for(up, 120, "Ray head", fail=False):
             pytest.fail(f"Ray head did not start: {(tmp / 'ray-start.log').read_text()[-2000:]}")
+        worker = {name: free_port() for name in ("metrics", "agent-listen", "agent-grpc", "runtime-env")}
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "ray"),
+                    *("start", "--address", f"127.0.0.1:{ports['gcs']}", "--block", "--disable-usage-stats"),
+                    *("--num-cpus", "2", "--metrics-export-port", str(worker["metrics"])),
+                    *("--dashboard-agent-listen-port", str(worker["agent-listen"])),
+                    *("--dashboard-agent-grpc-port", str(worker["agent-grpc"])),
+                    *("--runtime-env-agent-port", str(worker["runtime-env"])),
+                ],
+                env=env,
+                stdout=open(tmp / "ray-worker.log", "w"),  # noqa: SIM115 - as the head's
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        if not wait_for(lambda: len(alive_nodes(address)) == 2, 120, "the worker node", fail=False):
+            pytest.fail(f"the worker node did not join: {(tmp / 'ray-worker.log').read_text()[-2000:]}")
         wait_for(lambda: jobs.client(address).list_jobs() is not None, 60, "Ray's Jobs API")
         yield {
             "address": address,
@@ -123,11 +151,12 @@ def head():
     finally:
         for key in auth:
             os.environ.pop(key, None)
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything left of this cluster, nothing else
+        for started in reversed(procs):  # the worker node first, then the head
+            started.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                started.wait(60)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(started.pid, signal.SIGKILL)  # anything left of this cluster, nothing else
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -191,7 +220,8 @@ def workdir(tmp_path_factory):
     work.mkdir()
     job = dict(
         model="shapes", data=str(data), n_images=10, name="tiny", k=4, negatives=2, batch=2, steps=60,
-        t_max=600, workers=1, zero_stage=0, checkpoint_every=30, device="cpu", evaluate=False, gallery=False,
+        t_max=600, workers=2, placement_strategy="STRICT_SPREAD", zero_stage=0, checkpoint_every=30,
+        device="cpu", evaluate=False, gallery=False,
     )  # fmt: skip
     (work / "tiny.yaml").write_text(yaml.safe_dump(job))
     shutil.copytree(BANK, work / "bank")
@@ -199,6 +229,7 @@ def workdir(tmp_path_factory):
     serve = yaml.safe_load((ROOT / "jobs/serve-shapes.yaml").read_text())
     serve.update(
         banks={"shapes": "bank"}, port=port, device="cpu", labels_dir=str(tmp / "labels"),
+        proxy_location="HeadOnly",  # the worker node is on this host too: one proxy binds the port
         default_steps=4, default_inversion_steps=4, thumbnail_steps=3,
     )  # fmt: skip
     (work / "serve.yaml").write_text(yaml.safe_dump(serve))
@@ -244,8 +275,8 @@ def metric_names(queries: list[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def discovery_job(head, prometheus, workdir):
-    """`noiseclr submit` a discovery job (1 Ray Train worker), following its logs, while this scrapes
-    the metrics endpoints: a run's gauges live only as long as its workers."""
+    """`noiseclr submit` a discovery job (2 Ray Train workers, one per node), following its logs,
+    while this scrapes the metrics endpoints: a run's gauges live only as long as its workers."""
     job_id = f"tiny-{int(time.time())}"
     args = ("submit", str(workdir["work"] / "tiny.yaml"), "--address", head["address"])
     args += ("--working-dir", str(workdir["work"]), "--out", str(workdir["out"]), "--submission-id", job_id)
@@ -298,9 +329,10 @@ def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, w
     job_id, done = discovery_job["id"], discovery_job["done"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"submitted {job_id}" in done.stderr and f"{job_id}: SUCCEEDED" in done.stderr
-    assert "done: 60 steps on 8 images, 1 Ray Train workers" in done.stdout  # the followed logs
+    assert "done: 60 steps on 8 images, 2 Ray Train workers" in done.stdout  # the followed logs
     bank = DirectionBank.load(workdir["out"] / "bank")
     assert bank.directions.shape[0] == 4 and bank.metrics["corrupt_images"] == CORRUPT
+    assert bank.metrics["nodes"] == 2  # the head and the worker node each ran a worker
     status = cli("job", "status", job_id, "--address", head["address"], env=head["env"])
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
     assert "noiseclr discover --config tiny.yaml" in status.stdout

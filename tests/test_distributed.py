@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,8 @@ from noiseclr.errors import ConfigError  # noqa: E402
 from noiseclr.workflows.discover import run_discovery  # noqa: E402
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BANK = ROOT / "platform/noiseclr/pretrained/banks/shapes"
 
 
 WORKER_NODE = {"num_cpus": 3, "object_store_memory": 100 * 2**20}  # a train worker + data tasks
@@ -66,7 +69,7 @@ def cluster():
             )
         )
 
-    nodes.join = join
+    nodes.join, nodes.joined = join, joined
     yield nodes
     ray.shutdown()
     for proc in joined:
@@ -76,6 +79,30 @@ def cluster():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     nodes.shutdown()
+
+
+def kill_a_node_running(cluster, marker: str) -> list[int]:
+    """Kill a worker node that runs a process whose command line holds `marker`: those processes
+    and its raylet by pid, then the rest of the node; a replacement node joins. The killed pids."""
+    import psutil
+
+    def raylet_of(proc: psutil.Process) -> psutil.Process:
+        return next(p for p in proc.children(recursive=True) if p.name() == "raylet")
+
+    nodes = [(psutil.Process(n.all_processes["raylet"][0].process.pid), n) for n in cluster.worker_nodes]
+    nodes += [(raylet_of(psutil.Process(p.pid)), p) for p in cluster.joined if p.poll() is None]
+    for raylet, node in nodes:
+        victims = [p for p in raylet.children(recursive=True) if marker in " ".join(p.cmdline())]
+        if victims:
+            for proc in [*victims, raylet]:
+                proc.kill()
+            if isinstance(node, subprocess.Popen):  # a node that joined with `ray start`
+                os.killpg(node.pid, signal.SIGKILL)
+            else:
+                cluster.remove_node(node, allow_graceful=False)  # the rest of its processes
+            cluster.join()  # the replacement
+            return [p.pid for p in victims]
+    return []
 
 
 def cfg(**kw) -> DiscoveryConfig:
@@ -126,6 +153,10 @@ def test_the_same_job_on_two_workers_on_two_nodes_gives_the_single_process_bank(
     bank = DirectionBank.load(result.bank)
     assert bank.metrics["world"] == 2 and bank.config["grad_accum"] == accum
     assert bank.metrics["nodes"] == 2  # one worker on each worker node
+    # What a run costs, for the benchmarks and a user's MLflow run: the largest worker's peak
+    # memory, the driver's, and an attempt's start to its first step.
+    assert bank.metrics["worker_peak_rss_mib"] > 100 and bank.metrics["peak_rss_mib"] > 100
+    assert 0 < bank.metrics["first_step_s"] < bank.metrics["train_seconds"]
     same_bank(result.bank, ref)
     assert result.gallery.exists() and result.html.exists()  # the same outputs as the single process
     assert (tmp_path / "ray" / "checkpoints" / "step-0000004" / "state.json").exists()
@@ -154,7 +185,6 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     """Kill the processes of the node running a worker (its raylet and its workers, by pid) after
     a checkpoint reached the bucket; a new node joins, as an autoscaler would bring one; the run
     resumes from the bucket's last checkpoint and ends with the uninterrupted run's bank."""
-    import psutil
     import s3fs
 
     _, data = reference
@@ -166,21 +196,10 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
         deadline = time.time() + 300
         while time.time() < deadline:
             fs.invalidate_cache()
-            if fs.glob("nodes-bucket/ray/**/state.safetensors"):
-                for node in cluster.worker_nodes:
-                    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-                    victims = [
-                        p
-                        for p in raylet.children(recursive=True)
-                        if "RayTrainWorker" in " ".join(p.cmdline())
-                    ]
-                    if victims:
-                        for proc in [*victims, raylet]:
-                            proc.kill()
-                        lost["pids"] = [p.pid for p in victims]
-                        cluster.remove_node(node, allow_graceful=False)  # the rest of its processes
-                        cluster.join()  # the replacement
-                        return
+            checkpointed = fs.glob("nodes-bucket/ray/**/state.safetensors")
+            if checkpointed and (pids := kill_a_node_running(cluster, "RayTrainWorker")):
+                lost["pids"] = pids
+                return
             time.sleep(0.2)
 
     def guarded() -> None:
@@ -256,3 +275,88 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(
     client = MlflowClient(mlflow_server.uri)
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss")) == [1, 2]  # each once
     assert "${NOISECLR_TEST_S3_SECRET}" in client.get_run(result.run_id).data.params["storage_options"]
+
+
+def test_an_endpoint_node_lost_under_load_loses_no_request(cluster, mlflow_server, tmp_path):
+    """Two replicas spread over the worker nodes, the bank read from the MLflow server (shared
+    storage, not a node's disk), Serve's proxy on the head. Clients that retry keep editing while
+    the node of one replica is killed: every request gets its image, Serve brings the replica
+    back on a live node, and the dead node answers nothing after."""
+    import httpx
+    import mlflow
+    from ray import serve
+
+    from noiseclr.serving.app import start
+    from noiseclr.serving.config import ServeConfig
+    from noiseclr.tracking.registry import log_bank
+    from noiseclr.tracking.server import free_port
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_experiment("node-loss")
+    with mlflow.start_run():
+        log_bank(BANK, "node-loss-bank", "champion")
+    cfg = ServeConfig.from_yaml(
+        ROOT / "jobs/serve-shapes.yaml",
+        port=free_port(),
+        device="cpu",
+        proxy_location="HeadOnly",  # several nodes on one host cannot all bind the port
+        labels_dir=str(tmp_path / "labels"),
+        default_steps=3,
+        banks={"shapes": "models:/node-loss-bank@champion"},
+        tracking_uri=mlflow_server.uri,
+        replicas={"num_replicas": 2, "num_cpus": 1},
+    )
+    url = start(cfg)
+    stop, answered, retries = threading.Event(), [], []
+
+    def client(seed: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                for _ in range(60):  # one request, retried on a 5xx or a dropped connection
+                    try:
+                        r = c.post("/v1/edits", json={"seed": seed, "edits": [{"bank": "shapes",
+                                   "direction": 0, "scale": 1.0}]})  # fmt: skip
+                        if r.status_code == 200:
+                            answered.append((time.monotonic(), json.loads(r.headers["X-Edit-Meta"])["node"]))
+                            break
+                        assert r.status_code >= 500, r.text  # a 4xx would be this test's mistake
+                    except httpx.TransportError:
+                        pass
+                    retries.append(seed)
+                    time.sleep(0.5)
+                else:
+                    answered.append((time.monotonic(), None))  # lost: 60 tries without an image
+
+    def running() -> int:
+        app = serve.status().applications.get(cfg.name)
+        return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values()) if app else 0
+
+    try:
+        deadline = time.monotonic() + 240
+        while running() < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert running() == 2
+        threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in range(4)]
+        for t in threads:
+            t.start()
+        while len({n for _, n in answered}) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # both replicas have answered: they are on two nodes
+        assert len({n for _, n in answered}) == 2, answered
+        pids = kill_a_node_running(cluster, "ServeReplica")
+        killed_at = time.monotonic()
+        assert pids, "no worker node ran a replica"
+        dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+        recovered = lambda: running() == 2 and any(at > killed_at + 5 for at, _ in answered)  # noqa: E731
+        while not recovered() and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(3)  # a few more requests on the recovered deployment
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert running() == 2  # the lost replica is back
+        assert answered and all(node for _, node in answered), f"requests lost: {answered}"
+        after = {node for at, node in answered if at > killed_at + 5}
+        assert after and not after & dead, (after, dead)
+    finally:
+        stop.set()
+        serve.shutdown()

@@ -150,6 +150,9 @@ class EditServer:
         self._edit_batch.set_max_batch_size(self.cfg.batching.max_batch_size)
         self._edit_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
         self.started = time.time()
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()  # which Ray node answered (ops, tests)
         self._polled, self._poll = time.monotonic(), None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -233,6 +236,7 @@ class EditServer:
             "sources": {n: r if r.startswith("models:/") else Path(r).name for n, r in store.sources.items()},
             "versions": store.versions,
             "pid": os.getpid(),
+            "node": self.node,
             "up_s": round(time.time() - self.started, 1),
             "auth": bool(self.keys),
         }
@@ -332,6 +336,7 @@ class EditServer:
                 "batch": batch,
                 "ms": round(1000 * (time.perf_counter() - started), 1),
                 "pid": os.getpid(),
+                "node": self.node,
             }
             status = 200
             if req.format == "json":
@@ -412,6 +417,6 @@ def start(cfg: ServeConfig, address: str | None = None, blocking: bool = False):
     app; returns the app's base URL. `noiseclr serve` and the tests both start it this way."""
     check_exposure(cfg, key_hashes(cfg))  # refused before Ray and Serve are started for nothing
     init_ray(address, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -67,6 +67,10 @@ class ServeConfig(BaseModel):
     tracking_uri: str | None = None  # for models:/ banks; else $MLFLOW_TRACKING_URI
     host: str = "127.0.0.1"  # loopback unless configured
     port: int = Field(8000, ge=1, le=65535)
+    # Where Serve runs its HTTP proxies: EveryNode (each node with a replica answers on host:port,
+    # for a load balancer in front), HeadOnly (one entry point; also what several Ray nodes on one
+    # host need, as they cannot all bind one port), Disabled (handles only, no HTTP).
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"
     route_prefix: str = "/"
     name: str = Field("noiseclr-edit", pattern=r"^[A-Za-z0-9_-]+$")
     # API keys: comma-separated in this environment variable. Unset or empty: no key needed.

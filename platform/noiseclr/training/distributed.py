@@ -222,8 +222,9 @@ def train_loop_per_worker(config: dict) -> None:
     from noiseclr.discovery import step as steps
     from noiseclr.discovery.core import TrainLoop
     from noiseclr.models.base import load_model, resolve_dtype
-    from noiseclr.training.metrics import DiscoveryMetrics
+    from noiseclr.training.metrics import DiscoveryMetrics, peak_rss_mib
 
+    started = time.perf_counter()
     cfg = DiscoveryConfig(**config["discovery"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -268,9 +269,11 @@ def train_loop_per_worker(config: dict) -> None:
         live = LiveMetrics(cfg, config["mlflow"]["run_id"])
     pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum
     step_times: list[float] = []
+    first_step_s = None  # this attempt's start (model load, data, DeepSpeed) to its first step done
     while loop.step < cfg.steps:
         record = loop.optimizer_step()
         step_times.append(record["seconds"])
+        first_step_s = first_step_s or time.perf_counter() - started
         if live is not None:
             live.step(record)
         recent = step_times[1:] or step_times  # the first step includes warm-up
@@ -288,6 +291,10 @@ def train_loop_per_worker(config: dict) -> None:
             live.close()
             metrics["mlflow_sent_through"] = live.sent_through
         if loop.step % cfg.checkpoint_every == 0 or loop.step == cfg.steps:
+            # The largest worker's peak memory so far (a collective: every rank is here).
+            peak = torch.tensor([peak_rss_mib()], dtype=torch.float64)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            metrics.update(worker_peak_rss_mib=round(peak.item(), 1), first_step_s=round(first_step_s, 2))
             saved = loop.state()  # every rank: a collective under ZeRO-3
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = ray.train.Checkpoint.from_directory(saved.save(tmp)) if rank == 0 else None
@@ -332,6 +339,10 @@ def _local_batches(cfg: DiscoveryConfig, shard, local: int):
                 for b in shard.iter_torch_batches(batch_size=local, drop_last=True)
             )
         yield from cache
+
+
+# What rank 0 reports that the bank's metrics keep.
+REPORTED = ("pairs_per_s", "param_mib", "nodes", "mlflow_sent_through", "worker_peak_rss_mib", "first_step_s")
 
 
 def param_bytes_per_worker(engine) -> int:
@@ -422,14 +433,13 @@ def train_distributed(
     if fs is not None:  # the workers wrote the checkpoints: a listing cached here would miss them
         fs.handler.fs.invalidate_cache()
     corrupt = ray.get(counter.get.remote())
+    from noiseclr.training.metrics import peak_rss_mib
+
     counts = {
+        "peak_rss_mib": round(peak_rss_mib(), 1),  # the driver's (it never holds the images)
         "files": n_files,
         "corrupt_images": corrupt["corrupt"],
         "corrupt_examples": corrupt["examples"],
-        **{
-            k: result.metrics[k]
-            for k in ("pairs_per_s", "param_mib", "nodes", "mlflow_sent_through")
-            if k in result.metrics
-        },
+        **{k: result.metrics[k] for k in REPORTED if k in result.metrics},
     }
     return result.checkpoint, counts
