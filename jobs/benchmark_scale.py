@@ -57,7 +57,9 @@ class ProcessPeaks:
                     if proc.info["pid"] == me:
                         role = "driver"
                     elif cmd.startswith("ray::") and "IDLE" not in cmd:
-                        role = cmd.split()[0].removeprefix("ray::")[:48]
+                        # a process's title names what it runs now: `Actor.method`; keep the actor
+                        role = cmd.split()[0].removeprefix("ray::").split(").")[0].split(".")[0]
+                        role = role + ")" * (role.count("(") - role.count(")"))
                     else:
                         continue
                     mem = proc.memory_info()
@@ -75,16 +77,20 @@ class ProcessPeaks:
         self._thread.join()
 
 
-def in_subprocess(args: list[str], env: dict[str, str] | None = None) -> dict:
+def in_subprocess(args: list[str], env: dict[str, str] | None = None, timeout: float = 3600) -> dict:
     """Run this script with `args`; it prints one JSON line last."""
-    done = subprocess.run(
-        [sys.executable, str(HERE), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    if done.returncode:
-        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:200]}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(HERE), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {timeout:.0f} s"}
+    if done.returncode or not done.stdout.strip():
+        return {"error": ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1][:200]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -120,9 +126,17 @@ def one_domain(uri: str, endpoint: str, cache: bool, steps: int, batch: int) -> 
     with ProcessPeaks() as train_peaks:
         row["train"] = discovery_metrics(
             dict(
-                data=uri, storage_options=options, n_images=n, steps=steps, batch=batch, k=12, negatives=7,
-                workers=1, zero_stage=0, cache_latents=cache,
-            )  # fmt: skip
+                data=uri,
+                storage_options=options,
+                n_images=n,
+                steps=steps,
+                batch=batch,
+                k=12,
+                negatives=7,
+                workers=1,
+                zero_stage=0,
+                cache_latents=cache,
+            )
         )
     row["train_process_peaks"] = dict(train_peaks.peaks)
     ray.shutdown()
@@ -141,8 +155,16 @@ def one_domain(uri: str, endpoint: str, cache: bool, steps: int, batch: int) -> 
                 index, _ = next(stream)
                 seen += len(index)
                 first = first or time.perf_counter() - started
-            return {"seconds": time.perf_counter() - started, "first_batch_s": first, "rows": seen,
-                    "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+            seconds = time.perf_counter() - started
+            # Files per second once the stream flows: the first batch carries the stages' start.
+            rate = (seen - batch) / (seconds - first) if seen > batch else float("nan")
+            return {
+                "seconds": seconds,
+                "first_batch_s": first,
+                "rows": seen,
+                "files_per_s": rate,
+                "peak_rss_mib": peak_rss_mib(),
+            }
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     torch.set_num_threads(1)
@@ -152,7 +174,7 @@ def one_domain(uri: str, endpoint: str, cache: bool, steps: int, batch: int) -> 
         row["list_s"] = round(time.perf_counter() - listed, 2)
         (shard,) = ds.streaming_split(1)
         full = ray.get(Pass.remote().run.remote(shard, files // batch * batch, cache))
-    row["pass"] = {**full, "files_per_s": full["rows"] / full["seconds"]}
+    row["pass"] = full
     row["pass_process_peaks"] = dict(pass_peaks.peaks)
     ray.shutdown()
     return row
@@ -172,8 +194,11 @@ def write_domains(sizes: list[int], endpoint: str) -> None:
 
 
 def domain_table(args) -> None:
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per S3 request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
@@ -183,34 +208,47 @@ def domain_table(args) -> None:
         write_domains(args.sizes, endpoint)
         rows = []
         for n in args.sizes:
-            for cache in (False, True):
-                one = ["_domain", f"s3://domain/d{n}", endpoint, str(int(cache)), str(args.steps), str(args.batch)]
+            for cache in args.cache:
+                one = ["_domain", f"s3://domain/d{n}", endpoint, str(int(cache))]
+                one += [str(args.steps), str(args.batch)]
                 rows.append(row := in_subprocess(one))
                 print(json.dumps(row), flush=True)
     finally:
         server.stop()
     print()
-    print("| N | cache | list s | time to first step s | train pairs/s | driver peak RSS MiB | worker peak RSS "
-          "MiB | full pass files/s | pass actor peak RSS MiB | largest Ray Data process MiB (private) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| N | cache | list s | worker start to first step s | train pairs/s | driver MiB | train worker MiB "
+        "| full pass: first batch s | files/s after it | pass actor MiB (peak RSS) "
+        "| largest Ray Data process MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| ? | ? | failed: {r['error']} |")
             continue
-        t, p = r["train"], r["pass"]
-        data = {k: v for k, v in {**r["train_process_peaks"], **r["pass_process_peaks"]}.items()
-                if "MapBatches" in k or "Read" in k or "MapWorker" in k}  # fmt: skip
+        t, p, tp = r["train"], r["pass"], r["train_process_peaks"]
+        both = {
+            k: max(tp.get(k, 0.0), r["pass_process_peaks"].get(k, 0.0))
+            for k in {*tp, *r["pass_process_peaks"]}
+        }
+        data = {k: v for k, v in both.items() if "MapBatches" in k or "Read" in k}
         largest = max(data.items(), key=lambda kv: kv[1]) if data else ("-", 0.0)
         print(
             f"| {r['n']} | {'on' if r['cache'] else 'off'} | {r['list_s']:.1f} | {t['first_step_s']:.1f} | "
-            f"{t['pairs_per_s']:.1f} | {t['peak_rss_mib']:.0f} | {t['worker_peak_rss_mib']:.0f} | "
-            f"{p['files_per_s']:.0f} | {p['peak_rss_mib']:.0f} | {largest[1]:.0f} ({largest[0]}) |"
+            f"{t['pairs_per_s']:.1f} | {tp['driver']:.0f} | {tp.get('RayTrainWorker', 0):.0f} | "
+            f"{p['first_batch_s']:.1f} | {p['files_per_s']:.0f} | {p['peak_rss_mib']:.0f} | "
+            f"{largest[1]:.0f} ({largest[0]}) |"
         )
+    print("MiB: private memory (RSS less shared pages), sampled every 0.5 s, each process's peak; the pass")
+    print("actor's is its own peak RSS (ru_maxrss), libraries included.")
     by = {(r["n"], r["cache"]): r for r in rows if "error" not in r}
     for n in args.sizes:
         if (n, True) in by and (n, False) in by:
             extra = by[(n, True)]["pass"]["peak_rss_mib"] - by[(n, False)]["pass"]["peak_rss_mib"]
-            print(f"N={n}: the cache costs the worker {extra:.0f} MiB, {1024 * extra / n:.1f} KiB per image")
+            print(
+                f"N={n}: the cache costs the worker {extra:.0f} MiB, {1024 * extra / n:.1f} KiB per image "
+                "(peak RSS: tens of MiB of noise; trust the largest N)"
+            )
 
 
 # --- how cost grows ----------------------------------------------------------------------------------
@@ -247,8 +285,16 @@ def on_ray(workers: int, strategy: str, steps: int, batch: int) -> dict:
     ray.init(address=nodes.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, log_to_driver=False)
     try:
         return discovery_metrics(
-            dict(k=12, negatives=7, n_images=64, steps=steps, batch=batch, workers=workers, zero_stage=2,
-                 placement_strategy=strategy)  # fmt: skip
+            dict(
+                k=12,
+                negatives=7,
+                n_images=64,
+                steps=steps,
+                batch=batch,
+                workers=workers,
+                zero_stage=2,
+                placement_strategy=strategy,
+            )
         )
     finally:
         ray.shutdown()
@@ -277,17 +323,30 @@ def cost_table(args) -> None:
             return f"{got[b][key] / got[a][key]:.2f}x"
         return "n/a"
 
-    print()
-    print(f"K 12 -> 1000: pairs/s {ratio('K 12', 'K 1000', 'pairs_per_s')}, "
-          f"peak memory {ratio('K 12', 'K 1000', 'peak_rss_mib')} (should stay ~1x: the step never sees K)")  # fmt: skip
-    print(f"directions/step 8 -> 64: pairs/s {ratio('directions/step 8', 'directions/step 64', 'pairs_per_s')}, "
-          f"peak memory {ratio('directions/step 8', 'directions/step 64', 'peak_rss_mib')} "
-          "(step time grows linearly, so pairs/s should stay ~flat; activations grow)")  # fmt: skip
+    d8, d64, w1, w2, n2 = (
+        "directions/step 8",
+        "directions/step 64",
+        "workers 1, nodes 1",
+        "workers 2, nodes 1",
+        ("workers 2, nodes 2"),
+    )
     small, large = f"N {args.images[0]}", f"N {args.images[-1]}"
-    print(f"{small} -> {large}: pairs/s {ratio(small, large, 'pairs_per_s')}, peak memory "
-          f"{ratio(small, large, 'peak_rss_mib')} (the single process holds every latent: grows with N)")  # fmt: skip
-    print(f"workers 1 -> 2 (one node): pairs/s {ratio('workers 1, nodes 1', 'workers 2, nodes 1', 'pairs_per_s')}; "
-          f"2 workers, 1 -> 2 nodes: {ratio('workers 2, nodes 1', 'workers 2, nodes 2', 'pairs_per_s')}")  # fmt: skip
+    pairs, peak = "pairs_per_s", "peak_rss_mib"
+    print()
+    print(
+        f"K 12 -> 1000: pairs/s {ratio('K 12', 'K 1000', pairs)}, peak memory {ratio('K 12', 'K 1000', peak)}"
+    )
+    print("  (should stay ~1x: a step touches 1 + negatives directions, never all K)")
+    print(f"directions/step 8 -> 64: pairs/s {ratio(d8, d64, pairs)}, peak memory {ratio(d8, d64, peak)}")
+    print("  (a step's work grows linearly with its directions, so pairs/s should stay ~flat)")
+    print(
+        f"{small} -> {large}: pairs/s {ratio(small, large, pairs)}, peak memory {ratio(small, large, peak)}"
+    )
+    print("  (the single process holds every latent: memory grows with N, pairs/s should not move)")
+    print(
+        f"workers 1 -> 2 on one node: pairs/s {ratio(w1, w2, pairs)}; "
+        f"2 workers, 1 -> 2 nodes: {ratio(w2, n2, pairs)}"
+    )
 
 
 def main() -> None:
@@ -296,6 +355,7 @@ def main() -> None:
     domain = sub.add_parser("domain", help="large domains streamed from S3")
     domain.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     domain.add_argument("--steps", type=int, default=6)
+    domain.add_argument("--cache", nargs="+", choices=["off", "on"], default=["off", "on"])
     domain.add_argument("--batch", type=int, default=8)
     cost = sub.add_parser("cost", help="pairs/s and memory against directions, K, N, workers, nodes")
     cost.add_argument("--images", type=int, nargs="+", default=[100, 1000, 4000])
@@ -306,6 +366,7 @@ def main() -> None:
         sub.add_parser(name).add_argument("values", nargs=nargs)
     args = ap.parse_args()
     if args.table == "domain":
+        args.cache = [c == "on" for c in args.cache]
         domain_table(args)
     elif args.table == "cost":
         cost_table(args)

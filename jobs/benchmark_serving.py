@@ -116,7 +116,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": base.host, "port": base.port})
+    serve.start(proxy_location=base.proxy_location, http_options={"host": base.host, "port": base.port})
     try:
         for label, size in (("batched", base.batching.max_batch_size), ("unbatched", 1)):
             cfg = base.model_copy(

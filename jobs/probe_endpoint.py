@@ -232,7 +232,7 @@ def main() -> None:
     cfg = cfg.model_copy(update={"replicas": cfg.replicas.model_copy(update={"num_replicas": 1})})
     bank = next(iter(cfg.banks))
     ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
     try:
         serve.run(build(cfg), name=cfg.name, route_prefix="/")
         url = f"http://{cfg.host}:{cfg.port}"

@@ -71,8 +71,11 @@ def wait_for(check, seconds: float, what: str, every: float = 1.0, fail: bool = 
 
 def alive_nodes(address: str) -> list:
     """The cluster's live nodes, through Ray's state API (the dashboard, with the token)."""
-    reply = httpx.get(f"{address}/api/v0/nodes", headers=jobs.auth_headers(), timeout=10).json()
-    return [n for n in reply["data"]["result"]["result"] if n["state"] == "ALIVE"]
+    try:
+        reply = httpx.get(f"{address}/api/v0/nodes", headers=jobs.auth_headers(), timeout=10).json()
+        return [n for n in reply["data"]["result"]["result"] if n["state"] == "ALIVE"]
+    except (ValueError, KeyError, TypeError):  # the dashboard is still starting: not an answer yet
+        return []
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -25,6 +25,7 @@ from noiseclr.discovery.config import resolve_env
 from noiseclr.errors import DataError
 
 log = logging.getLogger(__name__)
+FILES_PER_READ_TASK = 32
 
 
 @ray.remote(num_cpus=0)
@@ -136,7 +137,11 @@ def latent_dataset(
     paths = paths[:limit] if limit else paths
     index_of = {p: i for i, p in enumerate(paths)}
     counter = start_counter()
-    ds = ray.data.read_binary_files(paths, filesystem=pa_fs, include_paths=True)
+    # Read tasks of a bounded number of files: left to itself Ray Data sizes them by bytes (a
+    # 128 MiB block), so a domain of small images becomes a few tasks of thousands of files
+    # each, and the first batch waits for a whole task: time to first step grew with N.
+    blocks = max(1, -(-len(paths) // FILES_PER_READ_TASK))
+    ds = ray.data.read_binary_files(paths, filesystem=pa_fs, include_paths=True, override_num_blocks=blocks)
     ds = ds.map_batches(
         Decode,
         fn_constructor_kwargs={

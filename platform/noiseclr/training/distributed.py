@@ -269,7 +269,9 @@ def train_loop_per_worker(config: dict) -> None:
         live = LiveMetrics(cfg, config["mlflow"]["run_id"])
     pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum
     step_times: list[float] = []
-    first_step_s = None  # this attempt's start (model load, data, DeepSpeed) to its first step done
+    # This attempt's worker function, from after its imports (model load, data, DeepSpeed set-up
+    # included) to its first optimizer step done.
+    first_step_s = None
     while loop.step < cfg.steps:
         record = loop.optimizer_step()
         step_times.append(record["seconds"])
@@ -292,7 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["mlflow_sent_through"] = live.sent_through
         if loop.step % cfg.checkpoint_every == 0 or loop.step == cfg.steps:
             # The largest worker's peak memory so far (a collective: every rank is here).
-            peak = torch.tensor([peak_rss_mib()], dtype=torch.float64)
+            peak = torch.tensor([peak_rss_mib()], dtype=torch.float64, device=device)  # nccl: on the GPU
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             metrics.update(worker_peak_rss_mib=round(peak.item(), 1), first_step_s=round(first_step_s, 2))
             saved = loop.state()  # every rank: a collective under ZeRO-3
