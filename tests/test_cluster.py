@@ -222,8 +222,8 @@ def workdir(tmp_path_factory):
     work = tmp / "work"
     work.mkdir()
     job = dict(
-        model="shapes", data=str(data), n_images=10, name="tiny", k=4, negatives=2, batch=2, steps=60,
-        t_max=600, workers=2, placement_strategy="STRICT_SPREAD", zero_stage=0, checkpoint_every=30,
+        model="shapes", data=str(data), n_images=10, name="tiny", k=4, negatives=2, batch=2, steps=30,
+        t_max=600, workers=2, placement_strategy="STRICT_SPREAD", zero_stage=0, checkpoint_every=15,
         device="cpu", evaluate=False, gallery=False,
     )  # fmt: skip
     (work / "tiny.yaml").write_text(yaml.safe_dump(job))
@@ -332,7 +332,7 @@ def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, w
     job_id, done = discovery_job["id"], discovery_job["done"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"submitted {job_id}" in done.stderr and f"{job_id}: SUCCEEDED" in done.stderr
-    assert "done: 60 steps on 8 images, 2 Ray Train workers" in done.stdout  # the followed logs
+    assert "done: 30 steps on 8 images, 2 Ray Train workers" in done.stdout  # the followed logs
     bank = DirectionBank.load(workdir["out"] / "bank")
     assert bank.directions.shape[0] == 4 and bank.metrics["corrupt_images"] == CORRUPT
     assert bank.metrics["nodes"] == 2  # the head and the worker node each ran a worker
@@ -342,7 +342,7 @@ def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, w
     listed = cli("job", "list", "--address", head["address"], env=head["env"])
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     logs = cli("job", "logs", job_id, "--address", head["address"], env=head["env"])
-    assert "done: 60 steps" in logs.stdout
+    assert "done: 30 steps" in logs.stdout
 
 
 def test_a_submitted_endpoint_answers_then_stops(head, serve_job):

@@ -247,7 +247,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     thread = threading.Thread(target=guarded, daemon=True)
     thread.start()
     long = dict(
-        workers=2, zero_stage=2, data=data, steps=30, checkpoint_every=5, placement_strategy="STRICT_SPREAD"
+        workers=2, zero_stage=2, data=data, steps=20, checkpoint_every=5, placement_strategy="STRICT_SPREAD"
     )
     result = run_discovery(
         cfg(**long, storage_path="s3://nodes-bucket/ray", storage_options=s3_options(s3_server)),
@@ -255,7 +255,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     )
     thread.join(timeout=5)
     assert lost.get("pids"), f"the test did not manage to kill a node running a worker: {lost}"
-    assert result.steps == 30
+    assert result.steps == 20
     assert DirectionBank.load(result.bank).metrics["nodes"] == 2  # the last attempt ran on two nodes again
     alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     assert len(alive) == 2  # the lost node is gone from the cluster, its replacement in
