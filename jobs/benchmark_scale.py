@@ -146,7 +146,7 @@ def one_domain(uri: str, endpoint: str, cache: bool, steps: int, batch: int) -> 
         """A training worker's view: take every batch of the stream once (cache as configured)."""
 
         def run(self, shard, total: int, cache: bool) -> dict:
-            from noiseclr.training.metrics import peak_rss_mib
+            from noiseclr.utils.memory import peak_rss_mib
 
             cfg = DiscoveryConfig(cache_latents=cache)
             started, first, seen = time.perf_counter(), None, 0

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -150,8 +151,6 @@ class EditServer:
         self._edit_batch.set_max_batch_size(self.cfg.batching.max_batch_size)
         self._edit_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
         self.started = time.time()
-        import ray
-
         self.node = ray.get_runtime_context().get_node_id()  # which Ray node answered (ops, tests)
         self._polled, self._poll = time.monotonic(), None
 

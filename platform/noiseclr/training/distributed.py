@@ -30,6 +30,7 @@ from torch import nn
 
 from noiseclr.conditioning import direction_deltas
 from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.utils.memory import peak_rss_mib
 
 # Steps between Ray Train reports (checkpoint steps and the last step always report). A report is
 # a round trip through Ray Train's controller, measured at ~2 s on the 2-core CPU machine: once
@@ -222,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
     from noiseclr.discovery import step as steps
     from noiseclr.discovery.core import TrainLoop
     from noiseclr.models.base import load_model, resolve_dtype
-    from noiseclr.training.metrics import DiscoveryMetrics, peak_rss_mib
+    from noiseclr.training.metrics import DiscoveryMetrics
 
     started = time.perf_counter()
     cfg = DiscoveryConfig(**config["discovery"])
@@ -435,8 +436,6 @@ def train_distributed(
     if fs is not None:  # the workers wrote the checkpoints: a listing cached here would miss them
         fs.handler.fs.invalidate_cache()
     corrupt = ray.get(counter.get.remote())
-    from noiseclr.training.metrics import peak_rss_mib
-
     counts = {
         "peak_rss_mib": round(peak_rss_mib(), 1),  # the driver's (it never holds the images)
         "files": n_files,

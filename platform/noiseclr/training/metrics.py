@@ -13,15 +13,6 @@ import torch
 STEP_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
-
-
 class DiscoveryMetrics:
     """One worker's training metrics: loss, pairs/s, step time, images, memory."""
 

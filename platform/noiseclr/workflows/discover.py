@@ -80,7 +80,7 @@ def _train_single(
 ):
     from noiseclr.data.images import encode_latents, load_images
     from noiseclr.discovery.trainer import DiscoveryTrainer
-    from noiseclr.training.metrics import peak_rss_mib
+    from noiseclr.utils.memory import peak_rss_mib
 
     images = load_images(data, model.resolution, limit=cfg.n_images, storage_options=cfg.storage_options)
     latents = encode_latents(model.pipe.vae, images.pixels)
@@ -91,7 +91,7 @@ def _train_single(
         "files": len(images.files) + len(images.bad_files),
         "corrupt_images": len(images.bad_files),
         "pairs_per_s": trainer.pairs_per_s,
-        "peak_rss_mib": round(peak_rss_mib(), 1),  # this process: model, images' latents, training
+        "peak_rss_mib": round(peak_rss_mib(), 1),  # this process: model, images, latents, training
     }
 
 
