@@ -38,6 +38,7 @@ def write_sweep(folder: Path, uri: str | None, name: str, samples: int) -> Path:
         "job: job.yaml\n"
         "space:\n  tau: {loguniform: [0.2, 1.0]}\n  t_range: {choice: [[0, 600], [0, 999]]}\n"
         f"milestones: [1, 2]\nnum_samples: {samples}\ncpus_per_trial: 1\nname: {name}\n"
+        "max_concurrent: 2\n"  # two trials at once on CI's 2 cores: Tune's concurrency, and CI time
     )
     return folder / "sweep.yaml"
 
