@@ -3,6 +3,7 @@
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from noiseclr.conditioning import direction_deltas, direction_deltas_sequential, encode_directions
-from noiseclr.data.images import load_images
+from noiseclr.data import images as images_mod
+from noiseclr.data.images import encode_latents, load_images, load_latents
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery import step as step_mod
 from noiseclr.discovery.bank import BankError, DirectionBank
@@ -279,6 +281,41 @@ def test_image_folder_with_corrupt_files(tmp_path):
     assert images.pixels.shape == (3, 3, 64, 64)
     assert len(images.bad_files) == 2
     assert images.pixels.min() >= -1 and images.pixels.max() <= 1
+
+
+def test_latents_stream_a_batch_at_a_time_and_equal_encoding_every_image_at_once(
+    tiny_model, tmp_path, monkeypatch
+):
+    """The single process's domain: each batch is encoded as soon as it is decoded, so a process
+    holds one batch of pixels (3 MiB an image at 512 px), not the domain's; the latents are the
+    same as decoding everything and encoding that, batch for batch."""
+    for i, px in enumerate(shapes.to_uint8(shapes.render(shapes.sample_scenes(5, seed=1), 64))):
+        Image.fromarray(px).save(tmp_path / f"{i}.png")
+    (tmp_path / "2-broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    vae = tiny_model.pipe.vae
+    pixels = load_images(str(tmp_path), 64, progress=False).pixels
+    reference = encode_latents(vae, pixels, batch=2)  # conv numerics vary with the batch's size
+    at_once = encode_latents(vae, pixels)
+    decoded, seen = [0], []
+    real_decode, real_encode = images_mod.decode_image, vae.encode
+
+    def counting_decode(*args, **kw):
+        decoded[0] += 1
+        return real_decode(*args, **kw)
+
+    def recording_encode(x):
+        seen.append((decoded[0], len(x)))  # files decoded so far, images in this call
+        return real_encode(x)
+
+    monkeypatch.setattr(images_mod, "decode_image", counting_decode)
+    monkeypatch.setattr(vae, "encode", recording_encode)
+    got = load_latents(str(tmp_path), 64, vae, progress=False, batch=2)
+    torch.testing.assert_close(got.latents, reference, atol=0, rtol=0)
+    torch.testing.assert_close(got.latents, at_once, atol=1e-3, rtol=0)
+    assert len(got.files) == 5 and [Path(f).name for f in got.bad_files] == ["2-broken.png"]
+    assert seen == [(2, 2), (5, 2), (6, 1)]  # the broken file is decoded (and dropped) in batch 2
+    seen.clear()
+    assert len(load_latents(str(tmp_path), 64, vae, limit=3, progress=False, batch=2).latents) == 3
 
 
 def test_empty_or_unreadable_image_folders(tmp_path):

@@ -530,17 +530,18 @@ def pullback(
     device: str = typer.Option("auto"),
 ) -> None:
     """Discover global x_t directions with the pullback method (seed 004) and save them as a bank."""
-    from noiseclr.data.images import encode_latents, load_images
+    from noiseclr.data.images import encode_latents, load_latents
     from noiseclr.discovery.pullback import discover_pullback
     from noiseclr.domains import shapes
     from noiseclr.models.base import load_model
 
     base = load_model(model, device=device)
     if data:
-        pixels = load_images(data, base.resolution, limit=n_images).pixels
+        latents = load_latents(data, base.resolution, base.pipe.vae, limit=n_images).latents
     else:
         pixels = shapes.render(shapes.sample_scenes(n_images, seed=seed), base.resolution) * 2 - 1
-    bank = discover_pullback(base, encode_latents(base.pipe.vae, pixels), k, t_edit, iters, seed)
+        latents = encode_latents(base.pipe.vae, pixels)
+    bank = discover_pullback(base, latents, k, t_edit, iters, seed)
     typer.echo(f"bank: {bank.save(out)}")
 
 

@@ -91,6 +91,40 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _decoded(
+    uri: str,
+    resolution: int,
+    limit: int | None,
+    progress: bool,
+    storage_options: dict | None,
+    names: list[str],
+    bad: list[str],
+):
+    """Yield up to `limit` good images under `uri` as (resolution, resolution, 3) uint8, one at a
+    time; their paths go to `names`, the unreadable ones to `bad` (skipped, counted, warned)."""
+    options = resolve_env(storage_options or {})
+    for path in tqdm(list_images(uri, storage_options), desc="images", disable=not progress):
+        if limit is not None and len(names) >= limit:
+            break
+        try:
+            with fsspec.open(path, "rb", **options) as f:
+                pixels = decode_image(f.read(), resolution)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            bad.append(path)
+            log.warning("skipping unreadable image %s: %s", path, err)
+            continue
+        names.append(path)
+        yield pixels
+    if bad:
+        log.warning("skipped %d unreadable image(s) under %s", len(bad), uri)
+    if not names:
+        raise DataError(f"none of the images under {uri!r} could be read ({len(bad)} corrupt)")
+
+
+def _to_unit(good: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def load_images(
     uri: str,
     resolution: int,
@@ -98,24 +132,45 @@ def load_images(
     progress: bool = True,
     storage_options: dict | None = None,
 ) -> ImageSet:
-    """Decode up to `limit` good images under `uri`; skip and count the bad ones."""
-    good, names, bad = [], [], []
-    for path in tqdm(list_images(uri, storage_options), desc="images", disable=not progress):
-        if limit is not None and len(good) >= limit:
-            break
-        try:
-            with fsspec.open(path, "rb", **resolve_env(storage_options or {})) as f:
-                good.append(decode_image(f.read(), resolution))
-            names.append(path)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-            bad.append(path)
-            log.warning("skipping unreadable image %s: %s", path, err)
-    if bad:
-        log.warning("skipped %d unreadable image(s) under %s", len(bad), uri)
-    if not good:
-        raise DataError(f"none of the images under {uri!r} could be read ({len(bad)} corrupt)")
-    pixels = torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return ImageSet(pixels=pixels, files=names, bad_files=bad)
+    """Decode up to `limit` good images under `uri`; skip and count the bad ones. Every image's
+    pixels are held at once: for a domain to train on, `load_latents` holds only latents."""
+    names: list[str] = []
+    bad: list[str] = []
+    good = list(_decoded(uri, resolution, limit, progress, storage_options, names, bad))
+    return ImageSet(pixels=_to_unit(good), files=names, bad_files=bad)
+
+
+@dataclass
+class LatentSet:
+    latents: torch.Tensor  # (N, C, h, w), scaled
+    files: list[str]
+    bad_files: list[str] = field(default_factory=list)
+
+
+def load_latents(
+    uri: str,
+    resolution: int,
+    vae,
+    limit: int | None = None,
+    progress: bool = True,
+    storage_options: dict | None = None,
+    batch: int = 32,
+) -> LatentSet:
+    """Decode and encode up to `limit` good images under `uri`, `batch` at a time: the process
+    holds the latents and one batch of pixels, not the domain's pixels (3 MiB an image at 512 px,
+    64 KiB as a latent). The latents equal `encode_latents(vae, load_images(...).pixels)`."""
+    names: list[str] = []
+    bad: list[str] = []
+    chunk: list[np.ndarray] = []
+    out: list[torch.Tensor] = []
+    for pixels in _decoded(uri, resolution, limit, progress, storage_options, names, bad):
+        chunk.append(pixels)
+        if len(chunk) == batch:
+            out.append(encode_latents(vae, _to_unit(chunk), batch))
+            chunk = []
+    if chunk:
+        out.append(encode_latents(vae, _to_unit(chunk), batch))
+    return LatentSet(latents=torch.cat(out), files=names, bad_files=bad)
 
 
 def read_image_file(path: str | Path, resolution: int) -> torch.Tensor:

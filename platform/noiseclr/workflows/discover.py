@@ -78,20 +78,21 @@ def generated_data(cfg: DiscoveryConfig, out: Path, resolution: int) -> str:
 def _train_single(
     cfg: DiscoveryConfig, model: DiffusionModel, data: str, out: Path, state: TrainState, live=None
 ):
-    from noiseclr.data.images import encode_latents, load_images
+    from noiseclr.data.images import load_latents
     from noiseclr.discovery.trainer import DiscoveryTrainer
     from noiseclr.utils.memory import peak_rss_mib
 
-    images = load_images(data, model.resolution, limit=cfg.n_images, storage_options=cfg.storage_options)
-    latents = encode_latents(model.pipe.vae, images.pixels)
-    trainer = DiscoveryTrainer(cfg, model, latents, state)
+    images = load_latents(
+        data, model.resolution, model.pipe.vae, limit=cfg.n_images, storage_options=cfg.storage_options
+    )
+    trainer = DiscoveryTrainer(cfg, model, images.latents, state)
     trainer.on_step = live.step if live is not None else None
     final = trainer.fit(out)
     return final, {
         "files": len(images.files) + len(images.bad_files),
         "corrupt_images": len(images.bad_files),
         "pairs_per_s": trainer.pairs_per_s,
-        "peak_rss_mib": round(peak_rss_mib(), 1),  # this process: model, images, latents, training
+        "peak_rss_mib": round(peak_rss_mib(), 1),  # this process: model, latents, training
     }
 
 
