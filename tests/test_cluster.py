@@ -154,8 +154,9 @@ def head():
     finally:
         for key in auth:
             os.environ.pop(key, None)
-        for started in reversed(procs):  # the worker node first, then the head
-            started.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        for started in procs:  # `ray start --block` stops the processes it started; both at once
+            started.send_signal(signal.SIGTERM)
+        for started in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 started.wait(60)
             with contextlib.suppress(ProcessLookupError):
