@@ -262,7 +262,8 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     # No step lost or repeated: the resumed run ends exactly where an uninterrupted one does. The
     # uninterrupted run is the single process (the same-bank tests show it gives the workers' bank),
     # which saves CI a second two-node run.
-    straight = run_discovery(cfg(steps=20, checkpoint_every=5, data=data), tmp_path / "straight")
+    single = {key: long[key] for key in ("data", "steps", "checkpoint_every")}
+    straight = run_discovery(cfg(**single), tmp_path / "straight")
     assert straight.workers == 0
     same_bank(result.bank, straight.bank)
 
