@@ -2,6 +2,7 @@
 
     python jobs/measure_windows.py --bank platform/noiseclr/pretrained/banks/shapes --n 16
     python jobs/measure_windows.py --words --pairs --n 6 --windows 600,800,1000
+    python jobs/measure_windows.py --model out/base/stage9 --words --pairs --n 6 --windows 600
 
 Each bank (a bank folder, the known words, the word-pair reference) is measured by the oracle
 protocol on its domain twice on the same images: every direction at the fixed window (t <= 600),
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=6, help="generated and real images")
     ap.add_argument("--windows", default="600,800", help="candidate window tops (600: the fixed window only)")
     ap.add_argument("--out", default="out/windows")
+    ap.add_argument("--model", default="shapes", help="base model: a name or a pipeline folder")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -41,7 +43,7 @@ def main() -> None:
     tops = tuple(int(t) for t in args.windows.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model("shapes", device="cpu")
+    model = load_model(args.model, device="cpu")
     banks = {
         Path(b).name if Path(b).name != "bank" else Path(b).parent.name: DirectionBank.load(b)
         for b in args.bank

@@ -113,7 +113,7 @@ def test_fresh_stage_keeps_the_vae_rebuilds_the_named_parts_and_records_every_ea
     )
     cfg = RecipeConfig(
         arch=deeper, init_from=str(tmp_path / "parent"), fresh=["unet"], steps=2, batch=2,
-        eval_every=0, final_eval_images=2, latent_pool=4, diffusion_object_weight=10.0,
+        eval_every=0, final_eval_images=2, latent_pool=4, diffusion_object_weight=10.0, swap_share=0.5,
     )  # fmt: skip
     train_base_model(cfg, tmp_path / "child")
     child = StableDiffusionPipeline.from_pretrained(tmp_path / "child")
@@ -122,7 +122,8 @@ def test_fresh_stage_keeps_the_vae_rebuilds_the_named_parts_and_records_every_ea
         assert torch.equal(a, b)  # VAE kept as is
     lineage = json.loads((tmp_path / "child" / "lineage.json").read_text())
     assert [r["metrics"].get("note") for r in lineage] == [None, "stage 1"]  # newest first
-    assert "its VAE kept, a new unet" in (tmp_path / "child" / "README.md").read_text()
+    card = (tmp_path / "child" / "README.md").read_text()
+    assert "its VAE kept, a new unet" in card and "50% of each batch trained as caption-swap edits" in card
 
     with pytest.raises(ValueError, match="text_hidden 128 vs 32"):
         train_base_model(
@@ -226,3 +227,70 @@ def test_object_weighted_diffusion_loss_counts_object_latents_that_many_times_mo
         outside = err[mask.expand_as(err) == 0].mean()
         expected = (11 * n_in * inside + (n_all - n_in) * outside) / (11 * n_in + n_all - n_in)
         assert torch.allclose(weighted, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_caption_swap_target_is_the_prediction_whose_x0_is_the_edited_scene(prediction):
+    from noiseclr.models.shapes.architecture import noise_schedule
+    from noiseclr.models.shapes.recipe import posterior
+
+    torch.manual_seed(0)
+    arch = ArchitectureConfig(vae_channels=(16, 16, 16), unet_channels=(16, 16, 16), text_layers=1)
+    pipe = build_pipeline(arch, shapes.vocabulary(), noise_schedule(prediction, True))
+    sched = training_scheduler(pipe)
+    circle = shapes.sample_scenes(1, seed=3, fixed={"shape": "circle"})[0]
+    square = shapes.with_word(circle, "shape", "square")
+    dist, _ = posterior(pipe.vae, [circle, circle], 64)
+    edited, _ = posterior(pipe.vae, [square, square], 64)
+    z_a, z_b = dist.mean * 0.5, edited.mean * 0.5
+    ids = pipe.tokenizer(["a square"] * 2, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(z_a.shape, generator=g), torch.tensor([250, 650])
+    args = (pipe.unet, pipe.text_encoder, sched, z_a, ids, noise, t)
+    with torch.no_grad():
+        assert torch.allclose(diffusion_loss(*args, None, z_a), diffusion_loss(*args), rtol=1e-5)
+        noisy = sched.add_noise(z_a, noise, t)
+        pred = pipe.unet(noisy, t, pipe.text_encoder(ids)[0]).sample
+        abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        # the target is the one prediction from which the sampler's x0 estimate is the square
+        swapped = diffusion_loss(*args, None, z_b)
+        if prediction == "v_prediction":
+            # x0 = sqrt(abar) x_t - sqrt(1 - abar) v  =>  v = (sqrt(abar) x_t - x0) / sqrt(1 - abar)
+            target = (abar.sqrt() * noisy - z_b) / (1 - abar).sqrt()
+            x0_of_target = abar.sqrt() * noisy - (1 - abar).sqrt() * target
+            plain = sched.get_velocity(z_a, noise, t)
+        else:
+            target = (noisy - abar.sqrt() * z_b) / (1 - abar).sqrt()
+            x0_of_target = (noisy - (1 - abar).sqrt() * target) / abar.sqrt()
+            plain = noise
+        assert torch.allclose(x0_of_target, z_b, atol=1e-5)
+        assert torch.allclose(swapped, (pred - target).pow(2).mean(), rtol=1e-5)
+        assert (target - plain).abs().max() > 0.1  # a circle's x_t, asked for a square
+
+
+def test_swapped_scenes_change_one_named_factor_and_their_caption_always_names_it():
+    import numpy as np
+
+    from noiseclr.models.shapes.recipe import swap_caption, swap_scenes
+
+    scenes = shapes.sample_scenes(60, seed=1)
+    rng = np.random.default_rng(0)
+    edited, changed = swap_scenes(scenes, ["shape", "size"], rng)
+    assert set(changed) == {"shape", "size"}
+    for a, b, f in zip(scenes, edited, changed, strict=True):
+        diff = [k for k in a.words if a.words[k] != b.words[k]]
+        assert diff == [f]
+        assert (a.x, a.y, a.lightness, a.hue) == (b.x, b.y, b.lightness, b.hue)
+        if f == "size":  # the jitter is kept: the same ratio to the new bin's centre
+            assert b.size / shapes.SIZES[b.size_word] == pytest.approx(a.size / shapes.SIZES[a.size_word])
+    cfg = RecipeConfig(word_dropout=0.9)
+    for b, f in zip(edited, changed, strict=True):
+        assert b.words[f] in swap_caption(b, f, rng, cfg).split()
+    moved = shapes.with_word(scenes[0], "hue", "blue")
+    assert moved.hue_word == "blue" and abs((moved.hue - 240.0 + 180) % 360 - 180) <= shapes.JITTER["hue"]
+    with pytest.raises(shapes.WorldError, match="unknown size"):
+        shapes.with_word(scenes[0], "size", "huge")
+    with pytest.raises(ValidationError, match="swap_factors"):
+        RecipeConfig(swap_factors=["colour"])
+    with pytest.raises(ValidationError, match="swap_t"):
+        RecipeConfig(swap_t=(0, 600))

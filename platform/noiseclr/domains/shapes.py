@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -200,6 +200,31 @@ def sample_scenes(
             )
         )
     return scenes
+
+
+def with_word(scene: Scene, factor: str, word: str) -> Scene:
+    """The same scene with one factor set to another word, its jitter kept.
+
+    The rendered value moves with the bin: hue, x, y and lightness keep their offset from the
+    bin centre, size its ratio, so only the named factor changes.
+    """
+    if factor not in FACTOR_WORDS:
+        raise WorldError(f"unknown factor {factor!r}; allowed: {list(FACTORS)}")
+    if word not in FACTOR_WORDS[factor]:
+        raise WorldError(f"unknown {factor} {word!r}; allowed: {list(FACTOR_WORDS[factor])}")
+    if factor in ("shape", "pattern"):
+        return replace(scene, **{factor: word})
+    if factor == "hue":
+        return replace(scene, hue_word=word, hue=(scene.hue - HUES[scene.hue_word] + HUES[word]) % 360.0)
+    if factor == "size":
+        return replace(scene, size_word=word, size=scene.size / SIZES[scene.size_word] * SIZES[word])
+    if factor == "lightness":
+        value = scene.lightness - LIGHTNESS[scene.lightness_word] + LIGHTNESS[word]
+        return replace(scene, lightness_word=word, lightness=value)
+    centres = XS if factor == "x" else YS
+    old = scene.x_word if factor == "x" else scene.y_word
+    value = (scene.x if factor == "x" else scene.y) - centres[old] + centres[word]
+    return replace(scene, **{f"{factor}_word": word, factor: value})
 
 
 def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from noiseclr.domains import shapes
@@ -100,12 +100,36 @@ class RecipeConfig(BaseModel):
     # the plain loss is mostly grey background and barely asks the UNet to get the object's
     # corners right (it draws small squares and triangles as round blobs).
     diffusion_object_weight: float = Field(0.0, ge=0)
+    # > 0: this share of each batch is trained as an edit (the caption-swap stage). The
+    # model sees x_t of a scene at a timestep in `swap_t`, the caption of the same scene with
+    # one of `swap_factors` changed, and is asked for the changed scene: the target is the
+    # v (or epsilon) whose x0 prediction is the changed scene's latent. Plain training never
+    # shows a caption that disagrees with x_t, so below the layout the model follows x_t and
+    # a word (or a discovered direction) cannot change what x_t already shows.
+    swap_share: float = Field(0.0, ge=0, le=1)
+    swap_factors: list[str] = Field(default_factory=lambda: ["shape", "size"])
+    swap_t: tuple[int, int] = (200, 700)
     caption_dropout: float = Field(0.1, ge=0, le=1)
     word_dropout: float = Field(0.15, ge=0, le=1)
     eval_every: int = 1000
     eval_images: int = 64
     final_eval_images: int = 256
     guidance_scale: float = 4.0
+
+    @field_validator("swap_factors")
+    @classmethod
+    def _known_factors(cls, v: list[str]) -> list[str]:
+        unknown = [f for f in v if f not in shapes.FACTOR_WORDS]
+        if unknown or not v:
+            raise ValueError(f"swap_factors {unknown or v} not among {list(shapes.FACTORS)}")
+        return v
+
+    @field_validator("swap_t")
+    @classmethod
+    def _swap_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] < v[1] <= 1000:
+            raise ValueError(f"swap_t {v}: needs 1 <= low < high <= 1000 (t = 0 has no noise to edit)")
+        return v
 
 
 def _lr_lambda(warmup: int, total: int | list[int]):
@@ -131,6 +155,27 @@ def random_caption(scene: shapes.Scene, rng: np.random.Generator, cfg: RecipeCon
     return shapes.caption(words)
 
 
+def swap_scenes(
+    scenes: list[shapes.Scene], factors: list[str], rng: np.random.Generator
+) -> tuple[list[shapes.Scene], list[str]]:
+    """Each scene with one factor (drawn from `factors`) moved to another of its words."""
+    out, changed = [], []
+    for scene in scenes:
+        factor = factors[rng.integers(len(factors))]
+        words = [w for w in shapes.FACTOR_WORDS[factor] if w != scene.words[factor]]
+        out.append(shapes.with_word(scene, factor, words[rng.integers(len(words))]))
+        changed.append(factor)
+    return out, changed
+
+
+def swap_caption(scene: shapes.Scene, factor: str, rng: np.random.Generator, cfg: RecipeConfig) -> str:
+    """The edited scene's caption, its other words dropped at random; never the changed one."""
+    words: dict[str, str | None] = {
+        f: (w if f == factor or rng.random() >= cfg.word_dropout else None) for f, w in scene.words.items()
+    }
+    return shapes.caption(words)
+
+
 def sample_timesteps(n: int, steps: int, cfg: RecipeConfig, gen: torch.Generator, device) -> torch.Tensor:
     """Uniform training timesteps, a `high_noise_share` of them from [high_noise_from, steps)."""
     t = torch.randint(0, steps, (n,), generator=gen, device=device)
@@ -148,15 +193,26 @@ def diffusion_loss(
     noise: torch.Tensor,  # (B, 4, h, w)
     t: torch.Tensor,  # (B,)
     weight: torch.Tensor | None = None,  # (B, 1, h, w) per-pixel loss weight
+    x0_target: torch.Tensor | None = None,  # (B, 4, h, w) the latents to predict, if not `latents`
 ) -> torch.Tensor:
     """SD's training MSE (epsilon or v target, from the scheduler), text encoder in the graph.
 
-    With `weight`, a weighted mean over pixels (equal weights give the plain MSE).
+    With `weight`, a weighted mean over pixels (equal weights give the plain MSE). With
+    `x0_target`, x_t is still made from `latents`, but the target is the prediction whose x0
+    estimate (x0 = a x_t - s v for v, (x_t - s eps) / a for epsilon) is `x0_target`: the
+    caption-swap edit. Equal to the plain target when x0_target is latents.
     """
     noisy = noise_sched.add_noise(latents, noise, t)
     cond = text_encoder(input_ids)[0]
     pred = unet(noisy, t, cond).sample
-    if noise_sched.config.prediction_type == "v_prediction":
+    if x0_target is not None:
+        abar = noise_sched.alphas_cumprod.to(latents.device)[t].float().view(-1, 1, 1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        if noise_sched.config.prediction_type == "v_prediction":
+            target = (a * noisy.float() - x0_target.float()) / s
+        else:
+            target = (noisy.float() - a * x0_target.float()) / s
+    elif noise_sched.config.prediction_type == "v_prediction":
         target = noise_sched.get_velocity(latents, noise, t)
     else:
         target = noise
@@ -316,18 +372,31 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
             mean, std, mask = pool[1][pick], pool[2][pick], pool[3][pick]
             latents = mean + std * torch.randn(mean.shape, generator=gen, device=device)
             latents = latents * vae.config.scaling_factor
+        captions = [random_caption(s, rng, cfg) for s in scenes]
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        t = sample_timesteps(len(scenes), noise_sched.config.num_train_timesteps, cfg, gen, device)
+        x0_target = None
+        n_swap = round(cfg.swap_share * len(scenes))
+        if n_swap:  # the first n_swap samples become edits (see RecipeConfig.swap_share)
+            edited, changed = swap_scenes(scenes[:n_swap], cfg.swap_factors, rng)
+            dist_b, mask_b = posterior(vae, edited, cfg.arch.resolution)
+            eps_b = torch.randn(dist_b.mean.shape, generator=gen, device=device)
+            target_b = (dist_b.mean + dist_b.std * eps_b) * vae.config.scaling_factor
+            x0_target = torch.cat([target_b, latents[n_swap:]])
+            mask = torch.cat([torch.maximum(mask[:n_swap], mask_b), mask[n_swap:]])
+            captions[:n_swap] = [swap_caption(e, f, rng, cfg) for e, f in zip(edited, changed, strict=True)]
+            lo, hi = cfg.swap_t
+            t[:n_swap] = torch.randint(lo, hi, (n_swap,), generator=gen, device=device)
         ids = tokenizer(
-            [random_caption(s, rng, cfg) for s in scenes],
+            captions,
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(device)
-        noise = torch.randn(latents.shape, generator=gen, device=device)
-        t = sample_timesteps(len(scenes), noise_sched.config.num_train_timesteps, cfg, gen, device)
         with autocast:
             weight = 1 + cfg.diffusion_object_weight * mask if cfg.diffusion_object_weight else None
-            loss = diffusion_loss(unet, text_encoder, noise_sched, latents, ids, noise, t, weight)
+            loss = diffusion_loss(unet, text_encoder, noise_sched, latents, ids, noise, t, weight, x0_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -496,10 +565,17 @@ def model_card(cfg: RecipeConfig, metrics: dict, lineage: list[dict] | None = No
     timesteps = ""
     if cfg.high_noise_share:
         timesteps = f"\n{cfg.high_noise_share:.0%} of each batch at timesteps >= {cfg.high_noise_from},"
+    swaps = ""
+    if cfg.swap_share:
+        swaps = (
+            f"\n{cfg.swap_share:.0%} of each batch trained as caption-swap edits"
+            f" ({', '.join(cfg.swap_factors)} changed, t in [{cfg.swap_t[0]}, {cfg.swap_t[1]}):"
+            " x_t of a scene, the caption and x0 of the edited one),"
+        )
     diffusion_text = (
         f"UNet + text encoder\n{metrics['diffusion_steps']} steps\n(batch {cfg.batch}, AdamW lr {cfg.lr},"
         f" warm-up {cfg.warmup}, cosine, EMA {cfg.ema_decay},\ncaption dropout {cfg.caption_dropout},"
-        f" per-factor word dropout {cfg.word_dropout},{timesteps}\nprecision {cfg.mixed_precision})"
+        f" per-factor word dropout {cfg.word_dropout},{timesteps}{swaps}\nprecision {cfg.mixed_precision})"
     )
     if cfg.init_from and not metrics["diffusion_steps"]:
         diffusion_text = "UNet and text encoder kept as they were (no diffusion steps)"
