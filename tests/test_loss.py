@@ -106,3 +106,31 @@ def test_the_strength_term_enters_the_objective_only_when_weighted():
     assert weighted.item() == pytest.approx(
         base.item() + 0.5 * strength_penalty(deltas, 0.1).item(), rel=1e-6
     )
+
+
+def test_delta_energy_mixes_the_cosine_of_centred_change_maps_into_sim():
+    torch.manual_seed(0)
+    d = torch.randn(3, 4, 4, 5, 5)
+    cos = lambda a, b: F.cosine_similarity(a.flatten(), b.flatten(), dim=0)  # noqa: E731
+
+    def change_map(x):  # per latent pixel, the L2 norm over channels, minus its mean
+        m = torch.stack([x[:, i, j].norm() for i in range(x.shape[1]) for j in range(x.shape[2])])
+        return m - m.mean()
+
+    for w in (0.25, 1.0):
+        f = delta_features(d, energy=w)
+        assert torch.allclose(f.norm(dim=-1), torch.ones(3, 4), atol=1e-5)  # already unit vectors
+        for (a, s), (b, t) in (((0, 1), (2, 1)), ((1, 0), (1, 3))):  # across images, across directions
+            plain = (1 - w) * cos(d[a, s], d[b, t]) + w * cos(change_map(d[a, s]), change_map(d[b, t]))
+            assert torch.allclose(f[a, s] @ f[b, t], plain, atol=1e-5)
+    assert torch.equal(delta_features(d, energy=0.0), delta_features(d))  # the paper's form
+    # A change map ignores what is written where: flipping the sign of every channel of one
+    # image's difference leaves it, so energy 1 sees the same difference on both images.
+    flipped = torch.stack([d[0], -d[0]])
+    assert torch.allclose(delta_features(flipped, energy=1.0)[0], delta_features(flipped, energy=1.0)[1])
+    # and the objective reads the option: a different loss on the same deltas
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.step import objective
+
+    cfg = DiscoveryConfig(k=4, negatives=3)
+    assert not torch.allclose(objective(cfg.model_copy(update={"delta_energy": 0.5}), d), objective(cfg, d))

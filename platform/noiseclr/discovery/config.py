@@ -113,6 +113,8 @@ class DiscoveryConfig(BaseModel):
     # How noise differences are compared (discovery/loss.py, delta_features); 1 / false: the paper.
     delta_pool: int = Field(1, ge=1)  # average over pool x pool latent pixels before `sim`
     delta_center: bool = False  # subtract each image's mean over the sampled directions
+    # weight of the change map (where the prediction moves) beside the signed difference in `sim`
+    delta_energy: float = Field(0.0, ge=0, le=1)
     # Keep each direction's effect from vanishing (loss.strength_penalty): weight of a hinge on
     # log rms(noise difference) below strength_target (a fraction of the unit-variance noise).
     # 0: the paper's loss alone.

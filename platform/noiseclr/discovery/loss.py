@@ -13,7 +13,14 @@ Two optional, unsupervised views of a noise difference before `sim` (`delta_feat
 `pool` averages it over pool x pool latent pixels (similarity of where and how the prediction
 moves, less of its pixel noise); `center` subtracts, per image, the mean over the sampled
 directions (what any direction token does alike is not what tells directions apart).
-Both default to the paper's plain flattened difference.
+`energy` mixes in where the prediction moves: each latent pixel's change size (L2 over
+channels), centred per image. A shape or size edit changes the same few pixels around the object
+on every image, but what it writes there depends on the object's colour and shape. Its signed
+difference agrees across images far less (cosine 0.09-0.17 on the embedded model) than a
+background edit's (0.64-0.69), so the paper's cosine favours global factors; the change map of
+an object edit agrees well (0.47-0.56; docs/discovery-quality.md). Unsupervised: nothing about
+objects goes in.
+All default to the paper's plain flattened difference.
 """
 
 from __future__ import annotations
@@ -24,14 +31,28 @@ import torch
 import torch.nn.functional as F
 
 
-def delta_features(deltas: torch.Tensor, pool: int = 1, center: bool = False) -> torch.Tensor:
-    """(B, S, C, H, W) noise differences -> (B, S, F) vectors that `sim` compares."""
+def delta_features(
+    deltas: torch.Tensor, pool: int = 1, center: bool = False, energy: float = 0.0
+) -> torch.Tensor:
+    """(B, S, C, H, W) noise differences -> (B, S, F) vectors that `sim` compares.
+
+    With 0 < energy <= 1: the unit signed difference scaled by sqrt(1 - energy), beside the
+    unit centred change map scaled by sqrt(energy), so that the cosine of two features is
+    (1 - energy) cos(signed) + energy cos(change maps).
+    """
     x = deltas.float()
     if center:
         x = x - x.mean(dim=1, keepdim=True)
     if pool > 1:
         x = F.avg_pool2d(x.flatten(0, 1), pool, ceil_mode=True).unflatten(0, x.shape[:2])
-    return x.flatten(2)
+    if not energy:
+        return x.flatten(2)
+    change = (x.pow(2).sum(dim=2) + 1e-12).sqrt().flatten(2)  # (B, S, H*W)
+    change = change - change.mean(dim=2, keepdim=True)
+    parts = [F.normalize(change, dim=-1, eps=1e-12) * math.sqrt(energy)]
+    if energy < 1:
+        parts.insert(0, F.normalize(x.flatten(2), dim=-1, eps=1e-12) * math.sqrt(1 - energy))
+    return torch.cat(parts, dim=-1)
 
 
 def _similarities(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,7 @@ def lr_factor(cfg: DiscoveryConfig, step: int) -> float:
 
 def objective(cfg: DiscoveryConfig, deltas: torch.Tensor) -> torch.Tensor:
     """The configured NoiseCLR loss on (B, S, C, h, w) deltas (anchor: direction 0)."""
-    feats = delta_features(deltas, cfg.delta_pool, cfg.delta_center)
+    feats = delta_features(deltas, cfg.delta_pool, cfg.delta_center, cfg.delta_energy)
     if cfg.loss == "paper":
         loss = noiseclr_loss(feats, cfg.tau, anchor=0)
     else:
