@@ -2,11 +2,14 @@
 
     python jobs/diagnose_directions.py                        # the shipped bank, 8 world images
     python jobs/diagnose_directions.py --bank out/discovery/bank --n 8
+    python jobs/diagnose_directions.py --reference pairs [--model out/base/stage9]   # e(b) - e(a)
 
 - norm: its embedding norm, against the text encoder's vocabulary (median, 99th pct, max);
 - strength: ||eps(x_t, d) - eps(x_t, empty)|| / ||eps(x_t, empty)|| at t = 100..500 (inside the
   edit window), the size of the noise difference the loss only ever sees through its cosine;
 - consistency: the mean cosine of that difference between two images (what the loss rewards);
+- map consistency: the same for its change map (per latent pixel, the L2 norm over channels,
+  centred): where the prediction moves, whatever it writes there (`delta_energy`);
 - null cosine: the cosine of its difference with the one a zero embedding makes (a token with no
   content): near 1 means the direction has collapsed onto "any token";
 - nearest: the largest cosine with another direction's difference (collapse onto each other);
@@ -29,6 +32,7 @@ def main() -> None:
     from noiseclr.data.images import encode_latents
     from noiseclr.discovery.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.loss import delta_features
     from noiseclr.discovery.step import draw
     from noiseclr.domains.shapes import render, sample_scenes
     from noiseclr.models.base import load_model
@@ -36,11 +40,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bank", default="platform/noiseclr/pretrained/banks/shapes")
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--reference", choices=["words", "pairs"], help="the known words or word pairs instead")
+    ap.add_argument("--model", help="base model (default: the bank's own)")
     ap.add_argument("--out", default="out/diagnosis")
     args = ap.parse_args()
     bank = DirectionBank.load(args.bank)
     cfg = DiscoveryConfig(**{k: v for k, v in bank.config.items() if k in DiscoveryConfig.model_fields})
-    model = load_model(bank.base_model.get("source", "shapes"), device="cpu")
+    model = load_model(args.model or bank.base_model.get("source", "shapes"), device="cpu")
+    if args.reference:  # on the shipped job's images and draws (cfg), the reference's vectors
+        from noiseclr.evaluation.evaluate import pair_bank, word_bank
+
+        bank = (pair_bank if args.reference == "pairs" else word_bank)(model)
+        cfg = cfg.model_copy(update={"k": len(bank), "negatives": min(cfg.negatives, len(bank) - 1)})
     pipe = model.pipe
     vocab = pipe.text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1)
     scenes = sample_scenes(args.n, seed=cfg.seed, fixed=cfg.world_fixed)
@@ -48,7 +59,7 @@ def main() -> None:
     latents = encode_latents(pipe.vae, pixels)
     k = len(bank)
     table = torch.cat([bank.directions.float(), torch.zeros(1, bank.directions.shape[1])])  # + null
-    strength, consistency, deltas_all = [], [], []
+    strength, consistency, map_consistency, deltas_all = [], [], [], []
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for t_val in (100, 300, 500):
@@ -59,12 +70,14 @@ def main() -> None:
             empty = pipe.unet(x_t, t, _empty(pipe, len(latents))).sample
             strength.append(d.flatten(2).norm(dim=2) / empty.flatten(1).norm(dim=1, keepdim=True))
             z = torch.nn.functional.normalize(d.flatten(2), dim=2)  # (B, K+1, F)
-            cross = torch.einsum("akf,bkf->kab", z, z)
             off = ~torch.eye(len(latents), dtype=torch.bool)
-            consistency.append(torch.stack([cross[i][off].mean() for i in range(k + 1)]))
+            consistency.append(_across_images(z, off))
+            maps = delta_features(d, energy=1.0)  # unit centred change maps
+            map_consistency.append(_across_images(maps, off))
             deltas_all.append(z)
     strength_k = torch.stack(strength).mean(dim=(0, 1))  # (K+1,)
     consistency_k = torch.stack(consistency).mean(0)
+    map_consistency_k = torch.stack(map_consistency).mean(0)
     z = torch.cat(deltas_all)  # (3B, K+1, F)
     sims = torch.einsum("akf,ajf->kj", z, z) / z.shape[0]  # mean over images of per-image cosine
     anchors, negatives = torch.zeros(k), torch.zeros(k)
@@ -85,6 +98,7 @@ def main() -> None:
                 "norm": round(bank.directions[i].norm().item(), 3),
                 "strength": round(strength_k[i].item(), 4),
                 "consistency": round(consistency_k[i].item(), 3),
+                "map_consistency": round(map_consistency_k[i].item(), 3),
                 "null_cos": round(sims[i, k].item(), 3),
                 "nearest": round(max(others), 3),
                 "anchor": int(anchors[i]),
@@ -109,6 +123,7 @@ def main() -> None:
         "norm",
         "strength",
         "consistency",
+        "map_consistency",
         "null_cos",
         "nearest",
         "anchor",
@@ -123,9 +138,15 @@ def main() -> None:
         if group:
             mean = {
                 c: round(sum(r[c] for r in group) / len(group), 3)
-                for c in ("norm", "strength", "consistency", "null_cos", "nearest")
+                for c in ("norm", "strength", "consistency", "map_consistency", "null_cos", "nearest")
             }
             print(("dead" if flag else "live"), len(group), mean)
+
+
+def _across_images(z: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """(B, K, F) unit vectors -> (K,) mean cosine between two different images."""
+    cross = torch.einsum("akf,bkf->kab", z, z)
+    return torch.stack([cross[i][off].mean() for i in range(z.shape[1])])
 
 
 def _empty(pipe, n: int) -> torch.Tensor:
