@@ -271,7 +271,7 @@ def test_caption_swap_target_is_the_prediction_whose_x0_is_the_edited_scene(pred
 def test_swapped_scenes_change_one_named_factor_and_their_caption_always_names_it():
     import numpy as np
 
-    from noiseclr.models.shapes.recipe import swap_caption, swap_scenes
+    from noiseclr.models.shapes.recipe import random_caption, swap_scenes
 
     scenes = shapes.sample_scenes(60, seed=1)
     rng = np.random.default_rng(0)
@@ -285,7 +285,7 @@ def test_swapped_scenes_change_one_named_factor_and_their_caption_always_names_i
             assert b.size / shapes.SIZES[b.size_word] == pytest.approx(a.size / shapes.SIZES[a.size_word])
     cfg = RecipeConfig(word_dropout=0.9)
     for b, f in zip(edited, changed, strict=True):
-        assert b.words[f] in swap_caption(b, f, rng, cfg).split()
+        assert b.words[f] in random_caption(b, rng, cfg, keep=f).split()
     moved = shapes.with_word(scenes[0], "hue", "blue")
     assert moved.hue_word == "blue" and abs((moved.hue - 240.0 + 180) % 360 - 180) <= shapes.JITTER["hue"]
     with pytest.raises(shapes.WorldError, match="unknown size"):

@@ -145,6 +145,14 @@ def held_out_combinations(fraction: float = 0.1, seed: int = 1234) -> set[tuple[
     return {combos[i] for i in order[:n]}
 
 
+def check_word(factor: str, word: str) -> None:
+    """Raises WorldError unless `word` is one of `factor`'s words."""
+    if factor not in FACTOR_WORDS:
+        raise WorldError(f"unknown factor {factor!r}; allowed: {list(FACTORS)}")
+    if word not in FACTOR_WORDS[factor]:
+        raise WorldError(f"unknown {factor} {word!r}; allowed: {list(FACTOR_WORDS[factor])}")
+
+
 def sample_scenes(
     n: int,
     seed: int,
@@ -161,10 +169,7 @@ def sample_scenes(
     """
     fixed = dict(fixed or {})
     for factor, word in fixed.items():
-        if factor not in FACTOR_WORDS:
-            raise WorldError(f"unknown factor {factor!r}; allowed: {list(FACTORS)}")
-        if word not in FACTOR_WORDS[factor]:
-            raise WorldError(f"unknown {factor} {word!r}; allowed: {list(FACTOR_WORDS[factor])}")
+        check_word(factor, word)
     rng = np.random.default_rng(seed)
     pool = None
     if only is not None:
@@ -208,10 +213,7 @@ def with_word(scene: Scene, factor: str, word: str) -> Scene:
     The rendered value moves with the bin: hue, x, y and lightness keep their offset from the
     bin centre, size its ratio, so only the named factor changes.
     """
-    if factor not in FACTOR_WORDS:
-        raise WorldError(f"unknown factor {factor!r}; allowed: {list(FACTORS)}")
-    if word not in FACTOR_WORDS[factor]:
-        raise WorldError(f"unknown {factor} {word!r}; allowed: {list(FACTOR_WORDS[factor])}")
+    check_word(factor, word)
     if factor in ("shape", "pattern"):
         return replace(scene, **{factor: word})
     if factor == "hue":

@@ -145,12 +145,17 @@ def _lr_lambda(warmup: int, total: int | list[int]):
     return f
 
 
-def random_caption(scene: shapes.Scene, rng: np.random.Generator, cfg: RecipeConfig) -> str:
-    """A caption with each factor's word dropped at random, or "" for the CFG null prompt."""
-    if rng.random() < cfg.caption_dropout:
+def random_caption(
+    scene: shapes.Scene, rng: np.random.Generator, cfg: RecipeConfig, keep: str | None = None
+) -> str:
+    """A caption with each factor's word dropped at random, or "" for the CFG null prompt.
+
+    keep: a factor whose word is always said, and the caption never dropped (a swap's edit).
+    """
+    if keep is None and rng.random() < cfg.caption_dropout:
         return ""
     words: dict[str, str | None] = {
-        f: (None if rng.random() < cfg.word_dropout else w) for f, w in scene.words.items()
+        f: (None if f != keep and rng.random() < cfg.word_dropout else w) for f, w in scene.words.items()
     }
     return shapes.caption(words)
 
@@ -166,14 +171,6 @@ def swap_scenes(
         out.append(shapes.with_word(scene, factor, words[rng.integers(len(words))]))
         changed.append(factor)
     return out, changed
-
-
-def swap_caption(scene: shapes.Scene, factor: str, rng: np.random.Generator, cfg: RecipeConfig) -> str:
-    """The edited scene's caption, its other words dropped at random; never the changed one."""
-    words: dict[str, str | None] = {
-        f: (w if f == factor or rng.random() >= cfg.word_dropout else None) for f, w in scene.words.items()
-    }
-    return shapes.caption(words)
 
 
 def sample_timesteps(n: int, steps: int, cfg: RecipeConfig, gen: torch.Generator, device) -> torch.Tensor:
@@ -384,7 +381,8 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
             target_b = (dist_b.mean + dist_b.std * eps_b) * vae.config.scaling_factor
             x0_target = torch.cat([target_b, latents[n_swap:]])
             mask = torch.cat([torch.maximum(mask[:n_swap], mask_b), mask[n_swap:]])
-            captions[:n_swap] = [swap_caption(e, f, rng, cfg) for e, f in zip(edited, changed, strict=True)]
+            pairs = zip(edited, changed, strict=True)
+            captions[:n_swap] = [random_caption(e, rng, cfg, keep=f) for e, f in pairs]
             lo, hi = cfg.swap_t
             t[:n_swap] = torch.randint(lo, hi, (n_swap,), generator=gen, device=device)
         ids = tokenizer(
