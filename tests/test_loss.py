@@ -134,3 +134,36 @@ def test_delta_energy_mixes_the_cosine_of_centred_change_maps_into_sim():
 
     cfg = DiscoveryConfig(k=4, negatives=3)
     assert not torch.allclose(objective(cfg.model_copy(update={"delta_energy": 0.5}), d), objective(cfg, d))
+
+
+def test_delta_energy_per_direction_compares_each_direction_in_its_own_form():
+    """One weight per direction: the pair's sim is sqrt((1-wa)(1-wb)) cos(signed) +
+    sqrt(wa wb) cos(maps), so equal weights give the shared-weight form and the objective
+    indexes the weights by the sampled directions."""
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.step import objective
+    from noiseclr.errors import ConfigError
+
+    torch.manual_seed(2)
+    d = torch.randn(3, 4, 4, 5, 5)
+    w = torch.tensor([0.0, 1.0, 0.25, 1.0])
+    f = delta_features(d, energy=w)
+    signed, maps = delta_features(d, energy=0.0), delta_features(d, energy=1.0)
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=0)  # noqa: E731
+    for (a, s), (b, t) in (((0, 0), (1, 0)), ((0, 0), (0, 1)), ((2, 1), (1, 3)), ((1, 2), (1, 3))):
+        plain = (1 - w[s]).sqrt() * (1 - w[t]).sqrt() * cos(signed[a, s], signed[b, t]) + (
+            w[s] * w[t]
+        ).sqrt() * cos(maps[a, s], maps[b, t])
+        assert torch.allclose(f[a, s] @ f[b, t], plain, atol=1e-5)
+    assert torch.equal(delta_features(d, energy=torch.zeros(4)), delta_features(d))  # all signed: the paper
+    same = delta_features(d, energy=torch.full((4,), 0.25))  # equal weights: the shared form
+    assert torch.allclose(same, delta_features(d, energy=0.25), atol=1e-6)
+    # the objective takes direction k's weight for whichever slot k was sampled into
+    cfg = DiscoveryConfig(k=6, negatives=3, delta_energy=[0, 0, 0, 1, 1, 1])
+    dirs = torch.tensor([4, 0, 5, 1])
+    as_sampled = delta_features(d, energy=torch.tensor([1.0, 0, 1, 0]))
+    expect = objective(DiscoveryConfig(k=6, negatives=3), as_sampled)
+    assert torch.allclose(objective(cfg, d, dirs), expect)
+    for bad in ([0, 1], [0, 0, 0, 1, 1, 2]):
+        with pytest.raises((ConfigError, ValueError), match="delta_energy"):
+            DiscoveryConfig(k=6, negatives=3, delta_energy=bad)

@@ -113,8 +113,9 @@ class DiscoveryConfig(BaseModel):
     # How noise differences are compared (discovery/loss.py, delta_features); 1 / false: the paper.
     delta_pool: int = Field(1, ge=1)  # average over pool x pool latent pixels before `sim`
     delta_center: bool = False  # subtract each image's mean over the sampled directions
-    # weight of the change map (where the prediction moves) beside the signed difference in `sim`
-    delta_energy: float = Field(0.0, ge=0, le=1)
+    # weight of the change map (where the prediction moves) beside the signed difference in `sim`;
+    # one weight for every direction, or a list of k (a bank learning both kinds of edit)
+    delta_energy: float | list[float] = Field(0.0)
     # Keep each direction's effect from vanishing (loss.strength_penalty): weight of a hinge on
     # log rms(noise difference) below strength_target (a fraction of the unit-variance noise).
     # 0: the paper's loss alone.
@@ -195,6 +196,13 @@ class DiscoveryConfig(BaseModel):
             raise ValueError(f"batch ({self.batch}) must be divisible by workers ({self.workers})")
         if not self.gallery_scales:
             raise ValueError("gallery_scales must name at least one scale")
+        energies = self.delta_energy if isinstance(self.delta_energy, list) else [self.delta_energy]
+        if any(not 0 <= w <= 1 for w in energies):
+            raise ValueError(f"delta_energy weights must lie in [0, 1], got {self.delta_energy}")
+        if isinstance(self.delta_energy, list) and len(self.delta_energy) != self.k:
+            raise ValueError(
+                f"delta_energy lists one weight per direction: {len(self.delta_energy)} given, k = {self.k}"
+            )
         if self.init == "tokens" and not self.init_tokens:
             raise ValueError("init: tokens needs init_tokens")
         check_no_secrets(self.storage_options, "storage_options")

@@ -32,27 +32,37 @@ import torch.nn.functional as F
 
 
 def delta_features(
-    deltas: torch.Tensor, pool: int = 1, center: bool = False, energy: float = 0.0
+    deltas: torch.Tensor, pool: int = 1, center: bool = False, energy: float | torch.Tensor = 0.0
 ) -> torch.Tensor:
     """(B, S, C, H, W) noise differences -> (B, S, F) vectors that `sim` compares.
 
     With 0 < energy <= 1: the unit signed difference scaled by sqrt(1 - energy), beside the
     unit centred change map scaled by sqrt(energy), so that the cosine of two features is
     (1 - energy) cos(signed) + energy cos(change maps).
+
+    `energy` may also be one weight per sampled direction, (S,): a bank learning both kinds of
+    edit. Two directions' features then have cosine sqrt((1 - w_a)(1 - w_b)) cos(signed) +
+    sqrt(w_a w_b) cos(change maps): the mixed form above within a group of equal weights, and
+    0 between a signed (w = 0) and a change-map (w = 1) direction, whatever they edit.
     """
     x = deltas.float()
     if center:
         x = x - x.mean(dim=1, keepdim=True)
     if pool > 1:
         x = F.avg_pool2d(x.flatten(0, 1), pool, ceil_mode=True).unflatten(0, x.shape[:2])
-    if not energy:
+    if not bool(torch.as_tensor(energy).any()):
         return x.flatten(2)
     change = (x.pow(2).sum(dim=2) + 1e-12).sqrt().flatten(2)  # (B, S, H*W)
     change = change - change.mean(dim=2, keepdim=True)
-    parts = [F.normalize(change, dim=-1, eps=1e-12) * math.sqrt(energy)]
-    if energy < 1:
-        parts.insert(0, F.normalize(x.flatten(2), dim=-1, eps=1e-12) * math.sqrt(1 - energy))
-    return torch.cat(parts, dim=-1)
+    change = F.normalize(change, dim=-1, eps=1e-12)
+    if not isinstance(energy, torch.Tensor):
+        parts = [change * math.sqrt(energy)]
+        if energy < 1:
+            parts.insert(0, F.normalize(x.flatten(2), dim=-1, eps=1e-12) * math.sqrt(1 - energy))
+        return torch.cat(parts, dim=-1)
+    w = energy.to(x).view(1, -1, 1)
+    signed = F.normalize(x.flatten(2), dim=-1, eps=1e-12) * (1 - w).sqrt()
+    return torch.cat([signed, change * w.sqrt()], dim=-1)
 
 
 def _similarities(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

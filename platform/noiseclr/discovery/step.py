@@ -56,9 +56,15 @@ def lr_factor(cfg: DiscoveryConfig, step: int) -> float:
     return 1.0
 
 
-def objective(cfg: DiscoveryConfig, deltas: torch.Tensor) -> torch.Tensor:
-    """The configured NoiseCLR loss on (B, S, C, h, w) deltas (anchor: direction 0)."""
-    feats = delta_features(deltas, cfg.delta_pool, cfg.delta_center, cfg.delta_energy)
+def objective(cfg: DiscoveryConfig, deltas: torch.Tensor, dirs: torch.Tensor | None = None) -> torch.Tensor:
+    """The configured NoiseCLR loss on (B, S, C, h, w) deltas of the sampled directions `dirs`
+    (S,) (anchor: dirs[0]; needed only when `delta_energy` is one weight per direction)."""
+    energy = cfg.delta_energy
+    if isinstance(energy, list):
+        if dirs is None:
+            raise ValueError("delta_energy per direction needs the sampled directions")
+        energy = torch.tensor(energy)[dirs.cpu()]
+    feats = delta_features(deltas, cfg.delta_pool, cfg.delta_center, energy)
     if cfg.loss == "paper":
         loss = noiseclr_loss(feats, cfg.tau, anchor=0)
     else:
@@ -132,7 +138,7 @@ def micro_step_loss(
     deltas = deltas.float()
     if gather is not None:
         deltas = gather(deltas)
-    return objective(cfg, deltas)
+    return objective(cfg, deltas, dirs)
 
 
 def want_checkpointing(
@@ -166,7 +172,7 @@ def want_checkpointing(
         deltas = deltas_of(x, ts, dirs)
     # Gradient to the input only: the same backward through the UNet, nothing accumulates
     # into the directions (or DeepSpeed's gradient buckets).
-    (grad,) = torch.autograd.grad(objective(cfg, deltas.float()), x)
+    (grad,) = torch.autograd.grad(objective(cfg, deltas.float(), dirs), x)
     del grad, deltas
     per_image = (torch.cuda.max_memory_allocated(device) - before) / 2
     free, _ = torch.cuda.mem_get_info(device)
