@@ -3,6 +3,7 @@
     python jobs/measure_windows.py --bank platform/noiseclr/pretrained/banks/shapes --n 16
     python jobs/measure_windows.py --words --pairs --n 6 --windows 600,800,1000
     python jobs/measure_windows.py --model out/base/stage9 --words --pairs --n 6 --windows 600
+    python jobs/measure_windows.py --bank BANK --n 16 --windows 600 --low 200   # edits stop at t = 200
 
 Each bank (a bank folder, the known words, the word-pair reference) is measured by the oracle
 protocol on its domain twice on the same images: every direction at the fixed window (t <= 600),
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--pairs", action="store_true", help="also the word-pair reference e(b) - e(a)")
     ap.add_argument("--n", type=int, default=6, help="generated and real images")
     ap.add_argument("--windows", default="600,800", help="candidate window tops (600: the fixed window only)")
+    ap.add_argument("--low", type=int, default=0, help="the window's bottom: edits act for low < t <= top")
     ap.add_argument("--out", default="out/windows")
     ap.add_argument("--model", default="shapes", help="base model: a name or a pipeline folder")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -52,11 +54,12 @@ def main() -> None:
         banks["words"] = word_bank(model)
     if args.pairs:
         banks["pairs"] = pair_bank(model)
-    fixed = Protocol(fixed={"x": "center", "y": "middle"}, n_images=args.n)
+    top = Protocol.model_fields["window"].default[0]  # the protocol's fixed window top (600)
+    fixed = Protocol(fixed={"x": "center", "y": "middle"}, n_images=args.n, window=(top, args.low))
     harness = Harness(model, fixed, progress=False)
     results, rows = {}, []
     for name, bank in banks.items():
-        runs = [("t <= 600", fixed)]
+        runs = [(f"{args.low} < t <= {top}" if args.low else f"t <= {top}", fixed)]
         if tops != fixed.tops:  # --windows 600: the fixed window only
             runs.append((f"per direction of {tops}", fixed.model_copy(update={"windows": tops})))
         for label, protocol in runs:
