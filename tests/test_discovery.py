@@ -269,6 +269,16 @@ def test_config_from_yaml_rejects_unknown_keys(tmp_path):
     assert DiscoveryConfig.from_yaml("jobs/shapes.yaml").name == "shapes"
 
 
+SHAPES_JOBS = sorted((Path(__file__).parents[1] / "jobs").glob("shapes*.yaml"))
+
+
+@pytest.mark.parametrize("job", SHAPES_JOBS, ids=lambda p: p.name)
+def test_every_shapes_job_file_is_a_valid_config(job):
+    """The job files the docs tell users to run: a renamed key or a delta_energy list of the
+    wrong length would otherwise fail only when someone runs them."""
+    assert DiscoveryConfig.from_yaml(job).model == "shapes"
+
+
 def test_image_folder_with_corrupt_files(tmp_path):
     for i, px in enumerate(shapes.to_uint8(shapes.render(shapes.sample_scenes(3, seed=0), 80))):
         buf = io.BytesIO()
