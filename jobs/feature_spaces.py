@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 
 def change_map(v: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) difference -> (N, H*W) per-pixel L2 norm over channels, centred per image."""
-    m = v.float().norm(dim=1).flatten(1)
-    return m - m.mean(-1, keepdim=True)
+    """(N, C, H, W) difference -> (N, H*W) centred change map, exactly as `delta_energy` builds it."""
+    from noiseclr.discovery.loss import delta_features
+
+    return delta_features(v[:, None], energy=1.0)[:, 0]
 
 
 def main() -> None:
