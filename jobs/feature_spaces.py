@@ -88,10 +88,10 @@ def main() -> None:
     ids = pipe.tokenizer(
         [""], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
-    noise = torch.randn(a.n, *encode_latents(pipe.vae, render(scenes[:1]) * 2 - 1).shape[1:])
     with torch.no_grad():
         empty = pipe.text_encoder(ids)[0]
         base = encode_latents(pipe.vae, render(scenes) * 2 - 1)
+        noise = torch.randn(base.shape)
         edited = {e: encode_latents(pipe.vae, render(ss) * 2 - 1) for e, (_, ss) in pairs.items()}
 
         def features(z: torch.Tensor, t: int, eps: torch.Tensor) -> dict[str, torch.Tensor]:
