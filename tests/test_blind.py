@@ -181,3 +181,33 @@ def test_measure_refuses_bad_settings_in_one_line(shapes_model, tmp_path):
     assert done.exit_code == 2 and "--no-generated needs real images" in done.output
     with pytest.raises(ValueError, match="ladder must be increasing"):
         blind.BlindProtocol(ladder=(4.0, 2.0))
+
+
+def test_merge_keeps_one_direction_per_duplicate_group_and_drops_the_dead(shapes_model, tmp_path):
+    """Two banks that share the word 'striped', one with a dead direction: the merged bank keeps
+    'striped' once and 'red', drops the dead one, and its scores are those of what it kept."""
+    from noiseclr.evaluation.evaluate import word_bank
+
+    words = word_bank(shapes_model, ("striped", "red"))
+    words.edit_defaults = {"window": [600, 0]}
+    words.config["gallery_prompt"] = "a shape at middle center"  # the merged bank measures on it
+    tiny = torch.randn(1, words.directions.shape[1], generator=torch.Generator().manual_seed(0))
+    other = DirectionBank(
+        torch.cat([tiny / tiny.norm() * 1e-3, words.directions[:1]]),
+        dict(words.base_model),
+        name="other",
+        config={"gallery_prompt": "a shape at middle center"},
+        edit_defaults={"window": [600, 0]},
+    )
+    a, b = words.save(tmp_path / "words"), other.save(tmp_path / "other")
+    args = ["merge", str(a), str(b), "--out", str(tmp_path / "m"), "--n", "3", "--steps", "8"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "merged 4 directions of 2 banks; kept 2 (dropped 2 dead or duplicate)" in done.output
+    m = DirectionBank.load(tmp_path / "m", shapes_model)
+    assert m.config["origin"] == [{"bank": "words", "token": t, "ref": str(a)} for t in words.tokens]
+    assert torch.equal(m.directions, words.directions)
+    assert len(m.scores["directions"]) == 2 and m.scores["live"] == 2 and m.scores["groups"] == []
+    assert len(m.edit_defaults["scales"]) == 2 and m.edit_defaults["calibration"] == "blind"
+    again = CliRunner().invoke(app, args)  # never over a bank
+    assert again.exit_code != 0 and "already holds a bank" in again.output

@@ -15,7 +15,7 @@ from noiseclr.data import images as images_mod
 from noiseclr.data.images import encode_latents, load_images, load_latents
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery import step as step_mod
-from noiseclr.discovery.bank import BankError, DirectionBank
+from noiseclr.discovery.bank import BankError, DirectionBank, merge_banks, subset
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.trainer import DiscoveryTrainer, start_state
 from noiseclr.domains import shapes
@@ -217,6 +217,66 @@ def test_bank_round_trip_and_checks(tiny_model, shapes_model, tmp_path):
         other.check_model(tiny_model)
     with pytest.raises(BankError, match="is not a direction bank"):
         DirectionBank.load(tmp_path)
+
+
+def _bank(name, rows, fingerprint="f1", **kw):
+    return DirectionBank(rows, {"source": "m", "fingerprint": fingerprint, "hidden_size": 4}, name=name, **kw)
+
+
+def test_merged_banks_keep_each_directions_label_window_scales_and_origin(tmp_path):
+    oracle = {"window": [600, 0], "target_effect": 0.5, "calibration": "oracle"}
+    a = _bank("a", torch.eye(4)[:2], config={"gallery_prompt": "p", "k": 2, "seed": 0})
+    a.labels = {"<a-1>": {"auto": "hue+"}}
+    a.edit_defaults = {**oracle, "scales": [[-1.0, 2.0], [-4.0, 4.0]]}
+    b = _bank("b", torch.eye(4)[2:] * 3, config={"gallery_prompt": "p", "k": 2, "seed": 1})
+    b.labels = {"<b-0>": {"auto": "size-", "human": "smaller"}}
+    b.edit_defaults = {**oracle, "scales": [[-8.0, 8.0], [-2.0, 1.0]]}
+    m = merge_banks([a, b], "both", refs=["runs/a", "runs/b"])
+    assert torch.equal(m.directions, torch.cat([a.directions, b.directions]))
+    assert m.tokens == ["<both-0>", "<both-1>", "<both-2>", "<both-3>"]
+    assert m.labels == {"<both-1>": {"auto": "hue+"}, "<both-2>": {"auto": "size-", "human": "smaller"}}
+    assert m.edit_defaults == {**oracle, "scales": [[-1.0, 2.0], [-4.0, 4.0], [-8.0, 8.0], [-2.0, 1.0]]}
+    assert [(o["ref"], o["token"]) for o in m.config["origin"]] == [
+        ("runs/a", "<a-0>"),
+        ("runs/a", "<a-1>"),
+        ("runs/b", "<b-0>"),
+        ("runs/b", "<b-1>"),
+    ]
+    assert m.config["gallery_prompt"] == "p" and "seed" not in m.config  # seeds differ: the sources' own
+    assert [src["config"]["seed"] for src in m.config["sources"]] == [0, 1]
+    # a subset carries its directions' figures; the origin survives a second merge
+    s = subset(m, [3, 1])
+    assert torch.equal(s.directions, m.directions[[3, 1]]) and s.tokens == ["<both-0>", "<both-1>"]
+    assert s.labels == {"<both-1>": {"auto": "hue+"}} and s.edit_defaults["scales"] == [
+        [-2.0, 1.0],
+        [-4.0, 4.0],
+    ]
+    assert [o["token"] for o in s.config["origin"]] == ["<b-1>", "<a-1>"]
+    again = DirectionBank.load(s.save(tmp_path / "s"))
+    assert again.labels == s.labels and again.config["origin"] == s.config["origin"]
+    assert merge_banks([again, a], "x").config["origin"][0] == {
+        "bank": "b",
+        "token": "<b-1>",
+        "ref": "runs/b",
+    }
+    with pytest.raises(BankError, match="distinct indices"):
+        subset(m, [1, 1])
+
+
+def test_merging_refuses_other_models_and_drops_scales_calibrated_differently():
+    a = _bank("a", torch.eye(4)[:2])
+    a.edit_defaults = {"window": [600, 0], "scales": [[-1.0, 1.0]] * 2, "calibration": "oracle"}
+    b = _bank("b", torch.eye(4)[2:])
+    b.edit_defaults = {"window": [800, 0], "scales": [[-2.0, 2.0]] * 2, "calibration": "blind"}
+    m = merge_banks([a, b], "m")
+    assert "scales" not in m.edit_defaults  # the next measurement calibrates them all alike
+    assert m.edit_defaults["windows"] == [[600, 0], [600, 0], [800, 0], [800, 0]]
+    with pytest.raises(BankError, match="learnt on base model"):
+        merge_banks([a, _bank("c", torch.eye(4), fingerprint="f2")], "m")
+    with pytest.raises(BankError, match="3-dim directions"):
+        merge_banks([a, _bank("c", torch.eye(3))], "m")
+    with pytest.raises(BankError, match="at least two banks"):
+        merge_banks([a], "m")
 
 
 def test_textual_inversion_export_loads_with_diffusers(shapes_model, tmp_path):

@@ -456,36 +456,14 @@ def evaluate(
     typer.echo(f"report: {paths['html']}")
 
 
-@app.command()
-def measure(
-    bank: str = typer.Argument(..., help="Bank folder, or models:/NAME@ALIAS or models:/NAME/VERSION."),
-    model: str = typer.Option("shapes", help="The bank's base model: shapes, a diffusers folder, a hub id."),
-    data: str | None = typer.Option(
-        None, help="Real images to edit (fsspec URI), DDIM-inverted. Default: the bank's training data."
-    ),
-    prompt: str | None = typer.Option(
-        None, help="Generated images' prompt. Default: the bank's gallery prompt (or unconditional)."
-    ),
-    generated: bool = typer.Option(True, help="Also edit generated images."),
-    n: int = typer.Option(8, min=2, help="Scored images per source (generated, real)."),
-    steps: int = typer.Option(20, min=2, help="DDIM steps of generated images (real ones: 1.25x)."),
-    target: float = typer.Option(0.02, min=0.001, max=0.5, help="Mean |pixel change| scale 1 means."),
-    window: int | None = typer.Option(
-        None, min=1, max=1000, help="Edits act for t <= this. Default: the bank's."
-    ),
-    device: str = typer.Option("auto"),
-) -> None:
-    """Measure every direction without an oracle, on any model and images: strength, calibrated
-    scale, consistency, distinctness, area, drift; one score each, dead and duplicate directions
-    flagged. Written into bank.json (a registered bank is not rewritten: its table is printed)."""
+def _blind_setup(base, b, data, prompt, generated, n, steps, target, window):
+    """The oracle-free protocol for bank b and its real images (an ImageSet, or None): the
+    given data, else the bank's training images when readable here."""
     from pydantic import ValidationError
 
     from noiseclr.discovery.config import validation_message
     from noiseclr.evaluation import blind
-    from noiseclr.models.base import load_model
 
-    base = load_model(model, device=device)
-    folder, b = _open_bank(bank, base)
     try:
         protocol = blind.BlindProtocol(
             n_images=n,
@@ -509,12 +487,85 @@ def measure(
             typer.echo(f"warning: the bank's training images are not readable here ({err}); generated only")
     if real is None and not generated:
         raise ConfigError("--no-generated needs real images: give --data URI")
+    return protocol, real
+
+
+@app.command()
+def measure(
+    bank: str = typer.Argument(..., help="Bank folder, or models:/NAME@ALIAS or models:/NAME/VERSION."),
+    model: str = typer.Option("shapes", help="The bank's base model: shapes, a diffusers folder, a hub id."),
+    data: str | None = typer.Option(
+        None, help="Real images to edit (fsspec URI), DDIM-inverted. Default: the bank's training data."
+    ),
+    prompt: str | None = typer.Option(
+        None, help="Generated images' prompt. Default: the bank's gallery prompt (or unconditional)."
+    ),
+    generated: bool = typer.Option(True, help="Also edit generated images."),
+    n: int = typer.Option(8, min=2, help="Scored images per source (generated, real)."),
+    steps: int = typer.Option(20, min=2, help="DDIM steps of generated images (real ones: 1.25x)."),
+    target: float = typer.Option(0.02, min=0.001, max=0.5, help="Mean |pixel change| scale 1 means."),
+    window: int | None = typer.Option(
+        None, min=1, max=1000, help="Edits act for t <= this. Default: the bank's."
+    ),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Measure every direction without an oracle, on any model and images: strength, calibrated
+    scale, consistency, distinctness, area, drift; one score each, dead and duplicate directions
+    flagged. Written into bank.json (a registered bank is not rewritten: its table is printed)."""
+    from noiseclr.evaluation import blind
+    from noiseclr.models.base import load_model
+
+    base = load_model(model, device=device)
+    folder, b = _open_bank(bank, base)
+    protocol, real = _blind_setup(base, b, data, prompt, generated, n, steps, target, window)
     blind.measure_into(base, b, protocol, real and real.pixels, real_names=real and real.files)
     if bank.startswith("models:/"):
         typer.echo("a registered bank is not rewritten: log a new version to keep these scores")
     else:
         b.save(folder)
     typer.echo(blind.scores_table(b))
+
+
+@app.command()
+def merge(
+    banks: list[str] = typer.Argument(
+        ..., help="Two or more bank folders or models:/ references learnt on one base model."
+    ),
+    out: Path = typer.Option(..., help="New folder for the merged bank."),
+    name: str = typer.Option("merged", help="The merged bank's name; its tokens are <name-i>."),
+    keep_all: bool = typer.Option(False, help="Keep dead and duplicate directions (measure only)."),
+    model: str = typer.Option("shapes", help="The banks' base model: shapes, a diffusers folder, a hub id."),
+    data: str | None = typer.Option(
+        None, help="Real images to measure on (fsspec URI). Default: the first bank's training data."
+    ),
+    n: int = typer.Option(8, min=2, help="Scored images per source (generated, real)."),
+    steps: int = typer.Option(20, min=2, help="DDIM steps of generated images (real ones: 1.25x)."),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Put several banks' directions into one (seeds, sweep trials, domains of one model),
+    measure it without an oracle, and keep the live directions, one per duplicate group (its
+    best): more distinct edits than any one run found, with no labels involved. Each kept
+    direction's label, window, scales and origin (bank, token) come with it."""
+    from noiseclr.discovery.bank import merge_banks, subset
+    from noiseclr.evaluation import blind
+    from noiseclr.models.base import load_model
+
+    if (out / "bank.json").exists():
+        raise ConfigError(f"{out} already holds a bank; merge into a new folder")
+    base = load_model(model, device=device)
+    merged = merge_banks([_open_bank(ref, base)[1] for ref in banks], name, refs=banks)
+    protocol, real = _blind_setup(base, merged, data, None, True, n, steps, 0.02, None)
+    harness = blind.BlindHarness(base, protocol, real=real and real.pixels, real_names=real and real.files)
+    kept, result = harness.measure_distinct(merged, prune=not keep_all)
+    bank = subset(merged, kept) if len(kept) < len(merged) else merged
+    blind.store(bank, result)
+    bank.save(out)
+    typer.echo(
+        f"merged {len(merged)} directions of {len(banks)} banks; kept {len(kept)} "
+        f"(dropped {len(merged) - len(kept)} dead or duplicate)"
+    )
+    typer.echo(blind.scores_table(bank))
+    typer.echo(f"bank: {out}")
 
 
 @app.command()

@@ -391,12 +391,27 @@ class BlindHarness:
 
     def measure(self, bank: DirectionBank) -> dict:
         """Scores of every direction (JSON-ready, for bank.json's `scores`)."""
+        return self.measure_distinct(bank, prune=False)[1]
+
+    def measure_distinct(self, bank: DirectionBank, prune: bool = True) -> tuple[list[int], dict]:
+        """(kept, scores): with `prune`, the live directions, one per duplicate group (its best),
+        and the scores of the bank they form alone, from the same edits (no second model pass:
+        a direction's edits do not depend on the others; its distinctness and rank do)."""
         edits = self.signed_edits(bank)
         result = score_edits(edits, n_boot=self.p.n_boot, ladder0=self.ladder(bank)[0])
+        kept = list(range(len(bank)))
+        if prune:
+            kept = distinct_live(result)
+            if not kept:
+                raise DataError(f"bank {bank.name!r}: no direction is live on these images; nothing to keep")
+            if len(kept) < len(bank):
+                result = score_edits(
+                    [edits[k] for k in kept], n_boot=self.p.n_boot, ladder0=self.ladder(bank)[0]
+                )
         result["protocol"] = {
             **self.p.model_dump(),
             "window": list(self._window(bank)),
-            "windows": [list(self._window(bank, k)) for k in range(len(bank))],
+            "windows": [list(self._window(bank, k)) for k in kept],
             "ladder": self.ladder(bank),
             "images": {
                 "generated": self.p.n_images if self.p.generated else 0,
@@ -407,7 +422,7 @@ class BlindHarness:
             },
             "space": f"pixels at {self.p.resolution}x{self.p.resolution}",
         }
-        return result
+        return kept, result
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -527,6 +542,12 @@ def score_edits(
         "groups": [g for g in groups if len(g) > 1],
         "directions": directions,
     }
+
+
+def distinct_live(result: dict) -> list[int]:
+    """The directions worth keeping from `score_edits`' result: live, and the best of their
+    duplicate group (a group's other members repeat its edit), in bank order."""
+    return [d["index"] for d in result["directions"] if not d["dead"] and d["duplicate_of"] is None]
 
 
 def duplicate_groups(cross: np.ndarray, live: np.ndarray) -> list[list[int]]:
