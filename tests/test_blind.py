@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from noiseclr.cli import app
 from noiseclr.discovery.bank import DirectionBank
+from noiseclr.errors import DataError
 from noiseclr.evaluation import blind
 from noiseclr.evaluation.blind import SignedEdit, score_edits
 from noiseclr.evaluation.compose import _fidelity, additivity
@@ -181,6 +182,35 @@ def test_measure_refuses_bad_settings_in_one_line(shapes_model, tmp_path):
     assert done.exit_code == 2 and "--no-generated needs real images" in done.output
     with pytest.raises(ValueError, match="ladder must be increasing"):
         blind.BlindProtocol(ladder=(4.0, 2.0))
+
+
+def test_a_shapes_world_bank_away_from_its_run_folder_is_measured_on_its_own_training_scenes(
+    shapes_model, tmp_path, capsys
+):
+    """The shipped bank names a data folder of the machine that trained it: on any other machine
+    its real images are its training scenes drawn again (same seed, count, fixed factors), the
+    very images the run wrote; a bank trained on the user's data keeps the warning instead."""
+    from noiseclr.cli import _blind_setup
+    from noiseclr.data.images import load_images
+    from noiseclr.domains.dataset import write_world
+    from noiseclr.evaluation.evaluate import word_bank
+
+    fixed = {"x": "center", "y": "middle"}
+    bank = word_bank(shapes_model, ("red",))
+    bank.config.update(model="shapes", data=None, n_images=10, seed=3, world_fixed=fixed)
+    bank.metrics["data"] = str(tmp_path / "gone" / "data")
+    protocol, real = _blind_setup(shapes_model, bank, None, None, False, 3, 8, 0.02, None)
+    write_world(str(tmp_path / "data"), n=10, seed=3, resolution=shapes_model.resolution, fixed=fixed)
+    run = load_images(str(tmp_path / "data"), shapes_model.resolution, limit=len(real.files))
+    assert len(real.files) == protocol.n_images + protocol.calibration_images
+    assert torch.equal(real.pixels, run.pixels)
+    assert "drawn again from its world" in capsys.readouterr().out
+
+    bank.config["data"] = str(tmp_path / "gone" / "data")  # the user's images: not ours to redraw
+    assert _blind_setup(shapes_model, bank, None, None, True, 3, 8, 0.02, None)[1] is None
+    assert "generated only" in capsys.readouterr().out
+    with pytest.raises(DataError):
+        _blind_setup(shapes_model, bank, None, None, False, 3, 8, 0.02, None)
 
 
 def test_merge_keeps_one_direction_per_duplicate_group_and_drops_the_dead(shapes_model, tmp_path):

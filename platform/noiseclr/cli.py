@@ -482,12 +482,42 @@ def _blind_setup(base, b, data, prompt, generated, n, steps, target, window):
         try:
             real = blind.real_images(source, base, protocol, b.config.get("storage_options"))
         except DataError as err:
-            if data or not generated:  # the user named these images: their error stands
+            if data:  # the user named these images: their error stands
                 raise
-            typer.echo(f"warning: the bank's training images are not readable here ({err}); generated only")
+            world = _training_world(b, base)
+            if world is None and not generated:
+                raise
+            if world is None:
+                typer.echo(f"warning: the bank's training images are unreadable here ({err}); generated only")
+            else:
+                typer.echo(f"the bank's training images are not here ({source}): drawn again from its world")
+                real = blind.real_images(world, base, protocol)
     if real is None and not generated:
         raise ConfigError("--no-generated needs real images: give --data URI")
     return protocol, real
+
+
+def _training_world(b, base) -> str | None:
+    """A bank trained on the generated shapes world: its training images drawn again (same seed,
+    count and fixed factors, so the same scenes) into memory://, for measuring it on a machine
+    that does not hold the training run's folder (the shipped bank). None for any other bank."""
+    import hashlib
+
+    import fsspec
+
+    from noiseclr.domains.dataset import TABLE, write_world
+
+    cfg = b.config
+    if cfg.get("data") is not None or cfg.get("model") != "shapes" or not cfg.get("n_images"):
+        return None
+    n, seed, fixed = cfg["n_images"], cfg.get("seed", 0), cfg.get("world_fixed") or {}
+    settings = json.dumps([n, seed, base.resolution, fixed], sort_keys=True)
+    key = hashlib.sha1(settings.encode()).hexdigest()[:12]
+    uri = f"memory://noiseclr-world/{key}"
+    fs, root = fsspec.core.url_to_fs(uri)
+    if not fs.exists(f"{root}/{TABLE}"):
+        write_world(uri, n=n, seed=seed, resolution=base.resolution, fixed=fixed, progress=False)
+    return uri
 
 
 @app.command()
