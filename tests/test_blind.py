@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from noiseclr.cli import app
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.discovery.bank import DirectionBank, merge_banks
 from noiseclr.errors import DataError
 from noiseclr.evaluation import blind
 from noiseclr.evaluation.blind import SignedEdit, score_edits
@@ -205,6 +205,12 @@ def test_a_shapes_world_bank_away_from_its_run_folder_is_measured_on_its_own_tra
     assert len(real.files) == protocol.n_images + protocol.calibration_images
     assert torch.equal(real.pixels, run.pixels)
     assert "drawn again from its world" in capsys.readouterr().out
+    other = word_bank(shapes_model, ("striped",))
+    other.config.update(model="shapes", data=None, n_images=10, seed=4, world_fixed=fixed)
+    merged = merge_banks([bank, other], "m")  # seeds differ: the first bank's scenes, as metrics.data
+    assert torch.equal(
+        _blind_setup(shapes_model, merged, None, None, False, 3, 8, 0.02, None)[1].pixels, run.pixels
+    )
 
     bank.config["data"] = str(tmp_path / "gone" / "data")  # the user's images: not ours to redraw
     assert _blind_setup(shapes_model, bank, None, None, True, 3, 8, 0.02, None)[1] is None

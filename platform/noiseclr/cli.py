@@ -508,9 +508,16 @@ def _training_world(b, base) -> str | None:
     from noiseclr.domains.dataset import TABLE, write_world
 
     cfg = b.config
-    if cfg.get("data") is not None or cfg.get("model") != "shapes" or not cfg.get("n_images"):
+    while cfg.get("sources"):  # a merged bank: its first bank's, whose images metrics.data names
+        cfg = cfg["sources"][0]["config"]
+    if (
+        cfg.get("data") is not None
+        or cfg.get("model") != "shapes"
+        or not cfg.get("n_images")
+        or "seed" not in cfg
+    ):
         return None
-    n, seed, fixed = cfg["n_images"], cfg.get("seed", 0), cfg.get("world_fixed") or {}
+    n, seed, fixed = cfg["n_images"], cfg["seed"], cfg.get("world_fixed") or {}
     settings = json.dumps([n, seed, base.resolution, fixed], sort_keys=True)
     key = hashlib.sha1(settings.encode()).hexdigest()[:12]
     uri = f"memory://noiseclr-world/{key}"
