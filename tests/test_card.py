@@ -172,10 +172,11 @@ def test_the_export_folder_gets_a_card_with_its_format_and_prompts(tmp_path):
     assert 'load_textual_inversion("EXPORT", weight_name=' in (tmp_path / "diffusers" / CARD_FILE).read_text()
 
 
-def test_the_shipped_bank_carries_its_current_card():
-    bank = DirectionBank.load(SHIPPED)
-    assert (SHIPPED / CARD_FILE).read_text() == bank_card(bank), (
-        "rewrite it: noiseclr.card.write_card(SHIPPED, DirectionBank.load(SHIPPED))"
+@pytest.mark.parametrize("folder", sorted(SHIPPED.parent.iterdir()), ids=lambda p: p.name)
+def test_every_shipped_bank_carries_its_current_card(folder):
+    bank = DirectionBank.load(folder)
+    assert (folder / CARD_FILE).read_text() == bank_card(bank), (
+        f"rewrite it: noiseclr.card.write_card({folder.name!r}, DirectionBank.load(...))"
     )
 
 

@@ -263,6 +263,18 @@ def test_merged_banks_keep_each_directions_label_window_scales_and_origin(tmp_pa
         subset(m, [1, 1])
 
 
+def test_the_shipped_merged_bank_holds_the_shipped_main_banks_directions():
+    """pretrained/banks/shapes-merged is `noiseclr merge` of the main job's shipped bank and the
+    both-forms job's bank: re-shipping the main job's bank without merging again fails here."""
+    banks = Path(__file__).parents[1] / "platform/noiseclr/pretrained/banks"
+    merged, main = DirectionBank.load(banks / "shapes-merged"), DirectionBank.load(banks / "shapes")
+    origin = merged.config["origin"]
+    mine = [i for i, o in enumerate(origin) if o["ref"] == "platform/noiseclr/pretrained/banks/shapes"]
+    assert [origin[i]["token"] for i in mine] == main.tokens
+    assert torch.equal(merged.directions[mine], main.directions)
+    assert len(merged) > len(main) and merged.edit_defaults["calibration"] == "oracle"
+
+
 def test_merging_refuses_other_models_and_drops_scales_calibrated_differently():
     a = _bank("a", torch.eye(4)[:2])
     a.edit_defaults = {"window": [600, 0], "scales": [[-1.0, 1.0]] * 2, "calibration": "oracle"}
