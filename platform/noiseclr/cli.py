@@ -490,7 +490,7 @@ def _blind_setup(base, b, data, prompt, generated, n, steps, target, window):
             if world is None:
                 typer.echo(f"warning: the bank's training images are unreadable here ({err}); generated only")
             else:
-                typer.echo(f"the bank's training images are not here ({source}): drawn again from its world")
+                typer.echo(f"the training images are unreadable here ({err}): drawn again from its world")
                 real = blind.real_images(world, base, protocol)
     if real is None and not generated:
         raise ConfigError("--no-generated needs real images: give --data URI")
