@@ -294,12 +294,6 @@ class DirectionBank:
         return export_bank(self, folder, "diffusers")
 
 
-def _window_of(bank: DirectionBank, k: int) -> list[int]:
-    """Direction k's edit window [t_high, t_low] as the bank records it (else the schedule)."""
-    windows = bank.edit_defaults.get("windows")
-    return [int(t) for t in (windows[k] if windows else bank.edit_defaults.get("window", (1000, 0)))]
-
-
 # Config keys a merged bank keeps where its banks agree: what editing and measuring read.
 SHARED_KEYS = (
     "method",
@@ -316,7 +310,9 @@ SHARED_KEYS = (
 def _merged_edit_defaults(banks: list[DirectionBank]) -> dict[str, Any]:
     """Each direction keeps its window; the calibrated scales are kept when every bank was
     calibrated the same way (same protocol keys), else dropped for the next measurement to set."""
-    windows = [_window_of(b, i) for b in banks for i in range(len(b))]
+    from noiseclr.editing.sampler import default_window  # editing imports this module
+
+    windows = [list(default_window(b, i)) for b in banks for i in range(len(b))]
     out: dict[str, Any] = {"window": windows[0]}
     if any(w != windows[0] for w in windows):
         out["windows"] = windows
