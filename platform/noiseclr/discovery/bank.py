@@ -191,7 +191,12 @@ class DirectionBank:
                 f"bank {self.name!r} has {self.directions.shape[1]}-dim directions but the model's "
                 f"{what}s are {want}-dim"
             )
-        if self.base_model.get("fingerprint") != model.fingerprint:
+        recorded = self.base_model.get("fingerprint")
+        if recorded != model.fingerprint and model.identifies(recorded):
+            # Written before the fingerprint covered the noise schedule: this is its model; the
+            # record takes today's form (in memory; on disk when a command saves the bank).
+            self.base_model = {**self.base_model, "fingerprint": model.fingerprint}
+        elif recorded != model.fingerprint:
             raise BankError(
                 f"bank {self.name!r} was learnt on base model {self.base_model.get('source')!r} "
                 f"(fingerprint {self.base_model.get('fingerprint')}), not on {model.source!r} "

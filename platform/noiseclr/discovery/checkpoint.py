@@ -118,13 +118,16 @@ class TrainState:
             world=meta.get("world", 1),
         )
 
-    def check_resumable(self, cfg: DiscoveryConfig, fingerprint: str, where: Path) -> None:
-        """Refuse to continue with another base model or changed training keys."""
-        if self.fingerprint != fingerprint:
+    def check_resumable(self, cfg: DiscoveryConfig, model, where: Path) -> None:
+        """Refuse to continue with another base model (a `DiffusionModel`) or changed training
+        keys. A checkpoint of this model written with the earlier fingerprint continues under
+        today's."""
+        if not model.identifies(self.fingerprint):
             raise ConfigError(
                 f"checkpoint {where} was trained on another base model (fingerprint {self.fingerprint}, "
-                f"this one is {fingerprint}); use --fresh or another --out"
+                f"this one is {model.fingerprint}); use --fresh or another --out"
             )
+        self.fingerprint = model.fingerprint
         now = cfg.model_dump()
         runtime = set(RUNTIME_KEYS) - ({"steps"} if cfg.schedule == "cosine" else set())
         # A key the checkpoint predates was trained at its default.

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from noiseclr.conditioning import encode_directions
 from noiseclr.discovery.bank import DirectionBank
-from noiseclr.models.base import DiffusionModel
+from noiseclr.models.base import DiffusionModel, scheduler_like
 
 
 @contextmanager
@@ -78,7 +78,7 @@ def discover_pullback(
     from diffusers import DDPMScheduler
 
     gen = torch.Generator().manual_seed(seed)
-    sched = DDPMScheduler.from_config(model.pipe.scheduler.config)
+    sched = scheduler_like(DDPMScheduler, model.pipe.scheduler.config)
     n = latents[0].numel()
     gram = torch.zeros(n, n, dtype=torch.float64)
     sigmas = []

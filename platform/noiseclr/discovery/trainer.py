@@ -25,7 +25,7 @@ from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.core import AdamWEngine, TrainLoop
 from noiseclr.errors import ConfigError, TrainingDiverged
-from noiseclr.models.base import DiffusionModel
+from noiseclr.models.base import DiffusionModel, scheduler_like
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def start_state(cfg: DiscoveryConfig, model: DiffusionModel, out: Path) -> tuple
     if path is None:
         return initial_state(cfg, model), None
     state = TrainState.load(path)
-    state.check_resumable(cfg, model.fingerprint, path)
+    state.check_resumable(cfg, model, path)
     return state, path
 
 
@@ -80,7 +80,7 @@ class DiscoveryTrainer:
         self.device = model.device
         pipe = model.pipe
         self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
-        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        scheduler = scheduler_like(DDPMScheduler, pipe.scheduler.config)
         steps.check_schedule(cfg, scheduler.config.num_train_timesteps)
         for module in (self.unet, self.text_encoder, pipe.vae):
             module.requires_grad_(False).eval()

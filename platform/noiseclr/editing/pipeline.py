@@ -34,7 +34,7 @@ from noiseclr.discovery.bank import SAFE_NAME, DirectionBank
 from noiseclr.editing import sampler
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.errors import BankError, EditError, ImageError
-from noiseclr.models.base import EMBEDDED, DiffusionModel, fingerprint
+from noiseclr.models.base import EMBEDDED, DiffusionModel, cast, fingerprint
 from noiseclr.models.generate import default_guidance
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,14 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
             name = str(EMBEDDED[name])
             kwargs.setdefault("requires_safety_checker", False)
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(name, **kwargs)
+        # A bank records the weights as stored: fingerprint them before a cast to fp16 / bf16
+        # (which `load_bank` could not see through), then cast as asked.
+        dtype = kwargs.pop("torch_dtype", None)
+        pipe = super().from_pretrained(name, **kwargs)
+        pipe.__dict__["_noiseclr_fingerprints"] = (fingerprint(pipe), fingerprint(pipe, legacy=True))
+        if dtype is not None:  # one dtype, or per component as diffusers takes it
+            cast(pipe, dtype)
+        return pipe
 
     # -- banks ---------------------------------------------------------------------------------
 
@@ -79,7 +86,8 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
 
         The bank's width must match the text encoder's token embeddings. With `strict` (the
         CLI's behaviour) it must also have been learnt on these very weights (the base model's
-        fingerprint); `strict=False` only warns, e.g. for the same model loaded in fp16.
+        fingerprint, taken before `from_pretrained`'s `torch_dtype` cast, so the same model in
+        fp16 or bf16 passes); `strict=False` only warns, e.g. for a fine-tune of the bank's model.
         """
         if not isinstance(bank, DirectionBank):
             bank = DirectionBank.load(bank)
@@ -235,10 +243,18 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
             world_file = Path(source) / "world.json" if self.name_or_path else None
             world = json.loads(world_file.read_text()) if world_file and world_file.is_file() else None
             self.__dict__["_noiseclr_world"] = world
-        # The fingerprint hashes a few weights: computed for bank checks, not on every call.
-        stamp = fingerprint(self) if with_fingerprint else ""
+        # The fingerprint hashes a few weights: computed for bank checks, not on every call;
+        # `from_pretrained` recorded it before any cast (a pipeline built otherwise: as it is now).
+        stamp, legacy = "", None
+        if with_fingerprint:
+            known = self.__dict__.get("_noiseclr_fingerprints")
+            stamp, legacy = known or (fingerprint(self), fingerprint(self, legacy=True))
         return DiffusionModel(
-            pipe=self, source=source, fingerprint=stamp, world=self.__dict__["_noiseclr_world"]
+            pipe=self,
+            source=source,
+            fingerprint=stamp,
+            world=self.__dict__["_noiseclr_world"],
+            legacy_fingerprint=legacy,
         )
 
     def _edits(self, edits: EditSpec) -> list[sampler.Edit]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from noiseclr.conditioning import encode_directions, unet_pairs, unet_rows
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.errors import BankError, EditError
-from noiseclr.models.base import DiffusionModel
+from noiseclr.models.base import DiffusionModel, scheduler_like
 from noiseclr.models.generate import default_guidance, image_seed, initial_latents
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def sample(
     windows = torch.tensor([[e.t_low, e.t_high] for e in edits], device=device).reshape(m, 2)
     every = torch.arange(n, device=device)
 
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched = scheduler_like(DDIMScheduler, pipe.scheduler.config)
     sched.set_timesteps(steps, device=device)
     x = x_T.to(device, dtype) * sched.init_noise_sigma
     timesteps = sched.timesteps if start_t is None else sched.timesteps[sched.timesteps <= start_t]
@@ -255,7 +255,7 @@ def invert(
     (x_T = noise alone), so inversion stops one step short.
     """
     pipe, device = model.pipe, model.device
-    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    inverse = scheduler_like(DDIMInverseScheduler, pipe.scheduler.config)
     inverse.set_timesteps(steps, device=device)
     empty = encode_directions(pipe.text_encoder, pipe.tokenizer, torch.zeros(0, 1, device=device))
     x = latents.to(device, pipe.unet.dtype)

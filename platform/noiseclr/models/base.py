@@ -10,12 +10,13 @@ Hugging Face cache. Every consumer downstream (discovery, editing, serving) take
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, SchedulerMixin, StableDiffusionPipeline
 
 from noiseclr.domains.shapes import parse_caption
 from noiseclr.errors import ModelLoadError
@@ -55,8 +56,11 @@ class DiffusionModel:
 
     pipe: StableDiffusionPipeline
     source: str  # what the user asked for: "shapes", a folder, or a hub id
-    fingerprint: str  # sha256 over configs and a few weights: detects a different model
+    fingerprint: str  # `fingerprint()`: configs, noise schedule and a few weights as stored
     world: dict | None = field(default=None)  # world.json of an embedded model
+    # The fingerprint of banks and checkpoints written before it covered the noise schedule
+    # (`fingerprint(..., legacy=True)`); they still load on the model they were learnt on.
+    legacy_fingerprint: str | None = field(default=None)
 
     @property
     def resolution(self) -> int:
@@ -66,22 +70,64 @@ class DiffusionModel:
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
+    @property
+    def has_oracle(self) -> bool:
+        """Whether the shapes world's oracle can read what an edit changed: only on a model of
+        that world (its images are the world's scenes); any other model has no factors to read."""
+        return self.world is not None and self.world.get("world") == "shapes"
+
+    def identifies(self, recorded: str | None) -> bool:
+        """Whether a fingerprint recorded in a bank or checkpoint names this model."""
+        return recorded is not None and recorded in (self.fingerprint, self.legacy_fingerprint)
+
     def check_prompt(self, prompt: str) -> str:
         """Reject prompts the embedded world has no words for (SD takes any prompt)."""
-        if self.world is not None and self.world.get("world") == "shapes":
+        if self.has_oracle:
             parse_caption(prompt)
         return prompt
 
 
-def fingerprint(pipe: StableDiffusionPipeline) -> str:
-    """Identity of a base model, cheap to compute: configs + the UNet's first and last
-    convolutions + the text encoder's token embeddings (before any added tokens)."""
+def scheduler_like(cls: type[SchedulerMixin], config: dict) -> SchedulerMixin:
+    """`cls` on another scheduler's noise schedule, given only the keys `cls` takes.
+
+    - diffusers' `from_config` carries keys of the source class along (SD 1.x's PNDM config holds
+      `skip_prk_steps`) and DDIMInverseScheduler then warns that it does not expect them.
+    - `clip_sample` is off unless the config sets it: DDIM's default is on, so a PNDM folder
+      without the key would clip every x0 prediction to [-1, 1] (SD's latents are not), while
+      `StableDiffusionPipeline` itself turns clipping off on load. Two folders that differ only
+      there edit alike."""
+    wanted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    # `_use_default_values` names keys that were defaults, not settings: keep it with the keys.
+    values = {k: v for k, v in dict(config).items() if k in wanted or k == "_use_default_values"}
+    if "clip_sample" in wanted:
+        unset = values.get("_use_default_values") or []
+        if "clip_sample" not in values or "clip_sample" in unset:
+            values["clip_sample"] = False
+        values["_use_default_values"] = [k for k in unset if k != "clip_sample"]
+    return cls.from_config(values)
+
+
+def _arch(cfg) -> dict:
+    # private keys (_name_or_path, _diffusers_version...) and versions say where it came from,
+    # not what it is
+    return {k: v for k, v in dict(cfg).items() if not k.startswith("_") and not k.endswith("_version")}
+
+
+def fingerprint(pipe: StableDiffusionPipeline, legacy: bool = False) -> str:
+    """Identity of a base model, cheap to compute: the UNet, text encoder and VAE configs, the
+    noise schedule the editing sampler uses (the pipeline's scheduler config read as DDIM's:
+    betas, prediction type, clip_sample, spacing...), and the UNet's first and last convolutions
+    and the text encoder's token embeddings (before any added tokens), in float32.
+
+    Computed on the weights as stored: `load_model` fingerprints before it casts to fp16 / bf16,
+    so a bank learnt in fp32 serves at any precision. `legacy`: the form before the schedule was
+    part of it (banks and checkpoints written until 2026-12), for `DiffusionModel.identifies`."""
     h = hashlib.sha256()
-    for cfg in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config):
-        # private keys (_name_or_path, _diffusers_version...) and versions say where it came
-        # from, not what it is
-        arch = {k: v for k, v in dict(cfg).items() if not k.startswith("_") and not k.endswith("_version")}
-        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
+    configs = [pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config]
+    if not legacy:
+        configs.append(scheduler_like(DDIMScheduler, pipe.scheduler.config).config)
+    for cfg in configs:
+        h.update(json.dumps(_arch(cfg), sort_keys=True, default=str).encode())
     n_vocab = pipe.text_encoder.config.vocab_size
     for t in (
         pipe.unet.conv_in.weight,
@@ -90,6 +136,21 @@ def fingerprint(pipe: StableDiffusionPipeline) -> str:
     ):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def cast(pipe, dtype: torch.dtype | dict) -> None:
+    """Cast a loaded pipeline's models to `dtype` (or {component: dtype, "default": dtype}), each
+    keeping the submodules its class keeps in float32, as `from_pretrained(torch_dtype=...)` does.
+    (diffusers' `ModelMixin.to(dtype)` warns on every model, even with none to keep.)"""
+    for name, component in pipe.components.items():
+        wanted = dtype.get(name, dtype.get("default")) if isinstance(dtype, dict) else dtype
+        if wanted is None or not isinstance(component, torch.nn.Module):
+            continue
+        torch.nn.Module.to(component, dtype=wanted)
+        keep = getattr(component, "_keep_in_fp32_modules", None) or []
+        for path, sub in component.named_modules():
+            if any(k in path.split(".") for k in keep):
+                torch.nn.Module.to(sub, dtype=torch.float32)
 
 
 def _resolve(name_or_path: str) -> tuple[str, dict | None]:
@@ -126,12 +187,14 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
 ) -> DiffusionModel:
-    """Load a base model as a StableDiffusionPipeline with a DDIM scheduler."""
+    """Load a base model as a StableDiffusionPipeline with a DDIM scheduler.
+
+    The weights load as stored (fp32 for SD's main files), are fingerprinted, and only then cast
+    to `dtype`: a bank records the model it was learnt on, not the precision it ran at."""
     source, world = _resolve(name_or_path)
     try:
-        extra = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default
         pipe = StableDiffusionPipeline.from_pretrained(  # weights from safetensors only, no pickle
-            source, safety_checker=None, requires_safety_checker=False, use_safetensors=True, **extra
+            source, safety_checker=None, requires_safety_checker=False, use_safetensors=True
         )
     except Exception as err:  # hub unreachable, missing files, wrong layout: one clear error
         raise ModelLoadError(
@@ -139,7 +202,11 @@ def load_model(
             "in the local Hugging Face cache; a folder needs the full diffusers layout."
         ) from err
     if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_like(DDIMScheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    stamp, legacy = fingerprint(pipe), fingerprint(pipe, legacy=True)
+    cast(pipe, dtype)
     pipe.to(resolve_device(device))
-    return DiffusionModel(pipe=pipe, source=name_or_path, fingerprint=fingerprint(pipe), world=world)
+    return DiffusionModel(
+        pipe=pipe, source=name_or_path, fingerprint=stamp, world=world, legacy_fingerprint=legacy
+    )

@@ -222,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from noiseclr.discovery import step as steps
     from noiseclr.discovery.core import TrainLoop
-    from noiseclr.models.base import load_model, resolve_dtype
+    from noiseclr.models.base import load_model, resolve_dtype, scheduler_like
     from noiseclr.training.metrics import DiscoveryMetrics
 
     started = time.perf_counter()
@@ -232,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model = load_model(cfg.model, device=device)
     pipe = model.pipe
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    sched = scheduler_like(DDPMScheduler, pipe.scheduler.config)
     steps.check_schedule(cfg, sched.config.num_train_timesteps)
     state = _start_state(cfg, model, config.get("resume"))
     module = NoiseCLRModule(
