@@ -37,7 +37,7 @@ from noiseclr.discovery.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.domains.oracle import Measurement, measure
 from noiseclr.editing.sampler import decode, encode, invert, sample, seed_latents, sweep_direction
-from noiseclr.errors import WorldError
+from noiseclr.errors import ConfigError, WorldError
 from noiseclr.evaluation.metrics import (
     FACTORS,
     Changes,
@@ -141,6 +141,19 @@ class Source:
         self.before = _measure(self.images)
 
 
+def require_oracle(model: DiffusionModel) -> None:
+    """ConfigError unless the oracle can read this model's images (a shapes-world model).
+
+    On any other model the oracle would still run and read every edit as "none" (and a caller
+    storing its calibration would rewrite a bank's measured scales with the ladder's top)."""
+    if not model.has_oracle:
+        raise ConfigError(
+            f"the oracle measures edits of the shapes world's models only; {model.source!r} has no "
+            "known factors to read: measure its banks without an oracle, `noiseclr measure BANK "
+            f"--model {model.source}` (nothing was written)"
+        )
+
+
 CALIBRATION_SEED_OFFSET = 10_000  # calibration images are drawn apart from the scored ones
 
 
@@ -158,6 +171,7 @@ class Harness:
         progress: bool = True,
         streams: int = parallel.MAX_STREAMS,  # directions measured at once on a CPU (1: in turn)
     ):
+        require_oracle(model)
         self.model, self.p, self.progress, self.streams = model, protocol or Protocol(), progress, streams
         p = self.p
         self.res = model.resolution
