@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from noiseclr.export import FORMATS, LOAD_HINTS, prompt_syntax, trigger
+from noiseclr.export import FORMATS, load_hint, prompt_syntax, trigger
 from noiseclr.utils.images import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -356,7 +356,7 @@ def _usage(bank, export: dict | None) -> list[str]:
     ]
     for fmt in FORMATS:
         prompt = code(prompt_syntax(fmt, bank.tokens[i]))
-        out.append(f"| {TOOLS[fmt]} | `{fmt}` | {prompt} | {cell(_hint(fmt, bank.tokens[i]))} |")
+        out.append(f"| {TOOLS[fmt]} | `{fmt}` | {prompt} | {cell(load_hint(fmt, bank.tokens[i]))} |")
     out += [
         "",
         f"The files load into a model whose text encoder takes {int(bank.directions.shape[1])}-dim "
@@ -374,7 +374,7 @@ def _export_usage(bank, export: dict, i: int) -> list[str]:
         f"## How to load it in {TOOLS.get(fmt, fmt)}",
         "",
         f"Prompt syntax: {code(prompt_syntax(fmt, token))} for direction {i} (the table's `prompt` "
-        f"column for the others). Load: {cell(_hint(fmt, token))}.",
+        f"column for the others). Load: {cell(load_hint(fmt, token))}.",
         "",
     ]
     if fmt == "diffusers":
@@ -397,11 +397,6 @@ def _export_usage(bank, export: dict, i: int) -> list[str]:
         "hold the same labels, scores and scales (docs/export.md).",
     ]
     return out
-
-
-def _hint(fmt: str, token: str) -> str:
-    """export.LOAD_HINTS[fmt] with its example direction (the shipped bank's) made this bank's."""
-    return LOAD_HINTS.get(fmt, "").replace("<shapes-3>", token).replace("shapes-3", trigger(token))
 
 
 def is_card(path: Path) -> bool:

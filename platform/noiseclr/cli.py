@@ -430,12 +430,14 @@ def evaluate(
     device: str = typer.Option("auto"),
 ) -> None:
     """Measure what every direction does to every factor of the shapes world, at calibrated
-    strength, against the noise floor; intervals by bootstrap over images."""
-    from noiseclr.evaluation.evaluate import measure_bank
+    strength, against the noise floor; intervals by bootstrap over images. Shapes-world models
+    only (the oracle reads their factors); on any other model use `noiseclr measure`."""
+    from noiseclr.evaluation.evaluate import measure_bank, require_oracle
     from noiseclr.evaluation.report import markdown_table
     from noiseclr.models.base import load_model
 
     base = load_model(model, device=device)
+    require_oracle(base)  # before the bank is opened: a refused command writes nothing
     folder, b = _open_bank(bank, base)
     protocol = _protocol(
         fix,
@@ -651,11 +653,13 @@ def compare(
     directions (floor), one protocol, on the config's domain and on the full world."""
     from noiseclr.discovery.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.evaluation.evaluate import require_oracle
     from noiseclr.models.base import load_model
     from noiseclr.workflows.compare import run_comparison
 
     cfg = DiscoveryConfig.from_yaml(config, device=device)
     base = load_model(cfg.model, device=device)
+    require_oracle(base)  # the comparison is the oracle's: refused before any discovery runs
     banks: dict[str, DirectionBank] = {}
     for item in bank or []:
         name, sep, folder = item.partition("=")
@@ -682,7 +686,7 @@ def export(
 ) -> None:
     """Export a bank as textual-inversion files that diffusers, AUTOMATIC1111, ComfyUI or kohya
     load: one file per direction named for its prompt token, labels and scales in sidecar JSON."""
-    from noiseclr.export import FORMATS, LOAD_HINTS, export_bank, read_index
+    from noiseclr.export import FORMATS, export_bank, read_index
 
     if fmt not in FORMATS:  # before opening the bank or loading a model
         raise ConfigError(f"--format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
@@ -700,9 +704,10 @@ def export(
                 err=True,
             )
     paths = export_bank(opened, out, fmt, pt=pt, text_encoder=encoder)
-    first = read_index(out)["directions"][0]
+    index = read_index(out)
+    first = index["directions"][0]
     typer.echo(f"wrote {len(paths)} {fmt} files, their .json sidecars and bank-export.json to {out}")
-    typer.echo(f"load: {LOAD_HINTS[fmt]} (first: {first['file']}, prompt {first['prompt']!r})")
+    typer.echo(f"load: {index['load']} (first: {first['file']}, prompt {first['prompt']!r})")
 
 
 @app.command("export-ti")

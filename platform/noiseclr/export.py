@@ -135,7 +135,7 @@ def export_bank(
         "width": dim,
         "base_model": bank.base_model,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load": LOAD_HINTS[fmt],
+        "load": load_hint(fmt, bank.tokens[0]),
         "directions": entries,
     }
     from noiseclr.card import CARD_FILE, bank_card, is_card
@@ -151,16 +151,22 @@ def export_bank(
     return [out / e["file"] for e in entries]
 
 
+# How each tool loads the files; {token} and {stem} are an example direction's (`load_hint`).
 LOAD_HINTS = {
     "diffusers": "pipe.load_textual_inversion(FOLDER, weight_name=FILE) per file, or "
-    "noiseclr.export.load_exported(pipe, FOLDER); prompt with the token, e.g. '<shapes-3>'",
+    "noiseclr.export.load_exported(pipe, FOLDER); prompt with the token, e.g. '{token}'",
     "a1111": "copy the files (and their .json) into stable-diffusion-webui/embeddings/; prompt with "
-    "the file stem, e.g. 'shapes-3'",
+    "the file stem, e.g. '{stem}'",
     "comfyui": "copy the files into ComfyUI/models/embeddings/; prompt with 'embedding:STEM', e.g. "
-    "'embedding:shapes-3'",
+    "'embedding:{stem}'",
     "kohya": "pass the files to sd-scripts' --textual_inversion_embeddings (token: the file stem) or "
     "one to train_textual_inversion.py --weights",
 }
+
+
+def load_hint(fmt: str, token: str) -> str:
+    """How `fmt` loads the exported files, with `token` (a direction of the bank) as the example."""
+    return LOAD_HINTS[fmt].format(token=token, stem=trigger(token))
 
 
 def _embedding_bytes(
