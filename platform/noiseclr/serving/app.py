@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -417,5 +418,37 @@ def start(cfg: ServeConfig, address: str | None = None, blocking: bool = False):
     check_exposure(cfg, key_hashes(cfg))  # refused before Ray and Serve are started for nothing
     init_ray(address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
+    try:
+        serve.run(build(cfg), name=cfg.name, route_prefix=cfg.route_prefix, blocking=blocking)
+    except RuntimeError:
+        reason = replica_error(cfg.name)
+        if reason is None:  # not the user's doing: Ray's own error, traceback and all
+            raise
+        serve.delete(cfg.name)  # a failed app left on a shared cluster helps nobody
+        raise reason from None
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+USER_ERROR_LINE = re.compile(r"^(noiseclr(?:\.\w+)+)\.(\w+): (.+)$")
+
+
+def replica_error(app_name: str) -> UserError | None:
+    """The user error that kept app `app_name`'s replicas from starting (a bank of another model,
+    a missing folder...), as raised in the replica. Serve's own exception says only "Failed to
+    update the deployments"; the replica's traceback is in the deployment's status message."""
+    import importlib
+
+    app_status = serve.status().applications.get(app_name)
+    for deployment in app_status.deployments.values() if app_status else ():
+        for line in reversed(deployment.message.splitlines()):
+            found = USER_ERROR_LINE.match(line.strip())
+            if not found:
+                continue
+            module, name, text = found.groups()
+            try:
+                kind = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                continue
+            if isinstance(kind, type) and issubclass(kind, UserError):
+                return kind(f"the edit server did not start: {text}")
+    return None

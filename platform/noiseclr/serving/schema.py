@@ -54,6 +54,7 @@ class Direction(BaseModel):
     label: str
     human_label: str | None
     auto_label: str | None
+    window: list[int]  # [t_high, t_low]: where its edit acts (its measured window, else the bank's)
     # the oracle-free measurement (None where the bank was not measured)
     score: float | None = None
     interval: list[float] | None = None
