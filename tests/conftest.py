@@ -84,3 +84,19 @@ def mlflow_server(tmp_path_factory):
 
     with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def sd15_folder(tmp_path_factory):
+    """A Stable Diffusion 1.5-structured folder (SD's files, classes and configs: CLIP BPE
+    tokenizer, 77 tokens, PNDM, 8x VAE, safety checker), tiny random weights, written once."""
+    from noiseclr.models.standin import write
+
+    return write(tmp_path_factory.mktemp("sd15") / "sd15")
+
+
+@pytest.fixture(scope="session")
+def sd15_model(sd15_folder):
+    from noiseclr.models.base import load_model
+
+    return load_model(str(sd15_folder), device="cpu")

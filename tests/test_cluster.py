@@ -37,12 +37,12 @@ from noiseclr.cli import app  # noqa: E402
 from noiseclr.discovery.bank import DirectionBank  # noqa: E402
 from noiseclr.domains import shapes  # noqa: E402
 from noiseclr.errors import ConfigError  # noqa: E402
+from noiseclr.models.base import load_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-BANK = ROOT / "platform/noiseclr/pretrained/banks/shapes"
 # Ray's node GPU metrics exist only on nodes with GPUs; on CPU they are checked in Ray's source.
 GPU_ONLY = {"ray_node_gram_used", "ray_node_gpus_utilization"}
 GPU_SERIES = 'kind="gpu_allocated"'  # our worker-memory gauge's GPU series, set on GPU workers only
@@ -211,8 +211,13 @@ def prometheus(head):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """What travels with the jobs (job YAMLs, a bank), and image data beside it (10 files, 2 corrupt)."""
+def workdir(tmp_path_factory, sd15_folder, mlflow_server):
+    """What travels with the jobs (job YAMLs), and image data beside it (10 files, 2 corrupt).
+
+    The jobs are a user's own: jobs/sd15-faces.yaml's settings on the SD 1.5-structured stand-in
+    (sizes, device and precision made to fit this CPU; tracked and registered as
+    models:/noiseclr-faces@champion in the session's MLflow server), then jobs/serve-sd15.yaml
+    serving that registered bank at its fp16, on 127.0.0.1."""
     tmp = tmp_path_factory.mktemp("cluster")
     data = tmp / "data"
     data.mkdir()
@@ -222,19 +227,23 @@ def workdir(tmp_path_factory):
     (data / "empty.jpg").write_bytes(b"")
     work = tmp / "work"
     work.mkdir()
-    job = dict(
-        model="shapes", data=str(data), n_images=10, name="tiny", k=4, negatives=2, batch=2, steps=30,
-        t_max=600, workers=2, placement_strategy="STRICT_SPREAD", zero_stage=0, checkpoint_every=15,
-        device="cpu", evaluate=False, gallery=False,
+    job = yaml.safe_load((ROOT / "jobs/sd15-faces.yaml").read_text())
+    job.update(
+        model=str(sd15_folder), data=str(data), tracking_uri=mlflow_server.uri,
+        n_images=10, k=4, negatives=2, batch=2, steps=30, grad_accum=1, checkpoint_every=15,
+        workers=2, placement_strategy="STRICT_SPREAD", zero_stage=0, device="cpu", precision="fp32",
+        evaluate_images=2, evaluate_steps=2, gallery_seeds=1, gallery_steps=2,
     )  # fmt: skip
-    (work / "tiny.yaml").write_text(yaml.safe_dump(job))
-    shutil.copytree(BANK, work / "bank")
+    (work / "faces.yaml").write_text(yaml.safe_dump(job))
     port = free_port()
-    serve = yaml.safe_load((ROOT / "jobs/serve-shapes.yaml").read_text())
+    serve = yaml.safe_load((ROOT / "jobs/serve-sd15.yaml").read_text())
+    assert serve["banks"]["faces"] == "models:/noiseclr-faces@champion" and serve["precision"] == "fp16"
     serve.update(
-        banks={"shapes": "bank"}, port=port, device="cpu", labels_dir=str(tmp / "labels"),
+        model=str(sd15_folder), tracking_uri=mlflow_server.uri, banks={"faces": serve["banks"]["faces"]},
+        host="127.0.0.1", port=port, device="cpu", labels_dir=str(tmp / "labels"),
         proxy_location="HeadOnly",  # the worker node is on this host too: one proxy binds the port
         default_steps=4, default_inversion_steps=4, thumbnail_steps=3,
+        replicas={**serve["replicas"], "num_cpus": 1, "num_gpus": 0, "torch_threads": 1, "max_replicas": 1},
     )  # fmt: skip
     (work / "serve.yaml").write_text(yaml.safe_dump(serve))
     return {"work": work, "out": tmp / "out", "serve_url": f"http://127.0.0.1:{port}"}
@@ -269,7 +278,7 @@ def dashboard_queries(name: str) -> list[str]:
             metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", var["query"]["query"]).groups()
             out.append(f"count by ({label}) (last_over_time({metric}[5m]))")  # series in the range
     # The variables as a user would pick them: this run, this app (so a missing label shows).
-    fill = {"$__rate_interval": "30s", "$run": "tiny", "$application": "noiseclr-edit"}
+    fill = {"$__rate_interval": "30s", "$run": "faces", "$application": "noiseclr-edit"}
     return [re.sub(r"\$\w+", lambda m: fill[m.group(0)], q) for q in out]
 
 
@@ -281,8 +290,8 @@ def metric_names(queries: list[str]) -> set[str]:
 def discovery_job(head, prometheus, workdir):
     """`noiseclr submit` a discovery job (2 Ray Train workers, one per node), following its logs,
     while this scrapes the metrics endpoints: a run's gauges live only as long as its workers."""
-    job_id = f"tiny-{int(time.time())}"
-    args = ("submit", str(workdir["work"] / "tiny.yaml"), "--address", head["address"])
+    job_id = f"faces-{int(time.time())}"
+    args = ("submit", str(workdir["work"] / "faces.yaml"), "--address", head["address"])
     args += ("--working-dir", str(workdir["work"]), "--out", str(workdir["out"]), "--submission-id", job_id)
     logs = workdir["work"].parent / "submit"
     with open(f"{logs}.out", "w") as stdout, open(f"{logs}.err", "w") as stderr:  # no pipe to fill
@@ -329,17 +338,19 @@ def serve_job(head, discovery_job, workdir):
 # --- submission ----------------------------------------------------------------------------------
 
 
-def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, workdir):
+def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, workdir, sd15_folder):
     job_id, done = discovery_job["id"], discovery_job["done"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"submitted {job_id}" in done.stderr and f"{job_id}: SUCCEEDED" in done.stderr
     assert "done: 30 steps on 8 images, 2 Ray Train workers" in done.stdout  # the followed logs
-    bank = DirectionBank.load(workdir["out"] / "bank")
+    assert "Failed to query Ray Train Controller" not in done.stdout + done.stderr  # Ray's noise kept out
+    bank = DirectionBank.load(workdir["out"] / "bank", load_model(str(sd15_folder), device="cpu"))
     assert bank.directions.shape[0] == 4 and bank.metrics["corrupt_images"] == CORRUPT
+    assert bank.scores["directions"] and bank.tokens[0] == "<faces-0>"  # measured without an oracle
     assert bank.metrics["nodes"] == 2  # the head and the worker node each ran a worker
     status = cli("job", "status", job_id, "--address", head["address"], env=head["env"])
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
-    assert "noiseclr discover --config tiny.yaml" in status.stdout
+    assert "noiseclr discover --config faces.yaml" in status.stdout
     listed = cli("job", "list", "--address", head["address"], env=head["env"])
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     logs = cli("job", "logs", job_id, "--address", head["address"], env=head["env"])
@@ -348,7 +359,7 @@ def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, w
 
 def test_a_submitted_endpoint_answers_then_stops(head, serve_job):
     url = serve_job[1]
-    edit = {"seed": 3, "edits": [{"bank": "shapes", "direction": 0, "scale": 2.0}], "steps": 4}
+    edit = {"seed": 3, "edits": [{"bank": "faces", "direction": 0, "scale": 2.0}], "steps": 4}
     reply = httpx.post(f"{url}/v1/edits", json=edit, timeout=300)
     assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
     Image.open(io.BytesIO(reply.content)).verify()
@@ -365,7 +376,7 @@ def test_every_dashboard_metric_is_exported_and_every_panel_query_has_data(
     # Discovery: all of its panels' metrics at one moment of the run (scraped while it trained).
     seen, wanted = discovery_job["seen"], discovery_job["wanted"]
     assert discovery_job["seen_at"], f"never all exported during the run: {sorted(wanted - set(seen))}"
-    dropped = [ln for ln in seen["ray_noiseclr_data_files_dropped_total"] if 'run="tiny"' in ln]
+    dropped = [ln for ln in seen["ray_noiseclr_data_files_dropped_total"] if 'run="faces"' in ln]
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in dropped) == CORRUPT  # the corrupt files, counted
     # Serving: the endpoint is up and has answered an edit and a refusal.
     serving = dashboard_queries("serving")

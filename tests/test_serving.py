@@ -296,6 +296,7 @@ def test_lists_banks_directions_thumbnails_and_sets_labels(server):
     heads = [d["score"] for d in live if d["duplicate_of"] is None]
     assert heads == sorted(heads, reverse=True) and all(d["score"] == 0 for d in listed[len(live) :])
     dirs = {d["index"]: d for d in listed}
+    assert all(d["window"] == [600, 0] for d in listed)  # each direction's edit window (the bank's)
     auto = json.loads((BANK / "bank.json").read_text())["labels"]["<shapes-11>"]
     assert dirs[11]["auto_label"] == auto["auto"] and dirs[11]["human_label"] is None
     thumb = c.get(dirs[11]["thumbnail"])
@@ -939,3 +940,56 @@ def test_serve_run_deploys_the_serve_config_file(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# --- a user's own SD model ----------------------------------------------------------------------
+
+
+def test_a_bank_of_an_sd15_model_is_served_and_a_bank_of_another_model_is_one_line(
+    server, sd15_folder, sd15_model, tmp_path
+):
+    """The SD 1.5-structured stand-in as a second app beside the shapes one (same Serve, its own
+    route): one edit at fp32; a config naming a bank of another model fails to start with the
+    replica's reason as one user error (what `noiseclr serve` prints, exit 2), not Ray's."""
+    import torch
+    from ray import serve
+
+    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.errors import BankError
+    from noiseclr.serving.app import start
+
+    width = sd15_model.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    base = {"source": str(sd15_folder), "fingerprint": sd15_model.fingerprint, "hidden_size": width}
+    own = DirectionBank(torch.randn(3, width) * 0.3, base, name="faces").save(tmp_path / "faces")
+    cfg = server["cfg"].model_copy(
+        update={
+            "model": str(sd15_folder),
+            "banks": {"faces": str(own)},
+            "name": "sd15",
+            "route_prefix": "/sd15",
+            "replicas": server["cfg"].replicas.model_copy(update={"num_replicas": 1}),
+        }
+    )
+    try:
+        url = start(cfg)
+        c = server["client"]
+        body = {
+            "seed": 1,
+            "prompt": "a photo of a face",
+            "edits": [{"bank": "faces", "direction": 0, "scale": 2}],
+        }
+        reply = c.post(f"{url}/v1/edits", json=body)
+        assert reply.status_code == 200, reply.text
+        assert png_image(reply.content).shape == (64, 64, 3)
+        listed = c.get(f"{url}/v1/banks/faces/directions").json()
+        assert [d["token"] for d in listed] == ["<faces-0>", "<faces-1>", "<faces-2>"]
+        alien = cfg.model_copy(update={"banks": {"shapes": str(BANK)}, "name": "bad", "route_prefix": "/bad"})
+        with pytest.raises(BankError) as refused:
+            start(alien)
+        assert str(refused.value) == (
+            "the edit server did not start: bank 'shapes' has 128-dim directions but the model's token "
+            f"embeddings are {width}-dim"
+        )
+        assert "bad" not in serve.status().applications  # not left behind, failing
+    finally:
+        serve.delete("sd15")
