@@ -411,3 +411,24 @@ def test_an_endpoint_node_lost_under_load_loses_no_request(cluster, mlflow_serve
     finally:
         stop.set()
         serve.shutdown()
+
+
+def test_a_result_without_its_checkpoint_resumes_from_the_newest_in_storage(tmp_path):
+    """Ray Train's Result may name no checkpoint when the run ended before its controller
+    registered the last one (seen on ray 2.60): the newest readable TrainState is taken."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from noiseclr.training.distributed import newest_checkpoint
+
+    for name, step in (("checkpoint_a", 2), ("checkpoint_b", 4), ("checkpoint_c", None)):
+        (tmp_path / name).mkdir()
+        if step is not None:  # checkpoint_c: cut short, no state.json
+            (tmp_path / name / "state.json").write_text(json.dumps({"step": step}))
+    (tmp_path / "checkpoint_d.json").write_text("{}")  # not a folder
+    local = pafs.LocalFileSystem()
+    found = newest_checkpoint(SimpleNamespace(filesystem=local, path=str(tmp_path)))
+    assert Path(found.path).name == "checkpoint_b"
+    with pytest.raises(RuntimeError, match="none is readable"):
+        newest_checkpoint(SimpleNamespace(filesystem=local, path=str(tmp_path / "checkpoint_c")))

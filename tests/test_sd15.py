@@ -102,8 +102,11 @@ def walk(sd15_folder, mlflow_server, tmp_path_factory):
             assert words[0] == "noiseclr", line
             result = runner.invoke(app, words[1:] + SIZES.get(words[1], []))
             assert result.exit_code == 0, f"{line}\n{result.output}\n{result.stderr}"
-            results.append((words[1], result))
+            results.append((words[1], line, result))
     finally:
+        import ray
+
+        ray.shutdown()  # the local Ray `discover --workers 2` started in this process
         os.chdir(before)
         if saved_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -113,12 +116,12 @@ def walk(sd15_folder, mlflow_server, tmp_path_factory):
 
 
 def outputs(walk, command: str) -> list[str]:
-    return [r.output for name, r in walk["results"] if name == command]
+    return [r.output for name, _, r in walk["results"] if name == command]
 
 
 def test_the_guide_runs_on_an_sd15_folder(walk, sd15_model):
     home = walk["home"]
-    assert {name for name, _ in walk["results"]} >= {
+    assert {name for name, _, _ in walk["results"]} >= {
         "generate", "discover", "measure", "edit", "gallery", "merge", "export", "banks",
     }  # fmt: skip
     bank = DirectionBank.load(home / "out/faces/bank", sd15_model)  # learnt on this very model
@@ -127,6 +130,9 @@ def test_the_guide_runs_on_an_sd15_folder(walk, sd15_model):
     assert (home / "out/faces/gallery/gallery.png").exists() and (home / "out/faces/bank/README.md").exists()
     for name in ("edit.png", "real.png", "registered.png", "faces.png"):
         assert Image.open(home / name).size[1] >= 64, name  # a grid of the stand-in's 64 px images
+    (workers,) = [r.output for name, line, r in walk["results"] if "--workers" in line]
+    assert "2 Ray Train workers" in workers and "Failed to query Ray Train Controller" not in workers
+    assert DirectionBank.load(home / "out/faces-k8/bank", sd15_model).metrics["world"] == 2
     merged = DirectionBank.load(home / "out/faces-merged", sd15_model)
     assert merged.name == "faces-merged" and 1 <= len(merged) <= 4 + 8
     assert "noiseclr-faces: 2 version(s); champion->2" in outputs(walk, "banks")[0]

@@ -697,7 +697,7 @@ def export(
 
         base = load_model(model, device="cpu")
         encoder = base.pipe.text_encoder
-        if opened.base_model.get("fingerprint") != base.fingerprint:
+        if not base.identifies(opened.base_model.get("fingerprint")):
             typer.echo(
                 f"note: bank {opened.name!r} was learnt on {opened.base_model.get('source')!r}, not on "
                 f"{model!r}: its tokens load there but may not mean the same",

@@ -396,7 +396,9 @@ def train_distributed(
         # The data's fsspec filesystem, options and all, serves the checkpoints too (Ray then
         # wants the path without its scheme); without options Ray resolves the path itself.
         fs, storage_path = pyarrow_filesystem(storage_path, cfg.storage_options)
-    init_ray(address, include_dashboard=False, num_cpus=max(4, workers + 2))
+    # The dashboard too: Ray Train's placement-group cleaner asks its State API whether the controller
+    # lives, and without it logs a warning every second of the run into the user's terminal.
+    init_ray(address, num_cpus=max(4, workers + 2))
     use_gpu = workers_use_gpu(cfg.device)
     ds, counter, n_files = latent_dataset(
         data, cfg.model, resolution, cfg.storage_options, limit=cfg.n_images, run=cfg.name, gpu=use_gpu
@@ -436,11 +438,40 @@ def train_distributed(
     if fs is not None:  # the workers wrote the checkpoints: a listing cached here would miss them
         fs.handler.fs.invalidate_cache()
     corrupt = ray.get(counter.get.remote())
+    reported = result.metrics or {}
     counts = {
         "peak_rss_mib": round(peak_rss_mib(), 1),  # the driver's (it never holds the images)
         "files": n_files,
         "corrupt_images": corrupt["corrupt"],
         "corrupt_examples": corrupt["examples"],
-        **{k: result.metrics[k] for k in REPORTED if k in result.metrics},
+        **{k: reported[k] for k in REPORTED if k in reported},
     }
-    return result.checkpoint, counts
+    return result.checkpoint or newest_checkpoint(result), counts
+
+
+def newest_checkpoint(result):
+    """The run's newest checkpoint in its storage, for a Result that names none.
+
+    Ray Train (2.60) can end a run before its controller has registered the last reported
+    checkpoint (seen with checkpoints at two consecutive steps at the end of a run): the Result
+    then holds neither checkpoint nor metrics, though the folder was written."""
+    import json
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from noiseclr.discovery.checkpoint import STATE_META
+
+    fs = result.filesystem
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(result.path)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{STATE_META}") as f:
+                found.append((json.loads(f.read())["step"], info.path))
+        except (OSError, ValueError, KeyError):  # a checkpoint cut short: not one to resume from
+            continue
+    if not found:
+        raise RuntimeError(f"Ray Train reported no checkpoint and none is readable under {result.path}")
+    return Checkpoint(max(found)[1], filesystem=fs)
