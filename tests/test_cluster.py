@@ -131,6 +131,10 @@ def head():
                 [
                     str(BIN / "ray"),
                     *("start", "--address", f"127.0.0.1:{ports['gcs']}", "--block", "--disable-usage-stats"),
+                    # Its own temp folder, as another machine has its own disk: sharing the head's,
+                    # its runtime-env agent deletes the job's unpacked working_dir under the head's
+                    # driver when its Train worker exits (the driver's cwd then no longer exists).
+                    *("--temp-dir", str(tmp / "ray-node")),
                     *("--num-cpus", "2", "--metrics-export-port", str(worker["metrics"])),
                     *("--dashboard-agent-listen-port", str(worker["agent-listen"])),
                     *("--dashboard-agent-grpc-port", str(worker["agent-grpc"])),
@@ -347,6 +351,7 @@ def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, w
     bank = DirectionBank.load(workdir["out"] / "bank", load_model(str(sd15_folder), device="cpu"))
     assert bank.directions.shape[0] == 4 and bank.metrics["corrupt_images"] == CORRUPT
     assert bank.scores["directions"] and bank.tokens[0] == "<faces-0>"  # measured without an oracle
+    assert "MLflow did not take the run's record" not in done.stdout + done.stderr  # tracked, registered
     assert bank.metrics["nodes"] == 2  # the head and the worker node each ran a worker
     status = cli("job", "status", job_id, "--address", head["address"], env=head["env"])
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
