@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from noiseclr.card import CARD_FILE, MARKER, bank_card, write_card
+from noiseclr.card import CARD_FILE, MARKER, bank_card, save_bank, write_card
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.export import FORMATS, export_bank, prompt_syntax
 
@@ -142,13 +142,15 @@ def test_an_unmeasured_bank_and_a_user_readme_left_alone(tmp_path):
 
 def test_save_writes_the_card_beside_bank_json_with_the_gallery_beside_the_bank(tmp_path):
     bank = make_bank()
-    folder = bank.save(tmp_path / "bank")
+    plain = bank.save(tmp_path / "plain")  # the bank's own files only
+    assert sorted(p.name for p in plain.iterdir()) == ["bank.json", "directions.safetensors"]
+    folder = save_bank(bank, tmp_path / "bank")  # what every command that writes a bank calls
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "bank.json", "directions.safetensors"]
     assert "## Gallery" not in (folder / CARD_FILE).read_text()
     (tmp_path / "gallery").mkdir()
     (tmp_path / "gallery" / "gallery.png").write_bytes(b"\x89PNG")
     bank.labels[bank.tokens[3]] = {"human": "renamed"}
-    bank.save(folder)  # `noiseclr evaluate` / `measure` save again: the card follows
+    save_bank(bank, folder)  # `noiseclr evaluate` / `measure` save again: the card follows
     text = (folder / CARD_FILE).read_text()
     assert "![what each direction does](../gallery/gallery.png)" in text and "| renamed |" in text
     assert write_card(folder, bank, gallery=None, find_gallery=False) == folder / CARD_FILE

@@ -294,11 +294,12 @@ def test_merging_refuses_other_models_and_drops_scales_calibrated_differently():
 def test_textual_inversion_export_loads_with_diffusers(shapes_model, tmp_path):
     from diffusers import StableDiffusionPipeline
 
+    from noiseclr.export import export_bank
     from noiseclr.models.base import EMBEDDED
 
     hidden = shapes_model.pipe.text_encoder.config.hidden_size
     bank = DirectionBank(torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)), {}, name="ti")
-    paths = bank.export_textual_inversion(tmp_path / "ti")
+    paths = export_bank(bank, tmp_path / "ti", "diffusers")
     pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED["shapes"], safety_checker=None)
     pipe.load_textual_inversion([str(p) for p in paths])
     ids = pipe.tokenizer.convert_tokens_to_ids(bank.tokens)
@@ -480,3 +481,21 @@ def test_a_bank_whose_names_would_be_paths_is_refused_on_load(tmp_path, field, v
     with pytest.raises(BankError, match=re.escape(says)):
         DirectionBank.load(tmp_path / "bank")
     assert not (tmp_path.parent / "x.safetensors").exists()
+
+
+def test_the_bank_owns_its_window_label_and_state_rules():
+    """What `noiseclr edit`, the card, the gallery, the export and the endpoint show of a
+    direction comes from one place: the bank."""
+    bank = _bank("r", torch.randn(3, 4))
+    assert bank.window() == bank.window(1) == (1000, 0)  # nothing recorded: the whole schedule
+    assert bank.label(0) is None and bank.state(0) == "unmeasured" and bank.duplicate_of(0) is None
+    bank.edit_defaults = {"window": [600, 0], "windows": [[800, 0], [600, 200], [400, 0]]}
+    assert bank.window() == (600, 0) and bank.window(1) == (600, 200)
+    bank.labels = {"<r-0>": {"auto": "hue+"}, "<r-1>": {"auto": "hue-", "human": "redder"}}
+    assert (bank.label(0), bank.label(1), bank.label(2)) == ("hue+", "redder", None)
+    rows = [{"dead": False, "duplicate_of": None}, {"dead": True, "duplicate_of": None},
+            {"dead": False, "duplicate_of": 0}]  # fmt: skip
+    bank.scores = {"directions": rows}
+    assert [bank.state(i) for i in range(3)] == ["live", "dead", "duplicate"] and bank.duplicate_of(2) == 0
+    rows[2]["duplicate_of"] = 7  # a damaged record names no direction: not a duplicate of one
+    assert bank.state(2) == "live" and bank.duplicate_of(2) is None

@@ -230,11 +230,11 @@ def test_the_fingerprint_covers_the_noise_schedule_and_only_what_changes_an_edit
 def test_a_bank_of_before_the_schedule_was_fingerprinted_still_loads(walk, sd15_model, tmp_path):
     old = DirectionBank.load(walk["home"] / "out/faces/bank")
     old.base_model["fingerprint"] = sd15_model.legacy_fingerprint
-    old.save(tmp_path / "old", card=False)
+    old.save(tmp_path / "old")
     loaded = DirectionBank.load(tmp_path / "old", sd15_model)
     assert loaded.base_model["fingerprint"] == sd15_model.fingerprint  # today's form once saved
     old.base_model["fingerprint"] = "0123456789abcdef"
-    old.save(tmp_path / "alien", card=False)
+    old.save(tmp_path / "alien")
     with pytest.raises(BankError, match="fingerprint 0123456789abcdef"):
         DirectionBank.load(tmp_path / "alien", sd15_model)
 

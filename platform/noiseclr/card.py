@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from noiseclr.export import FORMATS, load_hint, prompt_syntax, trigger
+from noiseclr.formats import FORMATS, load_hint, prompt_syntax, trigger
 from noiseclr.utils.images import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -86,30 +86,15 @@ def interval(pair: Any) -> str:
     return ""
 
 
-def label(bank, i: int) -> str:
-    """The human label, else the automatic one, else ''."""
-    names = bank.labels.get(bank.tokens[i], {})
-    return names.get("human") or names.get("auto") or ""
-
-
-def window(bank, i: int) -> tuple[int, int] | None:
-    """Direction i's edit window as `noiseclr edit` applies it (editing.sampler.default_window,
-    here without importing the sampler): measured per direction, else the bank's, else none."""
-    windows = bank.edit_defaults.get("windows")
-    hi_lo = windows[i] if windows else bank.edit_defaults.get("window")
-    return (int(hi_lo[0]), int(hi_lo[1])) if hi_lo else None
-
-
 def state(bank, i: int) -> str:
-    figures = bank.direction_score(i)
-    if not figures:
-        return "unmeasured"
-    if figures.get("dead"):
+    """The card's words for the bank's `state`: a duplicate names the direction it repeats."""
+    kind = bank.state(i)
+    if kind == "dead":
         return "**dead**"
-    duplicate = figures.get("duplicate_of")
-    if isinstance(duplicate, int) and 0 <= duplicate < len(bank):
-        return f"duplicate of {duplicate} ({code(bank.tokens[duplicate])})"
-    return "live"
+    if kind == "duplicate":
+        j = bank.duplicate_of(i)
+        return f"duplicate of {j} ({code(bank.tokens[j])})"
+    return kind
 
 
 def header(bank, export: dict | None) -> dict[str, Any]:
@@ -243,16 +228,16 @@ def _directions(bank, export: dict | None) -> list[str]:
         score = f"{number(figures.get('score'))} {interval(figures.get('interval'))}" if figures else ""
         pair = scales[i] if scales else None
         scale = f"{number(pair[0])} / {'+' if pair[1] >= 0 else ''}{number(pair[1])}" if pair else "raw"
-        span = window(bank, i)
+        span = bank.window(i)
         row = [
             str(rank) if isinstance(rank, int) else "&mdash;",
             str(i),
             code(bank.tokens[i]),
-            cell(label(bank, i)),
+            cell(bank.label(i) or ""),
             score.strip() or "&mdash;",  # our own figures: digits, '[', ',' and ']' only
             state(bank, i),
             scale,
-            f"{span[0]}-{span[1]}" if span else "&mdash;",
+            f"{span[0]}-{span[1]}",
         ]
         if export:
             entry = files.get(i, {})
@@ -430,3 +415,15 @@ def write_card(
         link = Path(os.path.relpath(Path(gallery).resolve(), folder.resolve())).as_posix()
     atomic_write_bytes(path, bank_card(bank, gallery=link, export=export).encode())
     return path
+
+
+def save_bank(bank, folder: str | Path) -> Path:
+    """Save `bank` into `folder` and write its card beside it (the gallery beside the folder, if
+    any): what every command that writes a bank folder does. A card that fails to render is a
+    warning: the card is derived from bank.json, never worth losing a bank to."""
+    folder = bank.save(folder)
+    try:
+        write_card(folder, bank)
+    except Exception as err:
+        log.warning("the bank is saved in %s but its card README.md is not (%s)", folder, err)
+    return folder

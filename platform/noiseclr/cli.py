@@ -432,6 +432,7 @@ def evaluate(
     """Measure what every direction does to every factor of the shapes world, at calibrated
     strength, against the noise floor; intervals by bootstrap over images. Shapes-world models
     only (the oracle reads their factors); on any other model use `noiseclr measure`."""
+    from noiseclr.card import save_bank
     from noiseclr.evaluation.evaluate import measure_bank, require_oracle
     from noiseclr.evaluation.report import markdown_table
     from noiseclr.models.base import load_model
@@ -453,7 +454,7 @@ def evaluate(
     if label and bank.startswith("models:/"):
         typer.echo("a registered bank is not rewritten: its labels are in the report (log a new version)")
     elif label:
-        b.save(folder)
+        save_bank(b, folder)
     typer.echo(markdown_table(result))
     typer.echo(f"report: {paths['html']}")
 
@@ -551,6 +552,7 @@ def measure(
     """Measure every direction without an oracle, on any model and images: strength, calibrated
     scale, consistency, distinctness, area, drift; one score each, dead and duplicate directions
     flagged. Written into bank.json (a registered bank is not rewritten: its table is printed)."""
+    from noiseclr.card import save_bank
     from noiseclr.evaluation import blind
     from noiseclr.models.base import load_model
 
@@ -561,7 +563,7 @@ def measure(
     if bank.startswith("models:/"):
         typer.echo("a registered bank is not rewritten: log a new version to keep these scores")
     else:
-        b.save(folder)
+        save_bank(b, folder)
     typer.echo(blind.scores_table(b))
 
 
@@ -585,6 +587,7 @@ def merge(
     measure it without an oracle, and keep the live directions, one per duplicate group (its
     best): more distinct edits than any one run found, with no labels involved. Each kept
     direction's label, window, scales and origin (bank, token) come with it."""
+    from noiseclr.card import save_bank
     from noiseclr.discovery.bank import merge_banks, subset
     from noiseclr.evaluation import blind
     from noiseclr.models.base import load_model
@@ -598,7 +601,7 @@ def merge(
     kept, result = harness.measure_distinct(merged, prune=not keep_all)
     bank = subset(merged, kept) if len(kept) < len(merged) else merged
     blind.store(bank, result)
-    bank.save(out)
+    save_bank(bank, out)
     typer.echo(
         f"merged {len(merged)} directions of {len(banks)} banks; kept {len(kept)} "
         f"(dropped {len(merged) - len(kept)} dead or duplicate)"
@@ -620,6 +623,7 @@ def pullback(
     device: str = typer.Option("auto"),
 ) -> None:
     """Discover global x_t directions with the pullback method (seed 004) and save them as a bank."""
+    from noiseclr.card import save_bank
     from noiseclr.data.images import encode_latents, load_latents
     from noiseclr.discovery.pullback import discover_pullback
     from noiseclr.domains import shapes
@@ -632,7 +636,7 @@ def pullback(
         pixels = shapes.render(shapes.sample_scenes(n_images, seed=seed), base.resolution) * 2 - 1
         latents = encode_latents(base.pipe.vae, pixels)
     bank = discover_pullback(base, latents, k, t_edit, iters, seed)
-    typer.echo(f"bank: {bank.save(out)}")
+    typer.echo(f"bank: {save_bank(bank, out)}")
 
 
 @app.command()
@@ -716,7 +720,9 @@ def export_ti(
     out: Path = typer.Option(..., help="Folder for the textual-inversion files."),
 ) -> None:
     """Export a bank as textual-inversion files for diffusers (`noiseclr export --format diffusers`)."""
-    paths = _open_bank(bank)[1].export_textual_inversion(out)
+    from noiseclr.export import export_bank
+
+    paths = export_bank(_open_bank(bank)[1], out, "diffusers")
     typer.echo(f"wrote {len(paths)} files to {out}; load them into a diffusers pipeline with:")
     typer.echo(f'  pipe.load_textual_inversion(sorted(glob.glob("{out}/*.safetensors")))')
 

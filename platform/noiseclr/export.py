@@ -48,25 +48,14 @@ from safetensors.torch import save as safetensors_bytes
 
 from noiseclr.discovery.bank import META_FILE, DirectionBank
 from noiseclr.errors import BankError, ConfigError
+from noiseclr.formats import FORMATS, load_hint, prompt_syntax, trigger
 from noiseclr.utils.images import atomic_write_bytes
 
-FORMATS = ("diffusers", "a1111", "comfyui", "kohya")
 INDEX_FILE = "bank-export.json"
 KOHYA_KEY = "emb_params"  # kohya's key; A1111 and ComfyUI read a lone tensor under any key
 A1111_TOKEN_ID = 265  # the placeholder id A1111 writes in "string_to_token" (it never reads it)
 
 log = logging.getLogger(__name__)
-
-
-def trigger(token: str) -> str:
-    """The word a user types in A1111 and kohya (the file stem): the token without brackets.
-    Safe as a file name: DirectionBank only admits tokens <[A-Za-z0-9_.-]+>."""
-    return token.strip("<>")
-
-
-def prompt_syntax(fmt: str, token: str) -> str:
-    """How the direction is written in the tool's prompt."""
-    return {"diffusers": token, "comfyui": f"embedding:{trigger(token)}"}.get(fmt, trigger(token))
 
 
 def text_encoder_width(text_encoder) -> int:
@@ -151,24 +140,6 @@ def export_bank(
     return [out / e["file"] for e in entries]
 
 
-# How each tool loads the files; {token} and {stem} are an example direction's (`load_hint`).
-LOAD_HINTS = {
-    "diffusers": "pipe.load_textual_inversion(FOLDER, weight_name=FILE) per file, or "
-    "noiseclr.export.load_exported(pipe, FOLDER); prompt with the token, e.g. '{token}'",
-    "a1111": "copy the files (and their .json) into stable-diffusion-webui/embeddings/; prompt with "
-    "the file stem, e.g. '{stem}'",
-    "comfyui": "copy the files into ComfyUI/models/embeddings/; prompt with 'embedding:STEM', e.g. "
-    "'embedding:{stem}'",
-    "kohya": "pass the files to sd-scripts' --textual_inversion_embeddings (token: the file stem) or "
-    "one to train_textual_inversion.py --weights",
-}
-
-
-def load_hint(fmt: str, token: str) -> str:
-    """How `fmt` loads the exported files, with `token` (a direction of the bank) as the example."""
-    return LOAD_HINTS[fmt].format(token=token, stem=trigger(token))
-
-
 def _embedding_bytes(
     bank: DirectionBank, fmt: str, pt: bool, token: str, vector: torch.Tensor, i: int
 ) -> bytes:
@@ -205,9 +176,7 @@ def _entry(bank: DirectionBank, fmt: str, i: int, file: str) -> dict[str, Any]:
     token = bank.tokens[i]
     score = bank.direction_score(i)
     scales = bank.edit_defaults.get("scales")
-    windows = bank.edit_defaults.get("windows")
-    window = windows[i] if windows else bank.edit_defaults.get("window")
-    duplicate = score.get("duplicate_of")
+    duplicate = bank.duplicate_of(i)
     return {
         "index": i,
         "token": token,
@@ -218,12 +187,12 @@ def _entry(bank: DirectionBank, fmt: str, i: int, file: str) -> dict[str, Any]:
         "score": score.get("score"),
         "interval": score.get("interval"),
         "rank": score.get("rank"),
-        "dead": score.get("dead"),
-        "duplicate_of": bank.tokens[duplicate] if isinstance(duplicate, int) else None,
+        "dead": None if bank.state(i) == "unmeasured" else bank.state(i) == "dead",
+        "duplicate_of": bank.tokens[duplicate] if duplicate is not None else None,
         # noiseclr's calibrated edit strengths (lambda of the noise-difference edit, for
         # `noiseclr edit`), not prompt weights of the tool.
         "edit_scales": list(scales[i]) if scales else None,
-        "edit_window": list(window) if window else None,
+        "edit_window": list(bank.window(i)),
     }
 
 

@@ -2,17 +2,16 @@
 
 How the text encoder sees a direction is `noiseclr.conditioning`. `install` adds real tokens
 to a tokenizer and encoder for tools that expect them; `noiseclr.export` writes the files
-diffusers, AUTOMATIC1111, ComfyUI and kohya load (`export_textual_inversion`: diffusers').
+diffusers, AUTOMATIC1111, ComfyUI and kohya load.
 
 On disk a bank is a folder: `directions.safetensors` (tensor "directions", (K, D)),
-`bank.json` (base model identity, token names, training config, metrics, labels) and
-`README.md`, the bank card written from them (`noiseclr.card`; loading never reads it).
+`bank.json` (base model identity, token names, training config, metrics, labels), and beside
+them `README.md`, the bank card that `noiseclr.card` writes from them (loading never reads it).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import time
@@ -31,8 +30,6 @@ from noiseclr.utils.images import atomic_write_bytes, readable
 DIRECTIONS_FILE = "directions.safetensors"
 META_FILE = "bank.json"
 FORMAT_VERSION = 1
-
-log = logging.getLogger(__name__)
 
 
 def vocab_norm(text_encoder: nn.Module) -> torch.Tensor:
@@ -172,6 +169,34 @@ class DirectionBank:
                 ]
         return out + [i for i in order if i not in out]
 
+    def window(self, k: int | None = None) -> tuple[int, int]:
+        """(t_high, t_low) of direction k's edits, as `noiseclr edit` applies them: its measured
+        window where the measurement chose one per direction, else the bank's measured or
+        configured one, else the whole schedule. k None: the bank's own."""
+        windows = self.edit_defaults.get("windows")
+        hi, lo = windows[k] if windows and k is not None else self.edit_defaults.get("window", (1000, 0))
+        return int(hi), int(lo)
+
+    def label(self, i: int) -> str | None:
+        """Direction i's name: its human label, else its automatic one (None: unnamed)."""
+        names = self.labels.get(self.tokens[i], {})
+        return names.get("human") or names.get("auto") or None
+
+    def duplicate_of(self, i: int) -> int | None:
+        """The direction that direction i repeats, as the oracle-free measurement found it."""
+        j = self.direction_score(i).get("duplicate_of")
+        return j if isinstance(j, int) and not isinstance(j, bool) and 0 <= j < len(self) else None
+
+    def state(self, i: int) -> str:
+        """ "unmeasured", "dead" (edits nothing measurable), "duplicate" (see `duplicate_of`) or
+        "live", from the bank's oracle-free measurement."""
+        figures = self.direction_score(i)
+        if not figures:
+            return "unmeasured"
+        if figures.get("dead"):
+            return "dead"
+        return "duplicate" if self.duplicate_of(i) is not None else "live"
+
     def direction_score(self, i: int) -> dict[str, Any]:
         """The measured figures of direction i ({} if unmeasured): score, interval, rank, dead,
         duplicate_of, signs."""
@@ -203,9 +228,9 @@ class DirectionBank:
                 f"(fingerprint {model.fingerprint})"
             )
 
-    def save(self, folder: str | Path, card: bool = True) -> Path:
-        """Write both files atomically (tensor first, then the JSON that names it), then, with
-        `card`, the bank card README.md (`noiseclr.card`: the gallery beside the folder, if any)."""
+    def save(self, folder: str | Path) -> Path:
+        """Write both files atomically (tensor first, then the JSON that names it). The bank card
+        beside them is its readers' (`noiseclr.card.save_bank` saves and writes it)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if not torch.isfinite(self.directions).all():
@@ -228,13 +253,6 @@ class DirectionBank:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_bytes(folder / META_FILE, json.dumps(meta, indent=2, default=_json_default).encode())
-        if card:
-            from noiseclr.card import write_card
-
-            try:
-                write_card(folder, self)
-            except Exception as err:  # the card is derived from bank.json: never lose a bank to it
-                log.warning("the bank is saved in %s but its card README.md is not (%s)", folder, err)
         return folder
 
     @classmethod
@@ -290,14 +308,6 @@ class DirectionBank:
             )
         return ids
 
-    def export_textual_inversion(self, folder: str | Path) -> list[Path]:
-        """One `<token>.safetensors` per direction in diffusers' format ({token: (1, D)}),
-        loadable with `pipe.load_textual_inversion(paths)`; `noiseclr.export` has the other
-        tools' formats."""
-        from noiseclr.export import export_bank
-
-        return export_bank(self, folder, "diffusers")
-
 
 # Config keys a merged bank keeps where its banks agree: what editing and measuring read.
 SHARED_KEYS = (
@@ -315,9 +325,7 @@ SHARED_KEYS = (
 def _merged_edit_defaults(banks: list[DirectionBank]) -> dict[str, Any]:
     """Each direction keeps its window; the calibrated scales are kept when every bank was
     calibrated the same way (same protocol keys), else dropped for the next measurement to set."""
-    from noiseclr.editing.sampler import default_window  # editing imports this module
-
-    windows = [list(default_window(b, i)) for b in banks for i in range(len(b))]
+    windows = [list(b.window(i)) for b in banks for i in range(len(b))]
     out: dict[str, Any] = {"window": windows[0]}
     if any(w != windows[0] for w in windows):
         out["windows"] = windows

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from noiseclr.discovery.bank import DirectionBank
-from noiseclr.editing.sampler import calibrated_scales, default_window, seed_latents, sweep_direction
+from noiseclr.editing.sampler import calibrated_scales, seed_latents, sweep_direction
 from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
 from noiseclr.utils import parallel
@@ -39,27 +39,22 @@ def render_gallery(
 
     def sweep(k: int) -> np.ndarray:
         raw = calibrated_scales(bank, k, scales)
-        return sweep_direction(
-            model, bank, k, x_T, raw, prompt, guidance, steps, window=default_window(bank, k)
-        )
+        return sweep_direction(model, bank, k, x_T, raw, prompt, guidance, steps, window=bank.window(k))
 
     return np.stack(parallel.map_ordered(sweep, range(len(bank)), model.device, "gallery", progress))
 
 
 def direction_label(bank: DirectionBank, i: int) -> str:
-    """The human label, else the automatic one, else the token."""
-    labels = bank.labels.get(bank.tokens[i], {})
-    return labels.get("human") or labels.get("auto") or bank.tokens[i]
+    """The bank's label, else the token."""
+    return bank.label(i) or bank.tokens[i]
 
 
 def state_mark(bank: DirectionBank, i: int) -> str:
     """ " [dead]", " [= #j]" (a duplicate of direction j) or "" from the bank's measurement."""
-    d = bank.direction_score(i)
-    if d.get("dead"):
+    kind = bank.state(i)
+    if kind == "dead":
         return " [dead]"
-    if d.get("duplicate_of") is not None:
-        return f" [= #{d['duplicate_of']}]"
-    return ""
+    return f" [= #{bank.duplicate_of(i)}]" if kind == "duplicate" else ""
 
 
 def measured_note(bank: DirectionBank) -> str:
@@ -122,15 +117,15 @@ def write_gallery(
         label = " / ".join(html.escape(v) for v in labels.values() if v) or "&mdash;"
         d = bank.direction_score(i)
         score = f"{d['score']:.2f} [{d['interval'][0]:.2f}, {d['interval'][1]:.2f}]" if d else "&mdash;"
-        dead = ' class="dead"' if d.get("dead") else ""
+        dead = ' class="dead"' if bank.state(i) == "dead" else ""
         state = state_mark(bank, i).strip(" []") or ("live" if d else "-")
-        hi, lo = default_window(bank, i)
+        hi, lo = bank.window(i)
         rows.append(
             f"<tr{dead}><td>{i}</td><td><code>{html.escape(bank.tokens[i])}</code></td><td>{label}</td>"
             f"<td>{score}</td><td>{html.escape(state)}</td><td>{lo}&ndash;{hi}</td>"
             f'<td><img src="directions/{i:03d}.png" alt="direction {i}"></td></tr>'
         )
-    window = default_window(bank)
+    window = bank.window()
     own = "each direction's measured window (column t)" if bank.edit_defaults.get("windows") else ""
     units = "; in units of each direction's measured strength" if bank.edit_defaults.get("scales") else ""
     page = f"""<!doctype html>

@@ -108,7 +108,7 @@ def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
             "edit %r: scale %g%s is beyond %g, where images usually turn to noise", text, scale, unit, limit
         )
     scale = calibrated_scales(bank, i, [scale])[0]
-    hi, lo = window or default_window(bank, i)
+    hi, lo = window or bank.window(i)
     return Edit(bank.directions[i], scale, hi, lo, label=f"{bank_name}:{bank.tokens[i]}")
 
 
@@ -119,14 +119,6 @@ def calibrated_scales(bank: DirectionBank, k: int, units: list[float]) -> list[f
     if not measured:
         return list(units)
     return [u * abs(measured[k][1 if u > 0 else 0]) for u in units]
-
-
-def default_window(bank: DirectionBank, k: int | None = None) -> tuple[int, int]:
-    """Direction k's measured window where the measurement chose one per direction, else the
-    bank's measured or configured edit window, else the whole schedule."""
-    windows = bank.edit_defaults.get("windows")
-    hi, lo = windows[k] if windows and k is not None else bank.edit_defaults.get("window", (1000, 0))
-    return int(hi), int(lo)
 
 
 def seed_latents(model: DiffusionModel, seeds: list[int]) -> torch.Tensor:

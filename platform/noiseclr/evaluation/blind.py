@@ -56,7 +56,6 @@ from pydantic import ConfigDict, Field, field_validator
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.editing.sampler import (
     decode,
-    default_window,
     encode,
     invert,
     sample,
@@ -281,7 +280,7 @@ class BlindHarness:
         """The protocol's window, else direction k's (or the bank's) measured one."""
         if bank.method == "pullback":
             return int(bank.config["t_edit"]), 0
-        return tuple(self.p.window) if self.p.window else default_window(bank, k)
+        return tuple(self.p.window) if self.p.window else bank.window(k)
 
     def _edited(self, bank: DirectionBank, k: int, src: Images, scales: list[float]) -> np.ndarray:
         """(N, S, r, r, 3) src's images edited by direction k at each raw scale."""
@@ -644,8 +643,7 @@ def scores_table(bank: DirectionBank) -> str:
         state = "dead" if d["dead"] else "live"
         if not d["dead"] and d["duplicate_of"] is not None:
             state = f"duplicate of #{d['duplicate_of']}"
-        labels = bank.labels.get(bank.tokens[i], {})
-        label = labels.get("human") or labels.get("auto") or "-"
+        label = bank.label(i) or "-"
         signs = [
             f"{e['scale']:g} / {e['change']:.3f} / {e['consistency']:.2f}" + ("" if e["live"] else " (off)")
             for e in (d["signs"]["-"], d["signs"]["+"])

@@ -182,10 +182,10 @@ class BankStore:
         return {
             "index": i,
             "token": token,
-            "label": human.get(token) or bank.labels.get(token, {}).get("human") or auto or token,
+            "label": human.get(token) or bank.label(i) or token,
             "human_label": human.get(token),
             "auto_label": auto,
-            "window": list(sampler.default_window(bank, i)),
+            "window": list(bank.window(i)),
             **{
                 k: bank.direction_score(i).get(k)
                 for k in ("score", "interval", "rank", "dead", "duplicate_of")
@@ -206,7 +206,7 @@ class BankStore:
             "source": ref if ref.startswith("models:/") else Path(ref).name,
             "directions": len(bank),
             "measured": bool(bank.edit_defaults.get("scales")),
-            "window": list(sampler.default_window(bank)),
+            "window": list(bank.window()),
             "base_model": bank.base_model.get("fingerprint"),
             "version": self.versions.get(name),
             "score": bank.scores.get("score"),
@@ -283,7 +283,7 @@ class EditEngine:
                 )
             seen[(item.bank, i)] = item.direction
             raw = sampler.calibrated_scales(bank, i, [item.scale])[0]
-            hi, lo = sampler.default_window(bank, i)
+            hi, lo = bank.window(i)
             hi = hi if item.t_high is None else item.t_high
             lo = lo if item.t_low is None else item.t_low
             edits.append(sampler.Edit(bank.directions[i], raw, hi, lo, label=f"{item.bank}:{bank.tokens[i]}"))
@@ -414,10 +414,7 @@ class EditEngine:
 
     def _thumbnail_chunk(self, bank: DirectionBank, indices: range) -> list[bytes]:
         k, s = len(indices), len(self.cfg.thumbnail_scales)
-        edits = [
-            sampler.Edit(bank.directions[i], 1.0, *sampler.default_window(bank, i), bank.tokens[i])
-            for i in indices
-        ]
+        edits = [sampler.Edit(bank.directions[i], 1.0, *bank.window(i), bank.tokens[i]) for i in indices]
         scales = torch.zeros(k * s, k)  # trajectory (c, j): the chunk's c-th direction at scale j
         for c, i in enumerate(indices):
             scales[c * s : (c + 1) * s, c] = torch.tensor(

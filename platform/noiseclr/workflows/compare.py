@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from noiseclr.card import save_bank
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.evaluation.evaluate import Protocol
@@ -40,6 +41,6 @@ def run_comparison(
         scenes = shapes.sample_scenes(16, seed=cfg.seed, fixed=cfg.world_fixed)
         pixels = shapes.render(scenes, model.resolution) * 2 - 1
         pb = discover_pullback(model, encode(model, pixels), k=min(cfg.k, 8), seed=cfg.seed)
-        banks["pullback"] = DirectionBank.load(pb.save(out / "pullback" / "bank"), model)
+        banks["pullback"] = DirectionBank.load(save_bank(pb, out / "pullback" / "bank"), model)
     compare(model, banks, protocol, out, full_world=full_world)
     return out / "compare.md"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from noiseclr.card import write_card
+from noiseclr.card import save_bank, write_card
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.checkpoint import TrainState
@@ -216,7 +216,7 @@ def run_discovery(
             measured, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
             log.info("alignment %.3f, coverage %s", measured["alignment"], measured["coverage"])
             report = paths["html"]
-        bank_dir = bank.save(out / "bank")  # kept whatever the measurement below does
+        bank_dir = save_bank(bank, out / "bank")  # kept whatever the measurement below does
         blind = None
         if cfg.evaluate:
             try:
