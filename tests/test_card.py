@@ -282,7 +282,7 @@ def test_noiseclr_gallery_beside_a_bank_puts_it_on_the_card(tmp_path):
     from noiseclr.cli import app
 
     shipped = DirectionBank.load(SHIPPED)  # two of its directions: a small gallery
-    DirectionBank(shipped.directions[[6, 11]], shipped.base_model, name="two").save(tmp_path / "bank")
+    save_bank(DirectionBank(shipped.directions[[6, 11]], shipped.base_model, name="two"), tmp_path / "bank")
     assert "## Gallery" not in (tmp_path / "bank" / CARD_FILE).read_text()
     args = [
         "gallery",

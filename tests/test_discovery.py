@@ -202,7 +202,7 @@ def test_bank_round_trip_and_checks(tiny_model, shapes_model, tmp_path):
     bank.labels = {bank.tokens[1]: {"auto": "hue+", "human": "redder"}}
     bank.save(tmp_path / "bank")
     names = sorted(p.name for p in (tmp_path / "bank").iterdir())
-    assert names == ["README.md", "bank.json", "directions.safetensors"]  # README.md: the bank card
+    assert names == ["bank.json", "directions.safetensors"]  # the card is its readers' (card.save_bank)
     again = DirectionBank.load(tmp_path / "bank", tiny_model)
     assert torch.equal(again.directions, bank.directions)
     assert again.config["k"] == 6 and again.index("redder") == 1 and again.index("hue+") == 1
