@@ -34,7 +34,7 @@ from noiseclr.discovery.bank import SAFE_NAME, DirectionBank
 from noiseclr.editing import sampler
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.errors import BankError, EditError, ImageError
-from noiseclr.models.base import EMBEDDED, DiffusionModel, cast, fingerprint
+from noiseclr.models.base import EMBEDDED, DiffusionModel, cast, fingerprints
 from noiseclr.models.generate import default_guidance
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         # (which `load_bank` could not see through), then cast as asked.
         dtype = kwargs.pop("torch_dtype", None)
         pipe = super().from_pretrained(name, **kwargs)
-        pipe.__dict__["_noiseclr_fingerprints"] = (fingerprint(pipe), fingerprint(pipe, legacy=True))
+        pipe.__dict__["_noiseclr_fingerprints"] = fingerprints(pipe)
         if dtype is not None:  # one dtype, or per component as diffusers takes it
             cast(pipe, dtype)
         return pipe
@@ -248,7 +248,7 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         stamp, legacy = "", None
         if with_fingerprint:
             known = self.__dict__.get("_noiseclr_fingerprints")
-            stamp, legacy = known or (fingerprint(self), fingerprint(self, legacy=True))
+            stamp, legacy = known or fingerprints(self)
         return DiffusionModel(
             pipe=self,
             source=source,

@@ -56,10 +56,10 @@ class DiffusionModel:
 
     pipe: StableDiffusionPipeline
     source: str  # what the user asked for: "shapes", a folder, or a hub id
-    fingerprint: str  # `fingerprint()`: configs, noise schedule and a few weights as stored
+    fingerprint: str  # `fingerprints`: configs, a few weights as stored, the noise schedule
     world: dict | None = field(default=None)  # world.json of an embedded model
     # The fingerprint of banks and checkpoints written before it covered the noise schedule
-    # (`fingerprint(..., legacy=True)`); they still load on the model they were learnt on.
+    # (`fingerprints`); they still load on the model they were learnt on.
     legacy_fingerprint: str | None = field(default=None)
 
     @property
@@ -113,20 +113,20 @@ def _arch(cfg) -> dict:
     return {k: v for k, v in dict(cfg).items() if not k.startswith("_") and not k.endswith("_version")}
 
 
-def fingerprint(pipe: StableDiffusionPipeline, legacy: bool = False) -> str:
-    """Identity of a base model, cheap to compute: the UNet, text encoder and VAE configs, the
-    noise schedule the editing sampler uses (the pipeline's scheduler config read as DDIM's:
-    betas, prediction type, clip_sample, spacing...), and the UNet's first and last convolutions
-    and the text encoder's token embeddings (before any added tokens), in float32.
+def fingerprints(pipe: StableDiffusionPipeline) -> tuple[str, str]:
+    """(fingerprint, legacy fingerprint) of a base model, in one pass over its weights.
+
+    The identity, cheap to compute: the UNet, text encoder and VAE configs, the UNet's first and
+    last convolutions and the text encoder's token embeddings (before any added tokens) in
+    float32, then the noise schedule the editing sampler uses (the pipeline's scheduler config
+    read as DDIM's: betas, prediction type, clip_sample, spacing...). The legacy one stops before
+    the schedule: what banks and checkpoints written until 2026-12 recorded
+    (`DiffusionModel.identifies` accepts it).
 
     Computed on the weights as stored: `load_model` fingerprints before it casts to fp16 / bf16,
-    so a bank learnt in fp32 serves at any precision. `legacy`: the form before the schedule was
-    part of it (banks and checkpoints written until 2026-12), for `DiffusionModel.identifies`."""
+    so a bank learnt in fp32 serves at any precision."""
     h = hashlib.sha256()
-    configs = [pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config]
-    if not legacy:
-        configs.append(scheduler_like(DDIMScheduler, pipe.scheduler.config).config)
-    for cfg in configs:
+    for cfg in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config):
         h.update(json.dumps(_arch(cfg), sort_keys=True, default=str).encode())
     n_vocab = pipe.text_encoder.config.vocab_size
     for t in (
@@ -135,7 +135,15 @@ def fingerprint(pipe: StableDiffusionPipeline, legacy: bool = False) -> str:
         pipe.text_encoder.get_input_embeddings().weight[:n_vocab],
     ):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    legacy = h.hexdigest()[:16]
+    schedule = _arch(scheduler_like(DDIMScheduler, pipe.scheduler.config).config)
+    h.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16], legacy
+
+
+def fingerprint(pipe: StableDiffusionPipeline) -> str:
+    """A base model's identity (`fingerprints`)."""
+    return fingerprints(pipe)[0]
 
 
 def cast(pipe, dtype: torch.dtype | dict) -> None:
@@ -204,7 +212,7 @@ def load_model(
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = scheduler_like(DDIMScheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    stamp, legacy = fingerprint(pipe), fingerprint(pipe, legacy=True)
+    stamp, legacy = fingerprints(pipe)
     cast(pipe, dtype)
     pipe.to(resolve_device(device))
     return DiffusionModel(
