@@ -217,16 +217,15 @@ class DirectionBank:
                 f"{what}s are {want}-dim"
             )
         recorded = self.base_model.get("fingerprint")
-        if recorded != model.fingerprint and model.identifies(recorded):
+        if not model.identifies(recorded):
+            raise BankError(
+                f"bank {self.name!r} was learnt on base model {self.base_model.get('source')!r} "
+                f"(fingerprint {recorded}), not on {model.source!r} (fingerprint {model.fingerprint})"
+            )
+        if recorded != model.fingerprint:
             # Written before the fingerprint covered the noise schedule: this is its model; the
             # record takes today's form (in memory; on disk when a command saves the bank).
             self.base_model = {**self.base_model, "fingerprint": model.fingerprint}
-        elif recorded != model.fingerprint:
-            raise BankError(
-                f"bank {self.name!r} was learnt on base model {self.base_model.get('source')!r} "
-                f"(fingerprint {self.base_model.get('fingerprint')}), not on {model.source!r} "
-                f"(fingerprint {model.fingerprint})"
-            )
 
     def save(self, folder: str | Path) -> Path:
         """Write both files atomically (tensor first, then the JSON that names it). The bank card
