@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from noiseclr.bank import DirectionBank, merge_banks
 from noiseclr.cli import app
-from noiseclr.discovery.bank import DirectionBank, merge_banks
 from noiseclr.errors import DataError
 from noiseclr.evaluation import blind
 from noiseclr.evaluation.blind import SignedEdit, score_edits
@@ -159,13 +159,13 @@ def test_a_dead_direction_is_flagged_and_a_known_word_ranked_above_it(shapes_mod
     )
     assert done.exit_code == 0, done.output
     saved = DirectionBank.load(folder, shapes_model)
-    s = saved.scores
+    s = saved.scores.dump()
     assert [d["dead"] for d in s["directions"]] == [True, False]
     assert s["order"] == [1, 0] and s["directions"][1]["score"] > s["directions"][0]["score"] == 0
     assert s["directions"][0]["signs"]["+"]["scale"] == 32.0  # never reached the target
     assert s["protocol"]["window"] == [600, 0] and s["protocol"]["images"]["generated"] == 3
-    assert saved.edit_defaults["calibration"] == "blind"
-    assert saved.edit_defaults["scales"][1] == [
+    assert saved.edit_defaults.dump()["calibration"] == "blind"
+    assert saved.edit_defaults.dump()["scales"][1] == [
         d["signs"][k]["scale"] for d in s["directions"][1:] for k in "-+"
     ]
     assert "| 1 | 1 | `<probe-1>`" in done.output and "dead" in done.output
@@ -243,7 +243,7 @@ def test_merge_keeps_one_direction_per_duplicate_group_and_drops_the_dead(shapes
     m = DirectionBank.load(tmp_path / "m", shapes_model)
     assert m.config["origin"] == [{"bank": "words", "token": t, "ref": str(a)} for t in words.tokens]
     assert torch.equal(m.directions, words.directions)
-    assert len(m.scores["directions"]) == 2 and m.scores["live"] == 2 and m.scores["groups"] == []
-    assert len(m.edit_defaults["scales"]) == 2 and m.edit_defaults["calibration"] == "blind"
+    assert len(m.scores.directions) == 2 and m.scores.live == 2 and m.scores.groups == []
+    assert m.scales(1) is not None and m.calibration == "blind"
     again = CliRunner().invoke(app, args)  # never over a bank
     assert again.exit_code != 0 and "already holds a bank" in again.output

@@ -9,16 +9,16 @@ import pytest
 import torch
 import yaml
 
+from noiseclr.bank import DirectionBank
 from noiseclr.card import CARD_FILE, MARKER, bank_card, save_bank, write_card
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.export import FORMATS, export_bank, prompt_syntax
+from records import scores
 
 SHIPPED = Path(__file__).parents[1] / "platform/noiseclr/pretrained/banks/shapes"
 
 
 def make_bank() -> DirectionBank:
     tokens = [f"<c-{i}>" for i in range(4)]
-    d = {"score": 0.0, "interval": [0.0, 0.0], "rank": 4, "dead": True, "duplicate_of": None}
     return DirectionBank(
         torch.randn(4, 8, generator=torch.Generator().manual_seed(0)),
         {"source": "org/sd-model", "fingerprint": "f00dcafe", "hidden_size": 8},
@@ -36,19 +36,16 @@ def make_bank() -> DirectionBank:
             "scales": [[-2.0, 4.0], [-1.0, 1.5], [-8.0, 8.0], [-32.0, 32.0]],
             "calibration": "blind",
         },
-        scores={
-            "score": 0.2,
-            "interval": [0.1, 0.3],
-            "live": 3,
-            "dead": 1,
-            "order": [0, 1, 2, 3],
-            "directions": [
-                {**d, "score": 0.3, "interval": [0.2, 0.4], "rank": 1, "dead": False},
-                {**d, "score": 0.2, "interval": [0.1, 0.3], "rank": 2, "dead": False},
-                {**d, "score": 0.1, "interval": [0.0, 0.2], "rank": 3, "dead": False, "duplicate_of": 0},
-                d,
+        scores=scores(
+            [
+                {"score": 0.3, "interval": [0.2, 0.4]},
+                {"score": 0.2, "interval": [0.1, 0.3]},
+                {"score": 0.1, "interval": [0.0, 0.2], "duplicate_of": 0},
+                {"dead": True},
             ],
-        },
+            score=0.2,
+            interval=[0.1, 0.3],
+        ),
     )
 
 

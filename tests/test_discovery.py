@@ -10,18 +10,19 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from noiseclr.bank import DirectionBank, merge_banks, subset
 from noiseclr.conditioning import direction_deltas, direction_deltas_sequential, encode_directions
 from noiseclr.data import images as images_mod
 from noiseclr.data.images import encode_latents, load_images, load_latents
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery import step as step_mod
-from noiseclr.discovery.bank import BankError, DirectionBank, merge_banks, subset
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.trainer import DiscoveryTrainer, start_state
 from noiseclr.domains import shapes
-from noiseclr.errors import ConfigError, TrainingDiverged
+from noiseclr.errors import BankError, ConfigError, TrainingDiverged
 from noiseclr.utils import parallel
 from noiseclr.workflows.discover import bank_from_state
+from records import scores
 
 
 def small_cfg(**kw) -> DiscoveryConfig:
@@ -137,7 +138,7 @@ def test_a_checkpoint_that_predates_a_key_resumes_at_its_default(tiny_model, lat
 
 
 def test_init_vocab_copies_distinct_non_special_token_rows(tiny_model):
-    from noiseclr.discovery.bank import init_directions
+    from noiseclr.discovery.initial import init_directions
 
     pipe = tiny_model.pipe
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
@@ -235,7 +236,10 @@ def test_merged_banks_keep_each_directions_label_window_scales_and_origin(tmp_pa
     assert torch.equal(m.directions, torch.cat([a.directions, b.directions]))
     assert m.tokens == ["<both-0>", "<both-1>", "<both-2>", "<both-3>"]
     assert m.labels == {"<both-1>": {"auto": "hue+"}, "<both-2>": {"auto": "size-", "human": "smaller"}}
-    assert m.edit_defaults == {**oracle, "scales": [[-1.0, 2.0], [-4.0, 4.0], [-8.0, 8.0], [-2.0, 1.0]]}
+    assert m.edit_defaults.dump() == {
+        **oracle,
+        "scales": [[-1.0, 2.0], [-4.0, 4.0], [-8.0, 8.0], [-2.0, 1.0]],
+    }
     assert [(o["ref"], o["token"]) for o in m.config["origin"]] == [
         ("runs/a", "<a-0>"),
         ("runs/a", "<a-1>"),
@@ -247,7 +251,7 @@ def test_merged_banks_keep_each_directions_label_window_scales_and_origin(tmp_pa
     # a subset carries its directions' figures; the origin survives a second merge
     s = subset(m, [3, 1])
     assert torch.equal(s.directions, m.directions[[3, 1]]) and s.tokens == ["<both-0>", "<both-1>"]
-    assert s.labels == {"<both-1>": {"auto": "hue+"}} and s.edit_defaults["scales"] == [
+    assert s.labels == {"<both-1>": {"auto": "hue+"}} and s.edit_defaults.dump()["scales"] == [
         [-2.0, 1.0],
         [-4.0, 4.0],
     ]
@@ -272,7 +276,7 @@ def test_the_shipped_merged_bank_holds_the_shipped_main_banks_directions():
     mine = [i for i, o in enumerate(origin) if o["ref"] == "platform/noiseclr/pretrained/banks/shapes"]
     assert [origin[i]["token"] for i in mine] == main.tokens
     assert torch.equal(merged.directions[mine], main.directions)
-    assert len(merged) > len(main) and merged.edit_defaults["calibration"] == "oracle"
+    assert len(merged) > len(main) and merged.edit_defaults.dump()["calibration"] == "oracle"
 
 
 def test_merging_refuses_other_models_and_drops_scales_calibrated_differently():
@@ -281,8 +285,8 @@ def test_merging_refuses_other_models_and_drops_scales_calibrated_differently():
     b = _bank("b", torch.eye(4)[2:])
     b.edit_defaults = {"window": [800, 0], "scales": [[-2.0, 2.0]] * 2, "calibration": "blind"}
     m = merge_banks([a, b], "m")
-    assert "scales" not in m.edit_defaults  # the next measurement calibrates them all alike
-    assert m.edit_defaults["windows"] == [[600, 0], [600, 0], [800, 0], [800, 0]]
+    assert not m.measured  # the next measurement calibrates them all alike
+    assert m.edit_defaults.dump()["windows"] == [[600, 0], [600, 0], [800, 0], [800, 0]]
     with pytest.raises(BankError, match="learnt on base model"):
         merge_banks([a, _bank("c", torch.eye(4), fingerprint="f2")], "m")
     with pytest.raises(BankError, match="3-dim directions"):
@@ -340,6 +344,18 @@ def test_config_from_yaml_rejects_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'temprature'"):
         DiscoveryConfig.from_yaml(tmp_path / "c.yaml")
     assert DiscoveryConfig.from_yaml("jobs/shapes.yaml").name == "shapes"
+
+
+def test_every_config_suggests_its_own_keys_for_a_misspelt_one(tmp_path):
+    from noiseclr.serving.config import ServeConfig
+    from noiseclr.workflows.sweep import SweepConfig
+
+    (tmp_path / "s.yaml").write_text("banks: {a: x}\nhide_ded: true\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'hide_ded' \(did you mean 'hide_dead'\?\)"):
+        ServeConfig.from_yaml(tmp_path / "s.yaml")  # a serve key, not the closest discovery key
+    (tmp_path / "w.yaml").write_text("job: j.yaml\nnum_sample: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'num_sample' \(did you mean 'num_samples'\?\)"):
+        SweepConfig.from_yaml(tmp_path / "w.yaml")
 
 
 SHAPES_JOBS = sorted((Path(__file__).parents[1] / "jobs").glob("shapes*.yaml"))
@@ -493,9 +509,7 @@ def test_the_bank_owns_its_window_label_and_state_rules():
     assert bank.window() == (600, 0) and bank.window(1) == (600, 200)
     bank.labels = {"<r-0>": {"auto": "hue+"}, "<r-1>": {"auto": "hue-", "human": "redder"}}
     assert (bank.label(0), bank.label(1), bank.label(2)) == ("hue+", "redder", None)
-    rows = [{"dead": False, "duplicate_of": None}, {"dead": True, "duplicate_of": None},
-            {"dead": False, "duplicate_of": 0}]  # fmt: skip
-    bank.scores = {"directions": rows}
+    bank.scores = scores([{}, {"dead": True}, {"duplicate_of": 0}])
     assert [bank.state(i) for i in range(3)] == ["live", "dead", "duplicate"] and bank.duplicate_of(2) == 0
-    rows[2]["duplicate_of"] = 7  # a damaged record names no direction: not a duplicate of one
+    bank.scores.directions[2].duplicate_of = 7  # a damaged record names no direction: not a duplicate of one
     assert bank.state(2) == "live" and bank.duplicate_of(2) is None

@@ -23,7 +23,7 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from noiseclr.discovery.bank import DirectionBank  # noqa: E402
+from noiseclr.bank import DirectionBank  # noqa: E402
 from noiseclr.discovery.config import DiscoveryConfig  # noqa: E402
 from noiseclr.domains import shapes  # noqa: E402
 from noiseclr.errors import ConfigError  # noqa: E402

@@ -8,12 +8,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from noiseclr.bank import DirectionBank
 from noiseclr.cli import app
-from noiseclr.discovery.bank import BankError, DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.editing import sampler
 from noiseclr.editing.gallery import write_gallery
+from noiseclr.errors import BankError
 from noiseclr.models.generate import generate
+from records import scores
 
 
 def make_bank(model, name: str, k: int = 3, seed: int = 0) -> DirectionBank:
@@ -198,14 +200,7 @@ def test_gallery_writes_grid_and_page(shapes_model, tmp_path):
     for path in (pages["grid"], pages["html"], tmp_path / "directions" / "000.png"):
         assert path.stat().st_mode & 0o044 == 0o044, f"{path} is not readable by others"
     # a measured bank: rows best first, the dead direction greyed and marked
-    d = {"score": 0.0, "interval": [0.0, 0.0], "dead": True, "duplicate_of": None}
-    bank.scores = {
-        "score": 0.2,
-        "live": 1,
-        "dead": 1,
-        "order": [1, 0],
-        "directions": [d, {**d, "score": 0.4, "dead": False}],
-    }
+    bank.scores = scores([{"dead": True}, {"score": 0.4}], score=0.2)
     html = write_gallery(shapes_model, bank, tmp_path / "m", [0.0, 3.0], [0], steps=2)["html"].read_text()
     assert html.index("&lt;g-1&gt;") < html.index("&lt;g-0&gt;") and html.count('<tr class="dead">') == 1
 
@@ -259,13 +254,11 @@ def test_discover_cli_end_to_end_with_a_corrupt_file(tmp_path):
     bank = DirectionBank.load(out / "bank")
     assert len(bank) == 4 and bank.metrics["corrupt_images"] == 1 and bank.metrics["steps"] == 3
     # a plain folder, no oracle: the oracle-free measurement ranks the bank and calibrates it
-    assert len(bank.scores["directions"]) == 4 and bank.edit_defaults["calibration"] == "blind"
+    assert len(bank.scores.directions) == 4 and bank.calibration == "blind"
     assert "scores:" in result.output
     shown = [bank.direction_score(i) for i in bank.ranked()]  # dead ones last, live best first
-    live = [d["score"] for d in shown if not d["dead"]]
-    assert [d["dead"] for d in shown] == sorted(d["dead"] for d in shown) and live == sorted(
-        live, reverse=True
-    )
+    live = [d.score for d in shown if not d.dead]
+    assert [d.dead for d in shown] == sorted(d.dead for d in shown) and live == sorted(live, reverse=True)
     assert (out / "gallery" / "gallery.png").exists() and (out / "gallery" / "index.html").exists()
     # `noiseclr edit` on the new bank, with a bad direction first: clear error, nothing written.
     bad = CliRunner().invoke(

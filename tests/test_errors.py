@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from noiseclr.bank import DirectionBank
 from noiseclr.cli import app
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.domains import shapes
@@ -197,7 +197,7 @@ def test_debug_shows_the_traceback(files):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, files):
-    from noiseclr.discovery import bank as bank_mod
+    from noiseclr.bank import record as bank_mod
 
     def broken(*a, **k):
         raise KeyError("a bug, not a user mistake")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from noiseclr.bank import DirectionBank
 from noiseclr.cli import app
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.pullback import discover_pullback, local_directions
 from noiseclr.domains import shapes
 from noiseclr.domains.oracle import measure
@@ -175,11 +175,11 @@ def test_each_direction_keeps_the_window_where_its_calibrated_edits_are_best(
     label_bank(bank, result)
     bank.save(tmp_path / "bank")
     loaded = DirectionBank.load(tmp_path / "bank")
-    assert loaded.edit_defaults["windows"] == [[600, 0], [300, 0], [300, 0]]
-    assert loaded.edit_defaults["window"] == [600, 0]  # the protocol's, for banks read before
+    assert loaded.edit_defaults.dump()["windows"] == [[600, 0], [300, 0], [300, 0]]
+    assert loaded.edit_defaults.dump()["window"] == [600, 0]  # the protocol's, for banks read before
     edits = {text: sampler.parse_edit(text, {"w": loaded}) for text in ("0=1", "1=1", "1=1@800-100")}
     assert [(e.t_high, e.t_low) for e in edits.values()] == [(600, 0), (300, 0), (800, 100)]
-    assert edits["1=1"].scale == loaded.edit_defaults["scales"][1][1]
+    assert edits["1=1"].scale == loaded.edit_defaults.dump()["scales"][1][1]
 
 
 def test_the_pair_reference_is_the_difference_of_the_two_words_embeddings(shapes_model):

@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from noiseclr.bank import DirectionBank
 from noiseclr.cli import app
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.errors import BankError, ConfigError
 from noiseclr.export import FORMATS, INDEX_FILE, check_width, export_bank, load_exported, read_index
+from records import scores
 
 runner = CliRunner()
 SHIPPED = Path(__file__).parents[1] / "platform/noiseclr/pretrained/banks/shapes"
@@ -43,13 +44,13 @@ def make_bank(width: int, k: int = 3) -> DirectionBank:
             "windows": [[600, 0], [800, 200], [600, 100]][:k],
             "scales": [[-2.0, 4.0], [-1.0, 1.5], [-8.0, 8.0]][:k],
         },
-        scores={
-            "directions": [
-                {"score": 0.2, "interval": [0.1, 0.3], "rank": 1, "dead": False, "duplicate_of": None},
-                {"score": 0.1, "interval": [0.0, 0.2], "rank": 2, "dead": False, "duplicate_of": 0},
-                {"score": 0.0, "interval": [0.0, 0.0], "rank": 3, "dead": True, "duplicate_of": None},
+        scores=scores(
+            [
+                {"score": 0.2, "interval": [0.1, 0.3]},
+                {"score": 0.1, "interval": [0.0, 0.2], "duplicate_of": 0},
+                {"dead": True},
             ][:k]
-        },
+        ),
     )
 
 
@@ -368,7 +369,7 @@ def test_export_refuses_a_bank_folder_and_a_pullback_bank(tmp_path):
 
 def test_strict_json_and_an_index_pointing_outside_is_refused(tiny_model, tmp_path):
     bank = make_bank(width(tiny_model))
-    bank.scores["directions"][0]["score"] = float("nan")  # as a bank.json written with NaN reads back
+    bank.scores.directions[0].score = float("nan")  # as a bank.json written with NaN reads back
     export_bank(bank, tmp_path, "diffusers")
     assert json.loads((tmp_path / "t-0.json").read_text())["noiseclr"]["score"] is None
     index = json.loads((tmp_path / INDEX_FILE).read_text())

@@ -5,9 +5,12 @@ at import time still ties the two modules into one)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "noiseclr"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "platform" / "noiseclr"
+LAYOUT = ROOT / "docs" / "layout.md"
 
 
 def module_name(path: Path) -> str:
@@ -65,6 +68,40 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def stages() -> list[list[str]]:
+    """docs/layout.md's stage order: a numbered line per stage, its parts in backquotes
+    (`bank/` is the package noiseclr.bank, `cli.py` the module noiseclr.cli)."""
+    section = LAYOUT.read_text().split("## Stage order", 1)[1].split("\n## ", 1)[0]
+    found = []
+    for line in re.findall(r"^\d+\. .*$", section, re.M):
+        parts = re.findall(r"`([\w/.]+)`", line.split(":", 1)[1].split(";")[0])
+        found.append(["noiseclr." + p.removesuffix("/").removesuffix(".py").replace("/", ".") for p in parts])
+    return found
+
+
+def stage_of(module: str, order: list[list[str]]) -> int | None:
+    """The stage of the longest named part `module` belongs to (None: in none)."""
+    best = None
+    for n, parts in enumerate(order):
+        for part in parts:
+            if (module == part or module.startswith(part + ".")) and (
+                best is None or len(part) > len(best[1])
+            ):
+                best = (n, part)
+    return best[0] if best else None
+
+
+def against_the_order(graph: dict[str, set[str]], order: list[list[str]]) -> list[str]:
+    """Each import of a later stage by an earlier one, as "a (stage i) -> b (stage j)"."""
+    bad = []
+    for a, targets in sorted(graph.items()):
+        for b in sorted(targets):
+            i, j = stage_of(a, order), stage_of(b, order)
+            if i is not None and j is not None and j > i:
+                bad.append(f"{a} (stage {i + 1}) -> {b} (stage {j + 1})")
+    return bad
+
+
 def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
@@ -73,6 +110,23 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
 
 def test_no_module_of_the_package_imports_one_that_imports_it_back():
     graph = import_graph()
-    assert "noiseclr.discovery.bank" in graph["noiseclr.export"]  # a module-level import
+    assert "noiseclr.bank" in graph["noiseclr.export"]  # a module-level import
     assert "noiseclr.workflows.discover" in graph["noiseclr.cli"]  # one inside a function
     assert cycles(graph) == []
+
+
+def test_every_module_sits_in_a_stage_and_imports_only_its_own_or_earlier_ones():
+    order = stages()
+    assert len(order) >= 8 and ["noiseclr.bank"] in order  # the section was read
+    graph = import_graph()
+    assert [m for m in graph if m != "noiseclr" and stage_of(m, order) is None] == []
+    assert against_the_order(graph, order) == []
+
+
+def test_the_order_check_catches_an_import_against_it():
+    order = [["noiseclr.errors"], ["noiseclr.bank"], ["noiseclr.discovery"]]
+    graph = {"noiseclr.bank.record": {"noiseclr.discovery.step", "noiseclr.errors"}}
+    assert against_the_order(graph, order) == [
+        "noiseclr.bank.record (stage 2) -> noiseclr.discovery.step (stage 3)"
+    ]
+    assert stage_of("noiseclr.discovery.bank", [["noiseclr.discovery"], ["noiseclr.discovery.bank"]]) == 1

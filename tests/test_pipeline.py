@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from noiseclr.bank import DirectionBank
 from noiseclr.cli import app
 from noiseclr.data.images import read_image_file
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.editing import sampler
 from noiseclr.editing.pipeline import NoiseCLRPipeline

@@ -25,8 +25,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from noiseclr.bank import DirectionBank
 from noiseclr.cli import app
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.errors import BankError, ConfigError
 from noiseclr.models.base import load_model
@@ -130,7 +130,7 @@ def test_the_guide_runs_on_an_sd15_folder(walk, sd15_model):
     }  # fmt: skip
     bank = DirectionBank.load(home / "out/faces/bank", sd15_model)  # learnt on this very model
     assert bank.base_model["fingerprint"] == sd15_model.fingerprint and bank.tokens[0] == "<faces-0>"
-    assert bank.scores["directions"] and bank.edit_defaults["calibration"] == "blind"
+    assert bank.scores is not None and bank.calibration == "blind"
     assert (home / "out/faces/gallery/gallery.png").exists() and (home / "out/faces/bank/README.md").exists()
     for name in ("edit.png", "real.png", "registered.png", "faces.png"):
         assert Image.open(home / name).size[1] >= 64, name  # a grid of the stand-in's 64 px images

@@ -114,11 +114,10 @@ def header(bank, export: dict | None) -> dict[str, Any]:
         "method": bank.method,
     }
     scores = bank.scores
-    if isinstance(scores.get("score"), int | float) and math.isfinite(scores["score"]):
-        ours.update(score=float(scores["score"]), live=scores.get("live"), dead=scores.get("dead"))
-    calibration = bank.edit_defaults.get("calibration")
-    if calibration:
-        ours["calibration"] = calibration
+    if scores is not None and math.isfinite(scores.score):
+        ours.update(score=scores.score, live=scores.live, dead=scores.dead)
+    if bank.calibration:
+        ours["calibration"] = bank.calibration
     if fmt:
         ours["export"] = {"format": fmt, "file_type": export.get("file_type", "safetensors")}
     return {
@@ -181,23 +180,23 @@ def bank_card(bank, gallery: str | Path | None = None, export: dict | None = Non
 
 def _summary(bank) -> list[str]:
     s = bank.scores
-    if not s.get("directions"):
+    if s is None:
         return [
             "Not measured yet: `noiseclr measure BANK` (any model) or `noiseclr evaluate BANK` "
             "(the shapes world's oracle) scores the directions and calibrates their scales."
         ]
-    parts = [f"Oracle-free score {number(s.get('score'))} {interval(s.get('interval'))}".rstrip()]
-    parts.append(f"{s.get('live')} of {len(bank)} directions live, {s.get('dead')} dead")
-    if s.get("distinct_live") is not None:
-        parts.append(f"{s['distinct_live']} distinct live")
+    parts = [f"Oracle-free score {number(s.score)} {interval(s.interval)}".rstrip()]
+    parts.append(f"{s.live} of {len(bank)} directions live, {s.dead} dead")
+    if s.distinct_live is not None:
+        parts.append(f"{s.distinct_live} distinct live")
     return [", ".join(parts) + " (`noiseclr measure`; docs/oracle-free.md)."]
 
 
 def _directions(bank, export: dict | None) -> list[str]:
-    scales = bank.edit_defaults.get("scales")
-    calibration = bank.edit_defaults.get("calibration")
-    if scales:
-        how = {"oracle": "by the shapes world's oracle", "blind": "without an oracle"}.get(calibration, "")
+    if bank.measured:
+        how = {"oracle": "by the shapes world's oracle", "blind": "without an oracle"}.get(
+            bank.calibration, ""
+        )
         unit = (
             f"Scales `-s / +s` are the calibrated edit strengths{' ' + how if how else ''}: in "
             "`noiseclr edit` a scale of 1 means +s and -1 means -s."
@@ -207,7 +206,7 @@ def _directions(bank, export: dict | None) -> list[str]:
     order = (
         "Best first by the oracle-free score (rank), each duplicate after the direction it repeats, "
         "dead ones last."
-        if bank.scores.get("directions")
+        if bank.scores is not None
         else "In bank order (not measured)."
     )
     files = {e["index"]: e for e in (export or {}).get("directions", []) if isinstance(e, dict)}
@@ -224,9 +223,9 @@ def _directions(bank, export: dict | None) -> list[str]:
     ]
     for i in bank.ranked():
         figures = bank.direction_score(i)
-        rank = figures.get("rank")
-        score = f"{number(figures.get('score'))} {interval(figures.get('interval'))}" if figures else ""
-        pair = scales[i] if scales else None
+        rank = figures.rank if figures else None
+        score = f"{number(figures.score)} {interval(figures.interval)}" if figures else ""
+        pair = bank.scales(i)
         scale = f"{number(pair[0])} / {'+' if pair[1] >= 0 else ''}{number(pair[1])}" if pair else "raw"
         span = bank.window(i)
         row = [
@@ -295,9 +294,9 @@ def _evaluation(bank) -> list[str]:
 def _example(bank) -> tuple[int, str]:
     """The best live direction (else the first) and a scale that visibly edits with it."""
     order = bank.ranked()
-    live = [i for i in order if not bank.direction_score(i).get("dead")]
+    live = [i for i in order if bank.state(i) != "dead"]
     i = (live or order or [0])[0]
-    return i, "1" if bank.edit_defaults.get("scales") else "4"
+    return i, "1" if bank.measured else "4"
 
 
 def _usage(bank, export: dict | None) -> list[str]:

@@ -37,7 +37,7 @@ def user_message(err: BaseException) -> str | None:
     if isinstance(err, UserError):
         return str(err).splitlines()[0] if str(err) else type(err).__name__
     if isinstance(err, ValidationError):
-        from noiseclr.discovery.config import validation_message
+        from noiseclr.utils.configfile import validation_message
 
         return validation_message(err)
     if isinstance(err, OSError) and err.filename:  # a path we could not read or write
@@ -110,7 +110,7 @@ def _parse_fixed(items: list[str]) -> dict[str, str]:
 
 def _open_bank(ref: str, model=None):
     """(folder, bank) from a folder or a models:/ reference (downloaded and checksum-verified)."""
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.tracking.registry import bank_folder  # imports mlflow only for models:/
 
     folder = bank_folder(ref)
@@ -166,7 +166,7 @@ def world_make(
 
 @base_app.command("train")
 def base_train(
-    config: Path = typer.Option(Path("jobs/base_shapes.yaml"), exists=True, help="Recipe YAML."),
+    config: Path = typer.Option(Path("jobs/base/base_shapes.yaml"), exists=True, help="Recipe YAML."),
     out: Path = typer.Option(Path("out/shapes-model"), help="Output folder (diffusers layout)."),
     steps: int | None = typer.Option(None, help="Override the diffusion steps."),
     vae_steps: int | None = typer.Option(None, help="Override the VAE steps."),
@@ -288,7 +288,7 @@ def gallery(
     base = load_model(model, device=device)
     for ref in bank:
         folder, b = _open_bank(ref, base)
-        top = scale if scale is not None else 2.0 if b.edit_defaults.get("scales") else 6.0
+        top = scale if scale is not None else 2.0 if b.measured else 6.0
         scales = [round(float(s), 4) for s in np.linspace(-top, top, columns)]
         target = out or _beside(ref, folder, "gallery")
         pages = write_gallery(base, b, target, scales, list(range(seeds)), prompt, steps)
@@ -392,8 +392,8 @@ def _protocol(fix: list[str] | None, default_fixed: dict, **values):
     """The evaluation protocol from CLI values; --fix replaces the bank's or config's domain."""
     from pydantic import ValidationError
 
-    from noiseclr.discovery.config import validation_message
     from noiseclr.evaluation.evaluate import Protocol
+    from noiseclr.utils.configfile import validation_message
 
     fixed = _parse_fixed(fix) if fix else dict(default_fixed)
     try:
@@ -464,8 +464,8 @@ def _blind_setup(base, b, data, prompt, generated, n, steps, target, window):
     given data, else the bank's training images when readable here."""
     from pydantic import ValidationError
 
-    from noiseclr.discovery.config import validation_message
     from noiseclr.evaluation import blind
+    from noiseclr.utils.configfile import validation_message
 
     try:
         protocol = blind.BlindProtocol(
@@ -587,8 +587,8 @@ def merge(
     measure it without an oracle, and keep the live directions, one per duplicate group (its
     best): more distinct edits than any one run found, with no labels involved. Each kept
     direction's label, window, scales and origin (bank, token) come with it."""
+    from noiseclr.bank import merge_banks, subset
     from noiseclr.card import save_bank
-    from noiseclr.discovery.bank import merge_banks, subset
     from noiseclr.evaluation import blind
     from noiseclr.models.base import load_model
 
@@ -600,7 +600,7 @@ def merge(
     harness = blind.BlindHarness(base, protocol, real=real and real.pixels, real_names=real and real.files)
     kept, result = harness.measure_distinct(merged, prune=not keep_all)
     bank = subset(merged, kept) if len(kept) < len(merged) else merged
-    blind.store(bank, result)
+    bank.store_scores(result)
     save_bank(bank, out)
     typer.echo(
         f"merged {len(merged)} directions of {len(banks)} banks; kept {len(kept)} "
@@ -655,7 +655,7 @@ def compare(
 ) -> None:
     """The comparison: perfect edits (ceiling), known words, NoiseCLR, pullback and random
     directions (floor), one protocol, on the config's domain and on the full world."""
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
     from noiseclr.evaluation.evaluate import require_oracle
     from noiseclr.models.base import load_model
@@ -945,7 +945,7 @@ def banks_list() -> None:
 @banks_app.command("show")
 def banks_show(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
     """One version: its run, tags and checksums, and its directions ranked by the oracle-free score."""
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.evaluation.blind import scores_table
     from noiseclr.tracking.registry import download_bank, resolve_version
 

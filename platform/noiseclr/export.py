@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from noiseclr.discovery.bank import META_FILE, DirectionBank
+from noiseclr.bank import META_FILE, DirectionBank
 from noiseclr.errors import BankError, ConfigError
 from noiseclr.formats import FORMATS, load_hint, prompt_syntax, trigger
 from noiseclr.utils.images import atomic_write_bytes
@@ -175,7 +175,7 @@ def _entry(bank: DirectionBank, fmt: str, i: int, file: str) -> dict[str, Any]:
     """What is known about direction i, for its sidecar and the index."""
     token = bank.tokens[i]
     score = bank.direction_score(i)
-    scales = bank.edit_defaults.get("scales")
+    scales = bank.scales(i)
     duplicate = bank.duplicate_of(i)
     return {
         "index": i,
@@ -184,14 +184,14 @@ def _entry(bank: DirectionBank, fmt: str, i: int, file: str) -> dict[str, Any]:
         "prompt": prompt_syntax(fmt, token),
         "file": file,
         "labels": dict(bank.labels.get(token, {})),
-        "score": score.get("score"),
-        "interval": score.get("interval"),
-        "rank": score.get("rank"),
+        "score": score.score if score else None,
+        "interval": list(score.interval) if score else None,
+        "rank": score.rank if score else None,
         "dead": None if bank.state(i) == "unmeasured" else bank.state(i) == "dead",
         "duplicate_of": bank.tokens[duplicate] if duplicate is not None else None,
         # noiseclr's calibrated edit strengths (lambda of the noise-difference edit, for
         # `noiseclr edit`), not prompt weights of the tool.
-        "edit_scales": list(scales[i]) if scales else None,
+        "edit_scales": list(scales) if scales else None,
         "edit_window": list(bank.window(i)),
     }
 

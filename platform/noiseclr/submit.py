@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from noiseclr.discovery.config import read_mapping
 from noiseclr.errors import ConfigError, UserError
+from noiseclr.utils.configfile import read_mapping
 
 Kind = Literal["discover", "sweep", "serve"]
 # Never uploaded: repository metadata, environments, outputs and caches.

@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from noiseclr.discovery.config import resolve_env
 from noiseclr.errors import DataError, ImageError
+from noiseclr.utils.configfile import resolve_env
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -21,8 +21,8 @@ import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from noiseclr.data.images import IMAGE_SUFFIXES, decode_image
-from noiseclr.discovery.config import resolve_env
 from noiseclr.errors import DataError
+from noiseclr.utils.configfile import resolve_env
 
 log = logging.getLogger(__name__)
 FILES_PER_READ_TASK = 32
@@ -74,12 +74,29 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSys
     return pa_fs, root, paths
 
 
+class DataMetrics:
+    """Files the Ray Data decode stage read and dropped (corrupt, truncated, not images)."""
+
+    def __init__(self, run: str) -> None:
+        from ray.util.metrics import Counter
+
+        self.tags = {"run": run}
+        self.decoded = Counter("noiseclr_data_files_decoded", "Image files decoded", tag_keys=("run",))
+        self.dropped = Counter(
+            "noiseclr_data_files_dropped", "Image files dropped as unreadable", tag_keys=("run",)
+        )
+
+    def record(self, decoded: int, dropped: int) -> None:
+        if decoded:
+            self.decoded.inc(decoded, tags=self.tags)
+        if dropped:
+            self.dropped.inc(dropped, tags=self.tags)
+
+
 class Decode:
     """bytes -> (3, H, W) float32 in [-1, 1]; rows that do not decode are dropped and counted."""
 
     def __init__(self, resolution: int, index_of: dict[str, int], counter, run: str = "bank") -> None:
-        from noiseclr.training.metrics import DataMetrics
-
         self.resolution, self.index_of, self.counter = resolution, index_of, counter
         self.metrics = DataMetrics(run)
 

@@ -1,1 +1,1 @@
-"""NoiseCLR discovery: direction banks, the contrastive loss, batched noise evaluation, the trainer."""
+"""NoiseCLR discovery: starting directions, the contrastive loss, the micro-step, the training loop."""

@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from noiseclr.bank import DirectionBank
 from noiseclr.conditioning import encode_directions
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.models.base import DiffusionModel, scheduler_like
 
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from noiseclr.discovery.bank import vocab_norm
 from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.discovery.initial import vocab_norm
 from noiseclr.discovery.loss import delta_features, noiseclr_loss, strength_penalty, symmetric_noiseclr_loss
 from noiseclr.errors import ConfigError
 from noiseclr.models.base import resolve_dtype

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery import step as steps
-from noiseclr.discovery.bank import init_directions
 from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.core import AdamWEngine, TrainLoop
+from noiseclr.discovery.initial import init_directions
 from noiseclr.errors import ConfigError, TrainingDiverged
 from noiseclr.models.base import DiffusionModel, scheduler_like
 

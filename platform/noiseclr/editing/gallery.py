@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from noiseclr.discovery.bank import DirectionBank
-from noiseclr.editing.sampler import calibrated_scales, seed_latents, sweep_direction
+from noiseclr.bank import DirectionBank
+from noiseclr.editing.sampler import seed_latents, sweep_direction
 from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
 from noiseclr.utils import parallel
@@ -38,7 +38,7 @@ def render_gallery(
     guidance = default_guidance(model) if prompt else 1.0
 
     def sweep(k: int) -> np.ndarray:
-        raw = calibrated_scales(bank, k, scales)
+        raw = bank.raw_scales(k, scales)
         return sweep_direction(model, bank, k, x_T, raw, prompt, guidance, steps, window=bank.window(k))
 
     return np.stack(parallel.map_ordered(sweep, range(len(bank)), model.device, "gallery", progress))
@@ -59,11 +59,11 @@ def state_mark(bank: DirectionBank, i: int) -> str:
 
 def measured_note(bank: DirectionBank) -> str:
     s = bank.scores
-    if not s:
+    if s is None:
         return "Not measured: directions in bank order (<code>noiseclr measure BANK</code> ranks them)."
     return (
-        f"Directions best first by the oracle-free score (bank {s['score']:.2f}, {s['live']} live, "
-        f"{s['dead']} dead, greyed); a duplicate names the direction it repeats."
+        f"Directions best first by the oracle-free score (bank {s.score:.2f}, {s.live} live, "
+        f"{s.dead} dead, greyed); a duplicate names the direction it repeats."
     )
 
 
@@ -116,7 +116,7 @@ def write_gallery(
         labels = bank.labels.get(bank.tokens[i], {})
         label = " / ".join(html.escape(v) for v in labels.values() if v) or "&mdash;"
         d = bank.direction_score(i)
-        score = f"{d['score']:.2f} [{d['interval'][0]:.2f}, {d['interval'][1]:.2f}]" if d else "&mdash;"
+        score = f"{d.score:.2f} [{d.interval[0]:.2f}, {d.interval[1]:.2f}]" if d else "&mdash;"
         dead = ' class="dead"' if bank.state(i) == "dead" else ""
         state = state_mark(bank, i).strip(" []") or ("live" if d else "-")
         hi, lo = bank.window(i)
@@ -126,8 +126,8 @@ def write_gallery(
             f'<td><img src="directions/{i:03d}.png" alt="direction {i}"></td></tr>'
         )
     window = bank.window()
-    own = "each direction's measured window (column t)" if bank.edit_defaults.get("windows") else ""
-    units = "; in units of each direction's measured strength" if bank.edit_defaults.get("scales") else ""
+    own = "each direction's measured window (column t)" if bank.has_own_windows else ""
+    units = "; in units of each direction's measured strength" if bank.measured else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>NoiseCLR bank {html.escape(bank.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 8px;vertical-align:middle}}

@@ -28,9 +28,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from PIL import Image
 
+from noiseclr.bank import SAFE_NAME, DirectionBank
 from noiseclr.conditioning import encode_directions
 from noiseclr.data.images import read_image_file, square_image
-from noiseclr.discovery.bank import SAFE_NAME, DirectionBank
 from noiseclr.editing import sampler
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.errors import BankError, EditError, ImageError

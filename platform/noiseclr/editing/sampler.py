@@ -22,8 +22,8 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from tqdm.auto import tqdm
 
+from noiseclr.bank import DirectionBank
 from noiseclr.conditioning import encode_directions, unet_pairs, unet_rows
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.errors import BankError, EditError
 from noiseclr.models.base import DiffusionModel, scheduler_like
 from noiseclr.models.generate import default_guidance, image_seed, initial_latents
@@ -100,25 +100,16 @@ def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
             "once at the bank's t_edit), which `edit` does not apply; view them with `noiseclr gallery`"
         )
     i = bank.index(direction)
-    measured = bool(bank.edit_defaults.get("scales"))
+    measured = bank.measured
     limit = MAX_UNITS if measured else MAX_RAW_SCALE
     if abs(scale) > limit:
         unit = "x the measured clean edit" if measured else " (raw scale)"
         log.warning(
             "edit %r: scale %g%s is beyond %g, where images usually turn to noise", text, scale, unit, limit
         )
-    scale = calibrated_scales(bank, i, [scale])[0]
+    scale = bank.raw_scales(i, [scale])[0]
     hi, lo = window or bank.window(i)
     return Edit(bank.directions[i], scale, hi, lo, label=f"{bank_name}:{bank.tokens[i]}")
-
-
-def calibrated_scales(bank: DirectionBank, k: int, units: list[float]) -> list[float]:
-    """Raw scales of direction k for scales given in its measured units (see parse_edit);
-    unchanged when the bank has no measured scales."""
-    measured = bank.edit_defaults.get("scales")
-    if not measured:
-        return list(units)
-    return [u * abs(measured[k][1 if u > 0 else 0]) for u in units]
 
 
 def seed_latents(model: DiffusionModel, seeds: list[int]) -> torch.Tensor:

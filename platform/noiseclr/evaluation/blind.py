@@ -53,7 +53,7 @@ import torch
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, field_validator
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank, EditDefaults, Scores
 from noiseclr.editing.sampler import (
     decode,
     encode,
@@ -373,7 +373,7 @@ class BlindHarness:
             torch.zeros(1, bank.directions.shape[1]),
             dict(bank.base_model),
             name="null",
-            edit_defaults={"window": list(window)},
+            edit_defaults=EditDefaults(window=window),
         )
         ladder = self.ladder(bank)
         scales = [-a for a in ladder] + ladder
@@ -576,24 +576,6 @@ def duplicate_groups(cross: np.ndarray, live: np.ndarray) -> list[list[int]]:
     return sorted(groups.values())
 
 
-def store(bank: DirectionBank, result: dict) -> None:
-    """Write the measurement into the bank (the caller saves it). Where the oracle has not set
-    the edit scales (any domain but the shapes world), the blind calibration sets them, so that
-    `noiseclr edit k=1` means the target change of the image on any model."""
-    bank.scores = result
-    if bank.method == "pullback":
-        return
-    by_oracle = "target_effect" in bank.edit_defaults  # evaluate.label_bank calibrated it
-    if not by_oracle:
-        bank.edit_defaults = {
-            **bank.edit_defaults,
-            "window": result["protocol"]["window"],
-            "scales": [[d["signs"]["-"]["scale"], d["signs"]["+"]["scale"]] for d in result["directions"]],
-            "calibration": "blind",
-            "target_change": result["protocol"]["target"],
-        }
-
-
 def real_images(
     uri: str, model: DiffusionModel, protocol: BlindProtocol, storage_options: dict | None = None
 ):
@@ -614,42 +596,40 @@ def measure_into(
 ) -> dict:
     """Measure `bank` on generated (and `real`) images and store the result in it."""
     result = BlindHarness(model, protocol, real=real, progress=progress, real_names=real_names).measure(bank)
-    store(bank, result)
+    bank.store_scores(result)
     return result
 
 
-def summary_line(result: dict) -> str:
+def summary_line(s: Scores) -> str:
     """One line for logs: the bank's score, live and dead counts, the best directions."""
-    best = ", ".join(f"#{i} {result['directions'][i]['score']:.2f}" for i in result["order"][:3])
-    groups = f", duplicate groups {result['groups']}" if result["groups"] else ""
-    return (
-        f"oracle-free score {result['score']:.3f} {result['interval']}: {result['live']} live, "
-        f"{result['dead']} dead{groups}; best {best}"
-    )
+    best = ", ".join(f"#{i} {s.directions[i].score:.2f}" for i in s.order[:3])
+    groups = f", duplicate groups {s.groups}" if s.groups else ""
+    counts = f"{s.live} live, {s.dead} dead{groups}"
+    return f"oracle-free score {s.score:.3f} {list(s.interval)}: {counts}; best {best}"
 
 
 def scores_table(bank: DirectionBank) -> str:
     """The bank's directions best first as a markdown table ("" if it was never measured)."""
     s = bank.scores
-    if not s:
+    if s is None:
         return ""
     lines = [
         "| rank | # | token | label | score [95% CI] | state | - scale / change / consistency "
         "| + scale / change / consistency |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for i in s["order"]:
-        d = s["directions"][i]
-        state = "dead" if d["dead"] else "live"
-        if not d["dead"] and d["duplicate_of"] is not None:
-            state = f"duplicate of #{d['duplicate_of']}"
+    for i in s.order:
+        d = s.directions[i]
+        state = bank.state(i)
+        if state == "duplicate":
+            state = f"duplicate of #{bank.duplicate_of(i)}"
         label = bank.label(i) or "-"
         signs = [
-            f"{e['scale']:g} / {e['change']:.3f} / {e['consistency']:.2f}" + ("" if e["live"] else " (off)")
-            for e in (d["signs"]["-"], d["signs"]["+"])
+            f"{e.scale:g} / {e.change:.3f} / {e.consistency:.2f}" + ("" if e.live else " (off)")
+            for e in (d.signs["-"], d.signs["+"])
         ]
         lines.append(
-            f"| {d['rank']} | {i} | `{bank.tokens[i]}` | {label} | {d['score']:.2f} {d['interval']} "
+            f"| {d.rank} | {i} | `{bank.tokens[i]}` | {label} | {d.score:.2f} {list(d.interval)} "
             f"| {state} | {signs[0]} | {signs[1]} |"
         )
     lines.append("")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 from noiseclr.evaluation.evaluate import KNOWN_WORDS, Harness, Protocol, random_bank, word_bank
 from noiseclr.models.base import DiffusionModel
 from noiseclr.utils.images import atomic_write_bytes, save_png

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.domains.oracle import Measurement, measure
 from noiseclr.editing.sampler import decode, encode, invert, sample, seed_latents, sweep_direction
@@ -464,14 +464,12 @@ def label_bank(bank: DirectionBank, result: dict) -> None:
     }
     for token, label in zip(bank.tokens, result["labels"], strict=True):
         bank.labels.setdefault(token, {})["auto"] = label
-    if bank.method != "pullback":
-        bank.edit_defaults = {
-            "window": list(result["protocol"]["window"]),
-            "scales": [[float(a), float(b)] for a, b in result["scales"]],
-            **({"windows": result["windows"]} if result["protocol"].get("windows") else {}),
-            "target_effect": result["protocol"]["target_effect"],
-            "calibration": "oracle",
-        }
+    bank.store_oracle_calibration(
+        window=result["protocol"]["window"],
+        scales=[(float(a), float(b)) for a, b in result["scales"]],
+        target_effect=result["protocol"]["target_effect"],
+        windows=result["windows"] if result["protocol"].get("windows") else None,
+    )
 
 
 def measure_bank(

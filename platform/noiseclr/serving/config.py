@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from noiseclr.discovery.config import read_mapping, validation_message
 from noiseclr.errors import ConfigError
+from noiseclr.utils.configfile import read_mapping, validation_message
 
 BANK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # no "/", no "..": a name, never a path
 
@@ -105,7 +105,7 @@ class ServeConfig(BaseModel):
         for name in self.banks:
             if not re.match(BANK_NAME, name):
                 raise ValueError(f"bank name {name!r}: letters, digits, '_', '-', '.' only")
-        from noiseclr.discovery.config import URI_PASSWORD
+        from noiseclr.utils.configfile import URI_PASSWORD
 
         if self.tracking_uri and URI_PASSWORD.match(self.tracking_uri):
             raise ValueError(
@@ -125,7 +125,7 @@ class ServeConfig(BaseModel):
         try:
             cfg = cls(**values)
         except ValidationError as err:
-            raise ConfigError(f"serve config {path}: {validation_message(err)}") from None
+            raise ConfigError(f"serve config {path}: {validation_message(err, cls)}") from None
         return cfg.resolved(path.parent)
 
     def resolved(self, base: Path) -> ServeConfig:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 from noiseclr.editing import sampler
 from noiseclr.errors import BankError, EditError, ImageError
 from noiseclr.models.base import DiffusionModel
@@ -134,7 +134,7 @@ class BankStore:
 
     def hidden(self, name: str, i: int) -> bool:
         """Direction i is measured dead and this server leaves dead directions out."""
-        return self.hide_dead and bool(self.get(name).direction_score(i).get("dead"))
+        return self.hide_dead and self.get(name).state(i) == "dead"
 
     def _labels_file(self, name: str) -> Path:
         """Labels belong to one set of directions: keyed by the bank's name and a hash of its
@@ -179,6 +179,7 @@ class BankStore:
         token = bank.tokens[i]
         human = self.human_labels(name) if human is None else human
         auto = bank.labels.get(token, {}).get("auto")
+        figures = bank.direction_score(i)
         return {
             "index": i,
             "token": token,
@@ -187,7 +188,7 @@ class BankStore:
             "auto_label": auto,
             "window": list(bank.window(i)),
             **{
-                k: bank.direction_score(i).get(k)
+                k: getattr(figures, k) if figures else None
                 for k in ("score", "interval", "rank", "dead", "duplicate_of")
             },
         }
@@ -205,12 +206,12 @@ class BankStore:
             "name": name,
             "source": ref if ref.startswith("models:/") else Path(ref).name,
             "directions": len(bank),
-            "measured": bool(bank.edit_defaults.get("scales")),
+            "measured": bank.measured,
             "window": list(bank.window()),
             "base_model": bank.base_model.get("fingerprint"),
             "version": self.versions.get(name),
-            "score": bank.scores.get("score"),
-            "live": bank.scores.get("live"),
+            "score": bank.scores.score if bank.scores else None,
+            "live": bank.scores.live if bank.scores else None,
             "hidden": sum(self.hidden(name, i) for i in range(len(bank))),
         }
 
@@ -282,7 +283,7 @@ class EditEngine:
                     f"{seen[(item.bank, i)]!r} too); give it once, with one scale"
                 )
             seen[(item.bank, i)] = item.direction
-            raw = sampler.calibrated_scales(bank, i, [item.scale])[0]
+            raw = bank.raw_scales(i, [item.scale])[0]
             hi, lo = bank.window(i)
             hi = hi if item.t_high is None else item.t_high
             lo = lo if item.t_low is None else item.t_low
@@ -417,9 +418,7 @@ class EditEngine:
         edits = [sampler.Edit(bank.directions[i], 1.0, *bank.window(i), bank.tokens[i]) for i in indices]
         scales = torch.zeros(k * s, k)  # trajectory (c, j): the chunk's c-th direction at scale j
         for c, i in enumerate(indices):
-            scales[c * s : (c + 1) * s, c] = torch.tensor(
-                sampler.calibrated_scales(bank, i, self.cfg.thumbnail_scales)
-            )
+            scales[c * s : (c + 1) * s, c] = torch.tensor(bank.raw_scales(i, self.cfg.thumbnail_scales))
         x_T = sampler.seed_latents(self.model, [0]).expand(k * s, -1, -1, -1)
         x0 = sampler.sample(
             self.model,

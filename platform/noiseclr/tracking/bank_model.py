@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 
 
 class BankModel(mlflow.pyfunc.PythonModel):

@@ -21,7 +21,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from noiseclr.discovery.bank import DIRECTIONS_FILE, META_FILE, DirectionBank
+from noiseclr.bank import DIRECTIONS_FILE, META_FILE, DirectionBank
 from noiseclr.errors import BankError
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -87,11 +87,11 @@ def log_bank(bank_dir: str | Path, registered_model: str | None = None, alias: s
     client.set_model_version_tag(
         name, version.version, "fingerprint", str(bank.base_model.get("fingerprint"))
     )
-    if bank.scores:  # the oracle-free measurement, readable without downloading the bank
+    if bank.scores is not None:  # the oracle-free measurement, readable without downloading the bank
         s = bank.scores
-        client.set_model_version_tag(name, version.version, "score", f"{s['score']:.4f} {s['interval']}")
-        client.set_model_version_tag(name, version.version, "live", f"{s['live']} of {len(bank)}")
-        best = ", ".join(f"{i}:{s['directions'][i]['score']:.2f}" for i in s["order"][:8])
+        client.set_model_version_tag(name, version.version, "score", f"{s.score:.4f} {list(s.interval)}")
+        client.set_model_version_tag(name, version.version, "live", f"{s.live} of {len(bank)}")
+        best = ", ".join(f"{i}:{s.directions[i].score:.2f}" for i in s.order[:8])
         client.set_model_version_tag(name, version.version, "ranked", best)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from noiseclr.discovery.config import DiscoveryConfig, resolve_env
+from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.errors import StorageError
+from noiseclr.utils.configfile import resolve_env
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def log_discovery(
     last step already logged (by the call this one resumed from, or live during training)."""
     import mlflow
 
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.tracking.registry import log_bank
 
     bank = DirectionBank.load(result.bank)
@@ -225,11 +226,11 @@ def log_discovery(
     if evaluation:
         figures.update(alignment=evaluation["alignment"], coverage=evaluation["coverage_count"])
         figures.update({f"alignment.{name}": s["alignment"] for name, s in evaluation["scores"].items()})
-    if bank.scores:  # the oracle-free measurement, on any domain
+    if bank.scores is not None:  # the oracle-free measurement, on any domain
         s = bank.scores
-        figures.update(score=s["score"], live_directions=s["live"], dead_directions=s["dead"])
-        figures.update(distinct_live=s["distinct_live"])
-        figures.update({f"direction_score.{d['index']}": d["score"] for d in s["directions"]})
+        figures.update(score=s.score, live_directions=s.live, dead_directions=s.dead)
+        figures.update(distinct_live=s.distinct_live)
+        figures.update({f"direction_score.{d.index}": d.score for d in s.directions})
     mlflow.log_metrics({k: float(v) for k, v in figures.items() if v is not None}, step=result.steps)
     for folder in ("gallery", "evaluation"):
         path = Path(result.bank).parent / folder

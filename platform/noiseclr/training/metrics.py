@@ -1,6 +1,7 @@
 """Ray metrics of a distributed discovery run, for Prometheus and dashboards/discovery.json.
 
-Recorded by the Ray Train workers and the Ray Data decode stage through `ray.util.metrics`;
+Recorded by the Ray Train workers through `ray.util.metrics` (the Ray Data decode stage's are
+`data/ray_input.DataMetrics`);
 each node's Ray metrics agent exports them (names gain Ray's `ray_` prefix). Tags: `run` (the
 job's name) and, where workers differ, `rank`. The single-process path logs to MLflow only.
 """
@@ -53,22 +54,3 @@ class DiscoveryMetrics:
                 torch.cuda.max_memory_allocated(self.device), tags={**self.tags, "kind": "gpu_allocated"}
             )
         self.memory.set(self.process.memory_info().rss, tags={**self.tags, "kind": "host_rss"})
-
-
-class DataMetrics:
-    """Files the Ray Data decode stage read and dropped (corrupt, truncated, not images)."""
-
-    def __init__(self, run: str) -> None:
-        from ray.util.metrics import Counter
-
-        self.tags = {"run": run}
-        self.decoded = Counter("noiseclr_data_files_decoded", "Image files decoded", tag_keys=("run",))
-        self.dropped = Counter(
-            "noiseclr_data_files_dropped", "Image files dropped as unreadable", tag_keys=("run",)
-        )
-
-    def record(self, decoded: int, dropped: int) -> None:
-        if decoded:
-            self.decoded.inc(decoded, tags=self.tags)
-        if dropped:
-            self.dropped.inc(dropped, tags=self.tags)

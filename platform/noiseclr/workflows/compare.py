@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from noiseclr.bank import DirectionBank
 from noiseclr.card import save_bank
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.evaluation.evaluate import Protocol
 from noiseclr.models.base import DiffusionModel

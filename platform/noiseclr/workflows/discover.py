@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from noiseclr.bank import DirectionBank, EditDefaults
 from noiseclr.card import save_bank, write_card
 from noiseclr.discovery import checkpoint
-from noiseclr.discovery.bank import DirectionBank
 from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DISTRIBUTED_KEYS, DiscoveryConfig
 from noiseclr.discovery.step import check_schedule, fixed_norm, shaped
@@ -129,11 +129,11 @@ def bank_from_state(
             "world": state.world,
             **metrics,
         },
-        edit_defaults={"window": [cfg.edit_window, 0]},
+        edit_defaults=EditDefaults(window=(cfg.edit_window, 0)),
     )
 
 
-def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBank, data: str) -> dict:
+def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBank, data: str) -> None:
     """The oracle-free measurement of `bank`, stored in it: generated images (the gallery's
     prompt) and the first training images, inverted. Works on any model and domain."""
     from noiseclr.evaluation import blind
@@ -148,9 +148,8 @@ def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBa
         seed=cfg.seed + 2000,
     )
     real = blind.real_images(data, model, protocol, cfg.storage_options)
-    result = blind.measure_into(model, bank, protocol, real.pixels, real_names=real.files)
-    log.info("%s", blind.summary_line(result))
-    return result
+    blind.measure_into(model, bank, protocol, real.pixels, real_names=real.files)
+    log.info("%s", blind.summary_line(bank.scores))
 
 
 def run_discovery(
@@ -217,10 +216,9 @@ def run_discovery(
             log.info("alignment %.3f, coverage %s", measured["alignment"], measured["coverage"])
             report = paths["html"]
         bank_dir = save_bank(bank, out / "bank")  # kept whatever the measurement below does
-        blind = None
         if cfg.evaluate:
             try:
-                blind = measure_blind(cfg, model, bank, data)
+                measure_blind(cfg, model, bank, data)
                 bank.save(bank_dir)
             except UserError as err:  # e.g. too few readable images to measure on
                 log.warning(
@@ -256,8 +254,8 @@ def run_discovery(
             alignment=measured["alignment"] if measured else None,
             coverage=measured["coverage_count"] if measured else None,
             run_id=run.info.run_id if run else None,
-            score=blind["score"] if blind else None,
-            live=blind["live"] if blind else None,
+            score=bank.scores.score if bank.scores else None,
+            live=bank.scores.live if bank.scores else None,
             card=card,
         )
         if run is not None:

@@ -24,8 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from noiseclr.discovery.config import DiscoveryConfig, read_mapping, validation_message
+from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.errors import ConfigError
+from noiseclr.utils.configfile import read_mapping, validation_message
 from noiseclr.utils.raycluster import init_ray
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class SweepConfig(BaseModel):
         try:
             sweep = cls(**values)
         except ValidationError as err:
-            raise ConfigError(f"sweep config {path}: {validation_message(err)}") from None
+            raise ConfigError(f"sweep config {path}: {validation_message(err, cls)}") from None
         job = DiscoveryConfig.from_yaml(path.parent / sweep.job, **sweep.overrides)
         if sweep.baseline:
             for key, value in job_values(job, sweep).items():
