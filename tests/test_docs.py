@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from noiseclr.discovery.config import DiscoveryConfig
@@ -49,3 +50,50 @@ def test_the_configuration_page_lists_every_key_with_its_default():
         if not same_default(written[key], field.get_default(call_default_factory=True))
     }
     assert wrong == {}, "documented default != real default"
+
+
+DOC_PAGES = sorted([ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("*/README.md")])
+
+
+def slugs(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces -> '-'."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    found = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        base = slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = 0
+        while slug in found:  # a repeated heading gets -1, -2...
+            n += 1
+            slug = f"{base}-{n}"
+        found.add(slug)
+    return found
+
+
+def broken_links(page: Path) -> list[str]:
+    """Relative links of a page whose file or #anchor does not exist, and repository paths named
+    in backquotes (`jobs/bench/x.py`) that are not there."""
+    text = page.read_text()
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        where = (page.parent / path).resolve() if path else page
+        if not where.exists() or (anchor and where.suffix == ".md" and anchor not in slugs(where)):
+            bad.append(target)
+    for named in re.findall(r"`((?:jobs|docs|platform|cluster|dashboards|tests)/[\w./-]+\.\w+)`", text):
+        if not (ROOT / named).exists():
+            bad.append(named)
+    return bad
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_and_named_file_of_the_docs_resolves(page):
+    assert broken_links(page) == []
+
+
+def test_the_link_check_finds_a_moved_file_and_a_lost_anchor(tmp_path):
+    (tmp_path / "a.md").write_text("# Results (2026-12-01)\n")
+    page = tmp_path / "b.md"
+    page.write_text("[x](a.md#results-2026-12-01) [y](a.md#gone) [z](c.md) `jobs/benchmark_gpu.py`\n")
+    assert broken_links(page) == ["a.md#gone", "c.md", "jobs/benchmark_gpu.py"]

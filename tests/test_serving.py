@@ -157,7 +157,7 @@ def test_labels_belong_to_one_set_of_directions(shapes_model, tmp_path):
     """A promoted version under the same name (other vectors) does not inherit the old labels."""
     import torch
 
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.serving.engine import BankStore
 
     first = BankStore({"b": str(BANK)}, shapes_model, tmp_path / "labels")
@@ -397,10 +397,10 @@ def test_bad_edit_requests_get_a_clear_4xx(server, what, body, headers, status, 
 
 
 def probe_module():
-    """jobs/probe_endpoint.py: the probes docs/serving.md's table is made of."""
+    """jobs/bench/probe_endpoint.py: the probes docs/serving.md's table is made of."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("probe_endpoint", ROOT / "jobs/probe_endpoint.py")
+    spec = importlib.util.spec_from_file_location("probe_endpoint", ROOT / "jobs/bench/probe_endpoint.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -420,7 +420,7 @@ def test_uploads_in_every_format_a_camera_or_editor_writes_are_edited(server):
 
 
 def test_no_input_gets_a_5xx_or_a_dropped_connection(server):
-    """jobs/probe_endpoint.py's probes (every field with every JSON type it does not document,
+    """jobs/bench/probe_endpoint.py's probes (every field with every JSON type it does not document,
     every route with the methods it lacks, oversized headers and URLs, odd bodies, uploads in
     every format): each answer is a 2xx or a 4xx with a JSON error, and afterwards the server
     edits and its labels are intact. The same probes make docs/serving.md's table."""
@@ -954,7 +954,7 @@ def test_a_bank_of_an_sd15_model_is_served_and_a_bank_of_another_model_is_one_li
     import torch
     from ray import serve
 
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.errors import BankError
     from noiseclr.serving.app import start
 

@@ -1,6 +1,6 @@
 """Is there a space where a shape edit and a size edit can be told apart without labels?
 
-    python jobs/feature_spaces.py [--model shapes] [--n 24] [--t 0,150,300]
+    python jobs/research/feature_spaces.py [--model shapes] [--n 24] [--t 0,150,300]
 
 NoiseCLR groups edits by how alike their effects are across images. For a discovered direction to
 be a pure shape (or size) edit, the same ground-truth edit must look alike on different images

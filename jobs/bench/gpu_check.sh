@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The device check (issue 28.6) as one command on a CUDA machine; prints one table (about 5-8 min):
-#   bash jobs/gpu_check.sh [benchmark_gpu.py options]      # e.g. --no-compile, --ray-steps 8
+# The device check as one command on a CUDA machine; prints one table (about 5-8 min):
+#   bash jobs/bench/gpu_check.sh [jobs/bench/benchmark_gpu.py options]      # e.g. --no-compile, --ray-steps 8
 # Python: .venv when the project is installed there (`make install TORCH_SPEC=torch`), else the
 # machine's python3 plus the wheels carried in .whl/ (docs/benchmarks.md, "The device check").
 # The table also goes to $OUT/gpu_check.txt (out/ when OUT is unset).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=python3
 if [ -x .venv/bin/python ]; then
   PY=.venv/bin/python
@@ -17,4 +17,4 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/platform" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 LOG="${OUT:-out}/gpu_check.txt"
 mkdir -p "$(dirname "$LOG")"
-timeout "${GPU_CHECK_SECONDS:-470}" "$PY" jobs/benchmark_gpu.py "$@" 2>&1 | tee "$LOG"
+timeout "${GPU_CHECK_SECONDS:-470}" "$PY" jobs/bench/benchmark_gpu.py "$@" 2>&1 | tee "$LOG"

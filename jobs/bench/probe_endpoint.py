@@ -1,7 +1,7 @@
 """Probe the edit endpoint with what its tests do not send, then load it with an external generator.
 
-    python jobs/probe_endpoint.py                      # jobs/serve-shapes.yaml on CPU, out/probe
-    python jobs/probe_endpoint.py --seconds 20 --clients 1 4 8 16 64
+    python jobs/bench/probe_endpoint.py                      # jobs/serve-shapes.yaml on CPU, out/probe
+    python jobs/bench/probe_endpoint.py --seconds 20 --clients 1 4 8 16 64
 
 Starts a local Ray and the Serve app (the real HTTP proxy on 127.0.0.1, one replica), then:
 1. probe: every request field given every JSON type and out-of-range value it does not

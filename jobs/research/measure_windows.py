@@ -1,9 +1,9 @@
-"""Does a per-direction edit window show edits the fixed window hides? (issue 26.3 and 26.4)
+"""Does a per-direction edit window show edits the fixed window hides?
 
-    python jobs/measure_windows.py --bank platform/noiseclr/pretrained/banks/shapes --n 16
-    python jobs/measure_windows.py --words --pairs --n 6 --windows 600,800,1000
-    python jobs/measure_windows.py --model out/base/stage9 --words --pairs --n 6 --windows 600
-    python jobs/measure_windows.py --bank BANK --n 16 --windows 600 --low 200   # edits stop at t = 200
+    python jobs/research/measure_windows.py --bank platform/noiseclr/pretrained/banks/shapes --n 16
+    python jobs/research/measure_windows.py --words --pairs --n 6 --windows 600,800,1000
+    python jobs/research/measure_windows.py --model out/base/stage9 --words --pairs --n 6 --windows 600
+    python jobs/research/measure_windows.py --bank BANK --n 16 --windows 600 --low 200  # stop at t = 200
 
 Each bank (a bank folder, the known words, the word-pair reference) is measured by the oracle
 protocol on its domain twice on the same images: every direction at the fixed window (t <= 600),
@@ -25,7 +25,7 @@ FIVE = ("shape", "hue", "size", "lightness", "pattern")  # the domain's varying 
 def main() -> None:
     import torch
 
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.evaluation.evaluate import Harness, Protocol, pair_bank, word_bank
     from noiseclr.models.base import load_model
 

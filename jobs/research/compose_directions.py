@@ -1,7 +1,7 @@
 """The composition table: live directions applied in pairs and a triple, within a bank and across
 banks of two domains, scored with the oracle (fidelity) and without it (additivity).
 
-    python jobs/compose_directions.py --out out/compose [--other NAME=FOLDER] [--n 8]
+    python jobs/research/compose_directions.py --out out/compose [--other NAME=FOLDER] [--n 8]
 
 Banks: the shipped main-job bank, the 8 known words (a reference), and with --other a bank
 learnt on another domain of the world (e.g. circles: `world_fixed: {shape: circle, y: middle}`),
@@ -18,14 +18,14 @@ import json
 import time
 from pathlib import Path
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 from noiseclr.editing.sampler import Edit
 from noiseclr.evaluation import evaluate
 from noiseclr.evaluation.compose import Part, measure_composition
 from noiseclr.models.base import load_model
 
 FIXED = {"x": "center", "y": "middle"}
-SHIPPED = Path(__file__).resolve().parents[1] / "platform/noiseclr/pretrained/banks/shapes"
+SHIPPED = Path(__file__).resolve().parents[2] / "platform/noiseclr/pretrained/banks/shapes"
 
 
 def best_per_factor(name: str, bank: DirectionBank, result: dict, window: int) -> dict[str, Part]:

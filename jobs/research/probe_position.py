@@ -6,8 +6,8 @@ that differ only in position; then prints where the predicted object sits for fo
 (chroma centre of mass of the decoded mean prediction over 16 noises). A UNet that cannot
 see position prints the same centre for all four.
 
-    python jobs/probe_position.py --arch committed --steps 300
-    python jobs/probe_position.py --arch deep --steps 300
+    python jobs/research/probe_position.py --arch committed --steps 300
+    python jobs/research/probe_position.py --arch deep --steps 300
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark of the distributed path (figures, not a test).
 
-    python jobs/benchmark_distributed.py [--steps 12] [--model shapes]
+    python jobs/bench/benchmark_distributed.py [--steps 12] [--model shapes]
 
 Prints pairs/s of NoiseCLR training with 1 and with 2 Ray Train workers (DeepSpeed ZeRO-2) on
 this machine, and the parameter memory each worker holds under ZeRO stage 0 and stage 3 with
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.workflows.discover import run_discovery
 

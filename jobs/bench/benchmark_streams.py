@@ -1,7 +1,7 @@
 """Benchmark: a CPU's cores as one torch call on all threads vs as threads of one torch thread each
 (utils.parallel, what the measurements, the gallery and the single-process trainer use).
 
-    python jobs/benchmark_streams.py [--steps 10] [--skip-measure]
+    python jobs/bench/benchmark_streams.py [--steps 10] [--skip-measure]
 
 Prints, in one run on the embedded model:
 - UNet inference images/s at the measurement's batch sizes, one call on torch's threads vs
@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.trainer import DiscoveryTrainer, initial_state
 from noiseclr.evaluation import evaluate
 from noiseclr.models.base import load_model
 from noiseclr.utils import parallel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def unet_rate(model, batch: int, streams: int, calls: int) -> float:

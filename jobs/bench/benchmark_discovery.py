@@ -1,7 +1,7 @@
 """Benchmark: the platform's NoiseCLR step vs the official code's loop, and edit latency.
 
-    python jobs/benchmark_discovery.py                      # embedded model, CPU
-    python jobs/benchmark_discovery.py --full-size --device cuda --precision bf16
+    python jobs/bench/benchmark_discovery.py                      # embedded model, CPU
+    python jobs/bench/benchmark_discovery.py --full-size --device cuda --precision bf16
                                      # SD-1.5-shaped UNet + text encoder, random weights, 512 px
 
 Training step, same images, timesteps and directions, in the same process:

@@ -1,7 +1,7 @@
 """When do N Ray Train workers give the single-process bank? Measured on the SD 1.5 stand-in.
 
-    python jobs/compare_workers.py                  # 4 images (= batch) and 8 images (> batch)
-    python jobs/compare_workers.py --images 8 --steps 20 --repeats 2
+    python jobs/bench/compare_workers.py                  # 4 images (= batch) and 8 images (> batch)
+    python jobs/bench/compare_workers.py --images 8 --steps 20 --repeats 2
 
 For each image count: one single-process run, then `--repeats` runs on 2 local Ray Train workers
 (DeepSpeed ZeRO-2, CPU), all with the same job; prints the largest difference of any direction
@@ -22,7 +22,7 @@ from PIL import Image
 def main() -> None:
     import ray
 
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
     from noiseclr.domains import shapes
     from noiseclr.models.standin import write

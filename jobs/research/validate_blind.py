@@ -1,7 +1,7 @@
 """Does the oracle-free score follow the oracle? Every direction of several banks measured both
 ways on the shapes world's discovery domain; prints (and writes) the validation table.
 
-    python jobs/validate_blind.py --out out/validate [--n 8] [--bank NAME=FOLDER ...]
+    python jobs/research/validate_blind.py --out out/validate [--n 8] [--bank NAME=FOLDER ...]
 
 Banks: the shipped main-job bank, the 8 known words, 12 random directions of its norm, 4 random
 directions of tiny norm (dead by construction), a pullback bank (8 directions, trained here), and
@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.evaluation import blind, evaluate
 from noiseclr.models.base import load_model
 
 FIXED = {"x": "center", "y": "middle"}
-SHIPPED = Path(__file__).resolve().parents[1] / "platform/noiseclr/pretrained/banks/shapes"
+SHIPPED = Path(__file__).resolve().parents[2] / "platform/noiseclr/pretrained/banks/shapes"
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,7 +1,7 @@
-"""The device check (issue 28.6): one table of what a GPU buys, for `jobs/gpu_check.sh`.
+"""The device check: one table of what a GPU buys, for `jobs/bench/gpu_check.sh`.
 
-    python jobs/benchmark_gpu.py                 # CUDA: SD-1.5-shaped UNet + CLIP-L, random weights, 512 px
-    python jobs/benchmark_gpu.py --small         # the embedded model on this machine: checks the script
+    python jobs/bench/benchmark_gpu.py  # CUDA: SD-1.5-shaped UNet + CLIP-L, random weights, 512 px
+    python jobs/bench/benchmark_gpu.py --small  # the embedded model on this machine: checks the script
 
 Rows (the paper's micro-step: 6 images x 21 directions = 126 pairs, bf16 autocast):
 - the single process (`DiscoveryTrainer.train_step`), checkpointing as `auto` chooses it;
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from benchmark_discovery import PAPER_MICRO_STEPS, full_size_model, timed
 
-from noiseclr.discovery.bank import DirectionBank
+from noiseclr.bank import DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.trainer import DiscoveryTrainer, initial_state
 from noiseclr.models.base import DiffusionModel, load_model

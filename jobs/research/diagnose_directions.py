@@ -1,8 +1,8 @@
 """Why do directions stay dead? Per direction of a bank, on the images it was trained on:
 
-    python jobs/diagnose_directions.py                        # the shipped bank, 8 world images
-    python jobs/diagnose_directions.py --bank out/discovery/bank --n 8
-    python jobs/diagnose_directions.py --reference pairs [--model out/base/stage9]   # e(b) - e(a)
+    python jobs/research/diagnose_directions.py                        # the shipped bank, 8 world images
+    python jobs/research/diagnose_directions.py --bank out/discovery/bank --n 8
+    python jobs/research/diagnose_directions.py --reference pairs [--model out/base/stage9]   # e(b) - e(a)
 
 - norm: its embedding norm, against the text encoder's vocabulary (median, 99th pct, max);
 - strength: ||eps(x_t, d) - eps(x_t, empty)|| / ||eps(x_t, empty)|| at t = 100..500 (inside the
@@ -28,9 +28,9 @@ import torch
 
 
 def main() -> None:
+    from noiseclr.bank import DirectionBank
     from noiseclr.conditioning import direction_deltas
     from noiseclr.data.images import encode_latents
-    from noiseclr.discovery.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
     from noiseclr.discovery.loss import delta_features
     from noiseclr.discovery.step import draw
@@ -86,7 +86,7 @@ def main() -> None:
         _, dirs = draw(cfg, g)
         anchors[dirs[0]] += 1
         negatives[dirs[1:]] += 1
-    scores = {d["index"]: d for d in bank.scores.get("directions", [])}
+    scores = {d.index: d.dump() for d in bank.scores.directions} if bank.scores else {}
     rows = []
     for i in range(k):
         others = [sims[i, j].item() for j in range(k) if j != i]

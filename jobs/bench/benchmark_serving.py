@@ -1,7 +1,7 @@
 """Benchmark: the edit endpoint under load, on loopback, bounded in time.
 
-    python jobs/benchmark_serving.py                      # jobs/serve-shapes.yaml, CPU
-    python jobs/benchmark_serving.py --clients 8 --seconds 40 --steps 10
+    python jobs/bench/benchmark_serving.py                      # jobs/serve-shapes.yaml, CPU
+    python jobs/bench/benchmark_serving.py --clients 8 --seconds 40 --steps 10
 
 Starts a local Ray and the Serve app (the real HTTP proxy on 127.0.0.1), then, in one run:
 1. load: N concurrent clients for T seconds against one replica with batching (the config's

@@ -1,7 +1,7 @@
 """How a discovery run's cost grows (figures, not a test): two tables for docs/benchmarks.md.
 
-    python jobs/benchmark_scale.py domain [--sizes 1000 5000 20000]   # large domains from S3
-    python jobs/benchmark_scale.py cost                                # directions, K, N, workers, nodes
+    python jobs/bench/benchmark_scale.py domain [--sizes 1000 5000 20000]  # large domains from S3
+    python jobs/bench/benchmark_scale.py cost                               # directions, K, N, workers, nodes
 
 `domain`: a shapes-world domain of N images in a bucket of a real S3-compatible server (moto on
 127.0.0.1), streamed by Ray Data into discovery, the latent cache on and off. Per N it runs
@@ -96,7 +96,7 @@ def in_subprocess(args: list[str], env: dict[str, str] | None = None, timeout: f
 
 def discovery_metrics(cfg_kw: dict, workers_env: dict | None = None) -> dict:
     """One discovery run (no measurement, no gallery) -> the bank's cost metrics."""
-    from noiseclr.discovery.bank import DirectionBank
+    from noiseclr.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
     from noiseclr.workflows.discover import run_discovery
 
