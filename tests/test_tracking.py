@@ -54,7 +54,10 @@ def tracked(mlflow_server, tmp_path_factory):
         experiment="tests",
         register_alias="champion",
     )
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     result = run_discovery(cfg, out)
+    # the job's server is not left as the process's: a later untracked job stays untracked
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
     return cfg, result
 
 
@@ -315,16 +318,16 @@ def test_metrics_are_live_and_survive_the_server_going_away_mid_run(tmp_path, mo
     """A run's losses reach MLflow while it trains; the real server is then killed (SIGKILL) and
     brought back on the same store: training never waits for it, and at the end every step's
     loss is in the run exactly once and the bank is registered."""
-    from noiseclr.discovery.trainer import DiscoveryTrainer
+    from noiseclr.discovery.core import TrainLoop
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while it is down
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     server = MlflowServer(tmp_path / "mlflow").start()
     seen: dict[str, object] = {}
-    step = DiscoveryTrainer.train_step
+    step = TrainLoop.optimizer_step
 
-    def train_step(self):
-        loss = step(self)
+    def optimizer_step(self):
+        record = step(self)
         if self.step == 4:  # wait (bounded) until the live logger has sent the first steps
             import mlflow
 
@@ -340,9 +343,9 @@ def test_metrics_are_live_and_survive_the_server_going_away_mid_run(tmp_path, mo
         if self.step == 12:
             seen["steps_while_down"] = self.step - 4
             server.start()  # back, same port and store
-        return loss
+        return record
 
-    monkeypatch.setattr(DiscoveryTrainer, "train_step", train_step)
+    monkeypatch.setattr(TrainLoop, "optimizer_step", optimizer_step)
     cfg = DiscoveryConfig(
         name="live",
         k=3,

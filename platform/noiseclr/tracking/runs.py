@@ -46,7 +46,22 @@ def tracked_run(
         import mlflow
     except ImportError:
         raise StorageError("tracking_uri is set but mlflow is not installed (pip install mlflow)") from None
+    # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in this process's environment: put
+    # back what was there after the run, or a later untracked job in the same process (a
+    # notebook, a test session) would be tracked to this run's server.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    try:
+        with _run(cfg, uri, run_name, parent, run_id) as run:
+            yield run
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+@contextmanager
+def _run(cfg: DiscoveryConfig, uri: str, run_name: str, parent: str | None, run_id: str | None):
+    import mlflow
+
     try:
         experiment = mlflow.set_experiment(cfg.experiment)
     except Exception as err:  # server down, wrong URI: say so before training, not after
