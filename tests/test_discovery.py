@@ -107,6 +107,11 @@ def test_exact_resume(tiny_model, latents, tmp_path):
     state = resumed.fit(tmp_path / "b")
     assert resumed.step == 6
     assert torch.equal(state.directions, straight.directions)
+    # the rate: this process's steps 4..6 (its first, 3, holds the warm-up), over their own seconds
+    cfg = small_cfg()
+    pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum
+    mine = [h["seconds"] for h in resumed.history[2:]]  # it resumed at step 2
+    assert len(resumed.history) == 6 and resumed.pairs_per_s == pytest.approx(pairs * 3 / sum(mine[1:]))
 
 
 @pytest.mark.parametrize(

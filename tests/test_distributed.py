@@ -432,3 +432,23 @@ def test_a_result_without_its_checkpoint_resumes_from_the_newest_in_storage(tmp_
     assert Path(found.path).name == "checkpoint_b"
     with pytest.raises(RuntimeError, match="none is readable"):
         newest_checkpoint(SimpleNamespace(filesystem=local, path=str(tmp_path / "checkpoint_c")))
+
+
+def test_a_users_error_in_a_worker_reaches_the_command_as_its_own_one_line():
+    """Ray Train raises a WorkerGroupError holding each failed worker's exception (Ray's task
+    error wrapping the original): the workflow raises the original, which the CLI prints as one
+    line, instead of Ray's traceback (a diverged run, found on a worker)."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from noiseclr.errors import TrainingDiverged
+    from noiseclr.training.distributed import worker_user_error
+
+    diverged = TrainingDiverged("loss is nan at step 4; stopped. Last good checkpoint: step 4")
+    try:
+        raise diverged
+    except TrainingDiverged as err:
+        wrapped = RayTaskError("train_fn", "Traceback ...", err).as_instanceof_cause()
+    failed = WorkerGroupError("Training failed", {0: ValueError("rank 0 saw the peer go"), 1: wrapped})
+    assert worker_user_error(failed) is diverged
+    assert worker_user_error(WorkerGroupError("Training failed", {0: ValueError("a bug")})) is None

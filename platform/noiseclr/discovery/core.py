@@ -2,8 +2,9 @@
 
 `TrainLoop` owns what both paths share: the run generator (timesteps and directions), the
 learning-rate schedule, the micro-steps of one optimizer step, the loss checks, the step and
-data counters, the loss history and the `TrainState` a checkpoint holds. What differs is the
-engine that holds the directions and their optimizer, behind five methods (`Engine`):
+data counters, the loss history, the `TrainState` a checkpoint holds, and (`run`) the cadence:
+when to checkpoint, the training rate, and what a diverged run keeps and says. What differs is
+the engine that holds the directions and their optimizer, behind a few methods (`Engine`):
 
 - `AdamWEngine` (here): plain torch AdamW on the (K, D) direction matrix, one process;
 - `training.distributed.DeepSpeedEngine`: the same AdamW inside a DeepSpeed engine (ZeRO
@@ -46,6 +47,12 @@ class Engine(Protocol):
     def moments(self) -> dict:
         """The full fp32 directions and AdamW moments on the CPU, and the optimizer's step count:
         {"directions", "exp_avg", "exp_avg_sq" (absent before the first step), "optimizer_steps"}."""
+
+    def snapshot(self) -> object:
+        """What `restore` needs to bring back the directions of this moment (cheap: every step)."""
+
+    def restore(self, snapshot: object) -> None:
+        """Bring back the directions of `snapshot`, after a step that diverged."""
 
 
 class AdamWEngine:
@@ -120,6 +127,13 @@ class AdamWEngine:
         if not torch.isfinite(self.directions).all():
             raise TrainingDiverged("directions went non-finite")
 
+    def snapshot(self) -> torch.Tensor:
+        return self.directions.detach().clone()
+
+    def restore(self, snapshot: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.directions.copy_(snapshot)
+
     def moments(self) -> dict:
         opt = self.opt.state.get(self.directions, {})
         found = {"directions": self.directions.detach()}
@@ -151,6 +165,51 @@ class TrainLoop:
         self.gen = torch.Generator()
         self.gen.set_state(state.rng)
         self.step, self.micro, self.history = state.step, state.micro, list(state.history)
+        self.started_at = len(self.history)  # this process's steps follow
+        self.pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum  # per optimizer step
+
+    @property
+    def pairs_per_s(self) -> float | None:
+        """The training rate: image x direction pairs (all workers' images) per second over the
+        optimizer steps this process ran, each timed from its first micro-step to its update.
+        The first is left out once there are two: it holds the warm-up (kernel choice, caches,
+        DeepSpeed's first step), which a longer run does not repeat. None before any step."""
+        times = [h["seconds"] for h in self.history[self.started_at :]]
+        times = times[1:] or times
+        return self.pairs * len(times) / sum(times) if times else None
+
+    def checkpoint_due(self) -> bool:
+        """Whether the step just done is one to checkpoint: every checkpoint_every, and the last."""
+        return self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+
+    def run(
+        self,
+        save: Callable[[TrainState], None],
+        on_step: Callable[[dict], None] | None = None,
+        last_good: Callable[[], object] = lambda: None,
+        stop_after: int | None = None,
+    ) -> None:
+        """Optimizer steps up to cfg.steps (or `stop_after` more, for tests of resume).
+
+        After each step `on_step(record)` (its history entry plus `pairs_per_s`), then
+        `save(state)` where `checkpoint_due`. A non-finite loss or direction stops the run: the
+        engine keeps the directions of the last finite step, and TrainingDiverged names
+        `last_good()`, the checkpoint a resumed run starts from."""
+        done = 0
+        while self.step < self.cfg.steps and (stop_after is None or done < stop_after):
+            good = self.engine.snapshot()
+            try:
+                record = self.optimizer_step()
+            except TrainingDiverged as err:
+                self.engine.restore(good)
+                raise TrainingDiverged(
+                    f"{err}; stopped (lower lr or raise tau). Last good checkpoint: {last_good()}"
+                ) from err
+            done += 1
+            if on_step is not None:
+                on_step({**record, "pairs_per_s": self.pairs_per_s})
+            if self.checkpoint_due():
+                save(self.state())
 
     def optimizer_step(self) -> dict:
         """One optimizer step (grad_accum micro-steps); its history entry {"step", "loss", "seconds"}."""

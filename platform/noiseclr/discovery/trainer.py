@@ -10,7 +10,6 @@ workers (`training/distributed.py`).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.core import AdamWEngine, TrainLoop
 from noiseclr.discovery.initial import init_directions
-from noiseclr.errors import ConfigError, TrainingDiverged
+from noiseclr.errors import ConfigError
 from noiseclr.models.base import DiffusionModel, scheduler_like
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,6 @@ class DiscoveryTrainer:
         self.latents = latents.float().cpu()
         self.engine = AdamWEngine(cfg, self.unet, self.text_encoder, pipe.tokenizer, state, self.device)
         self.loop = TrainLoop(cfg, self.engine, scheduler, state, self._batch, self.device)
-        self.pairs_per_s: float | None = None
         self.on_step: Callable[[dict], None] | None = None  # e.g. live MLflow logging; must not block
         if steps.want_checkpointing(cfg, self.deltas, tuple(self.latents.shape[1:]), cfg.batch, self.device):
             self.unet.enable_gradient_checkpointing()
@@ -119,28 +117,25 @@ class DiscoveryTrainer:
 
         stop_after: end early after this many steps in this call (for tests of resume).
         """
-        cfg = self.cfg
-        pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="discover")
-        started, done_here = time.perf_counter(), 0
-        while self.step < cfg.steps and (stop_after is None or done_here < stop_after):
-            good = self.directions.detach().clone()
-            try:
-                loss = self.train_step()
-            except TrainingDiverged as err:
-                with torch.no_grad():
-                    self.directions.copy_(good)  # in memory too, keep the last finite bank
-                bar.close()
-                raise TrainingDiverged(
-                    f"{err}; stopped (lower lr or raise tau). Last good checkpoint: {checkpoint.latest(out)}"
-                ) from err
-            done_here += 1
-            rate = self.pairs_per_s = done_here * pairs / (time.perf_counter() - started)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="discover")
+
+        def on_step(record: dict) -> None:
             if self.on_step is not None:
-                self.on_step(self.history[-1])
+                self.on_step(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.1f}")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                checkpoint.write(out, self.state(), cfg.keep_checkpoints)
-        bar.close()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}")
+
+        try:
+            self.loop.run(
+                save=lambda state: checkpoint.write(out, state, self.cfg.keep_checkpoints),
+                on_step=on_step,
+                last_good=lambda: checkpoint.latest(out),
+                stop_after=stop_after,
+            )
+        finally:
+            bar.close()
         return self.state()
+
+    @property
+    def pairs_per_s(self) -> float | None:
+        return self.loop.pairs_per_s

@@ -30,6 +30,7 @@ from torch import nn
 
 from noiseclr.conditioning import direction_deltas
 from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.errors import UserError
 from noiseclr.utils.memory import peak_rss_mib
 
 # Steps between Ray Train reports (checkpoint steps and the last step always report). A report is
@@ -118,6 +119,12 @@ class DeepSpeedEngine:
 
     def step(self) -> None:
         pass  # DeepSpeed stepped at the boundary, in the last `backward`
+
+    def snapshot(self) -> None:
+        return None  # a worker's last finite state is its last checkpoint (gathering it each step costs)
+
+    def restore(self, snapshot: None) -> None:
+        pass  # the worker process ends with the error; a resumed run starts from the checkpoint
 
     def moments(self) -> dict:
         return {**_full_state(self.engine, self.param), "optimizer_steps": _optimizer_steps(self.engine)}
@@ -268,42 +275,46 @@ def train_loop_per_worker(config: dict) -> None:
 
         os.environ["MLFLOW_TRACKING_URI"] = config["mlflow"]["uri"]
         live = LiveMetrics(cfg, config["mlflow"]["run_id"])
-    pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum
-    step_times: list[float] = []
     # This attempt's worker function, from after its imports (model load, data, DeepSpeed set-up
     # included) to its first optimizer step done.
-    first_step_s = None
-    while loop.step < cfg.steps:
-        record = loop.optimizer_step()
-        step_times.append(record["seconds"])
-        first_step_s = first_step_s or time.perf_counter() - started
-        if live is not None:
-            live.step(record)
-        recent = step_times[1:] or step_times  # the first step includes warm-up
-        metrics = {
+    first_step_s: float | None = None
+    saved_at = [state.step]
+
+    def metrics_of(record: dict) -> dict:
+        return {
             "step": loop.step,
             "loss": record["loss"],
+            "pairs_per_s": record["pairs_per_s"],
             "param_mib": param_mib,
             "nodes": len(set(nodes)),
         }
-        metrics["pairs_per_s"] = pairs * len(recent) / sum(recent)
+
+    def on_step(record: dict) -> None:  # every rank, after each optimizer step
+        nonlocal first_step_s
+        first_step_s = first_step_s or time.perf_counter() - started
         exported.record_step(
-            loop.step, record["loss"], metrics["pairs_per_s"], record["seconds"], local * cfg.grad_accum
+            loop.step, record["loss"], record["pairs_per_s"], record["seconds"], local * cfg.grad_accum
         )
+        if live is not None:
+            live.step(record)
+        if not loop.checkpoint_due() and loop.step % REPORT_EVERY == 0:
+            ray.train.report(metrics_of(record))  # Ray Train: metrics
+
+    def save(saved) -> None:  # every rank (a collective under ZeRO-3), where a checkpoint is due
+        metrics = metrics_of({**loop.history[-1], "pairs_per_s": loop.pairs_per_s})
         if live is not None and loop.step == cfg.steps:  # the driver logs what did not get through
             live.close()
             metrics["mlflow_sent_through"] = live.sent_through
-        if loop.step % cfg.checkpoint_every == 0 or loop.step == cfg.steps:
-            # The largest worker's peak memory so far (a collective: every rank is here).
-            peak = torch.tensor([peak_rss_mib()], dtype=torch.float64, device=device)  # nccl: on the GPU
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            metrics.update(worker_peak_rss_mib=round(peak.item(), 1), first_step_s=round(first_step_s, 2))
-            saved = loop.state()  # every rank: a collective under ZeRO-3
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = ray.train.Checkpoint.from_directory(saved.save(tmp)) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=ckpt)
-        elif loop.step % REPORT_EVERY == 0:
-            ray.train.report(metrics)
+        # The largest worker's peak memory so far (a collective: every rank is here).
+        peak = torch.tensor([peak_rss_mib()], dtype=torch.float64, device=device)  # nccl: on the GPU
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        metrics.update(worker_peak_rss_mib=round(peak.item(), 1), first_step_s=round(first_step_s, 2))
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = ray.train.Checkpoint.from_directory(saved.save(tmp)) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt)  # Ray Train: metrics and checkpoint
+        saved_at[0] = loop.step
+
+    loop.run(save, on_step, last_good=lambda: f"step {saved_at[0]} in Ray Train's storage")
 
 
 def _start_state(cfg: DiscoveryConfig, model, resume: dict | None):
@@ -432,9 +443,15 @@ def train_distributed(
         datasets={"train": ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as err:  # Ray Train raises the workers' errors wrapped
+        found = worker_user_error(err)
+        if found is None:
+            raise
+        raise found from None
     if fs is not None:  # the workers wrote the checkpoints: a listing cached here would miss them
         fs.handler.fs.invalidate_cache()
     corrupt = ray.get(counter.get.remote())
@@ -447,6 +464,23 @@ def train_distributed(
         **{k: reported[k] for k in REPORTED if k in reported},
     }
     return result.checkpoint or newest_checkpoint(result), counts
+
+
+def worker_user_error(err: BaseException) -> UserError | None:
+    """The error a user can act on (a diverged run, bad data) that stopped a worker, out of Ray
+    Train's wrapping (a WorkerGroupError holds each failed worker's exception, Ray's task error
+    the original as `cause`), so the command prints its one line instead of a traceback."""
+    queue: list = [err]
+    for _ in range(64):  # a bounded walk: a chain that loops back ends here
+        if not queue:
+            break
+        e = queue.pop(0)
+        if isinstance(getattr(e, "cause", None), BaseException):
+            queue.append(e.cause)
+        if isinstance(e, UserError) and not hasattr(e, "cause"):
+            return e
+        queue += [*getattr(e, "worker_failures", {}).values(), *filter(None, [e.__cause__])]
+    return None
 
 
 def newest_checkpoint(result):
