@@ -185,38 +185,36 @@ def test_measure_refuses_bad_settings_in_one_line(shapes_model, tmp_path):
 
 
 def test_a_shapes_world_bank_away_from_its_run_folder_is_measured_on_its_own_training_scenes(
-    shapes_model, tmp_path, capsys
+    shapes_model, tmp_path, caplog
 ):
     """The shipped bank names a data folder of the machine that trained it: on any other machine
     its real images are its training scenes drawn again (same seed, count, fixed factors), the
     very images the run wrote; a bank trained on the user's data keeps the warning instead."""
-    from noiseclr.cli import _blind_setup
     from noiseclr.data.images import load_images
     from noiseclr.domains.dataset import write_world
     from noiseclr.evaluation.evaluate import word_bank
+    from noiseclr.workflows.measure import blind_setup
 
     fixed = {"x": "center", "y": "middle"}
     bank = word_bank(shapes_model, ("red",))
     bank.config.update(model="shapes", data=None, n_images=10, seed=3, world_fixed=fixed)
     bank.metrics["data"] = str(tmp_path / "gone" / "data")
-    protocol, real = _blind_setup(shapes_model, bank, None, None, False, 3, 8, 0.02, None)
+    protocol, real = blind_setup(shapes_model, bank, generated=False, n=3, steps=8)
     write_world(str(tmp_path / "data"), n=10, seed=3, resolution=shapes_model.resolution, fixed=fixed)
     run = load_images(str(tmp_path / "data"), shapes_model.resolution, limit=len(real.files))
     assert len(real.files) == protocol.n_images + protocol.calibration_images
     assert torch.equal(real.pixels, run.pixels)
-    assert "drawn again from its world" in capsys.readouterr().out
+    assert "drawn again from its world" in caplog.text
     other = word_bank(shapes_model, ("striped",))
     other.config.update(model="shapes", data=None, n_images=10, seed=4, world_fixed=fixed)
     merged = merge_banks([bank, other], "m")  # seeds differ: the first bank's scenes, as metrics.data
-    assert torch.equal(
-        _blind_setup(shapes_model, merged, None, None, False, 3, 8, 0.02, None)[1].pixels, run.pixels
-    )
+    assert torch.equal(blind_setup(shapes_model, merged, generated=False, n=3, steps=8)[1].pixels, run.pixels)
 
     bank.config["data"] = str(tmp_path / "gone" / "data")  # the user's images: not ours to redraw
-    assert _blind_setup(shapes_model, bank, None, None, True, 3, 8, 0.02, None)[1] is None
-    assert "generated only" in capsys.readouterr().out
+    assert blind_setup(shapes_model, bank, generated=True, n=3, steps=8)[1] is None
+    assert "generated only" in caplog.text
     with pytest.raises(DataError):
-        _blind_setup(shapes_model, bank, None, None, False, 3, 8, 0.02, None)
+        blind_setup(shapes_model, bank, generated=False, n=3, steps=8)
 
 
 def test_merge_keeps_one_direction_per_duplicate_group_and_drops_the_dead(shapes_model, tmp_path):

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
-from noiseclr.errors import ConfigError, DataError, UserError
+from noiseclr.errors import ConfigError, UserError
 
 DEBUG = {"on": False}
 
@@ -321,71 +321,18 @@ def edit(
     out: Path = typer.Option(Path("edit.png")),
 ) -> None:
     """Edit a generated image (a seed) or a real image with one or more directions."""
-    import numpy as np
-
-    from noiseclr.data.images import read_image_file
-    from noiseclr.editing import sampler
-    from noiseclr.errors import BankError, EditError
     from noiseclr.models.base import load_model
-    from noiseclr.models.generate import default_guidance
     from noiseclr.utils.images import image_format, make_grid, save_image
+    from noiseclr.workflows.edit import edit_image, open_banks, parse_sweep
 
     image_format(out)  # refuse a bad --out before any work
     base = load_model(model, device=device)
-    banks = {}
-    for folder in bank:
-        _, b = _open_bank(folder, base)
-        if b.name in banks:
-            raise BankError(f"two banks are named {b.name!r} ({folder}); rename one in its bank.json")
-        banks[b.name] = b
-    parsed = [sampler.parse_edit(e, banks) for e in edits]
-    if sweep:
-        try:
-            sweep_scales = [float(v) for v in sweep.split(",")]
-        except ValueError:
-            raise EditError(f"--sweep takes comma-separated numbers, got {sweep!r}") from None
-        # In the same units as the edit itself (the measured strength, when the bank has one).
-        target, _, value = edits[0].rpartition("=")
-        window = value[value.index("@") :] if "@" in value else ""
-        sweep_scales = [sampler.parse_edit(f"{target}={v}{window}", banks).scale for v in sweep_scales]
-    if steps is None:
-        steps = INVERSION_STEPS if image is not None else SEED_STEPS
-    pixels = read_image_file(image, base.resolution) if image is not None else None
-    if pixels is not None:
-        x_T, start_t, before, err = sampler.invert_real(base, pixels, steps, progress=True)
-        typer.echo(f"inversion reconstruction error (mean abs, 0..1): {err:.4f}")
-        prompt, guidance = None, 1.0
-    else:
-        x_T, start_t, before = sampler.seed_latents(base, [seed]), None, None
-        guidance = default_guidance(base) if prompt else 1.0
-    if sweep:
-        images = sampler.scale_sweep(
-            base, x_T, parsed[0], sweep_scales, prompt, guidance, steps, start_t, progress=True
-        )[0]
-    else:
-        if before is None:
-            before = sampler.decode(
-                base,
-                sampler.sample(
-                    base, x_T, [], prompt=prompt, guidance_scale=guidance, steps=steps, progress=True
-                ),
-            )
-        after = sampler.decode(
-            base,
-            sampler.sample(
-                base,
-                x_T,
-                parsed,
-                prompt=prompt,
-                guidance_scale=guidance,
-                steps=steps,
-                start_t=start_t,
-                progress=True,
-            ),
-        )
-        images = np.concatenate([before, after])
-    save_image(make_grid(images, cols=len(images), scale=2 if base.resolution < 128 else 1), out)
-    typer.echo(f"wrote {out}: " + ", ".join(f"{e.label} x{e.scale:g}" for e in parsed))
+    banks = open_banks(bank, base)
+    done = edit_image(base, banks, edits, image, seed, prompt, parse_sweep(sweep) if sweep else None, steps)
+    if done.inversion_error is not None:
+        typer.echo(f"inversion reconstruction error (mean abs, 0..1): {done.inversion_error:.4f}")
+    save_image(make_grid(done.images, cols=len(done.images), scale=2 if base.resolution < 128 else 1), out)
+    typer.echo(f"wrote {out}: " + ", ".join(f"{e.label} x{e.scale:g}" for e in done.edits))
 
 
 def _protocol(fix: list[str] | None, default_fixed: dict, **values):
@@ -459,77 +406,6 @@ def evaluate(
     typer.echo(f"report: {paths['html']}")
 
 
-def _blind_setup(base, b, data, prompt, generated, n, steps, target, window):
-    """The oracle-free protocol for bank b and its real images (an ImageSet, or None): the
-    given data, else the bank's training images when readable here."""
-    from pydantic import ValidationError
-
-    from noiseclr.evaluation import blind
-    from noiseclr.utils.configfile import validation_message
-
-    try:
-        protocol = blind.BlindProtocol(
-            n_images=n,
-            steps=steps,
-            inversion_steps=max(2, round(1.25 * steps)),
-            prompt=prompt if prompt is not None else b.config.get("gallery_prompt"),
-            generated=generated,
-            target=target,
-            window=(window, 0) if window else None,
-        )
-    except ValidationError as err:
-        raise ConfigError(validation_message(err)) from None
-    source = data or b.metrics.get("data")
-    real = None
-    if source:
-        try:
-            real = blind.real_images(source, base, protocol, b.config.get("storage_options"))
-        except DataError as err:
-            if data:  # the user named these images: their error stands
-                raise
-            world = _training_world(b, base)
-            if world is None and not generated:
-                raise
-            if world is None:
-                typer.echo(f"warning: the bank's training images are unreadable here ({err}); generated only")
-            else:
-                typer.echo(f"the training images are unreadable here ({err}): drawn again from its world")
-                real = blind.real_images(world, base, protocol)
-    if real is None and not generated:
-        raise ConfigError("--no-generated needs real images: give --data URI")
-    return protocol, real
-
-
-def _training_world(b, base) -> str | None:
-    """A bank trained on the generated shapes world: its training images drawn again (same seed,
-    count and fixed factors, so the same scenes) into memory://, for measuring it on a machine
-    that does not hold the training run's folder (the shipped bank). None for any other bank."""
-    import hashlib
-
-    import fsspec
-
-    from noiseclr.domains.dataset import TABLE, write_world
-
-    cfg = b.config
-    while cfg.get("sources"):  # a merged bank: its first bank's, whose images metrics.data names
-        cfg = cfg["sources"][0]["config"]
-    if (
-        cfg.get("data") is not None
-        or cfg.get("model") != "shapes"
-        or not cfg.get("n_images")
-        or "seed" not in cfg
-    ):
-        return None
-    n, seed, fixed = cfg["n_images"], cfg["seed"], cfg.get("world_fixed") or {}
-    settings = json.dumps([n, seed, base.resolution, fixed], sort_keys=True)
-    key = hashlib.sha1(settings.encode()).hexdigest()[:12]
-    uri = f"memory://noiseclr-world/{key}"
-    fs, root = fsspec.core.url_to_fs(uri)
-    if not fs.exists(f"{root}/{TABLE}"):
-        write_world(uri, n=n, seed=seed, resolution=base.resolution, fixed=fixed, progress=False)
-    return uri
-
-
 @app.command()
 def measure(
     bank: str = typer.Argument(..., help="Bank folder, or models:/NAME@ALIAS or models:/NAME/VERSION."),
@@ -552,19 +428,16 @@ def measure(
     """Measure every direction without an oracle, on any model and images: strength, calibrated
     scale, consistency, distinctness, area, drift; one score each, dead and duplicate directions
     flagged. Written into bank.json (a registered bank is not rewritten: its table is printed)."""
-    from noiseclr.card import save_bank
-    from noiseclr.evaluation import blind
+    from noiseclr.evaluation.blind import scores_table
     from noiseclr.models.base import load_model
+    from noiseclr.workflows.measure import measure as measure_bank
 
     base = load_model(model, device=device)
-    folder, b = _open_bank(bank, base)
-    protocol, real = _blind_setup(base, b, data, prompt, generated, n, steps, target, window)
-    blind.measure_into(base, b, protocol, real and real.pixels, real_names=real and real.files)
+    setup = dict(data=data, prompt=prompt, generated=generated, n=n, steps=steps, target=target)
+    measured = measure_bank(base, bank, window=window, **setup)
     if bank.startswith("models:/"):
         typer.echo("a registered bank is not rewritten: log a new version to keep these scores")
-    else:
-        save_bank(b, folder)
-    typer.echo(blind.scores_table(b))
+    typer.echo(scores_table(measured))
 
 
 @app.command()
@@ -587,26 +460,17 @@ def merge(
     measure it without an oracle, and keep the live directions, one per duplicate group (its
     best): more distinct edits than any one run found, with no labels involved. Each kept
     direction's label, window, scales and origin (bank, token) come with it."""
-    from noiseclr.bank import merge_banks, subset
-    from noiseclr.card import save_bank
-    from noiseclr.evaluation import blind
+    from noiseclr.evaluation.blind import scores_table
     from noiseclr.models.base import load_model
+    from noiseclr.workflows.measure import merge as merge_banks
 
-    if (out / "bank.json").exists():
-        raise ConfigError(f"{out} already holds a bank; merge into a new folder")
     base = load_model(model, device=device)
-    merged = merge_banks([_open_bank(ref, base)[1] for ref in banks], name, refs=banks)
-    protocol, real = _blind_setup(base, merged, data, None, True, n, steps, 0.02, None)
-    harness = blind.BlindHarness(base, protocol, real=real and real.pixels, real_names=real and real.files)
-    kept, result = harness.measure_distinct(merged, prune=not keep_all)
-    bank = subset(merged, kept) if len(kept) < len(merged) else merged
-    bank.store_scores(result)
-    save_bank(bank, out)
+    done = merge_banks(base, banks, out, name, keep_all, data, n, steps)
     typer.echo(
-        f"merged {len(merged)} directions of {len(banks)} banks; kept {len(kept)} "
-        f"(dropped {len(merged) - len(kept)} dead or duplicate)"
+        f"merged {done.merged} directions of {len(banks)} banks; kept {len(done.kept)} "
+        f"(dropped {done.merged - len(done.kept)} dead or duplicate)"
     )
-    typer.echo(blind.scores_table(bank))
+    typer.echo(scores_table(done.bank))
     typer.echo(f"bank: {out}")
 
 
@@ -920,26 +784,14 @@ def mlflow_up(
             pass
 
 
-def _client():
-    import os
-
-    from noiseclr.errors import StorageError
-
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise StorageError("set MLFLOW_TRACKING_URI (e.g. http://127.0.0.1:5000 from `noiseclr mlflow up`)")
-    from mlflow import MlflowClient
-
-    return MlflowClient()
-
-
 @banks_app.command("list")
 def banks_list() -> None:
     """Registered banks: name, versions, aliases."""
-    client = _client()
-    for rm in client.search_registered_models():
-        versions = client.search_model_versions(f"name='{rm.name}'")
-        aliases = ", ".join(f"{a}->{v}" for a, v in sorted((rm.aliases or {}).items()))
-        typer.echo(f"{rm.name}: {len(versions)} version(s){'; ' + aliases if aliases else ''}")
+    from noiseclr.tracking.registry import registered_banks
+
+    for name, versions, aliases in registered_banks():
+        pointed = ", ".join(f"{a}->{v}" for a, v in sorted(aliases.items()))
+        typer.echo(f"{name}: {versions} version(s){'; ' + pointed if pointed else ''}")
 
 
 @banks_app.command("show")
@@ -947,9 +799,9 @@ def banks_show(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models
     """One version: its run, tags and checksums, and its directions ranked by the oracle-free score."""
     from noiseclr.bank import DirectionBank
     from noiseclr.evaluation.blind import scores_table
-    from noiseclr.tracking.registry import download_bank, resolve_version
+    from noiseclr.tracking.registry import download_bank, require_tracking_uri, resolve_version
 
-    _client()
+    require_tracking_uri()
     v = resolve_version(ref)
     typer.echo(f"{v.name} version {v.version} (run {v.run_id}), aliases: {', '.join(v.aliases) or '-'}")
     for key, value in sorted(v.tags.items()):
@@ -967,11 +819,9 @@ def banks_promote(
     alias: str = typer.Option("champion", help="The alias to set."),
 ) -> None:
     """Point an alias (default champion) at a version."""
-    from noiseclr.tracking.registry import resolve_version
+    from noiseclr.tracking.registry import promote
 
-    client = _client()
-    v = resolve_version(ref)
-    client.set_registered_model_alias(v.name, alias, v.version)
+    v = promote(ref, alias)
     typer.echo(f"models:/{v.name}@{alias} -> version {v.version}")
 
 
@@ -983,9 +833,9 @@ def banks_download(
     ),
 ) -> None:
     """Download a registered bank into a folder, verified against its logged checksums."""
-    from noiseclr.tracking.registry import download_bank
+    from noiseclr.tracking.registry import download_bank, require_tracking_uri
 
-    _client()
+    require_tracking_uri()
     typer.echo(f"bank: {download_bank(ref, out)}")
 
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from noiseclr.bank import DIRECTIONS_FILE, META_FILE, DirectionBank
-from noiseclr.errors import BankError
+from noiseclr.errors import BankError, StorageError
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 CHECKSUM_TAG = "sha256.{}"  # version tag per bank file
@@ -211,6 +211,35 @@ def bank_folder(ref: str | Path) -> Path:
 def open_bank(ref: str | Path, model=None) -> DirectionBank:
     """Load a bank from a folder or a models:/ reference (checked against `model` if given)."""
     return DirectionBank.load(bank_folder(ref), model)
+
+
+def require_tracking_uri():
+    """An MlflowClient for the server in MLFLOW_TRACKING_URI (StorageError when it is unset: the
+    registry is a server's, never a folder made wherever the command ran)."""
+    import os
+
+    from mlflow import MlflowClient
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise StorageError("set MLFLOW_TRACKING_URI (e.g. http://127.0.0.1:5000 from `noiseclr mlflow up`)")
+    return MlflowClient()
+
+
+def registered_banks() -> list[tuple[str, int, dict[str, str]]]:
+    """Every registered bank: (name, number of versions, alias -> version)."""
+    client = require_tracking_uri()
+    return [
+        (rm.name, len(client.search_model_versions(f"name='{rm.name}'")), dict(rm.aliases or {}))
+        for rm in client.search_registered_models()
+    ]
+
+
+def promote(ref: str, alias: str = "champion"):
+    """Point `alias` at the version `ref` names; returns that version."""
+    client = require_tracking_uri()
+    version = resolve_version(ref)
+    client.set_registered_model_alias(version.name, alias, version.version)
+    return version
 
 
 def _uri() -> str:
