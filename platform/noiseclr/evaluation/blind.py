@@ -45,26 +45,16 @@ Bootstrap intervals resample images (calibrated scales fixed).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
 from noiseclr.bank import DirectionBank, EditDefaults, Scores
-from noiseclr.editing.sampler import (
-    decode,
-    encode,
-    invert,
-    sample,
-    seed_latents,
-    sweep_direction,
-)
 from noiseclr.errors import DataError
+from noiseclr.evaluation.harness import BaseProtocol, MeasuringHarness, Source
 from noiseclr.models.base import DiffusionModel
-from noiseclr.models.generate import default_guidance
 from noiseclr.utils import parallel
 
 DUPLICATE_COS = 0.8  # signed changes this alike on the same images: the same edit
@@ -74,44 +64,18 @@ MAX_DRIFT = 1.0  # |log ratio| of image statistics (x2.7) beyond which an edit b
 MIN_CONSISTENCY = 0.2  # below this an edit's changes are unrelated from image to image: noise
 
 
-class BlindProtocol(Schema):
+class BlindProtocol(BaseProtocol):
     """How a bank is measured without an oracle; every field is recorded with the scores."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    n_images: int = Field(8, ge=2)  # scored images per source (generated, real)
-    calibration_images: int = Field(4, ge=1)  # per source, apart from the scored ones
     prompt: str | None = None  # generated images: this prompt (None: unconditional)
     generated: bool = True
-    steps: int = Field(20, ge=2)  # DDIM steps of generated images
-    inversion_steps: int = Field(25, ge=2)  # real images: inversion and editing steps (the change
-    # is measured against the same round trip, so its error does not count as an edit)
+    # real images: inversion_steps (the change is measured against the same round trip, so its
+    # error does not count as an edit)
     window: tuple[int, int] | None = None  # (t_high, t_low); None: the bank's edit window
     target: float = Field(0.02, gt=0, lt=1)  # mean |pixel change| each signed edit is scaled to
-    ladder: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     resolution: int = Field(64, ge=8)  # images compared at this size
-    seed: int = 2000
-    n_boot: int = Field(200, ge=10)
-
-    @field_validator("ladder")
-    @classmethod
-    def _ladder(cls, ladder: tuple[float, ...]) -> tuple[float, ...]:
-        if not ladder or any(not 0 < a < math.inf for a in ladder) or list(ladder) != sorted(ladder):
-            raise ValueError(f"ladder must be increasing positive scales, got {ladder}")
-        return ladder
-
-
-@dataclass
-class Images:
-    """One set of images to edit: x at the window's top and the unedited result."""
-
-    name: str
-    x_top: torch.Tensor  # (N, C, h, w)
-    before: np.ndarray  # (N, r, r, 3) at the protocol's resolution
-    prompt: str | None
-    guidance: float
-    steps: int
-    top: int
 
 
 def downsize(images: np.ndarray, size: int) -> np.ndarray:
@@ -208,9 +172,11 @@ def edit_score(consistency: float, distinctness: float, area: float, live: bool,
     return max(0.0, consistency) * max(0.0, distinctness) * (1.0 - area / 2) / (1.0 + max(0.0, steps))
 
 
-class BlindHarness:
+class BlindHarness(MeasuringHarness):
     """Prepares the images once (generated from a prompt and/or real ones inverted); measures any
-    number of banks of the model on them."""
+    number of banks of the model on them: the oracle-free scorer on the shared harness."""
+
+    p: BlindProtocol
 
     def __init__(
         self,
@@ -221,23 +187,14 @@ class BlindHarness:
         real_names: list[str] | None = None,  # where the real images came from (recorded)
         streams: int = parallel.MAX_STREAMS,  # directions measured at once on a CPU (1: in turn)
     ):
-        self.model, self.p, self.progress = model, protocol or BlindProtocol(), progress
-        self.streams = streams
-        p = self.p
+        p = protocol or BlindProtocol()
         if not p.generated and (real is None or len(real) < 3):
             raise DataError(
                 "the oracle-free measurement needs generated images or at least 3 real ones "
                 "(2 scored, 1 for calibration)"
             )
-        self._x: dict[str, tuple[torch.Tensor, int | None]] = {}
-        if p.generated:
-            self._x["generated"] = (seed_latents(model, list(range(p.seed, p.seed + p.n_images))), None)
-            cal = p.seed + 10_000
-            self._x["cal-generated"] = (
-                seed_latents(model, list(range(cal, cal + p.calibration_images))),
-                None,
-            )
         self.n_real, self.real_names, self.cal_names = 0, list(real_names or []), []
+        sets = None
         if real is not None:
             if len(real) < 2:
                 raise DataError(f"the oracle-free measurement needs at least 2 real images, got {len(real)}")
@@ -245,36 +202,11 @@ class BlindHarness:
             scored = real[: min(p.n_images, len(real) - n_cal)]
             self.n_real = len(scored)
             self.cal_names = self.real_names[len(real) - n_cal :]
-            both = parallel.map_ordered(
-                lambda pixels: invert(model, encode(model, pixels), p.inversion_steps),
-                [scored, real[len(real) - n_cal :]],
-                model.device,
-                progress=False,
-                most=streams,
-            )
-            self._x.update(zip(("real", "cal-real"), both, strict=True))
-        self._tops: dict[int, dict[str, Images]] = {}
+            sets = {"real": scored, "cal-real": real[len(real) - n_cal :]}
+        super().__init__(model, p, p.prompt, sets, p.generated, progress, streams)
 
-    def _images(self, top: int) -> dict[str, Images]:
-        if top not in self._tops:
-
-            def prepare(name: str) -> Images:
-                x, start = self._x[name]
-                generated = not name.endswith("real")
-                prompt = self.p.prompt if generated else None
-                guidance = default_guidance(self.model) if prompt else 1.0
-                steps = self.p.steps if generated else self.p.inversion_steps
-                kw = {"prompt": prompt, "guidance_scale": guidance, "steps": steps}
-                here = top if start is None else min(top, start)  # inverted images start below 1000
-                x_top = sample(self.model, x, [], start_t=start, stop_t=here, **kw)
-                before = decode(self.model, sample(self.model, x_top, [], start_t=here, **kw))
-                return Images(name, x_top, downsize(before, self.p.resolution), prompt, guidance, steps, here)
-
-            found = parallel.map_ordered(
-                prepare, list(self._x), self.model.device, progress=False, most=self.streams
-            )
-            self._tops[top] = {images.name: images for images in found}
-        return self._tops[top]
+    def view(self, images: np.ndarray) -> np.ndarray:
+        return downsize(images, self.p.resolution)
 
     def _window(self, bank: DirectionBank, k: int | None = None) -> tuple[int, int]:
         """The protocol's window, else direction k's (or the bank's) measured one."""
@@ -282,56 +214,34 @@ class BlindHarness:
             return int(bank.config["t_edit"]), 0
         return tuple(self.p.window) if self.p.window else bank.window(k)
 
-    def _edited(self, bank: DirectionBank, k: int, src: Images, scales: list[float]) -> np.ndarray:
+    def _edited(self, bank: DirectionBank, k: int, src: Source, scales: list[float]) -> np.ndarray:
         """(N, S, r, r, 3) src's images edited by direction k at each raw scale."""
-        window = self._window(bank, k)
-        imgs = sweep_direction(
-            self.model, bank, k, src.x_top, scales, src.prompt, src.guidance, src.steps, src.top, window
-        )
+        imgs = self.edited(bank, k, src, scales, self._window(bank, k))
         n, s = imgs.shape[:2]
         return downsize(imgs.reshape(n * s, *imgs.shape[2:]), self.p.resolution).reshape(
             n, s, self.p.resolution, self.p.resolution, 3
         )
 
-    def ladder(self, bank: DirectionBank) -> list[float]:
-        return [a * (2.5 if bank.method == "pullback" else 1.0) for a in self.p.ladder]
-
     def calibrate(self, bank: DirectionBank, k: int) -> tuple[list[float], list[bool]]:
         """([-s, +s], [reached-, reached+]): per sign the smallest ladder scale whose change on the
-        calibration images reaches the target without breaking them (else the largest that does
-        not break). Binary search: changes grow with the scale."""
-        ladder = self.ladder(bank)
-        top = self._window(bank, k)[0]
-        cals = [s for name, s in self._images(top).items() if name.startswith("cal-")]
+        calibration images reaches the target without breaking them (`harness.search_ladder`)."""
+        cals = self.calibration(self._window(bank, k)[0])
         before = np.concatenate([c.before for c in cals])
-        lo, hi = {-1: 0, 1: 0}, {-1: len(ladder) - 1, 1: len(ladder) - 1}
-        seen: dict[tuple[int, int], str] = {}  # (sign, ladder index) -> "reached" | "weak" | "broken"
 
-        def probe(probes: dict[int, int]) -> None:
-            edited = [self._edited(bank, k, c, [s * ladder[i] for s, i in probes.items()]) for c in cals]
-            for j, (sign, i) in enumerate(probes.items()):
+        def judge(scales: list[float]) -> list[str]:
+            edited = [self._edited(bank, k, c, scales) for c in cals]
+            verdicts = []
+            for j in range(len(scales)):
                 after = np.concatenate([e[:, j] for e in edited])
                 if drift(before, after) > MAX_DRIFT:
-                    seen[sign, i] = "broken"
+                    verdicts.append("broken")
                 elif float(np.abs(after - before).mean()) >= self.p.target:
-                    seen[sign, i] = "reached"
+                    verdicts.append("reached")
                 else:
-                    seen[sign, i] = "weak"
+                    verdicts.append("weak")
+            return verdicts
 
-        while any(lo[s] < hi[s] for s in lo):
-            probes = {s: (lo[s] + hi[s]) // 2 for s in lo if lo[s] < hi[s]}
-            probe(probes)
-            for sign, i in probes.items():
-                if seen[sign, i] == "broken":
-                    hi[sign] = max(lo[sign], i - 1)
-                elif seen[sign, i] == "reached":
-                    hi[sign] = i
-                else:
-                    lo[sign] = i + 1
-        unprobed = {s: lo[s] for s in lo if (s, lo[s]) not in seen}  # e.g. the ladder's top
-        if unprobed:
-            probe(unprobed)
-        return [-ladder[lo[-1]], ladder[lo[1]]], [seen[-1, lo[-1]] == "reached", seen[1, lo[1]] == "reached"]
+        return self.calibrate_with(bank, judge, settle=True)
 
     def signed_edits(self, bank: DirectionBank) -> list[list[SignedEdit]]:
         """(K, 2) signed edits at calibrated scales on the scored images (all sources pooled);
@@ -339,9 +249,9 @@ class BlindHarness:
         windows = [self._window(bank, k) for k in range(len(bank))]
         # per window (a direction's own, issue 26.3): the scored images, their "before", the null,
         # all made before the threads share them
-        per_window: dict[tuple[int, int], tuple[list[Images], np.ndarray, dict]] = {}
+        per_window: dict[tuple[int, int], tuple[list[Source], np.ndarray, dict]] = {}
         for window in dict.fromkeys(windows):
-            scored = [s for name, s in self._images(window[0]).items() if not name.startswith("cal-")]
+            scored = self.scored(window[0])
             before = np.concatenate([s.before for s in scored])
             per_window[window] = (scored, before, self._null_changes(bank, scored, before, window))
 
@@ -362,7 +272,7 @@ class BlindHarness:
         )
 
     def _null_changes(
-        self, bank: DirectionBank, scored: list[Images], before: np.ndarray, window: tuple[int, int]
+        self, bank: DirectionBank, scored: list[Source], before: np.ndarray, window: tuple[int, int]
     ) -> dict:
         """signed scale -> (N, r, r, 3) the change a zero token embedding makes at that scale on
         the scored images: the floor of an embedding direction (a token with no content still

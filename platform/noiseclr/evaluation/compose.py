@@ -41,7 +41,7 @@ def composed_images(harness: Harness, parts: list[Part]) -> dict[str, list[np.nd
     rows = torch.cat([torch.eye(m), torch.ones(1, m)]) * torch.tensor([p.edit.scale for p in parts])
     out = {}
     top = harness.p.window[0]
-    for name, src in harness._prepare(top).items():
+    for name, src in harness.sources(top).items():
         if name.startswith("cal-"):
             continue
         n = len(src.x_top)
@@ -83,7 +83,7 @@ def additivity(before: np.ndarray, alone: list[np.ndarray], joint: np.ndarray) -
 def measure_composition(harness: Harness, parts: list[Part], n_boot: int = 200, seed: int = 0) -> dict:
     """Oracle fidelity and oracle-free additivity of `parts` applied together, with intervals."""
     images = composed_images(harness, parts)
-    before = {name: harness._prepare(harness.p.window[0])[name] for name in images}
+    before = {name: harness.sources(harness.p.window[0])[name] for name in images}
     m = len(parts)
     # changes per row (alone i, joint), pooled over sources
     per_row = []

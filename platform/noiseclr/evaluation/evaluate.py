@@ -24,20 +24,19 @@ What the protocol fixes, so every row of a comparison is measured the same way:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from noiseclr.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.domains.oracle import Measurement, measure
-from noiseclr.editing.sampler import decode, encode, invert, sample, seed_latents, sweep_direction
+from noiseclr.editing.sampler import decode, encode
 from noiseclr.errors import ConfigError, WorldError
+from noiseclr.evaluation.harness import CALIBRATION_SEED_OFFSET, BaseProtocol, MeasuringHarness, Source
 from noiseclr.evaluation.metrics import (
     FACTORS,
     Changes,
@@ -50,30 +49,23 @@ from noiseclr.evaluation.metrics import (
     summary,
 )
 from noiseclr.models.base import DiffusionModel
-from noiseclr.models.generate import default_guidance
 from noiseclr.utils import parallel
 from noiseclr.utils.images import make_grid
 
 
-class Protocol(Schema):
+class Protocol(BaseProtocol):
     """How banks are measured; every field is recorded in the result."""
-
-    model_config = ConfigDict(extra="forbid")
 
     fixed: dict[str, str] = Field(default_factory=dict)  # the domain: world factors held constant
     n_images: int = Field(16, ge=2)  # generated and real images each
-    steps: int = Field(20, ge=2)  # DDIM steps for generated images
     inversion_steps: int = Field(50, ge=2)  # real images: inversion and editing steps
     real: bool = True
     window: tuple[int, int] = (600, 0)  # t_high, t_low of every NoiseCLR edit
     # Candidate window tops tried per direction (t_low stays window[1]); empty: window only.
     windows: tuple[int, ...] = ()
     target_effect: float = Field(0.5, gt=0)  # bins of total effect each signed edit is scaled to
-    ladder: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # candidate |scale| (pullback x2.5)
-    calibration_images: int = Field(4, ge=1)
     max_broken: float = Field(0.25, ge=0, le=1)  # share of calibration images allowed to break
     seed: int = 1000
-    n_boot: int = Field(200, ge=10)
 
     @field_validator("fixed")
     @classmethod
@@ -108,13 +100,6 @@ class Protocol(Schema):
         """The window tops each direction is calibrated in."""
         return self.windows or (self.window[0],)
 
-    @field_validator("ladder")
-    @classmethod
-    def _ladder(cls, ladder: tuple[float, ...]) -> tuple[float, ...]:
-        if not ladder or any(not 0 < a < float("inf") for a in ladder) or list(ladder) != sorted(ladder):
-            raise ValueError(f"ladder must be increasing positive scales, got {ladder}")
-        return ladder
-
     @property
     def factors(self) -> tuple[str, ...]:
         """The factors that vary in the domain: the summary scores are taken over these."""
@@ -123,22 +108,6 @@ class Protocol(Schema):
     @property
     def prompt(self) -> str:
         return shapes.caption(dict(self.fixed))
-
-
-@dataclass
-class Source:
-    """One set of images to edit: x at the top of the edit window, and the unedited result."""
-
-    name: str
-    x_top: torch.Tensor  # (N, C, h, w) at the window's top
-    images: np.ndarray  # (N, H, W, 3) the unedited images in [0, 1]
-    prompt: str | None
-    guidance: float
-    steps: int
-    top: int
-
-    def __post_init__(self) -> None:
-        self.before = _measure(self.images)
 
 
 def require_oracle(model: DiffusionModel) -> None:
@@ -154,15 +123,11 @@ def require_oracle(model: DiffusionModel) -> None:
         )
 
 
-CALIBRATION_SEED_OFFSET = 10_000  # calibration images are drawn apart from the scored ones
+class Harness(MeasuringHarness):
+    """Prepares the protocol's images and noise floor once; evaluates any number of banks: the
+    oracle's scorer on the shared harness (images read as the world's factors)."""
 
-
-class Harness:
-    """Prepares the protocol's images and noise floor once; evaluates any number of banks.
-
-    Sources: "generated" and "real" are scored; "cal-generated" and "cal-real" (other seeds
-    and scenes) only choose the scales.
-    """
+    p: Protocol
 
     def __init__(
         self,
@@ -172,32 +137,22 @@ class Harness:
         streams: int = parallel.MAX_STREAMS,  # directions measured at once on a CPU (1: in turn)
     ):
         require_oracle(model)
-        self.model, self.p, self.progress, self.streams = model, protocol or Protocol(), progress, streams
-        p = self.p
+        p = protocol or Protocol()
         self.res = model.resolution
-        self.guidance = default_guidance(model)
         self.scenes = shapes.sample_scenes(p.n_images, seed=p.seed, fixed=p.fixed)
         rendered = shapes.render(self.scenes, self.res)
+        real = None
+        if p.real:  # the domain's scenes, rendered: the "real" images, DDIM-inverted
+            cal = shapes.sample_scenes(
+                p.calibration_images, seed=p.seed + CALIBRATION_SEED_OFFSET, fixed=p.fixed
+            )
+            real = {"real": rendered * 2 - 1, "cal-real": shapes.render(cal, self.res) * 2 - 1}
+        super().__init__(model, p, p.prompt, real, progress=progress, streams=streams)
         # The VAE round trip of each rendered scene: the "before" of the perfect edits.
         self.roundtrip = _measure(self._vae_roundtrip(rendered))
         truth = _measure(shapes.to_uint8(rendered))
         drifts = [changes(truth, self.roundtrip, self.res)]
-        self.inverted: dict[str, tuple[torch.Tensor, int]] = {}
-        if p.real:
-            cal = shapes.sample_scenes(
-                p.calibration_images, seed=p.seed + CALIBRATION_SEED_OFFSET, fixed=p.fixed
-            )
-
-            def inverted(scenes: list[shapes.Scene]) -> tuple[torch.Tensor, int]:
-                pixels = shapes.render(scenes, self.res) * 2 - 1
-                return invert(model, encode(model, pixels), p.inversion_steps)
-
-            both = parallel.map_ordered(
-                inverted, [self.scenes, cal], model.device, progress=False, most=streams
-            )
-            self.inverted = dict(zip(("real", "cal-real"), both, strict=True))
-        self.sources: dict[int, dict[str, Source]] = {}
-        sources = self._prepare(p.window[0])
+        sources = self.sources(p.window[0])
         self.fidelity: float | None = None
         if p.real:  # the inversion round trip: its drift joins the floor
             recon = sources["real"].images
@@ -205,45 +160,18 @@ class Harness:
             drifts.append(changes(truth, sources["real"].before, self.res))
         self.floor = noise_floor(drifts)
 
-    # --- images --------------------------------------------------------------------------
+    def view(self, images: np.ndarray) -> list[Measurement]:
+        return _measure(images)
+
     def _vae_roundtrip(self, rendered: torch.Tensor) -> np.ndarray:
         return decode(self.model, encode(self.model, rendered * 2 - 1))
-
-    def _source(self, name: str, x: torch.Tensor, start_t: int | None, top: int) -> Source:
-        """Run x down to the window's top once; the unedited rest of its trajectory is "before"."""
-        generated = not name.endswith("real")
-        prompt, guidance = (self.p.prompt, self.guidance) if generated else (None, 1.0)
-        steps = self.p.steps if generated else self.p.inversion_steps
-        kw = {"prompt": prompt, "guidance_scale": guidance, "steps": steps}
-        x_top = sample(self.model, x, [], start_t=start_t, stop_t=top, **kw)  # on a stream: no bars
-        images = decode(self.model, sample(self.model, x_top, [], start_t=top, **kw))
-        return Source(name, x_top, images, prompt, guidance, steps, top)
-
-    def _prepare(self, top: int) -> dict[str, Source]:
-        """Sources whose trajectories stop at `top` (cached per top: pullback edits elsewhere)."""
-        if top not in self.sources:
-            p, cal = self.p, self.p.seed + CALIBRATION_SEED_OFFSET
-            seeds = {
-                "generated": range(p.seed, p.seed + p.n_images),
-                "cal-generated": range(cal, cal + p.calibration_images),
-            }
-            starts = [(name, seed_latents(self.model, list(s)), None) for name, s in seeds.items()]
-            starts += [(name, x_t, t) for name, (x_t, t) in self.inverted.items()]
-            found = parallel.map_ordered(
-                lambda a: self._source(*a, top), starts, self.model.device, progress=False, most=self.streams
-            )
-            self.sources[top] = {src.name: src for src in found}
-        return self.sources[top]
 
     # --- one direction --------------------------------------------------------------------
     def _edited(
         self, bank: DirectionBank, k: int, src: Source, scales: list[float], n: int | None = None
     ) -> np.ndarray:
         """src's (first n) images edited by direction k at each scale: (N, S, H, W, 3)."""
-        x, window = src.x_top[:n], (src.top, self.p.window[1])
-        return sweep_direction(
-            self.model, bank, k, x, scales, src.prompt, src.guidance, src.steps, src.top, window
-        )
+        return self.edited(bank, k, src, scales, (src.top, self.p.window[1]), n)
 
     def _edit(self, bank: DirectionBank, k: int, src: Source, scales: list[float]) -> list[list[Measurement]]:
         """Measurements of src's images edited by direction k at each scale: [scale][image]."""
@@ -253,26 +181,21 @@ class Harness:
     def _calibrate(self, bank: DirectionBank, k: int, top: int) -> list[float]:
         """[-s, +s] for direction k: for each sign, the smallest ladder scale whose total effect
         on the calibration images reaches the target without breaking more than max_broken of
-        them (else the largest that does not break). Binary search over the ladder (effects
-        grow with the scale): about log2(len(ladder)) rounds, both signs in one batch."""
+        them (`harness.search_ladder`)."""
         p = self.p
-        ladder = [a * (2.5 if bank.method == "pullback" else 1.0) for a in p.ladder]
-        lo, hi = {-1: 0, 1: 0}, {-1: len(ladder) - 1, 1: len(ladder) - 1}
-        while any(lo[s] < hi[s] for s in lo):
-            probes = {s: (lo[s] + hi[s]) // 2 for s in lo if lo[s] < hi[s]}
-            scores = self._cal_scores(bank, k, top, [s * ladder[i] for s, i in probes.items()])
-            for (sign, i), score in zip(probes.items(), scores, strict=True):
-                if score.broken > p.max_broken:
-                    hi[sign] = max(lo[sign], i - 1)
-                elif score.effect.sum() >= p.target_effect:
-                    hi[sign] = i
-                else:
-                    lo[sign] = i + 1
-        return [-ladder[lo[-1]], ladder[lo[1]]]
+
+        def verdict(score: EditScore) -> str:
+            if score.broken > p.max_broken:
+                return "broken"
+            return "reached" if score.effect.sum() >= p.target_effect else "weak"
+
+        return self.calibrate_with(
+            bank, lambda scales: [verdict(e) for e in self._cal_scores(bank, k, top, scales)]
+        )[0]
 
     def _cal_scores(self, bank: DirectionBank, k: int, top: int, scales: list[float]) -> list[EditScore]:
         """Direction k's edit at each scale, scored on all calibration images at once."""
-        cals = [s for name, s in self._prepare(top).items() if name.startswith("cal-")]
+        cals = self.calibration(top)
         per_cal = [[changes(c.before, r, self.res) for r in self._edit(bank, k, c, scales)] for c in cals]
         return [score_edit(Changes.concat(parts), self.floor) for parts in zip(*per_cal, strict=True)]
 
@@ -303,13 +226,13 @@ class Harness:
         """Calibrated scales, per-source and pooled scores with intervals, for every direction
         (directions measured concurrently on a CPU's cores: utils.parallel)."""
         for top in [self._top(bank)] if bank.method == "pullback" else self.p.tops:
-            self._prepare(top)  # the shared sources exist before the threads read them
+            self.sources(top)  # the shared sources exist before the threads read them
 
         def one(k: int) -> tuple[int, list[float], dict[str, list[Changes]]]:
             top, s = self._choose(bank, k)
             rows = {
                 name: [changes(src.before, row, self.res) for row in self._edit(bank, k, src, s)]
-                for name, src in self._prepare(top).items()
+                for name, src in self.sources(top).items()
                 if not name.startswith("cal-")
             }
             return top, s, rows
@@ -355,7 +278,7 @@ class Harness:
         and n real images, unedited above edited at the calibrated scale; "none" rows when
         no edit of the bank is dominated by that factor."""
         tops = [w[0] for w in result.get("windows") or [[self._top(bank)]] * len(bank)]
-        sources = [s for name, s in self._prepare(tops[0]).items() if not name.startswith("cal-")]
+        sources = [s for name, s in self.sources(tops[0]).items() if not name.startswith("cal-")]
         edits = result["scores"]["all"]["edits"]
         rows, labels = [], []
         for f in self.p.factors:
@@ -371,7 +294,7 @@ class Harness:
                 after, label = np.ones_like(before), f"{f}: none"
             else:
                 scale = result["scales"][k][i]
-                own = [s for name, s in self._prepare(tops[k]).items() if not name.startswith("cal-")]
+                own = [s for name, s in self.sources(tops[k]).items() if not name.startswith("cal-")]
                 after = np.concatenate([self._edited(bank, k, src, [scale], n)[:, 0] for src in own])
                 at = f"@{tops[k]}" if len(set(tops)) > 1 else ""
                 label = f"{f}: #{k} x{scale:g}{at} {edits[k][i]['label']} q={q:.2f}"
