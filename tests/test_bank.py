@@ -98,6 +98,20 @@ def test_a_blind_measurement_calibrates_unless_the_oracle_did():
     assert bank.calibration == "oracle" and bank.scales(0) == (-8.0, 8.0) and bank.window() == (600, 0)
 
 
+def test_blind_scales_keep_the_windows_they_were_calibrated_in():
+    """A bank with its own windows measured in one window (`noiseclr measure --window 500`): its
+    scales hold in that window, so the old per-direction windows go; measured in each
+    direction's own, those stay."""
+    bank = DirectionBank(torch.eye(2), {"source": "m"}, name="b")
+    bank.edit_defaults = {"window": [600, 0], "windows": [[800, 0], [600, 200]]}
+    one = {"window": [500, 0], "windows": [[500, 0], [500, 0]], "target": 0.02}
+    bank.store_scores(scores([{}, {}], protocol=one))
+    assert bank.window(0) == bank.window(1) == (500, 0) and not bank.has_own_windows
+    own = {"window": [600, 0], "windows": [[800, 0], [600, 200]], "target": 0.02}
+    bank.store_scores(scores([{}, {}], protocol=own))
+    assert bank.window(0) == (800, 0) and bank.window(1) == (600, 200)
+
+
 @pytest.mark.parametrize(
     ("defaults", "message"),
     [
@@ -106,6 +120,7 @@ def test_a_blind_measurement_calibrates_unless_the_oracle_did():
         ({"windows": [[600, 0], [0, 600]]}, "t_low < t_high"),
         ({"window": [600]}, "edit_defaults.window"),
         ({"calibration": "guess"}, "edit_defaults.calibration"),
+        ([600, 0], r"^edit_defaults: Input should be a valid dictionary"),
     ],
 )
 def test_a_damaged_record_is_refused_with_the_key_that_is_wrong(defaults, message, tmp_path):

@@ -205,3 +205,20 @@ def test_a_bug_keeps_its_traceback(monkeypatch, files):
     monkeypatch.setattr(bank_mod.DirectionBank, "load", broken)
     result = runner.invoke(app, ["export-ti", str(files / "bank"), "--out", str(files / "ti")])
     assert isinstance(result.exception, KeyError)
+
+
+def test_the_registry_commands_say_what_they_need_in_one_line(monkeypatch):
+    """`noiseclr banks ...` without a tracking server, or without mlflow installed (an optional
+    extra): one line saying what to do, never a traceback."""
+    import sys
+
+    from noiseclr.errors import StorageError
+    from noiseclr.tracking.registry import require_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(StorageError, match="set MLFLOW_TRACKING_URI"):
+        require_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as when the track extra is not installed
+    with pytest.raises(StorageError, match=r"pip install 'noiseclr\[track\]'"):
+        require_tracking_uri()

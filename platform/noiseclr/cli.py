@@ -346,7 +346,7 @@ def _protocol(fix: list[str] | None, default_fixed: dict, **values):
     try:
         return Protocol(fixed=fixed, **{k: v for k, v in values.items() if v is not None})
     except ValidationError as err:
-        raise ConfigError(validation_message(err)) from None
+        raise ConfigError(validation_message(err, Protocol)) from None
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:
@@ -463,7 +463,9 @@ def merge(
     from noiseclr.evaluation.blind import scores_table
     from noiseclr.models.base import load_model
     from noiseclr.workflows.measure import merge as merge_banks
+    from noiseclr.workflows.measure import refuse_a_bank_in
 
+    refuse_a_bank_in(out)  # before minutes of loading a model
     base = load_model(model, device=device)
     done = merge_banks(base, banks, out, name, keep_all, data, n, steps)
     typer.echo(

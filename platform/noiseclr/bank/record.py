@@ -87,8 +87,8 @@ class DirectionBank:
         try:
             typed = value if isinstance(value, record) else record.model_validate(value)
         except ValidationError as err:
-            where = ".".join(str(p) for p in err.errors()[0]["loc"])
-            raise BankError(f"{key}.{where}: {err.errors()[0]['msg']} (bank {self.name!r})") from None
+            where = ".".join([key, *(str(p) for p in err.errors()[0]["loc"])])
+            raise BankError(f"{where}: {err.errors()[0]['msg']} (bank {self.name!r})") from None
         k = len(self.directions)
         for name in ("scales", "windows", "directions"):
             rows = getattr(typed, name, None)
@@ -212,11 +212,15 @@ class DirectionBank:
         self.scores = scores
         if self.method == "pullback" or self.calibration == "oracle":
             return
+        protocol = self.scores.protocol
+        windows = protocol.get("windows")  # where each direction was calibrated
         blind = {
-            "window": self.scores.protocol["window"],
+            "window": protocol["window"],
+            # per direction only where they differ (a scale holds in the window it was found in)
+            "windows": windows if windows and any(w != windows[0] for w in windows) else None,
             "scales": [(d.signs["-"].scale, d.signs["+"].scale) for d in self.scores.directions],
             "calibration": "blind",
-            "target_change": self.scores.protocol["target"],
+            "target_change": protocol["target"],
         }
         self.edit_defaults = self.edit_defaults.dump() | blind
 

@@ -218,10 +218,12 @@ def require_tracking_uri():
     registry is a server's, never a folder made wherever the command ran)."""
     import os
 
-    from mlflow import MlflowClient
-
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise StorageError("set MLFLOW_TRACKING_URI (e.g. http://127.0.0.1:5000 from `noiseclr mlflow up`)")
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise StorageError("the model registry needs mlflow: pip install 'noiseclr[track]'") from None
     return MlflowClient()
 
 

@@ -278,7 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
     # This attempt's worker function, from after its imports (model load, data, DeepSpeed set-up
     # included) to its first optimizer step done.
     first_step_s: float | None = None
-    saved_at = [state.step]
+    saved_at: list[int | None] = [state.step if config.get("resume") else None]
 
     def metrics_of(record: dict) -> dict:
         return {
@@ -314,7 +314,10 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)  # Ray Train: metrics and checkpoint
         saved_at[0] = loop.step
 
-    loop.run(save, on_step, last_good=lambda: f"step {saved_at[0]} in Ray Train's storage")
+    def last_good() -> str:
+        return "none yet" if saved_at[0] is None else f"step {saved_at[0]} in Ray Train's storage"
+
+    loop.run(save, on_step, last_good=last_good)
 
 
 def _start_state(cfg: DiscoveryConfig, model, resume: dict | None):

@@ -113,6 +113,12 @@ def measure(model: DiffusionModel, ref: str, **setup) -> DirectionBank:
     return bank
 
 
+def refuse_a_bank_in(out: Path) -> None:
+    """ConfigError when `out` already holds a bank: a merge writes a new one, never over one."""
+    if (Path(out) / "bank.json").exists():
+        raise ConfigError(f"{out} already holds a bank; merge into a new folder")
+
+
 @dataclass
 class Merged:
     bank: DirectionBank  # the kept directions, measured
@@ -134,8 +140,7 @@ def merge(
     one per duplicate group (its best), unless `keep_all`. Saved in `out` (a new folder)."""
     from noiseclr.tracking.registry import open_bank
 
-    if (out / "bank.json").exists():
-        raise ConfigError(f"{out} already holds a bank; merge into a new folder")
+    refuse_a_bank_in(out)
     merged = merge_banks([open_bank(ref, model) for ref in refs], name, refs=refs)
     protocol, real = blind_setup(model, merged, data, n=n, steps=steps)
     harness = blind.BlindHarness(model, protocol, real=real and real.pixels, real_names=real and real.files)
