@@ -132,14 +132,8 @@ class DirectionBank:
         out = []
         for i in order:
             if self.state(i) == "live":
-                out += [
-                    i,
-                    *(
-                        j
-                        for j in order
-                        if j != i and self.state(j) == "duplicate" and self.duplicate_of(j) == i
-                    ),
-                ]
+                out.append(i)
+                out += [j for j in order if self.state(j) == "duplicate" and self.duplicate_of(j) == i]
         return out + [i for i in order if i not in out]
 
     def window(self, k: int | None = None) -> tuple[int, int]:

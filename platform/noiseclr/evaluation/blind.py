@@ -217,10 +217,8 @@ class BlindHarness(MeasuringHarness):
     def _edited(self, bank: DirectionBank, k: int, src: Source, scales: list[float]) -> np.ndarray:
         """(N, S, r, r, 3) src's images edited by direction k at each raw scale."""
         imgs = self.edited(bank, k, src, scales, self._window(bank, k))
-        n, s = imgs.shape[:2]
-        return downsize(imgs.reshape(n * s, *imgs.shape[2:]), self.p.resolution).reshape(
-            n, s, self.p.resolution, self.p.resolution, 3
-        )
+        n, s, r = *imgs.shape[:2], self.p.resolution
+        return self.view(imgs.reshape(n * s, *imgs.shape[2:])).reshape(n, s, r, r, 3)
 
     def calibrate(self, bank: DirectionBank, k: int) -> tuple[list[float], list[bool]]:
         """([-s, +s], [reached-, reached+]): per sign the smallest ladder scale whose change on the
