@@ -141,3 +141,19 @@ def test_a_damaged_record_is_refused_with_the_key_that_is_wrong(defaults, messag
 def test_the_typed_record_keeps_keys_a_newer_version_wrote():
     defaults = EditDefaults.model_validate({"window": [600, 0], "guidance": 7.5})
     assert defaults.dump() == {"window": [600, 0], "guidance": 7.5}
+
+
+def test_the_bank_says_how_its_directions_are_applied():
+    """Token banks (NoiseCLR) are scaled inside an edit window; x_t banks (pullback) are added
+    once at their own t_edit, and everything that needs token embeddings refuses them in one line."""
+    meta = {"source": "m", "fingerprint": "f", "hidden_size": 4}
+    tokens = DirectionBank(torch.eye(4)[:2], meta, name="t")
+    latent = DirectionBank(torch.eye(4)[:2], meta, name="p", config={"method": "pullback", "t_edit": 700})
+    assert tokens.shift_at is None and latent.shift_at == 700
+    tokens.require_tokens("unused")
+    with pytest.raises(
+        BankError, match=r"bank 'p' holds pullback directions \(x_t vectors added once at t = 700\)"
+    ):
+        latent.require_tokens("export has no form for them")
+    latent.store_oracle_calibration((600, 0), [(-1.0, 1.0)] * 2, 0.5)  # not scaled per sign: kept out
+    assert latent.calibration is None and latent.edit_defaults.scales is None

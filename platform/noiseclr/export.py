@@ -84,11 +84,7 @@ def export_bank(
     then renamed. A README.md that is not a noiseclr card is left as it is (no card then)."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
-    if bank.method != "noiseclr":
-        raise BankError(
-            f"bank {bank.name!r} holds {bank.method} directions (x_t vectors), not token "
-            "embeddings: it has no textual-inversion form; edit with `noiseclr edit` instead"
-        )
+    bank.require_tokens("it has no textual-inversion form; view them with `noiseclr gallery`")
     if not torch.isfinite(bank.directions).all():
         raise BankError(f"bank {bank.name!r} has non-finite directions: refusing to export it")
     dim = int(bank.directions.shape[1])

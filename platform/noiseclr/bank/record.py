@@ -106,6 +106,32 @@ class DirectionBank:
         """ "noiseclr" (token-embedding directions) or "pullback" (x_t directions)."""
         return self.config.get("method", "noiseclr")
 
+    # What the method means for every reader: how a direction is applied. A token bank's rows are
+    # token embeddings, applied through the text encoder inside an edit window and scaled per
+    # sign; an x_t bank's rows (pullback) are latent vectors added once, at its own timestep.
+    @property
+    def token_directions(self) -> bool:
+        return self.method == "noiseclr"
+
+    @property
+    def shift_at(self) -> int | None:
+        """The timestep an x_t bank's directions are added at (its t_edit); None for a token bank."""
+        if self.token_directions:
+            return None
+        if "t_edit" not in self.config:
+            raise BankError(f"bank {self.name!r}: a {self.method} bank's config needs t_edit")
+        return int(self.config["t_edit"])
+
+    def require_tokens(self, refusal: str) -> None:
+        """BankError unless the directions are token embeddings: `refusal` says what cannot use
+        them and what to do instead."""
+        if not self.token_directions:
+            at = f" at t = {self.config['t_edit']}" if "t_edit" in self.config else ""
+            raise BankError(
+                f"bank {self.name!r} holds {self.method} directions (x_t vectors added once{at}), "
+                f"not token embeddings: {refusal}"
+            )
+
     def index(self, key: str | int) -> int:
         """Direction index from an index, a token name ("<bank-3>"), or a label."""
         if isinstance(key, int) or (isinstance(key, str) and key.lstrip("-").isdigit()):
@@ -204,7 +230,7 @@ class DirectionBank:
         domain but the shapes world), its calibration sets them, so that a scale of 1 means
         the target change of the image on any model."""
         self.scores = scores
-        if self.method == "pullback" or self.calibration == "oracle":
+        if not self.token_directions or self.calibration == "oracle":
             return
         protocol = self.scores.protocol
         windows = protocol.get("windows")  # where each direction was calibrated
@@ -226,7 +252,7 @@ class DirectionBank:
         windows: list[tuple[int, int]] | None = None,
     ) -> None:
         """Keep the oracle's calibration (the shapes world): it wins over the blind one."""
-        if self.method == "pullback":  # x_t directions are applied at t_edit, not scaled per sign
+        if not self.token_directions:  # x_t directions are added at t_edit, not scaled per sign
             return
         self.edit_defaults = {
             "window": window,
@@ -238,7 +264,7 @@ class DirectionBank:
 
     def check_model(self, model) -> None:
         """Raise BankError if this bank was not learnt on `model` (a loader.DiffusionModel)."""
-        if self.method == "pullback":  # directions live in x_t, not in the token space
+        if not self.token_directions:  # directions live in x_t, not in the token space
             pipe = model.pipe
             side = model.resolution // pipe.vae_scale_factor
             want, what = pipe.unet.config.in_channels * side * side, "latent"

@@ -96,11 +96,7 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
             raise BankError(f"bank name {key!r}: letters, digits, '_', '-', '.' (not first) only")
         if key in self.banks:
             raise BankError(f"a bank named {key!r} is already loaded; pass another name= to load_bank")
-        if bank.method != "noiseclr":
-            raise BankError(
-                f"bank {key!r} holds {bank.method} directions (x_t vectors, not token embeddings): "
-                "the pipeline applies token directions only; view them with `noiseclr gallery`"
-            )
+        bank.require_tokens("the pipeline applies token directions only; view them with `noiseclr gallery`")
         width = self.text_encoder.get_input_embeddings().weight.shape[1]
         if bank.directions.shape[1] != width:
             raise BankError(

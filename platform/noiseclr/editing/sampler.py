@@ -94,7 +94,7 @@ def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
     bank = banks[bank_name]
     if not math.isfinite(scale):
         raise EditError(f"edit {text!r}: scale must be a finite number")
-    if bank.method != "noiseclr":
+    if not bank.token_directions:
         raise EditError(
             f"edit {text!r}: bank {bank_name!r} holds {bank.method} directions (x_t vectors applied "
             "once at the bank's t_edit), which `edit` does not apply; view them with `noiseclr gallery`"
@@ -338,7 +338,7 @@ def sweep_direction(
 
     window (t_high, t_low) limits a NoiseCLR direction's action; pullback edits x_t once, at
     the bank's own t_edit."""
-    if bank.method != "pullback":
+    if bank.shift_at is None:
         edit = Edit(bank.directions[k], 1.0, window[0], window[1], label=bank.tokens[k])
         return scale_sweep(model, x_T, edit, scales, prompt, guidance_scale, steps, start_t)
     n, s = x_T.shape[0], len(scales)
@@ -352,7 +352,7 @@ def sweep_direction(
         guidance_scale=guidance_scale,
         steps=steps,
         latent_shift=shift,
-        shift_at=int(bank.config["t_edit"]),
+        shift_at=bank.shift_at,
         start_t=start_t,
     )
     out = decode(model, x0)

@@ -210,8 +210,8 @@ class BlindHarness(MeasuringHarness):
 
     def _window(self, bank: DirectionBank, k: int | None = None) -> tuple[int, int]:
         """The protocol's window, else direction k's (or the bank's) measured one."""
-        if bank.method == "pullback":
-            return int(bank.config["t_edit"]), 0
+        if not bank.token_directions:
+            return bank.shift_at, 0
         return tuple(self.p.window) if self.p.window else bank.window(k)
 
     def _edited(self, bank: DirectionBank, k: int, src: Source, scales: list[float]) -> np.ndarray:
@@ -275,7 +275,7 @@ class BlindHarness(MeasuringHarness):
         """signed scale -> (N, r, r, 3) the change a zero token embedding makes at that scale on
         the scored images: the floor of an embedding direction (a token with no content still
         conditions the UNet unlike the empty prompt). None for pullback banks (x_t shifts)."""
-        if bank.method == "pullback":
+        if not bank.token_directions:
             return {}
         zero = DirectionBank(
             torch.zeros(1, bank.directions.shape[1]),

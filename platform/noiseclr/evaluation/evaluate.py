@@ -206,7 +206,7 @@ class Harness(MeasuringHarness):
     def _choose(self, bank: DirectionBank, k: int) -> tuple[int, list[float]]:
         """(window top, [-s, +s]) of direction k: calibrated in each candidate top, the top
         whose calibrated edits are best on the calibration images (ties: the lower top)."""
-        if bank.method == "pullback" or len(self.p.tops) == 1:
+        if not bank.token_directions or len(self.p.tops) == 1:
             top = self._top(bank)
             return top, self._calibrate(bank, k, top)
         best: tuple[float, int, list[float]] | None = None
@@ -219,13 +219,13 @@ class Harness(MeasuringHarness):
         return best[1], best[2]
 
     def _top(self, bank: DirectionBank) -> int:
-        return int(bank.config["t_edit"]) if bank.method == "pullback" else self.p.window[0]
+        return self.p.window[0] if bank.token_directions else bank.shift_at
 
     # --- banks ------------------------------------------------------------------------------
     def evaluate(self, bank: DirectionBank) -> dict:
         """Calibrated scales, per-source and pooled scores with intervals, for every direction
         (directions measured concurrently on a CPU's cores: utils.parallel)."""
-        for top in [self._top(bank)] if bank.method == "pullback" else self.p.tops:
+        for top in [self._top(bank)] if not bank.token_directions else self.p.tops:
             self.sources(top)  # the shared sources exist before the threads read them
 
         def one(k: int) -> tuple[int, list[float], dict[str, list[Changes]]]:
@@ -244,7 +244,7 @@ class Harness(MeasuringHarness):
         for _, _, rows in done:
             for name, row in rows.items():
                 per_source.setdefault(name, []).append(row)
-        windows = [[top, 0 if bank.method == "pullback" else self.p.window[1]] for top, _, _ in done]
+        windows = [[top, 0 if not bank.token_directions else self.p.window[1]] for top, _, _ in done]
         result = self._result(per_source)
         result.update(
             bank=bank.name,

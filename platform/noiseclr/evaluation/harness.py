@@ -182,7 +182,7 @@ class MeasuringHarness:
 
     def ladder(self, bank: DirectionBank) -> list[float]:
         """The protocol's ladder of |scale| for `bank`'s kind of direction."""
-        return [a * (PULLBACK_LADDER if bank.method == "pullback" else 1.0) for a in self.p.ladder]
+        return [a * (PULLBACK_LADDER if not bank.token_directions else 1.0) for a in self.p.ladder]
 
     def calibrate_with(
         self, bank: DirectionBank, judge: Callable[[list[float]], list[Verdict]], settle: bool = False

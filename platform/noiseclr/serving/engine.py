@@ -89,10 +89,7 @@ class BankStore:
         version = registered_version(ref)
         pinned = f"{ref.split('@')[0]}/{version}" if version and "@" in ref else ref
         bank = DirectionBank.load(bank_folder(pinned), self.model)  # safetensors + json, checked
-        if bank.method != "noiseclr":
-            raise BankError(
-                f"bank {name!r} ({ref}) holds {bank.method} directions; serving edits NoiseCLR banks"
-            )
+        bank.require_tokens(f"the endpoint edits with token directions (bank {name!r}, {ref})")
         return bank, version
 
     def moved(self) -> list[str]:
