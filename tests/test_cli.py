@@ -53,3 +53,18 @@ def test_world_make_rejects_a_bad_fix(tmp_path):
     result = runner.invoke(app, ["world", "make", "--out", str(tmp_path / "w"), "--fix", "pattern"])
     assert result.exit_code != 0
     assert "factor=word" in result.output
+
+
+def test_config_migrate_writes_a_flat_job_in_sections_and_keeps_the_old_one(tmp_path):
+    old = tmp_path / "job.yaml"
+    old.write_text(
+        "# my job\nname: mine\nk: 8\nnegatives: 3\nsteps: 40\ngallery_prompt: a shape\nworkers: 2\n"
+    )
+    done = runner.invoke(app, ["config", "migrate", str(old), "--write"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "job.yaml.flat").read_text().startswith("# my job")
+    text = old.read_text()
+    assert text.startswith("kind: discover\nname: mine\n") and "method:\n  k: 8\n" in text
+    assert "distributed:\n  workers: 2\n" in text and "gallery:\n  prompt: a shape\n" in text
+    again = runner.invoke(app, ["config", "migrate", str(old)])
+    assert again.exit_code == 2 and "already declares kind: discover" in again.stderr

@@ -35,6 +35,7 @@ httpx = pytest.importorskip("httpx")
 from noiseclr import submit as jobs  # noqa: E402
 from noiseclr.bank import DirectionBank  # noqa: E402
 from noiseclr.cli import app  # noqa: E402
+from noiseclr.discovery.config import merge, nest  # noqa: E402
 from noiseclr.domains import shapes  # noqa: E402
 from noiseclr.errors import ConfigError  # noqa: E402
 from noiseclr.models.base import load_model  # noqa: E402
@@ -232,12 +233,12 @@ def workdir(tmp_path_factory, sd15_folder, mlflow_server):
     work = tmp / "work"
     work.mkdir()
     job = yaml.safe_load((ROOT / "jobs/sd15-faces.yaml").read_text())
-    job.update(
+    job = merge(job, nest(dict(  # the job's own sections, these keys replaced (by their flat names)
         model=str(sd15_folder), data=str(data), tracking_uri=mlflow_server.uri,
         n_images=10, k=4, negatives=2, batch=2, steps=30, grad_accum=1, checkpoint_every=15,
         workers=2, placement_strategy="STRICT_SPREAD", zero_stage=0, device="cpu", precision="fp32",
         evaluate_images=2, evaluate_steps=2, gallery_seeds=1, gallery_steps=2,
-    )  # fmt: skip
+    )))  # fmt: skip
     (work / "faces.yaml").write_text(yaml.safe_dump(job))
     port = free_port()
     serve = yaml.safe_load((ROOT / "jobs/serve-sd15.yaml").read_text())
@@ -458,9 +459,12 @@ def test_stopping_a_submitted_endpoint_shuts_it_down(head, serve_job):
 def test_a_bad_job_is_refused_before_anything_is_sent(head, workdir):
     before = len(jobs.client(head["address"]).list_jobs())
     bad = workdir["work"] / "bad.yaml"
-    bad.write_text("model: shapes\nstesp: 10\n")
+    bad.write_text("kind: discover\nmodel: shapes\noptim: {stesp: 10}\n")
     done = cli("submit", str(bad), "--address", head["address"], "--working-dir", str(workdir["work"]))
-    assert done.returncode == 2 and "unknown key 'stesp' (did you mean 'steps'?)" in done.stderr
+    assert done.returncode == 2 and "unknown key 'optim.stesp' (did you mean 'steps'?)" in done.stderr
+    bad.write_text("model: shapes\nsteps: 10\n")  # a flat job file runs locally, with a notice
+    done = cli("submit", str(bad), "--address", head["address"], "--working-dir", str(workdir["work"]))
+    assert done.returncode == 2 and "declares no kind: add `kind: discover`" in done.stderr
     outside = cli("submit", str(ROOT / "jobs/shapes.yaml"), "--address", head["address"], "--working-dir",
                   str(workdir["work"]))  # fmt: skip
     assert outside.returncode == 2 and "outside the working folder" in outside.stderr

@@ -320,7 +320,7 @@ def test_rayjob_entrypoint_runs_a_cli_command_on_a_valid_job(path: Path) -> None
         # GPUs for the Train workers, the driver (it resolves `device`) and Ray Data's VAE encoder
         workers = ray_cluster(doc)["workerGroupSpecs"][0]["replicas"]
         assert doc["spec"]["entrypointNumGpus"] == 1
-        assert workers >= job.workers + 2
+        assert workers >= job.distributed.workers + 2
 
 
 # ----------------------------------------------------------------------------------- RayService
@@ -448,11 +448,12 @@ def test_misspelt_ray_up_key_is_refused(path: tuple, wrong: str) -> None:
 def test_sd15_job_has_the_papers_values(path: Path) -> None:
     cfg = DiscoveryConfig.from_yaml(path)
     paper = {"n_images": 100, "k": 100, "negatives": 20, "tau": 0.5, "lr": 1e-3, "batch": 6}
-    assert {key: getattr(cfg, key) for key in paper} == paper
-    assert cfg.model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.evaluate  # oracle-free there
-    assert cfg.gallery_prompt and cfg.evaluate_images == 4
-    assert cfg.registered_model == f"noiseclr-{cfg.name}" and cfg.register_alias == "champion"
-    assert cfg.workers == (6 if path.stem.endswith("-6gpu") else 0)
+    assert {key: cfg.record()[key] for key in paper} == paper
+    assert cfg.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.evaluation.enabled  # oracle-free there
+    assert cfg.gallery.prompt and cfg.evaluation.images == 4
+    assert cfg.tracking.registered_model == f"noiseclr-{cfg.name}" and cfg.tracking.alias == "champion"
+    assert cfg.distributed.workers == (6 if path.stem.endswith("-6gpu") else 0)
 
 
 def test_sd15_jobs_cover_the_four_domains_and_the_served_banks() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
-from pydantic import ValidationError
 
 from noiseclr.bank import DirectionBank, merge_banks, subset
 from noiseclr.conditioning import direction_deltas, direction_deltas_sequential, encode_directions
@@ -27,7 +27,7 @@ from records import scores
 
 def small_cfg(**kw) -> DiscoveryConfig:
     base = dict(k=6, negatives=3, batch=3, steps=6, checkpoint_every=2, n_images=8, warmup=2)
-    return DiscoveryConfig(**{**base, **kw})
+    return DiscoveryConfig.of(**{**base, **kw})
 
 
 def trainer(cfg: DiscoveryConfig, model, latents, out) -> DiscoveryTrainer:
@@ -81,7 +81,7 @@ def test_one_text_encoder_call_and_one_unet_call_per_step(tiny_model, latents, t
         h2.remove()
     # one UNet call per stream (a CPU's cores split the images: core.AdamWEngine), one text call
     calls = {name: seen.count(name) for name in ("unet", "text")}
-    assert calls == {"unet": 3 * parallel.streams("cpu", small_cfg().batch), "text": 3}
+    assert calls == {"unet": 3 * parallel.streams("cpu", small_cfg().method.batch), "text": 3}
 
 
 def test_only_the_directions_train(tiny_model, latents, tmp_path):
@@ -109,14 +109,20 @@ def test_exact_resume(tiny_model, latents, tmp_path):
     assert torch.equal(state.directions, straight.directions)
     # the rate: this process's steps 4..6 (its first, 3, holds the warm-up), over their own seconds
     cfg = small_cfg()
-    pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum
+    pairs = cfg.method.batch * cfg.method.directions_per_step * cfg.optim.grad_accum
     mine = [h["seconds"] for h in resumed.history[2:]]  # it resumed at step 2
     assert len(resumed.history) == 6 and resumed.pairs_per_s == pytest.approx(pairs * 3 / sum(mine[1:]))
 
 
 @pytest.mark.parametrize(
     "change, named",
-    [({"tau": 0.3}, "tau: 0.5 -> 0.3"), ({"lr": 0.01}, "lr: 0.001 -> 0.01"), ({"k": 7}, "k: 6 -> 7")],
+    [
+        ({"tau": 0.3}, "method.tau: 0.5 -> 0.3"),
+        ({"lr": 0.01}, "optim.lr: 0.001 -> 0.01"),
+        ({"k": 7}, "method.k: 6 -> 7"),
+        ({"n_images": 6}, "data.n_images: 8 -> 6"),
+        ({"precision": "bf16"}, "optim.precision: 'fp32' -> 'bf16'"),
+    ],
 )
 def test_resume_with_a_changed_config_is_refused_naming_the_keys(
     tiny_model, latents, tmp_path, change, named
@@ -124,21 +130,36 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(
     trainer(small_cfg(), tiny_model, latents, tmp_path).fit(tmp_path, stop_after=2)
     with pytest.raises(ConfigError, match=f"another config \\({named}\\).*--fresh"):
         trainer(small_cfg(**change), tiny_model, latents, tmp_path)
-    # keys that do not change what is learnt may change: more steps, another gallery
-    more = trainer(
-        small_cfg(steps=8, gallery_seeds=1, evaluate_windows=[600, 800]), tiny_model, latents, tmp_path
-    )
+    # sections that do not define what is learnt may change, and more steps under a constant lr
+    other = dict(gallery_seeds=1, evaluate_windows=[600, 800], checkpoint_every=3, storage_options={"a": 1})
+    more = trainer(small_cfg(steps=8, **other), tiny_model, latents, tmp_path)
     assert more.step == 2
+    with pytest.raises(ConfigError, match=r"optim\.steps: 6 -> 8"):  # a cosine schedule ends at its steps
+        trainer(small_cfg(steps=8, schedule="cosine"), tiny_model, latents, tmp_path)
+
+
+def test_a_checkpoint_written_before_the_sections_resumes_through_the_flat_names(
+    tiny_model, latents, tmp_path
+):
+    trainer(small_cfg(), tiny_model, latents, tmp_path).fit(tmp_path, stop_after=2)
+    meta = next((tmp_path / "checkpoints").glob("step-*")) / checkpoint.STATE_META
+    saved = json.loads(meta.read_text())
+    saved["config"] = small_cfg().record()  # the flat layout every checkpoint had before
+    assert "kind" not in saved["config"] and saved["config"]["tau"] == 0.5
+    meta.write_text(json.dumps(saved))
+    assert trainer(small_cfg(gallery_seeds=1), tiny_model, latents, tmp_path).step == 2
+    with pytest.raises(ConfigError, match=r"another config \(method.tau: 0.5 -> 0.3\)"):
+        trainer(small_cfg(tau=0.3), tiny_model, latents, tmp_path)
 
 
 def test_a_checkpoint_that_predates_a_key_resumes_at_its_default(tiny_model, latents, tmp_path):
     trainer(small_cfg(), tiny_model, latents, tmp_path).fit(tmp_path, stop_after=2)
     meta = next((tmp_path / "checkpoints").glob("step-*")) / checkpoint.STATE_META
     saved = json.loads(meta.read_text())
-    del saved["config"]["direction_norm"]  # as written before the key existed
+    del saved["config"]["method"]["direction_norm"]  # as written before the key existed
     meta.write_text(json.dumps(saved))
     assert trainer(small_cfg(), tiny_model, latents, tmp_path).step == 2
-    with pytest.raises(ConfigError, match="direction_norm: 'free' -> 'vocab'"):
+    with pytest.raises(ConfigError, match=r"method\.direction_norm: 'free' -> 'vocab'"):
         trainer(small_cfg(direction_norm="vocab"), tiny_model, latents, tmp_path)
 
 
@@ -328,27 +349,69 @@ def test_textual_inversion_export_loads_with_diffusers(shapes_model, tmp_path):
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"k": 1}, "k"),
-        ({"k": 4, "negatives": 4}, "negatives \\(4\\) must be < k \\(4\\)"),
-        ({"batch": 1}, "batch"),
-        ({"t_min": 800, "t_max": 200}, "t_min \\(800\\) must be <= t_max \\(200\\)"),
-        ({"tau": 0}, "tau"),
-        ({"stepz": 3}, "stepz"),
-        ({"loss": "triplet"}, "loss"),
-        ({"gallery_scales": []}, "gallery_scales must name at least one scale"),
-        ({"edit_window": 0}, "edit_window"),
+        ({"k": 1}, "method.k: Input should be greater than or equal to 2"),
+        ({"k": 4, "negatives": 4}, "method: negatives \\(4\\) must be < k \\(4\\)"),
+        ({"batch": 1}, "method.batch"),
+        ({"t_min": 800, "t_max": 200}, "method: t_min \\(800\\) must be <= t_max \\(200\\)"),
+        ({"tau": 0}, "method.tau"),
+        ({"stepz": 3}, "unknown key 'stepz' \\(did you mean 'steps'\\?\\)"),
+        ({"loss": "triplet"}, "method.loss"),
+        ({"gallery_scales": []}, "gallery.scales: List should have at least 1 item"),
+        ({"edit_window": 0}, "evaluation.edit_window"),
+        ({"workers": 4}, "method.batch \\(6\\) must be divisible by distributed.workers \\(4\\)"),
+        ({"storage_options": {"secret": "x"}}, "storage.options.secret looks like a credential"),
     ],
 )
-def test_bad_config_is_rejected_with_the_field_named(kw, message):
-    with pytest.raises(ValidationError, match=message):
-        DiscoveryConfig(**kw)
+def test_bad_config_is_rejected_in_one_line_naming_the_section_and_key(kw, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        DiscoveryConfig.of(**kw)
+    assert "\n" not in str(err.value)
 
 
 def test_config_from_yaml_rejects_unknown_keys(tmp_path):
-    (tmp_path / "c.yaml").write_text("k: 8\ntemprature: 0.3\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'temprature'"):
+    (tmp_path / "c.yaml").write_text("kind: discover\nmethod: {k: 8, negativs: 3}\n")
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml: unknown key 'method.negativs' \(did you mean 'negatives'\?\)"
+    ):
         DiscoveryConfig.from_yaml(tmp_path / "c.yaml")
+    (tmp_path / "f.yaml").write_text("k: 8\ntemprature: 0.3\n")  # the flat layout: the same check
+    with pytest.raises(ConfigError, match=r"f\.yaml: unknown key 'temprature'"):
+        DiscoveryConfig.from_yaml(tmp_path / "f.yaml")
+    (tmp_path / "n.yaml").write_text("method: {k: 8}\n")  # sections without a declared kind
+    with pytest.raises(ConfigError, match=r"n\.yaml has sections \(method\) but declares no kind"):
+        DiscoveryConfig.from_yaml(tmp_path / "n.yaml")
     assert DiscoveryConfig.from_yaml("jobs/shapes.yaml").name == "shapes"
+
+
+def test_every_field_has_one_flat_name_and_the_record_round_trips():
+    from noiseclr.discovery.config import FLAT, SECTIONS
+
+    fields = {(s, f) for s, schema in SECTIONS.items() for f in schema.model_fields} | {("name",), ("model",)}
+    assert set(FLAT.values()) == fields and len(FLAT) == len(fields)
+    cfg = DiscoveryConfig.from_yaml("jobs/sd15-faces-6gpu.yaml")
+    record = cfg.record()  # what bank.json and MLflow params keep, under the names banks always had
+    assert record["k"] == 100 and record["storage_path"] == "s3://noiseclr-runs/sd15-faces"
+    assert DiscoveryConfig.from_saved(record) == cfg and DiscoveryConfig.from_saved(cfg.model_dump()) == cfg
+
+
+def test_an_old_flat_job_file_reads_the_same_with_a_notice_and_migrates(tmp_path, caplog):
+    from noiseclr.discovery.config import migrate
+
+    flat = DiscoveryConfig.from_yaml("jobs/shapes.yaml").record()  # the layout job files had
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(flat))
+    with caplog.at_level("WARNING"):
+        old = DiscoveryConfig.from_yaml(tmp_path / "old.yaml")
+    assert old == DiscoveryConfig.from_yaml("jobs/shapes.yaml")
+    notice = [r.getMessage() for r in caplog.records if "flat layout" in r.getMessage()]
+    assert len(notice) == 1 and "noiseclr config migrate" in notice[0] and "\n" not in notice[0]
+    (tmp_path / "new.yaml").write_text(migrate(tmp_path / "old.yaml"))
+    assert yaml.safe_load((tmp_path / "new.yaml").read_text())["kind"] == "discover"
+    assert DiscoveryConfig.from_yaml(tmp_path / "new.yaml") == old
+    with pytest.raises(ConfigError, match="already declares kind: discover"):
+        migrate(tmp_path / "new.yaml")
+    # overrides, sweeps and tests name keys by the same flat names
+    assert old.replace(steps=9, gallery=False).optim.steps == 9
+    assert DiscoveryConfig.from_yaml("jobs/shapes.yaml", steps=9, workers=2).distributed.workers == 2
 
 
 def test_every_config_suggests_its_own_keys_for_a_misspelt_one(tmp_path):

@@ -130,7 +130,7 @@ def cfg(**kw) -> DiscoveryConfig:
         gallery_steps=2,
         gallery_scales=[0.0, 1.0],
     )
-    return DiscoveryConfig(**{**base, **kw})
+    return DiscoveryConfig.of(**{**base, **kw})
 
 
 def same_bank(a, b) -> None:
@@ -296,7 +296,7 @@ def test_s3_bucket_with_corrupt_files_trains_end_to_end(
         experiment="distributed",
         register_bank=False,
     )
-    with pytest.raises(ValueError, match=r"storage_options\.key looks like a credential"):
+    with pytest.raises(ValueError, match=r"storage\.options\.key looks like a credential"):
         cfg(data="s3://shapes-bucket/imgs", storage_options=s3_server)
     result = run_discovery(job, tmp_path)
     assert result.corrupt_images == 2 and result.images == 4

@@ -67,7 +67,7 @@ def files(tmp_path_factory, shapes_model) -> dict[str, Path]:
     }.items():
         (root / name).write_text(text)
     # A run in progress (step 1) trained with tau 0.5; the job below asks for tau 0.3.
-    cfg = DiscoveryConfig(tau=0.5)
+    cfg = DiscoveryConfig.of(tau=0.5)
     TrainState(
         1, 1, torch.zeros(16, dim), torch.Generator().get_state(), cfg.model_dump(), shapes_model.fingerprint
     ).save(root / "run" / "checkpoints" / "step-0000001")
@@ -102,8 +102,16 @@ CASES = [
         "t_max (2000) is outside",
     ),
     ("negatives >= k", "discover --config {r}/negatives.yaml --out {r}/o", "k must be at least 5"),
-    ("no gallery scales", "discover --config {r}/scales.yaml --out {r}/o", "gallery_scales must name"),
-    ("batch vs workers", "discover --config {r}/workers.yaml --out {r}/o", "divisible by workers (4)"),
+    (
+        "no gallery scales",
+        "discover --config {r}/scales.yaml --out {r}/o",
+        "gallery.scales: List should have at least 1 item",
+    ),
+    (
+        "batch vs workers",
+        "discover --config {r}/workers.yaml --out {r}/o",
+        "divisible by distributed.workers (4)",
+    ),
     ("changed config on resume", "discover --config {r}/tau.yaml --out {r}/run", "tau: 0.5 -> 0.3"),
     ("negative option", "discover --config {r}/tau.yaml --out {r}/o --workers -1", "workers"),
     ("missing bank", "edit 0=1 --bank {r}/nobank {o}", "is not a direction bank"),

@@ -101,8 +101,10 @@ def test_the_strength_term_enters_the_objective_only_when_weighted():
 
     torch.manual_seed(1)
     deltas = torch.randn(3, 4, 2, 5, 5) * 1e-3
-    base = objective(DiscoveryConfig(k=4, negatives=3), deltas)
-    weighted = objective(DiscoveryConfig(k=4, negatives=3, strength_weight=0.5, strength_target=0.1), deltas)
+    base = objective(DiscoveryConfig.of(k=4, negatives=3), deltas)
+    weighted = objective(
+        DiscoveryConfig.of(k=4, negatives=3, strength_weight=0.5, strength_target=0.1), deltas
+    )
     assert weighted.item() == pytest.approx(
         base.item() + 0.5 * strength_penalty(deltas, 0.1).item(), rel=1e-6
     )
@@ -132,8 +134,8 @@ def test_delta_energy_mixes_the_cosine_of_centred_change_maps_into_sim():
     from noiseclr.discovery.config import DiscoveryConfig
     from noiseclr.discovery.step import objective
 
-    cfg = DiscoveryConfig(k=4, negatives=3)
-    assert not torch.allclose(objective(cfg.model_copy(update={"delta_energy": 0.5}), d), objective(cfg, d))
+    cfg = DiscoveryConfig.of(k=4, negatives=3)
+    assert not torch.allclose(objective(cfg.replace(delta_energy=0.5), d), objective(cfg, d))
 
 
 def test_delta_energy_per_direction_compares_each_direction_in_its_own_form():
@@ -159,11 +161,11 @@ def test_delta_energy_per_direction_compares_each_direction_in_its_own_form():
     same = delta_features(d, energy=torch.full((4,), 0.25))  # equal weights: the shared form
     assert torch.allclose(same, delta_features(d, energy=0.25), atol=1e-6)
     # the objective takes direction k's weight for whichever slot k was sampled into
-    cfg = DiscoveryConfig(k=6, negatives=3, delta_energy=[0, 0, 0, 1, 1, 1])
+    cfg = DiscoveryConfig.of(k=6, negatives=3, delta_energy=[0, 0, 0, 1, 1, 1])
     dirs = torch.tensor([4, 0, 5, 1])
     as_sampled = delta_features(d, energy=torch.tensor([1.0, 0, 1, 0]))
-    expect = objective(DiscoveryConfig(k=6, negatives=3), as_sampled)
+    expect = objective(DiscoveryConfig.of(k=6, negatives=3), as_sampled)
     assert torch.allclose(objective(cfg, d, dirs), expect)
     for bad in ([0, 1], [0, 0, 0, 1, 1, 2]):
         with pytest.raises((ConfigError, ValueError), match="delta_energy"):
-            DiscoveryConfig(k=6, negatives=3, delta_energy=bad)
+            DiscoveryConfig.of(k=6, negatives=3, delta_energy=bad)

@@ -105,7 +105,7 @@ def test_a_training_step_on_two_streams_matches_one_call(tiny_model, two_threads
     from noiseclr.discovery.config import DiscoveryConfig
     from noiseclr.discovery.trainer import DiscoveryTrainer, initial_state
 
-    cfg = DiscoveryConfig(k=5, negatives=3, batch=4, n_images=4, steps=2, warmup=0, strength_weight=1.0)
+    cfg = DiscoveryConfig.of(k=5, negatives=3, batch=4, n_images=4, steps=2, warmup=0, strength_weight=1.0)
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     x_t, t, dirs = torch.randn(4, 4, 16, 16, generator=g), torch.tensor([100, 300, 500, 700]), torch.arange(4)

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from noiseclr.bank import DirectionBank
 from noiseclr.cli import app
+from noiseclr.discovery.config import merge, nest
 from noiseclr.domains import shapes
 from noiseclr.errors import BankError, ConfigError
 from noiseclr.models.base import load_model
@@ -91,7 +92,8 @@ def walk(sd15_folder, mlflow_server, tmp_path_factory):
     # Other modules may have registered noiseclr-faces in the session's server already.
     registered = len(MlflowClient(mlflow_server.uri).search_model_versions("name='noiseclr-faces'"))
     lines, job = guide_section()
-    (home / "faces.yaml").write_text(yaml.safe_dump({**yaml.safe_load(placed(job)), **SMALL}))
+    # the guide's job in sections, these keys made small (by their flat names)
+    (home / "faces.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load(placed(job)), nest(SMALL))))
     before = os.getcwd()
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     os.chdir(home)

@@ -120,7 +120,7 @@ def test_sweep_metric_alignment_needs_the_oracle(tmp_path):
     config = write_sweep(tmp_path, None, "x", samples=1)
     sweep, job = SweepConfig.from_yaml(config)
     assert objective(sweep, job) == "alignment"
-    folder = job.model_copy(update={"data": str(tmp_path)})
+    folder = job.replace(data=str(tmp_path))
     assert objective(sweep, folder) == "score"
     with pytest.raises(ConfigError, match="metric alignment needs the shapes world's oracle"):
         objective(sweep.model_copy(update={"metric": "alignment"}), folder)
@@ -128,7 +128,10 @@ def test_sweep_metric_alignment_needs_the_oracle(tmp_path):
 
 def test_a_sweep_killed_mid_way_resumes(tmp_path):
     config = write_sweep(tmp_path, None, "killed", samples=2)
-    config.write_text(config.read_text().replace("milestones: [1, 2]", "milestones: [2]"))  # one report each
+    # one report each, one trial at a time: the kill lands while the second trial trains (two at
+    # once finish within the poll's second of each other, and the sweep may end before the kill)
+    text = config.read_text().replace("milestones: [1, 2]", "milestones: [2]")
+    config.write_text(text.replace("max_concurrent: 2", "max_concurrent: 1"))
     out = tmp_path / "out"
     proc = subprocess.Popen(sweep_cmd(config, out), start_new_session=True, stdout=subprocess.DEVNULL)
     try:
@@ -166,5 +169,11 @@ def test_sweep_config_errors_and_trial_values(tmp_path):
         SweepConfig.from_yaml(tmp_path / "outside.yaml")
     (tmp_path / "nobase.yaml").write_text("job: job.yaml\nbaseline: false\nspace:\n  k: {choice: [8, 16]}\n")
     assert SweepConfig.from_yaml(tmp_path / "nobase.yaml")[0].baseline is False
-    cfg = trial_config(DiscoveryConfig(k=8, negatives=7), {"k": 3, "t_range": [100, 700], "tau": 0.2})
-    assert (cfg.k, cfg.negatives, cfg.t_min, cfg.t_max, cfg.tau) == (3, 2, 100, 700, 0.2)
+    cfg = trial_config(DiscoveryConfig.of(k=8, negatives=7), {"k": 3, "t_range": [100, 700], "tau": 0.2})
+    assert (cfg.method.k, cfg.method.negatives, cfg.method.t_min, cfg.method.t_max, cfg.method.tau) == (
+        3,
+        2,
+        100,
+        700,
+        0.2,
+    )

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 def tracked(mlflow_server, tmp_path_factory):
     """One tracked, measured, registered tiny discovery run (alias champion)."""
     out = tmp_path_factory.mktemp("tracked")
-    cfg = DiscoveryConfig(
+    cfg = DiscoveryConfig.of(
         name="trk",
         k=3,
         negatives=1,
@@ -243,7 +243,7 @@ def test_banks_commands_list_show_promote_download(tracked, mlflow_server, tmp_p
 
 def test_without_a_tracking_uri_nothing_is_tracked(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = DiscoveryConfig(
+    cfg = DiscoveryConfig.of(
         k=3,
         negatives=1,
         batch=2,
@@ -346,7 +346,7 @@ def test_metrics_are_live_and_survive_the_server_going_away_mid_run(tmp_path, mo
         return record
 
     monkeypatch.setattr(TrainLoop, "optimizer_step", optimizer_step)
-    cfg = DiscoveryConfig(
+    cfg = DiscoveryConfig.of(
         name="live",
         k=3,
         negatives=1,

@@ -127,7 +127,7 @@ def main() -> None:
     latent = model.resolution // pipe.vae_scale_factor
     latents = torch.randn(args.batch, unet.config.in_channels, latent, latent, generator=g)
     checkpointing = {"auto": "auto", "true": True, "false": False}[args.gradient_checkpointing]
-    cfg = DiscoveryConfig(
+    cfg = DiscoveryConfig.of(
         k=args.directions,
         negatives=args.directions - 1,
         batch=args.batch,

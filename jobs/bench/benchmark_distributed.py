@@ -42,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for workers, stage in ((1, 2), (2, 2), (2, 0), (2, 3)):
             out = f"{tmp}/w{workers}z{stage}"
-            r = run_discovery(DiscoveryConfig(**base, zero_stage=stage, workers=workers), out)
+            r = run_discovery(DiscoveryConfig.of(**base, zero_stage=stage, workers=workers), out)
             m = rows[(workers, stage)] = DirectionBank.load(r.bank).metrics
             print(
                 f"workers={workers} zero={stage}: {m['pairs_per_s']:.1f} pairs/s, "

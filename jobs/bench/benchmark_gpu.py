@@ -71,7 +71,7 @@ def guarded(what: str, fn, pairs: int, device: str) -> None:
 def single_process(model: DiffusionModel, cfg: DiscoveryConfig, args, pairs: int) -> DiscoveryTrainer:
     g = torch.Generator().manual_seed(0)
     latent = model.resolution // model.pipe.vae_scale_factor
-    latents = torch.randn(cfg.batch, model.pipe.unet.config.in_channels, latent, latent, generator=g)
+    latents = torch.randn(cfg.method.batch, model.pipe.unet.config.in_channels, latent, latent, generator=g)
     trainer = DiscoveryTrainer(cfg, model, latents, initial_state(cfg, model))
     unet = model.pipe.unet
     chose = "on" if unet.is_gradient_checkpointing else "off"
@@ -120,7 +120,7 @@ def ray_deepspeed(folder: Path, args, pairs: int, out: Path) -> None:
     for stage in (2, 3):
 
         def one(stage: int = stage) -> None:
-            cfg = DiscoveryConfig(
+            cfg = DiscoveryConfig.of(
                 model=str(folder),
                 workers=1,
                 zero_stage=stage,
@@ -236,7 +236,7 @@ def main() -> None:
         )
         model.pipe.unet.requires_grad_(False)
         model.pipe.text_encoder.requires_grad_(False)
-        cfg = DiscoveryConfig(
+        cfg = DiscoveryConfig.of(
             k=args.directions,
             negatives=args.directions - 1,
             batch=args.batch,

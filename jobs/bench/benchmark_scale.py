@@ -102,7 +102,7 @@ def discovery_metrics(cfg_kw: dict, workers_env: dict | None = None) -> dict:
 
     base = dict(name="scale", evaluate=False, gallery=False, device="cpu", checkpoint_every=10_000)
     with tempfile.TemporaryDirectory() as out:
-        result = run_discovery(DiscoveryConfig(**{**base, **cfg_kw}), out)
+        result = run_discovery(DiscoveryConfig.of(**{**base, **cfg_kw}), out)
         m = DirectionBank.load(result.bank).metrics
     keys = ("pairs_per_s", "peak_rss_mib", "worker_peak_rss_mib", "first_step_s", "train_seconds", "nodes")
     return {k: m[k] for k in keys if k in m}
@@ -148,7 +148,7 @@ def one_domain(uri: str, endpoint: str, cache: bool, steps: int, batch: int) -> 
         def run(self, shard, total: int, cache: bool) -> dict:
             from noiseclr.utils.memory import peak_rss_mib
 
-            cfg = DiscoveryConfig(cache_latents=cache)
+            cfg = DiscoveryConfig.of(cache_latents=cache)
             started, first, seen, half = time.perf_counter(), None, 0, None
             stream = _local_batches(cfg, shard, batch)
             while seen < total:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from noiseclr.bank import DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
@@ -64,9 +63,8 @@ def main() -> None:
             f"UNet, batch {batch}: one call {one:.0f} images/s, {n} streams {split:.0f} ({split / one:.2f}x)"
         )
 
-    raw = yaml.safe_load((ROOT / "jobs/shapes.yaml").read_text())
-    cfg = DiscoveryConfig(**{**raw, "data": None})
-    latents = torch.randn(cfg.n_images, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = DiscoveryConfig.from_yaml(ROOT / "jobs/shapes.yaml")
+    latents = torch.randn(cfg.data.n_images, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     per_step, final = {}, {}
     for streams in (1, n):
         tr = DiscoveryTrainer(cfg, model, latents, initial_state(cfg, model))
@@ -86,7 +84,9 @@ def main() -> None:
     if args.skip_measure:
         return
     bank = DirectionBank.load(ROOT / "platform/noiseclr/pretrained/banks/shapes")
-    protocol = evaluate.Protocol(fixed=cfg.world_fixed, n_images=4, calibration_images=4, window=(600, 0))
+    protocol = evaluate.Protocol(
+        fixed=cfg.data.world_fixed, n_images=4, calibration_images=4, window=(600, 0)
+    )
     results, seconds = {}, {}
     for streams in (1, n):
         harness = evaluate.Harness(model, protocol, progress=False, streams=streams)

@@ -51,11 +51,11 @@ def main() -> None:
             steps=args.steps, checkpoint_every=args.steps, device="cpu", evaluate=False, gallery=False,
             name="w",
         )  # fmt: skip
-        single = directions(run_discovery(DiscoveryConfig(**job), root / f"single-{n}").bank)
+        single = directions(run_discovery(DiscoveryConfig.of(**job), root / f"single-{n}").bank)
         runs = []
         for rep in range(args.repeats):
             started = time.perf_counter()
-            bank = run_discovery(DiscoveryConfig(**job, workers=2), root / f"ray-{n}-{rep}").bank
+            bank = run_discovery(DiscoveryConfig.of(**job, workers=2), root / f"ray-{n}-{rep}").bank
             runs.append(directions(bank))
             print(f"{n} images: worker run {rep + 1} took {time.perf_counter() - started:.0f} s", flush=True)
             ray.shutdown()

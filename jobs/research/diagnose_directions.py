@@ -45,16 +45,16 @@ def main() -> None:
     ap.add_argument("--out", default="out/diagnosis")
     args = ap.parse_args()
     bank = DirectionBank.load(args.bank)
-    cfg = DiscoveryConfig(**{k: v for k, v in bank.config.items() if k in DiscoveryConfig.model_fields})
+    cfg = DiscoveryConfig.from_saved(bank.config)
     model = load_model(args.model or bank.base_model.get("source", "shapes"), device="cpu")
     if args.reference:  # on the shipped job's images and draws (cfg), the reference's vectors
         from noiseclr.evaluation.evaluate import pair_bank, word_bank
 
         bank = (pair_bank if args.reference == "pairs" else word_bank)(model)
-        cfg = cfg.model_copy(update={"k": len(bank), "negatives": min(cfg.negatives, len(bank) - 1)})
+        cfg = cfg.replace(k=len(bank), negatives=min(cfg.method.negatives, len(bank) - 1))
     pipe = model.pipe
     vocab = pipe.text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1)
-    scenes = sample_scenes(args.n, seed=cfg.seed, fixed=cfg.world_fixed)
+    scenes = sample_scenes(args.n, seed=cfg.optim.seed, fixed=cfg.data.world_fixed)
     pixels = render(scenes, model.resolution) * 2 - 1  # (n, 3, H, W) in [-1, 1]
     latents = encode_latents(pipe.vae, pixels)
     k = len(bank)
@@ -81,8 +81,8 @@ def main() -> None:
     z = torch.cat(deltas_all)  # (3B, K+1, F)
     sims = torch.einsum("akf,ajf->kj", z, z) / z.shape[0]  # mean over images of per-image cosine
     anchors, negatives = torch.zeros(k), torch.zeros(k)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for _ in range(cfg.steps * cfg.grad_accum):
+    g = torch.Generator().manual_seed(cfg.optim.seed)
+    for _ in range(cfg.optim.steps * cfg.optim.grad_accum):
         _, dirs = draw(cfg, g)
         anchors[dirs[0]] += 1
         negatives[dirs[1:]] += 1

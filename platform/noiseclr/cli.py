@@ -83,6 +83,8 @@ app.add_typer(world_app, name="world")
 app.add_typer(base_app, name="base")
 app.add_typer(mlflow_app, name="mlflow")
 app.add_typer(banks_app, name="banks")
+config_app = typer.Typer(help="Job files: convert the flat layout to sections.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 job_app = typer.Typer(
     help="Jobs on a Ray cluster (Ray's Jobs API): status, logs, stop.", no_args_is_help=True
 )
@@ -106,22 +108,6 @@ def _parse_fixed(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--fix {k} is given twice ({fixed[k]!r} and {v!r}); give each factor once")
         fixed[k] = v
     return fixed
-
-
-def _open_bank(ref: str, model=None):
-    """(folder, bank) from a folder or a models:/ reference (downloaded and checksum-verified)."""
-    from noiseclr.bank import DirectionBank
-    from noiseclr.tracking.registry import bank_folder  # imports mlflow only for models:/
-
-    folder = bank_folder(ref)
-    return folder, DirectionBank.load(folder, model)
-
-
-def _beside(ref: str, folder: Path, what: str) -> Path:
-    """Default output beside a bank folder; for a registered bank, out/<name>-<alias|version>/."""
-    if ref.startswith("models:/"):
-        return Path("out") / ref.removeprefix("models:/").replace("/", "-").replace("@", "-") / what
-    return folder.parent / what
 
 
 @app.command()
@@ -208,6 +194,24 @@ def base_quality(
     typer.echo("VAE round trip (ceiling): " + ", ".join(f"{k} {ceiling[k]:.3f}" for k in QUALITY_BAR))
 
 
+@config_app.command("migrate")
+def config_migrate(
+    path: Path = typer.Argument(..., help="A discovery job file in the flat layout (no `kind`)."),
+    write: bool = typer.Option(False, "--write", help="Rewrite PATH (the flat one kept as PATH.flat)."),
+) -> None:
+    """Print a flat discovery job file in sections (`kind: discover`, data, method, optim...),
+    the same settings validated; comments are not carried over."""
+    from noiseclr.discovery.config import migrate
+
+    text = migrate(path)
+    if write:
+        path.with_name(path.name + ".flat").write_text(path.read_text())
+        path.write_text(text)
+        typer.echo(f"wrote {path} (the flat file: {path.name}.flat)")
+    else:
+        typer.echo(text, nl=False)
+
+
 @app.command()
 def discover(
     config: Path = typer.Option(Path("jobs/shapes.yaml"), help="Discovery job YAML."),
@@ -280,22 +284,12 @@ def gallery(
     device: str = typer.Option("auto"),
 ) -> None:
     """Write a PNG grid (directions x scales, over seeds) and an HTML page for each bank."""
-    import numpy as np
-
-    from noiseclr.editing.gallery import write_gallery
     from noiseclr.models.base import load_model
+    from noiseclr.workflows.edit import draw_gallery
 
     base = load_model(model, device=device)
     for ref in bank:
-        folder, b = _open_bank(ref, base)
-        top = scale if scale is not None else 2.0 if b.measured else 6.0
-        scales = [round(float(s), 4) for s in np.linspace(-top, top, columns)]
-        target = out or _beside(ref, folder, "gallery")
-        pages = write_gallery(base, b, target, scales, list(range(seeds)), prompt, steps)
-        if not ref.startswith("models:/") and Path(target).resolve() == (folder.parent / "gallery").resolve():
-            from noiseclr.card import write_card
-
-            write_card(folder, b)  # the card shows the gallery beside the bank
+        pages = draw_gallery(base, ref, out, scale, columns, seeds, prompt, steps)
         typer.echo(f"{ref}: {pages['grid']} {pages['html']}")
 
 
@@ -335,20 +329,6 @@ def edit(
     typer.echo(f"wrote {out}: " + ", ".join(f"{e.label} x{e.scale:g}" for e in done.edits))
 
 
-def _protocol(fix: list[str] | None, default_fixed: dict, **values):
-    """The evaluation protocol from CLI values; --fix replaces the bank's or config's domain."""
-    from pydantic import ValidationError
-
-    from noiseclr.evaluation.evaluate import Protocol
-    from noiseclr.utils.configfile import validation_message
-
-    fixed = _parse_fixed(fix) if fix else dict(default_fixed)
-    try:
-        return Protocol(fixed=fixed, **{k: v for k, v in values.items() if v is not None})
-    except ValidationError as err:
-        raise ConfigError(validation_message(err, Protocol)) from None
-
-
 def _int_list(option: str, text: str) -> tuple[int, ...]:
     """ "400,600" -> (400, 600); a clear error for anything else."""
     try:
@@ -379,17 +359,16 @@ def evaluate(
     """Measure what every direction does to every factor of the shapes world, at calibrated
     strength, against the noise floor; intervals by bootstrap over images. Shapes-world models
     only (the oracle reads their factors); on any other model use `noiseclr measure`."""
-    from noiseclr.card import save_bank
-    from noiseclr.evaluation.evaluate import measure_bank, require_oracle
     from noiseclr.evaluation.report import markdown_table
     from noiseclr.models.base import load_model
+    from noiseclr.workflows.measure import evaluate as run
 
-    base = load_model(model, device=device)
-    require_oracle(base)  # before the bank is opened: a refused command writes nothing
-    folder, b = _open_bank(bank, base)
-    protocol = _protocol(
-        fix,
-        b.config.get("world_fixed", {}),
+    done = run(
+        load_model(model, device=device),
+        bank,
+        out,
+        label=label,
+        fixed=_parse_fixed(fix) if fix else None,
         n_images=n,
         steps=steps,
         real=real,
@@ -397,13 +376,10 @@ def evaluate(
         windows=_int_list("--windows", windows),
         target_effect=target,
     )
-    result, paths = measure_bank(base, b, protocol, out or _beside(bank, folder, "evaluation"), label=label)
-    if label and bank.startswith("models:/"):
+    if label and done.saved is None:
         typer.echo("a registered bank is not rewritten: its labels are in the report (log a new version)")
-    elif label:
-        save_bank(b, folder)
-    typer.echo(markdown_table(result))
-    typer.echo(f"report: {paths['html']}")
+    typer.echo(markdown_table(done.result))
+    typer.echo(f"report: {done.report}")
 
 
 @app.command()
@@ -521,23 +497,19 @@ def compare(
 ) -> None:
     """The comparison: perfect edits (ceiling), known words, NoiseCLR, pullback and random
     directions (floor), one protocol, on the config's domain and on the full world."""
-    from noiseclr.bank import DirectionBank
     from noiseclr.discovery.config import DiscoveryConfig
-    from noiseclr.evaluation.evaluate import require_oracle
     from noiseclr.models.base import load_model
     from noiseclr.workflows.compare import run_comparison
 
     cfg = DiscoveryConfig.from_yaml(config, device=device)
-    base = load_model(cfg.model, device=device)
-    require_oracle(base)  # the comparison is the oracle's: refused before any discovery runs
-    banks: dict[str, DirectionBank] = {}
+    folders = {}
     for item in bank or []:
         name, sep, folder = item.partition("=")
         if not sep:
             raise ConfigError(f"--bank takes NAME=FOLDER, got {item!r}")
-        banks[name] = DirectionBank.load(folder, base)
-    protocol = _protocol(None, cfg.world_fixed, n_images=n, steps=steps)
-    table = run_comparison(cfg, base, out, banks, protocol, full_world=full_world)
+        folders[name] = folder
+    base = load_model(cfg.model, device=device)
+    table = run_comparison(cfg, base, out, folders, full_world=full_world, n_images=n, steps=steps)
     typer.echo(table.read_text())
     typer.echo(f"wrote {table} and compare.json")
 
@@ -556,25 +528,12 @@ def export(
 ) -> None:
     """Export a bank as textual-inversion files that diffusers, AUTOMATIC1111, ComfyUI or kohya
     load: one file per direction named for its prompt token, labels and scales in sidecar JSON."""
-    from noiseclr.export import FORMATS, export_bank, read_index
+    from noiseclr.workflows.publish import export as run
 
-    if fmt not in FORMATS:  # before opening the bank or loading a model
-        raise ConfigError(f"--format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
-    opened = _open_bank(bank)[1]
-    encoder = None
-    if model is not None:
-        from noiseclr.models.base import load_model
-
-        base = load_model(model, device="cpu")
-        encoder = base.pipe.text_encoder
-        if not base.identifies(opened.base_model.get("fingerprint")):
-            typer.echo(
-                f"note: bank {opened.name!r} was learnt on {opened.base_model.get('source')!r}, not on "
-                f"{model!r}: its tokens load there but may not mean the same",
-                err=True,
-            )
-    paths = export_bank(opened, out, fmt, pt=pt, text_encoder=encoder)
-    index = read_index(out)
+    done = run(bank, out, fmt, pt=pt, model=model)
+    if done.note:
+        typer.echo(done.note, err=True)
+    paths, index = done.paths, done.index
     first = index["directions"][0]
     typer.echo(f"wrote {len(paths)} {fmt} files, their .json sidecars and bank-export.json to {out}")
     typer.echo(f"load: {index['load']} (first: {first['file']}, prompt {first['prompt']!r})")
@@ -586,9 +545,9 @@ def export_ti(
     out: Path = typer.Option(..., help="Folder for the textual-inversion files."),
 ) -> None:
     """Export a bank as textual-inversion files for diffusers (`noiseclr export --format diffusers`)."""
-    from noiseclr.export import export_bank
+    from noiseclr.workflows.publish import export as run
 
-    paths = export_bank(_open_bank(bank)[1], out, "diffusers")
+    paths = run(bank, out, "diffusers").paths
     typer.echo(f"wrote {len(paths)} files to {out}; load them into a diffusers pipeline with:")
     typer.echo(f'  pipe.load_textual_inversion(sorted(glob.glob("{out}/*.safetensors")))')
 

@@ -2,11 +2,11 @@
 
     noiseclr submit jobs/sd15-faces-6gpu.yaml --address http://HEAD:8265
 
-The YAML says what runs: a discovery job, a sweep (it has `space`) or an edit endpoint (it
-has `banks`). It is validated here, before anything is sent; then the working folder (default
-the current one, without .git, .venv, out/ and what .gitignore names) travels as the job's
-`working_dir`, and the entry point is the same `noiseclr` command one would type on a laptop,
-run on the cluster's image. The cluster needs the platform installed (cluster/image).
+The YAML declares what runs (`kind: discover`, `kind: sweep` or `kind: serve`). It is validated
+here, before anything is sent; then the working folder (default the current one, without .git,
+.venv, out/ and what .gitignore names) travels as the job's `working_dir`, and the entry point is
+the same `noiseclr` command one would type on a laptop, run on the cluster's image. The cluster
+needs the platform installed (cluster/image).
 
 Ray's token authentication: set RAY_AUTH_MODE=token and give the cluster's token in
 $RAY_AUTH_TOKEN or ~/.ray/auth_token, as for `ray job submit`.
@@ -53,18 +53,25 @@ class Job:
     driver_gpu_advised: bool = False
 
 
-def job_kind(values: dict) -> Kind:
-    """Which command a job YAML is for, from the keys only its schema has."""
-    if "space" in values:
-        return "sweep"
-    if "banks" in values:
-        return "serve"
-    return "discover"
+KINDS: tuple[Kind, ...] = ("discover", "sweep", "serve")
+
+
+def job_kind(values: dict, path: Path) -> Kind:
+    """The command a job YAML declares (`kind`), never guessed from its keys."""
+    kind = values.get("kind")
+    if kind in KINDS:
+        return kind
+    if kind is None:
+        raise ConfigError(
+            f"job {path} declares no kind: add `kind: discover`, `kind: sweep` or `kind: serve` at "
+            "its top (`noiseclr config migrate` rewrites a flat discovery file in sections)"
+        )
+    raise ConfigError(f"job {path}: kind {kind!r} is unknown: use one of {', '.join(KINDS)}")
 
 
 def validate(path: Path) -> tuple[Kind, object]:
     """Kind and config of the job at `path`, validated with its own schema."""
-    kind = job_kind(read_mapping(path, "job"))
+    kind = job_kind(read_mapping(path, "job"), path)
     if kind == "sweep":
         from noiseclr.workflows.sweep import SweepConfig
 
@@ -133,7 +140,7 @@ def make_job(
         runtime_env["py_modules"] = [str(Path(noiseclr.__file__).parent)]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     submission_id = submission_id or f"noiseclr-{kind}-{name}-{stamp}"
-    advised = kind == "discover" and cfg.workers > 0 and cfg.device != "cpu"
+    advised = kind == "discover" and cfg.distributed.workers > 0 and cfg.run.device != "cpu"
     return Job(kind, name, shlex.join(command), runtime_env, submission_id, advised)
 
 

@@ -6,8 +6,10 @@ state) and `state.json` (step, data position, optimizer step count, loss history
 and the base model's fingerprint). The single process keeps them in OUT/checkpoints/step-N;
 the distributed path reports them to Ray Train and copies the last one there too.
 
-Resuming with a config whose training keys differ from the checkpoint's is refused, naming the
-keys: the bank would otherwise be labelled with a config it was not trained with.
+Resuming with a config whose training sections (`config.TRAINING_SECTIONS`: the model, data,
+method, optimisation) differ from the checkpoint's is refused, naming the keys: the bank would
+otherwise be labelled with a config it was not trained with. A checkpoint written before the
+sections holds the flat record; it is compared through the same mapping.
 """
 
 from __future__ import annotations
@@ -21,40 +23,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from noiseclr.discovery.config import DISTRIBUTED_KEYS, DiscoveryConfig
+from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.errors import ConfigError
 from noiseclr.utils.images import atomic_write_bytes
 
 STATE_TENSORS, STATE_META = "state.safetensors", "state.json"
-# Keys that change how a run executes or what is made from the bank, not what is learnt.
-RUNTIME_KEYS = frozenset(
-    {
-        "name",
-        "steps",
-        "device",
-        "workers",
-        *DISTRIBUTED_KEYS,
-        "checkpoint_every",
-        "keep_checkpoints",
-        "gradient_checkpointing",
-        "max_rows",
-        "edit_window",
-        "evaluate",
-        "evaluate_images",
-        "evaluate_windows",
-        "evaluate_steps",
-        "gallery",
-        "gallery_scales",
-        "gallery_seeds",
-        "gallery_steps",
-        "gallery_prompt",
-        "tracking_uri",
-        "experiment",
-        "register_bank",
-        "registered_model",
-        "register_alias",
-    }
-)
 
 
 @dataclass
@@ -128,23 +101,15 @@ class TrainState:
                 f"this one is {model.fingerprint}); use --fresh or another --out"
             )
         self.fingerprint = model.fingerprint
-        now = cfg.model_dump()
-        runtime = set(RUNTIME_KEYS) - ({"steps"} if cfg.schedule == "cosine" else set())
-        # A key the checkpoint predates was trained at its default.
-        then = {
-            k: self.config.get(k, type(cfg).model_fields[k].get_default(call_default_factory=True))
-            for k in now
-        }
-        changed = sorted(k for k in now if k not in runtime and then[k] != now[k])
-        if changed:
-            diff = ", ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in changed)
+        if changed := cfg.training_changes(self.config):
+            diff = ", ".join(changed)
             raise ConfigError(
                 f"checkpoint {where} was trained with another config ({diff}); "
                 "use --fresh to start over, or another --out"
             )
-        if self.step > cfg.steps:
+        if self.step > cfg.optim.steps:
             raise ConfigError(
-                f"checkpoint {where} is at step {self.step}, past steps: {cfg.steps}; "
+                f"checkpoint {where} is at step {self.step}, past steps: {cfg.optim.steps}; "
                 "raise steps, or use --fresh to start over"
             )
 

@@ -70,7 +70,7 @@ class AdamWEngine:
         self.cfg, self.unet, self.text_encoder, self.tokenizer = cfg, unet, text_encoder, tokenizer
         self.directions = torch.nn.Parameter(state.directions.float().to(device))
         self.norm = step.fixed_norm(cfg, text_encoder)
-        self.opt = torch.optim.AdamW([self.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW([self.directions], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         if state.exp_avg is not None:
             self.opt.state[self.directions] = {
                 "step": torch.tensor(state.optimizer_steps),
@@ -88,13 +88,13 @@ class AdamWEngine:
         self._pending = None
         if n == 1:
             return direction_deltas(
-                self.unet, self.text_encoder, self.tokenizer, rows, x_t, t, self.cfg.max_rows
+                self.unet, self.text_encoder, self.tokenizer, rows, x_t, t, self.cfg.run.max_rows
             )
         context = encode_directions(self.text_encoder, self.tokenizer, rows)  # (S + 1, L, H), last = empty
 
         def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             ctx = context.detach().requires_grad_()  # this stream's own leaf
-            return ctx, unet_rows(self.unet, x_t[images], t[images], ctx.to(x_t.dtype), self.cfg.max_rows)
+            return ctx, unet_rows(self.unet, x_t[images], t[images], ctx.to(x_t.dtype), self.cfg.run.max_rows)
 
         parts = parallel.map_ordered(forward, torch.arange(len(x_t)).chunk(n), device, progress=False, most=n)
         outs = [eps.detach().requires_grad_() for _, eps in parts]  # where the loss's gradient stops
@@ -107,7 +107,7 @@ class AdamWEngine:
             group["lr"] = lr
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.cfg.grad_accum).backward()
+        (loss / self.cfg.optim.grad_accum).backward()
         if self._pending is None:
             return
         context, parts, outs = self._pending
@@ -166,7 +166,9 @@ class TrainLoop:
         self.gen.set_state(state.rng)
         self.step, self.micro, self.history = state.step, state.micro, list(state.history)
         self.started_at = len(self.history)  # this process's steps follow
-        self.pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum  # per optimizer step
+        self.pairs = (
+            cfg.method.batch * cfg.method.directions_per_step * cfg.optim.grad_accum
+        )  # per optimizer step
 
     @property
     def pairs_per_s(self) -> float | None:
@@ -180,7 +182,7 @@ class TrainLoop:
 
     def checkpoint_due(self) -> bool:
         """Whether the step just done is one to checkpoint: every checkpoint_every, and the last."""
-        return self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+        return self.step % self.cfg.run.checkpoint_every == 0 or self.step == self.cfg.optim.steps
 
     def run(
         self,
@@ -189,14 +191,14 @@ class TrainLoop:
         last_good: Callable[[], object] = lambda: None,
         stop_after: int | None = None,
     ) -> None:
-        """Optimizer steps up to cfg.steps (or `stop_after` more, for tests of resume).
+        """Optimizer steps up to cfg.optim.steps (or `stop_after` more, for tests of resume).
 
         After each step `on_step(record)` (its history entry plus `pairs_per_s`), then
         `save(state)` where `checkpoint_due`. A non-finite loss or direction stops the run: the
         engine keeps the directions of the last finite step, and TrainingDiverged names
         `last_good()`, the checkpoint a resumed run starts from."""
         done = 0
-        while self.step < self.cfg.steps and (stop_after is None or done < stop_after):
+        while self.step < self.cfg.optim.steps and (stop_after is None or done < stop_after):
             good = self.engine.snapshot()
             try:
                 record = self.optimizer_step()
@@ -214,9 +216,9 @@ class TrainLoop:
     def optimizer_step(self) -> dict:
         """One optimizer step (grad_accum micro-steps); its history entry {"step", "loss", "seconds"}."""
         cfg, started = self.cfg, time.perf_counter()
-        self.engine.set_lr(cfg.lr * step.lr_factor(cfg, self.step))
+        self.engine.set_lr(cfg.optim.lr * step.lr_factor(cfg, self.step))
         total = 0.0
-        for _ in range(cfg.grad_accum):
+        for _ in range(cfg.optim.grad_accum):
             index, x0 = self.batch_of(self.micro)
             t, dirs = step.draw(cfg, self.gen)
             loss = step.micro_step_loss(
@@ -226,7 +228,7 @@ class TrainLoop:
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at step {self.step}")
             self.engine.backward(loss)
-            total += loss.item() / cfg.grad_accum
+            total += loss.item() / cfg.optim.grad_accum
             self.micro += 1
         try:
             self.engine.step()

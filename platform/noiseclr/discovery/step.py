@@ -36,7 +36,7 @@ DeltasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def fixed_norm(cfg: DiscoveryConfig, text_encoder: torch.nn.Module) -> torch.Tensor | None:
     """The norm every direction is used at (`direction_norm: vocab`), or None (free)."""
-    return None if cfg.direction_norm == "free" else vocab_norm(text_encoder)
+    return None if cfg.method.direction_norm == "free" else vocab_norm(text_encoder)
 
 
 def shaped(directions: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
@@ -48,10 +48,10 @@ def shaped(directions: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
 
 def lr_factor(cfg: DiscoveryConfig, step: int) -> float:
     """Learning-rate multiplier at optimizer step `step`: linear warm-up, then constant or cosine."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if step < cfg.optim.warmup:
+        return (step + 1) / cfg.optim.warmup
+    if cfg.optim.schedule == "cosine":
+        progress = (step - cfg.optim.warmup) / max(1, cfg.optim.steps - cfg.optim.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
 
@@ -59,34 +59,34 @@ def lr_factor(cfg: DiscoveryConfig, step: int) -> float:
 def objective(cfg: DiscoveryConfig, deltas: torch.Tensor, dirs: torch.Tensor | None = None) -> torch.Tensor:
     """The configured NoiseCLR loss on (B, S, C, h, w) deltas of the sampled directions `dirs`
     (S,) (anchor: dirs[0]; needed only when `delta_energy` is one weight per direction)."""
-    energy = cfg.delta_energy
+    energy = cfg.method.delta_energy
     if isinstance(energy, list):
         if dirs is None:
             raise ValueError("delta_energy per direction needs the sampled directions")
         energy = torch.tensor(energy)[dirs.cpu()]
-    feats = delta_features(deltas, cfg.delta_pool, cfg.delta_center, energy)
-    if cfg.loss == "paper":
-        loss = noiseclr_loss(feats, cfg.tau, anchor=0)
+    feats = delta_features(deltas, cfg.method.delta_pool, cfg.method.delta_center, energy)
+    if cfg.method.loss == "paper":
+        loss = noiseclr_loss(feats, cfg.method.tau, anchor=0)
     else:
-        loss = symmetric_noiseclr_loss(feats, cfg.tau)
-    if cfg.strength_weight:
-        loss = loss + cfg.strength_weight * strength_penalty(deltas, cfg.strength_target)
+        loss = symmetric_noiseclr_loss(feats, cfg.method.tau)
+    if cfg.method.strength_weight:
+        loss = loss + cfg.method.strength_weight * strength_penalty(deltas, cfg.method.strength_target)
     return loss
 
 
 def check_schedule(cfg: DiscoveryConfig, num_train_timesteps: int) -> None:
     """The timestep range must lie inside the model's noise schedule."""
-    if cfg.t_max >= num_train_timesteps:
+    if cfg.method.t_max >= num_train_timesteps:
         raise ConfigError(
-            f"t_max ({cfg.t_max}) is outside the model's noise schedule "
+            f"t_max ({cfg.method.t_max}) is outside the model's noise schedule "
             f"(timesteps 0..{num_train_timesteps - 1}): lower t_max"
         )
 
 
 def draw(cfg: DiscoveryConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The timestep (1,) and the directions (S,) of one micro-step, in this order."""
-    t = torch.randint(cfg.t_min, cfg.t_max + 1, (1,), generator=gen)
-    dirs = torch.randperm(cfg.k, generator=gen)[: cfg.directions_per_step]
+    t = torch.randint(cfg.method.t_min, cfg.method.t_max + 1, (1,), generator=gen)
+    dirs = torch.randperm(cfg.method.k, generator=gen)[: cfg.method.directions_per_step]
     return t, dirs
 
 
@@ -97,8 +97,8 @@ def _key(seed: int, micro: int, salt: int) -> int:
 def select_images(cfg: DiscoveryConfig, micro: int, n_images: int) -> torch.Tensor:
     """The single process's choice of `batch` images for micro-step `micro` (keyed, so it does
     not consume the run generator; workers instead take their Ray Data shard in order)."""
-    gen = torch.Generator().manual_seed(_key(cfg.seed, micro, 2**40))
-    return torch.randperm(n_images, generator=gen)[: cfg.batch]
+    gen = torch.Generator().manual_seed(_key(cfg.optim.seed, micro, 2**40))
+    return torch.randperm(n_images, generator=gen)[: cfg.method.batch]
 
 
 def image_noise(seed: int, micro: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -129,10 +129,10 @@ def micro_step_loss(
     input_dtype: the dtype the UNet takes (bf16 when DeepSpeed converted it; else fp32 and
     autocast does the mixed precision). gather: joins the workers' deltas into the global batch.
     """
-    noise = image_noise(cfg.seed, micro, index, tuple(x0.shape[1:]))
+    noise = image_noise(cfg.optim.seed, micro, index, tuple(x0.shape[1:]))
     ts = t.expand(len(x0)).to(device)
     x_t = scheduler.add_noise(x0.float().to(device), noise.to(device), ts).to(input_dtype)
-    dtype = resolve_dtype(cfg.precision)
+    dtype = resolve_dtype(cfg.optim.precision)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         deltas = deltas_of(x_t, ts, dirs.to(device))
     deltas = deltas.float()
@@ -156,8 +156,8 @@ def want_checkpointing(
     gives the activation bytes per image; times `batch` (this process's images per micro-step),
     with 10% headroom, against 90% of the free memory. On CPU, "auto" is off.
     """
-    if cfg.gradient_checkpointing != "auto":
-        return bool(cfg.gradient_checkpointing)
+    if cfg.run.gradient_checkpointing != "auto":
+        return bool(cfg.run.gradient_checkpointing)
     if device.type != "cuda":
         return False
     torch.cuda.synchronize(device)
@@ -165,9 +165,9 @@ def want_checkpointing(
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     x = torch.randn((2, *latent_shape), device=device, dtype=input_dtype, requires_grad=True)
-    ts = torch.full((2,), (cfg.t_min + cfg.t_max) // 2, device=device)
-    dirs = torch.arange(cfg.directions_per_step, device=device)
-    dtype = resolve_dtype(cfg.precision)
+    ts = torch.full((2,), (cfg.method.t_min + cfg.method.t_max) // 2, device=device)
+    dirs = torch.arange(cfg.method.directions_per_step, device=device)
+    dtype = resolve_dtype(cfg.optim.precision)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         deltas = deltas_of(x, ts, dirs)
     # Gradient to the input only: the same backward through the UNet, nothing accumulates

@@ -32,14 +32,14 @@ log = logging.getLogger(__name__)
 def initial_state(cfg: DiscoveryConfig, model: DiffusionModel) -> TrainState:
     """Step 0: initial directions drawn from the run generator, whose state follows them."""
     pipe = model.pipe
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.optim.seed)
     init = init_directions(
         pipe.text_encoder,
-        cfg.k,
+        cfg.method.k,
         gen,
         pipe.tokenizer,
-        cfg.init_tokens if cfg.init == "tokens" else None,
-        from_vocab=cfg.init == "vocab",
+        cfg.method.init_tokens if cfg.method.init == "tokens" else None,
+        from_vocab=cfg.method.init == "vocab",
     )
     return TrainState(
         step=0,
@@ -73,8 +73,10 @@ class DiscoveryTrainer:
     `core.TrainLoop` on an `AdamWEngine`, images picked per micro-step by `steps.select_images`."""
 
     def __init__(self, cfg: DiscoveryConfig, model: DiffusionModel, latents: torch.Tensor, state: TrainState):
-        if len(latents) < cfg.batch:
-            raise ConfigError(f"batch ({cfg.batch}) is larger than the number of images ({len(latents)})")
+        if len(latents) < cfg.method.batch:
+            raise ConfigError(
+                f"batch ({cfg.method.batch}) is larger than the number of images ({len(latents)})"
+            )
         self.cfg, self.model = cfg, model
         self.device = model.device
         pipe = model.pipe
@@ -87,7 +89,9 @@ class DiscoveryTrainer:
         self.engine = AdamWEngine(cfg, self.unet, self.text_encoder, pipe.tokenizer, state, self.device)
         self.loop = TrainLoop(cfg, self.engine, scheduler, state, self._batch, self.device)
         self.on_step: Callable[[dict], None] | None = None  # e.g. live MLflow logging; must not block
-        if steps.want_checkpointing(cfg, self.deltas, tuple(self.latents.shape[1:]), cfg.batch, self.device):
+        if steps.want_checkpointing(
+            cfg, self.deltas, tuple(self.latents.shape[1:]), cfg.method.batch, self.device
+        ):
             self.unet.enable_gradient_checkpointing()
             self.unet.train()  # diffusers checkpoints only in training mode; no dropout in SD's UNet
 
@@ -113,11 +117,11 @@ class DiscoveryTrainer:
         return self.loop.state()
 
     def fit(self, out: str | Path, stop_after: int | None = None) -> TrainState:
-        """Train to cfg.steps, checkpointing into OUT/checkpoints; return the final state.
+        """Train to cfg.optim.steps, checkpointing into OUT/checkpoints; return the final state.
 
         stop_after: end early after this many steps in this call (for tests of resume).
         """
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="discover")
+        bar = tqdm(total=self.cfg.optim.steps, initial=self.step, desc="discover")
 
         def on_step(record: dict) -> None:
             if self.on_step is not None:
@@ -127,7 +131,7 @@ class DiscoveryTrainer:
 
         try:
             self.loop.run(
-                save=lambda state: checkpoint.write(out, state, self.cfg.keep_checkpoints),
+                save=lambda state: checkpoint.write(out, state, self.cfg.run.keep_checkpoints),
                 on_step=on_step,
                 last_good=lambda: checkpoint.latest(out),
                 stop_after=stop_after,

@@ -59,6 +59,7 @@ class Replicas(BaseModel):
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    kind: Literal["serve"] = "serve"
     model: str = "shapes"  # the embedded model, or a diffusers folder / hub id
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"

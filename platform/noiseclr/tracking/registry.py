@@ -208,6 +208,14 @@ def bank_folder(ref: str | Path) -> Path:
     return Path(ref)
 
 
+def output_beside(ref: str | Path, folder: Path, what: str) -> Path:
+    """Where a command writes `what` (gallery, evaluation) for a bank by default: beside its
+    folder; for a registered bank, out/<name>-<alias|version>/ (the download is not a home)."""
+    if str(ref).startswith("models:/"):
+        return Path("out") / str(ref).removeprefix("models:/").replace("/", "-").replace("@", "-") / what
+    return folder.parent / what
+
+
 def open_bank(ref: str | Path, model=None) -> DirectionBank:
     """Load a bank from a folder or a models:/ reference (checked against `model` if given)."""
     return DirectionBank.load(bank_folder(ref), model)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: DiscoveryConfig) -> str | None:
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 @contextmanager
@@ -63,10 +63,10 @@ def _run(cfg: DiscoveryConfig, uri: str, run_name: str, parent: str | None, run_
     import mlflow
 
     try:
-        experiment = mlflow.set_experiment(cfg.experiment)
+        experiment = mlflow.set_experiment(cfg.tracking.experiment)
     except Exception as err:  # server down, wrong URI: say so before training, not after
         raise StorageError(
-            f"MLflow at {uri} is not reachable or refused experiment {cfg.experiment!r}: {err}"
+            f"MLflow at {uri} is not reachable or refused experiment {cfg.tracking.experiment!r}: {err}"
         ) from None
     if run_id:  # a sweep trial's next milestone: the same run goes on
         run = mlflow.start_run(run_id=run_id)
@@ -91,11 +91,13 @@ def step_metrics(cfg: DiscoveryConfig, h: dict, now: int) -> list:
     step = int(h["step"])
     out = [Metric("loss", float(h["loss"]), now, step)]
     if h.get("seconds"):  # older checkpoints' history has no step times
-        pairs = cfg.batch * cfg.directions_per_step * cfg.grad_accum  # (image, direction) pairs a step
+        pairs = (
+            cfg.method.batch * cfg.method.directions_per_step * cfg.optim.grad_accum
+        )  # (image, direction) pairs a step
         seconds = float(h["seconds"])
         out.append(Metric("step_seconds", seconds, now, step))
         out.append(Metric("pairs_per_s", pairs / seconds, now, step))
-        out.append(Metric("images_per_s", cfg.batch * cfg.grad_accum / seconds, now, step))
+        out.append(Metric("images_per_s", cfg.method.batch * cfg.optim.grad_accum / seconds, now, step))
     return out
 
 
@@ -162,7 +164,7 @@ class LiveMetrics:
 def params(cfg: DiscoveryConfig) -> dict[str, str]:
     """The whole config as MLflow params (lists and mappings as JSON)."""
     out = {}
-    for key, value in cfg.model_dump().items():
+    for key, value in cfg.record().items():
         out[key] = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
     return out
 
@@ -218,7 +220,7 @@ def log_discovery(
         "base_model.source": str(bank.base_model.get("source")),
         "base_model.fingerprint": str(bank.base_model.get("fingerprint")),
         "data.uri": data,
-        "data.sha256": data_hash(data, cfg.storage_options),
+        "data.sha256": data_hash(data, cfg.storage.options),
         "workers": str(result.workers),
     }
     if commit := git_commit():
@@ -251,7 +253,7 @@ def log_discovery(
         path = Path(result.bank).parent / folder
         if path.exists():
             mlflow.log_artifacts(str(path), artifact_path=folder)
-    if cfg.register_bank:  # the bank as a model, registered as a new version
-        log_bank(result.bank, cfg.registered_model, cfg.register_alias)
+    if cfg.tracking.register_bank:  # the bank as a model, registered as a new version
+        log_bank(result.bank, cfg.tracking.registered_model, cfg.tracking.alias)
     else:  # the files only (a sweep's trials: the best one is registered at the end)
         mlflow.log_artifacts(str(result.bank), artifact_path="bank")

@@ -98,7 +98,7 @@ class DeepSpeedEngine:
     def __init__(self, cfg: DiscoveryConfig, module: NoiseCLRModule, world: int, state):
         import deepspeed
 
-        opt = torch.optim.AdamW([module.directions], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW([module.directions], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.engine, self.opt, _, _ = deepspeed.initialize(
             model=module, optimizer=opt, config=deepspeed_config(cfg, world)
         )
@@ -131,21 +131,21 @@ class DeepSpeedEngine:
 
 
 def deepspeed_config(cfg: DiscoveryConfig, world: int) -> dict:
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.zero_stage == 3:
+    zero: dict = {"stage": cfg.distributed.zero_stage}
+    if cfg.distributed.zero_stage == 3:
         # Partition every parameter, the tiny ones too, so the frozen model is sharded.
         zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e9))
-    if cfg.offload and cfg.zero_stage >= 1:
+    if cfg.distributed.offload and cfg.distributed.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
-        "train_micro_batch_size_per_gpu": cfg.batch // world,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_micro_batch_size_per_gpu": cfg.method.batch // world,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
         # DeepSpeed clips gradients to norm 1.0 unless told otherwise (its default since 0.1x);
         # the single process does not clip, and the same config must train the same bank.
         "gradient_clipping": 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
+        "bf16": {"enabled": cfg.optim.precision == "bf16"},
+        "fp16": {"enabled": cfg.optim.precision == "fp16"},
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
@@ -243,10 +243,10 @@ def train_loop_per_worker(config: dict) -> None:
     steps.check_schedule(cfg, sched.config.num_train_timesteps)
     state = _start_state(cfg, model, config.get("resume"))
     module = NoiseCLRModule(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, state.directions.to(device), cfg.max_rows,
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, state.directions.to(device), cfg.run.max_rows,
         steps.fixed_norm(cfg, pipe.text_encoder),
     )  # fmt: skip
-    local = cfg.batch // world
+    local = cfg.method.batch // world
     side = model.resolution // pipe.vae_scale_factor
     # Decided before DeepSpeed partitions anything; every rank takes the most cautious answer.
     wants = steps.want_checkpointing(
@@ -263,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
         next(stream)
     gather = GatherBatch.apply if world > 1 else None
     # Under DeepSpeed bf16/fp16 the module itself is converted: give it inputs of its dtype.
-    dtype = resolve_dtype(cfg.precision)
+    dtype = resolve_dtype(cfg.optim.precision)
     loop = TrainLoop(cfg, engine, sched, state, lambda _: next(stream), device, dtype, gather, world)
     param_mib = param_bytes_per_worker(engine.engine) / 2**20
     nodes: list[str | None] = [None] * world  # the Ray nodes the workers run on (this attempt)
@@ -293,7 +293,7 @@ def train_loop_per_worker(config: dict) -> None:
         nonlocal first_step_s
         first_step_s = first_step_s or time.perf_counter() - started
         exported.record_step(
-            loop.step, record["loss"], record["pairs_per_s"], record["seconds"], local * cfg.grad_accum
+            loop.step, record["loss"], record["pairs_per_s"], record["seconds"], local * cfg.optim.grad_accum
         )
         if live is not None:
             live.step(record)
@@ -302,7 +302,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def save(saved) -> None:  # every rank (a collective under ZeRO-3), where a checkpoint is due
         metrics = metrics_of({**loop.history[-1], "pairs_per_s": loop.pairs_per_s})
-        if live is not None and loop.step == cfg.steps:  # the driver logs what did not get through
+        if live is not None and loop.step == cfg.optim.steps:  # the driver logs what did not get through
             live.close()
             metrics["mlflow_sent_through"] = live.sent_through
         # The largest worker's peak memory so far (a collective: every rank is here).
@@ -346,7 +346,7 @@ def _local_batches(cfg: DiscoveryConfig, shard, local: int):
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []
     for batch in shard.iter_torch_batches(batch_size=local, drop_last=True, dtypes=None):
         item = (batch["index"].cpu(), batch["latent"].float().cpu())
-        if cfg.cache_latents:
+        if cfg.distributed.cache_latents:
             cache.append(item)
         yield item
     while True:
@@ -404,18 +404,18 @@ def train_distributed(
     from noiseclr.data.ray_input import latent_dataset, pyarrow_filesystem
     from noiseclr.utils.raycluster import init_ray
 
-    workers = cfg.workers
-    storage_path, fs = cfg.storage_path, None
-    if storage_path and cfg.storage_options:
+    workers = cfg.distributed.workers
+    storage_path, fs = cfg.storage.path, None
+    if storage_path and cfg.storage.options:
         # The data's fsspec filesystem, options and all, serves the checkpoints too (Ray then
         # wants the path without its scheme); without options Ray resolves the path itself.
-        fs, storage_path = pyarrow_filesystem(storage_path, cfg.storage_options)
+        fs, storage_path = pyarrow_filesystem(storage_path, cfg.storage.options)
     # The dashboard too: Ray Train's placement-group cleaner asks its State API whether the controller
     # lives, and without it logs a warning every second of the run into the user's terminal.
     init_ray(address, num_cpus=max(4, workers + 2))
-    use_gpu = workers_use_gpu(cfg.device)
+    use_gpu = workers_use_gpu(cfg.run.device)
     ds, counter, n_files = latent_dataset(
-        data, cfg.model, resolution, cfg.storage_options, limit=cfg.n_images, run=cfg.name, gpu=use_gpu
+        data, cfg.model, resolution, cfg.storage.options, limit=cfg.data.n_images, run=cfg.name, gpu=use_gpu
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -431,7 +431,7 @@ def train_distributed(
             num_workers=workers,
             use_gpu=use_gpu,
             resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
-            placement_strategy=cfg.placement_strategy,
+            placement_strategy=cfg.distributed.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -440,8 +440,8 @@ def train_distributed(
             name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage_path or str(out / "ray"),
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
         datasets={"train": ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),

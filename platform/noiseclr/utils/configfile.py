@@ -84,6 +84,8 @@ def validation_message(err: ValidationError, model: type[BaseModel] | None = Non
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(model, e["loc"][:-1]), n=1)
             parts.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif key and e["type"] == "value_error":  # a section's own check: its message says it all
+            parts.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         elif key:
             parts.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
         else:

@@ -9,7 +9,6 @@ from pathlib import Path
 from noiseclr.bank import DirectionBank
 from noiseclr.card import save_bank
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.evaluation.evaluate import Protocol
 from noiseclr.models.base import DiffusionModel
 
 
@@ -17,30 +16,36 @@ def run_comparison(
     cfg: DiscoveryConfig,
     model: DiffusionModel,
     out: str | Path,
-    banks: dict[str, DirectionBank],
-    protocol: Protocol,
+    folders: dict[str, str | Path] | None = None,
     full_world: bool = True,
+    **protocol,
 ) -> Path:
-    """Measure `banks` plus a NoiseCLR bank trained with `cfg` and a pullback bank on its domain
-    (each unless `banks` already names one). Returns compare.md."""
+    """Measure the banks in `folders` (name -> folder) plus a NoiseCLR bank trained with `cfg`
+    and a pullback bank on its domain (each unless `folders` already names one), with the
+    oracle's protocol on the job's domain (`protocol`: its values). Returns compare.md."""
     from noiseclr.discovery.pullback import discover_pullback
     from noiseclr.domains import shapes
     from noiseclr.editing.sampler import encode
     from noiseclr.evaluation.compare import compare
+    from noiseclr.evaluation.evaluate import require_oracle
     from noiseclr.workflows.discover import run_discovery
+    from noiseclr.workflows.measure import oracle_protocol
 
+    require_oracle(model)  # the comparison is the oracle's: refused before any discovery runs
+    protocol = oracle_protocol(cfg.data.world_fixed, **protocol)
+    banks = {name: DirectionBank.load(folder, model) for name, folder in (folders or {}).items()}
     out = Path(out)
     if "noiseclr" not in banks:
         # The comparison measures every row itself; the job's own measurement would be a second one.
-        job = cfg.model_copy(update={"evaluate": False})
+        job = cfg.replace(evaluate=False)
         banks = {
             "noiseclr": DirectionBank.load(run_discovery(job, out / "noiseclr", model=model).bank, model),
             **banks,
         }
     if "pullback" not in banks:
-        scenes = shapes.sample_scenes(16, seed=cfg.seed, fixed=cfg.world_fixed)
+        scenes = shapes.sample_scenes(16, seed=cfg.optim.seed, fixed=cfg.data.world_fixed)
         pixels = shapes.render(scenes, model.resolution) * 2 - 1
-        pb = discover_pullback(model, encode(model, pixels), k=min(cfg.k, 8), seed=cfg.seed)
+        pb = discover_pullback(model, encode(model, pixels), k=min(cfg.method.k, 8), seed=cfg.optim.seed)
         banks["pullback"] = DirectionBank.load(save_bank(pb, out / "pullback" / "bank"), model)
     compare(model, banks, protocol, out, full_world=full_world)
     return out / "compare.md"

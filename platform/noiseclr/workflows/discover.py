@@ -21,7 +21,7 @@ from noiseclr.bank import DirectionBank, EditDefaults
 from noiseclr.card import save_bank, write_card
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery.checkpoint import TrainState
-from noiseclr.discovery.config import DISTRIBUTED_KEYS, DiscoveryConfig
+from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.step import check_schedule, fixed_norm, shaped
 from noiseclr.discovery.trainer import final_loss, start_state
 from noiseclr.errors import UserError
@@ -61,17 +61,19 @@ def generated_data(cfg: DiscoveryConfig, out: Path, resolution: int) -> str:
 
     data = out / "data"
     want = {
-        "seed": str(cfg.seed),
+        "seed": str(cfg.optim.seed),
         "resolution": str(resolution),
-        "n": str(cfg.n_images),
-        "fixed": json.dumps(cfg.world_fixed, sort_keys=True),
+        "n": str(cfg.data.n_images),
+        "fixed": json.dumps(cfg.data.world_fixed, sort_keys=True),
     }
     if (data / "factors.parquet").exists():
         meta = {k.decode(): v.decode() for k, v in (read_table(str(data)).schema.metadata or {}).items()}
         if all(meta.get(k) == v for k, v in want.items()):
             return str(data)
         shutil.rmtree(data)
-    write_world(str(data), n=cfg.n_images, seed=cfg.seed, resolution=resolution, fixed=cfg.world_fixed)
+    write_world(
+        str(data), n=cfg.data.n_images, seed=cfg.optim.seed, resolution=resolution, fixed=cfg.data.world_fixed
+    )
     return str(data)
 
 
@@ -83,7 +85,7 @@ def _train_single(
     from noiseclr.utils.memory import peak_rss_mib
 
     images = load_latents(
-        data, model.resolution, model.pipe.vae, limit=cfg.n_images, storage_options=cfg.storage_options
+        data, model.resolution, model.pipe.vae, limit=cfg.data.n_images, storage_options=cfg.storage.options
     )
     trainer = DiscoveryTrainer(cfg, model, images.latents, state)
     trainer.on_step = live.step if live is not None else None
@@ -106,7 +108,7 @@ def _train_ray(
     result, counts = train_distributed(cfg, out, data, model.resolution, resume, address, mlflow_run)
     with result.as_directory() as d:
         final = TrainState.load(d)
-    checkpoint.write(out, final, cfg.keep_checkpoints)  # where the next run, of either kind, resumes
+    checkpoint.write(out, final, cfg.run.keep_checkpoints)  # where the next run, of either kind, resumes
     return final, counts
 
 
@@ -122,14 +124,14 @@ def bank_from_state(
             "hidden_size": int(state.directions.shape[1]),
         },
         name=cfg.name,
-        config=cfg.model_dump(),
+        config=cfg.record(),  # the flat record every bank holds
         metrics={
             "steps": state.step,
             "final_loss": final_loss(state.history),
             "world": state.world,
             **metrics,
         },
-        edit_defaults=EditDefaults(window=(cfg.edit_window, 0)),
+        edit_defaults=EditDefaults(window=(cfg.evaluation.edit_window, 0)),
     )
 
 
@@ -139,15 +141,15 @@ def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBa
     from noiseclr.evaluation import blind
 
     protocol = blind.BlindProtocol(
-        n_images=cfg.evaluate_images,
-        calibration_images=min(4, cfg.evaluate_images),
-        prompt=cfg.gallery_prompt,
-        steps=cfg.evaluate_steps,
-        inversion_steps=max(2, round(1.25 * cfg.evaluate_steps)),
+        n_images=cfg.evaluation.images,
+        calibration_images=min(4, cfg.evaluation.images),
+        prompt=cfg.gallery.prompt,
+        steps=cfg.evaluation.steps,
+        inversion_steps=max(2, round(1.25 * cfg.evaluation.steps)),
         window=None,  # each direction in its own edit window (the oracle's choice, else edit_window)
-        seed=cfg.seed + 2000,
+        seed=cfg.optim.seed + 2000,
     )
-    real = blind.real_images(data, model, protocol, cfg.storage_options)
+    real = blind.real_images(data, model, protocol, cfg.storage.options)
     blind.measure_into(model, bank, protocol, real.pixels, real_names=real.files)
     log.info("%s", blind.summary_line(bank.scores))
 
@@ -163,7 +165,7 @@ def run_discovery(
 ) -> DiscoveryResult:
     """Run the whole job into OUT; resumes from OUT/checkpoints unless `fresh` (which deletes them).
 
-    cfg.workers > 0 trains on Ray Train workers (a local Ray, or the cluster at `address`).
+    cfg.distributed.workers > 0 trains on Ray Train workers (a local Ray, or the cluster at `address`).
     With a tracking URI the run is an MLflow run (a child of `parent_run_id` when given; the
     existing run `run_id` continued when given, as a sweep's trial does at each milestone).
     """
@@ -171,25 +173,26 @@ def run_discovery(
 
     out = Path(out).resolve()
     started = time.perf_counter()
-    unused = [k for k in DISTRIBUTED_KEYS if k in cfg.model_fields_set] if not cfg.workers else []
-    if unused:
-        log.warning("workers is 0 (one process): %s apply to Ray Train workers only", ", ".join(unused))
+    if unused := cfg.unused_distributed():
+        log.warning(
+            "distributed.workers is 0 (one process): %s apply to Ray Train workers only", ", ".join(unused)
+        )
     if fresh:
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
         shutil.rmtree(out / "ray", ignore_errors=True)
-    model = model or load_model(cfg.model, device="cpu" if cfg.workers else cfg.device)
+    model = model or load_model(cfg.model, device="cpu" if cfg.distributed.workers else cfg.run.device)
     state, resumed = start_state(cfg, model, out)  # refuses a changed config before anything is written
     if resumed is not None:
-        log.warning("resuming from %s (step %d of %d)", resumed, state.step, cfg.steps)
+        log.warning("resuming from %s (step %d of %d)", resumed, state.step, cfg.optim.steps)
     check_schedule(cfg, model.pipe.scheduler.config.num_train_timesteps)
     with tracked_run(cfg, run_name=f"{cfg.name}-{out.name}", parent=parent_run_id, run_id=run_id) as run:
         out.mkdir(parents=True, exist_ok=True)
-        data = cfg.data or generated_data(cfg, out, model.resolution)
-        live = LiveMetrics(cfg, run.info.run_id) if run is not None and not cfg.workers else None
+        data = cfg.data.uri or generated_data(cfg, out, model.resolution)
+        live = LiveMetrics(cfg, run.info.run_id) if run is not None and not cfg.distributed.workers else None
         try:
-            if cfg.workers:  # rank 0 logs the steps live; the driver what did not get through
+            if cfg.distributed.workers:  # rank 0 logs the steps live; the driver what did not get through
                 final, counts = _train_ray(cfg, model, data, out, resumed, address, run)
-                model.pipe.to(resolve_device(cfg.device))  # the workers are done: measure and draw here
+                model.pipe.to(resolve_device(cfg.run.device))  # the workers are done: measure and draw here
             else:
                 final, counts = _train_single(cfg, model, data, out, state, live)
         finally:
@@ -201,22 +204,22 @@ def run_discovery(
         bank.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
 
         measured = report = None
-        if cfg.evaluate and cfg.data is None and (model.world or {}).get("world") == "shapes":
+        if cfg.evaluation.enabled and cfg.data.uri is None and (model.world or {}).get("world") == "shapes":
             from noiseclr.evaluation import evaluate
 
             protocol = evaluate.Protocol(
-                fixed=cfg.world_fixed,
-                n_images=cfg.evaluate_images,
-                calibration_images=min(4, cfg.evaluate_images),
-                steps=cfg.evaluate_steps,
-                window=(cfg.edit_window, 0),
-                windows=tuple(cfg.evaluate_windows),
+                fixed=cfg.data.world_fixed,
+                n_images=cfg.evaluation.images,
+                calibration_images=min(4, cfg.evaluation.images),
+                steps=cfg.evaluation.steps,
+                window=(cfg.evaluation.edit_window, 0),
+                windows=tuple(cfg.evaluation.windows),
             )
             measured, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
             log.info("alignment %.3f, coverage %s", measured["alignment"], measured["coverage"])
             report = paths["html"]
         bank_dir = save_bank(bank, out / "bank")  # kept whatever the measurement below does
-        if cfg.evaluate:
+        if cfg.evaluation.enabled:
             try:
                 measure_blind(cfg, model, bank, data)
                 bank.save(bank_dir)
@@ -226,23 +229,23 @@ def run_discovery(
                 )
 
         pages = {"grid": None, "html": None}
-        if cfg.gallery:
+        if cfg.gallery.enabled:
             from noiseclr.editing.gallery import write_gallery
 
             pages = write_gallery(
                 model,
                 bank,
                 out / "gallery",
-                cfg.gallery_scales,
-                list(range(cfg.gallery_seeds)),
-                cfg.gallery_prompt,
-                cfg.gallery_steps,
+                cfg.gallery.scales,
+                list(range(cfg.gallery.seeds)),
+                cfg.gallery.prompt,
+                cfg.gallery.steps,
             )
         card = write_card(bank_dir, bank, gallery=pages["grid"], find_gallery=False)  # this run's gallery
         result = DiscoveryResult(
             bank=bank_dir,
             steps=final.step,
-            workers=cfg.workers,
+            workers=cfg.distributed.workers,
             resumed_from=resumed,
             images=images,
             corrupt_images=counts["corrupt_images"],

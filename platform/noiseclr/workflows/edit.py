@@ -96,3 +96,34 @@ def parse_sweep(text: str) -> list[float]:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise EditError(f"--sweep takes comma-separated numbers, got {text!r}") from None
+
+
+def draw_gallery(
+    model: DiffusionModel,
+    ref: str,
+    out: Path | None = None,
+    scale: float | None = None,
+    columns: int = 5,
+    seeds: int = 3,
+    prompt: str | None = None,
+    steps: int = 25,
+) -> dict[str, Path]:
+    """The gallery of bank `ref` (PNG grid and HTML page): columns from -scale to +scale, by
+    default 2 units of the measured strength for a measured bank, else 6 raw units. Drawn beside
+    a bank folder, it goes on the bank's card."""
+    from noiseclr.card import write_card
+    from noiseclr.editing.gallery import write_gallery
+    from noiseclr.tracking.registry import bank_folder, output_beside
+
+    folder = bank_folder(ref)
+    bank = DirectionBank.load(folder, model)
+    top = scale if scale is not None else 2.0 if bank.measured else 6.0
+    scales = [round(float(s), 4) for s in np.linspace(-top, top, columns)]
+    target = out or output_beside(ref, folder, "gallery")
+    pages = write_gallery(model, bank, target, scales, list(range(seeds)), prompt, steps)
+    if (
+        not str(ref).startswith("models:/")
+        and Path(target).resolve() == (folder.parent / "gallery").resolve()
+    ):
+        write_card(folder, bank)  # the card shows the gallery beside the bank
+    return pages

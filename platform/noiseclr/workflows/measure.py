@@ -149,3 +149,47 @@ def merge(
     bank.store_scores(result)
     save_bank(bank, out)
     return Merged(bank, len(merged), kept)
+
+
+def oracle_protocol(fixed: dict[str, str], **values):
+    """The oracle's protocol on the domain `fixed` (None values: the protocol's defaults);
+    ConfigError naming the field."""
+    from noiseclr.evaluation.evaluate import Protocol
+
+    try:
+        return Protocol(fixed=dict(fixed), **{k: v for k, v in values.items() if v is not None})
+    except ValidationError as err:
+        raise ConfigError(validation_message(err, Protocol)) from None
+
+
+@dataclass
+class Evaluated:
+    result: dict
+    report: Path  # the HTML report
+    saved: Path | None  # the bank folder rewritten with labels and scales; None: not rewritten
+
+
+def evaluate(
+    model: DiffusionModel,
+    ref: str,
+    out: Path | None = None,
+    label: bool = True,
+    fixed: dict[str, str] | None = None,
+    **protocol,
+) -> Evaluated:
+    """The oracle's measurement of bank `ref` on the domain it was trained on (or `fixed`); with
+    `label`, its labels and calibrated scales kept in the bank folder. A registered bank is
+    never rewritten (its report holds the labels: log a new version)."""
+    from noiseclr.evaluation.evaluate import measure_bank, require_oracle
+    from noiseclr.tracking.registry import bank_folder, output_beside
+
+    require_oracle(model)  # before the bank is opened: a refused command writes nothing
+    folder = bank_folder(ref)
+    bank = DirectionBank.load(folder, model)
+    p = oracle_protocol(fixed if fixed else bank.config.get("world_fixed", {}), **protocol)
+    result, paths = measure_bank(model, bank, p, out or output_beside(ref, folder, "evaluation"), label=label)
+    saved = None
+    if label and not str(ref).startswith("models:/"):
+        save_bank(bank, folder)
+        saved = folder
+    return Evaluated(result, paths["html"], saved)

@@ -67,8 +67,10 @@ class Dimension(BaseModel):
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    kind: Literal["sweep"] = "sweep"
     job: str  # the base discovery job (YAML), relative to the sweep file
-    overrides: dict[str, Any] = Field(default_factory=dict)  # job keys for short trials
+    # job keys for short trials: in the job's sections ({evaluation: {images: 4}}) or by flat name
+    overrides: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Dimension]  # k, t_range ([t_min, t_max] pairs), tau, lr, negatives
     milestones: list[int] = Field(default_factory=lambda: [100, 200])  # steps measured (ASHA rungs)
     num_samples: int = Field(8, ge=1)
@@ -125,19 +127,20 @@ class SweepConfig(BaseModel):
 
 def job_values(job: DiscoveryConfig, sweep: SweepConfig) -> dict[str, Any]:
     """The base job's values of the swept keys (the baseline trial)."""
-    return {key: [job.t_min, job.t_max] if key == "t_range" else getattr(job, key) for key in sweep.space}
+    record = job.record()
+    return {
+        key: [record["t_min"], record["t_max"]] if key == "t_range" else record[key] for key in sweep.space
+    }
 
 
 def trial_config(job: DiscoveryConfig, sampled: dict[str, Any]) -> DiscoveryConfig:
     """The job with a trial's sampled values; negatives is kept below k (a sampled k may be small)."""
-    values = job.model_dump()
-    for key, value in sampled.items():
-        if key == "t_range":
-            values["t_min"], values["t_max"] = (int(v) for v in value)
-        else:
-            values[key] = value
-    values["negatives"] = min(int(values["negatives"]), int(values["k"]) - 1)
-    return DiscoveryConfig.parse(values, where="trial")
+    values = dict(sampled)
+    if "t_range" in values:
+        values["t_min"], values["t_max"] = (int(v) for v in values.pop("t_range"))
+    k = int(values.get("k", job.method.k))
+    values["negatives"] = min(int(values.get("negatives", job.method.negatives)), k - 1)
+    return job.replace(where="trial", **values)
 
 
 def _trial(config: dict) -> None:
@@ -148,13 +151,13 @@ def _trial(config: dict) -> None:
     from noiseclr.workflows.discover import run_discovery
 
     torch.set_num_threads(max(1, int(config["_cpus"])))
-    job = DiscoveryConfig(**config["_job"])
+    job = DiscoveryConfig.from_saved(config["_job"])
     cfg = trial_config(job, {k: v for k, v in config.items() if not k.startswith("_")})
     out = Path(config["_out"]) / "trials" / tune.get_context().get_trial_id()
     run_id = None
     for steps in config["_milestones"]:
         last = steps == config["_milestones"][-1]
-        step_cfg = cfg.model_copy(update={"steps": steps, "register_bank": False, "gallery": last})
+        step_cfg = cfg.replace(steps=steps, register_bank=False, gallery=last)
         result = run_discovery(step_cfg, out, parent_run_id=config.get("_parent"), run_id=run_id)
         run_id = result.run_id
         tune.report(
@@ -249,23 +252,22 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
     return summary
 
 
-def has_oracle(job: DiscoveryConfig | dict) -> bool:
-    """The job trains on the shapes world it writes itself (model shapes, data null), where the
-    oracle measures its banks."""
-    values = job if isinstance(job, dict) else job.model_dump()
-    return values.get("data") is None and values.get("model", "shapes") == "shapes"
+def has_oracle(job: DiscoveryConfig) -> bool:
+    """The job trains on the shapes world it writes itself (model shapes, data uri null), where
+    the oracle measures its banks."""
+    return job.data.uri is None and job.model == "shapes"
 
 
 def objective(sweep: SweepConfig, job: DiscoveryConfig) -> str:
     """The metric the sweep maximises ("alignment" or "score"); ConfigError where it cannot be had."""
-    if not job.evaluate:
+    if not job.evaluation.enabled:
         raise ConfigError(
-            "a sweep maximises a measurement of each trial's bank: its job needs evaluate: true"
+            "a sweep maximises a measurement of each trial's bank: its job needs evaluation.enabled: true"
         )
     oracle = has_oracle(job)
     if sweep.metric == "alignment" and not oracle:
         raise ConfigError(
-            "metric alignment needs the shapes world's oracle (model: shapes, data: null); "
+            "metric alignment needs the shapes world's oracle (model: shapes, data.uri: null); "
             "on your own images use metric: score (the oracle-free score) or auto"
         )
     return sweep.metric if sweep.metric != "auto" else ("alignment" if oracle else "score")
@@ -291,8 +293,9 @@ def results_table(results, sweep: SweepConfig) -> list[dict]:
         if r.metrics is None or sweep.metric not in r.metrics:
             continue
         row = {k: r.config[k] for k in sweep.space}
-        row["baseline"] = sweep.baseline and row == job_values(DiscoveryConfig(**r.config["_job"]), sweep)
-        oracle = has_oracle(r.config["_job"])  # else no alignment was measured
+        job = DiscoveryConfig.from_saved(r.config["_job"])
+        row["baseline"] = sweep.baseline and row == job_values(job, sweep)
+        oracle = has_oracle(job)  # else no alignment was measured
         figures = FIGURES[:4] if oracle else ("score", "live")
         row.update({k: r.metrics.get(k) for k in ("steps", *figures, "loss")})
         rows.append(row)
@@ -362,7 +365,7 @@ def _register_best(
     mlflow.set_tracking_uri(tracking_uri(job))
     run_id = best.metrics.get("mlflow_run_id") or None
     with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(parent_run_id=parent):
-        version = log_bank(best.metrics["bank"], job.registered_model, sweep.register_alias)
+        version = log_bank(best.metrics["bank"], job.tracking.registered_model, sweep.register_alias)
     if parent:
         with mlflow.start_run(run_id=parent):
             for name in ("sweep.csv", "sweep.md", "sweep.png"):
