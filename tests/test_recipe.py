@@ -45,6 +45,17 @@ def test_recipe_config_rejects_unknown_keys_and_bad_values():
         RecipeConfig(batch=1)
 
 
+def test_a_recipe_file_is_read_like_every_config(tmp_path):
+    from noiseclr.errors import ConfigError
+
+    (tmp_path / "r.yaml").write_text("steps: 10\nvae_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: unknown key 'vae_stepz' \(did you mean 'vae_steps'\?\)"):
+        RecipeConfig.from_yaml(tmp_path / "r.yaml")
+    with pytest.raises(ConfigError, match=r"recipe .*nope\.yaml does not exist"):
+        RecipeConfig.from_yaml(tmp_path / "nope.yaml")
+    assert RecipeConfig.from_yaml("jobs/base/base_shapes.yaml", steps=7).steps == 7
+
+
 def test_vae_stage_trains_every_configured_step():
     from noiseclr.models.shapes.recipe import train_vae
 

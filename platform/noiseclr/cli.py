@@ -16,7 +16,6 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import typer
-import yaml
 from typer.core import TyperGroup
 
 try:  # recent typer vendors click as typer._click: its exceptions are the ones raised
@@ -160,12 +159,7 @@ def base_train(
     """Train the embedded shapes model by the project's recipe."""
     from noiseclr.models.shapes.recipe import RecipeConfig, train_base_model
 
-    values = yaml.safe_load(config.read_text()) or {}
-    if steps is not None:
-        values["steps"] = steps
-    if vae_steps is not None:
-        values["vae_steps"] = vae_steps
-    metrics = train_base_model(RecipeConfig(**values), out)
+    metrics = train_base_model(RecipeConfig.from_yaml(config, steps=steps, vae_steps=vae_steps), out)
     typer.echo(
         json.dumps({"out": str(out), "quality": metrics["quality"], "meets_bar": metrics["meets_bar"]})
     )

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
 from noiseclr.domains import shapes
+from noiseclr.errors import ConfigError
 from noiseclr.models.base import resolve_device
 from noiseclr.models.shapes.architecture import (
     ArchitectureConfig,
@@ -42,6 +43,7 @@ from noiseclr.models.shapes.architecture import (
     training_scheduler,
 )
 from noiseclr.models.shapes.quality import QUALITY_BAR, evaluate_quality, meets_bar, vae_roundtrip_quality
+from noiseclr.utils.configfile import read_mapping, validation_message
 
 
 class RecipeConfig(BaseModel):
@@ -130,6 +132,17 @@ class RecipeConfig(BaseModel):
         if not 1 <= v[0] < v[1] <= 1000:
             raise ValueError(f"swap_t {v}: needs 1 <= low < high <= 1000 (t = 0 has no noise to edit)")
         return v
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> RecipeConfig:
+        """A recipe file (`overrides`, None: not given, replace its keys); errors in one line
+        naming the file and the key, as for every config of the platform."""
+        values = read_mapping(path, "recipe")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            raise ConfigError(f"recipe {path}: {validation_message(err, cls)}") from None
 
 
 def _lr_lambda(warmup: int, total: int | list[int]):
