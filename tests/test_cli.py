@@ -66,5 +66,12 @@ def test_config_migrate_writes_a_flat_job_in_sections_and_keeps_the_old_one(tmp_
     text = old.read_text()
     assert text.startswith("kind: discover\nname: mine\n") and "method:\n  k: 8\n" in text
     assert "distributed:\n  workers: 2\n" in text and "gallery:\n  prompt: a shape\n" in text
+    (tmp_path / "two.yaml").write_text("k: 8\nnegatives: 3\n")
+    (tmp_path / "two.yaml.flat").write_text("kept")
+    refused = runner.invoke(app, ["config", "migrate", str(tmp_path / "two.yaml"), "--write"])
+    assert refused.exit_code == 2 and "two.yaml.flat exists" in refused.stderr
+    assert (tmp_path / "two.yaml.flat").read_text() == "kept" and "kind" not in (
+        tmp_path / "two.yaml"
+    ).read_text()
     again = runner.invoke(app, ["config", "migrate", str(old)])
     assert again.exit_code == 2 and "already declares kind: discover" in again.stderr

@@ -377,6 +377,12 @@ def test_config_from_yaml_rejects_unknown_keys(tmp_path):
     (tmp_path / "f.yaml").write_text("k: 8\ntemprature: 0.3\n")  # the flat layout: the same check
     with pytest.raises(ConfigError, match=r"f\.yaml: unknown key 'temprature'"):
         DiscoveryConfig.from_yaml(tmp_path / "f.yaml")
+    (tmp_path / "m.yaml").write_text("kind: discover\nworkers: 2\ndata: s3://b/x\ngallery: false\n")
+    placed = r"workers -> distributed\.workers, data -> data\.uri, gallery -> gallery\.enabled"
+    with pytest.raises(
+        ConfigError, match=r"m\.yaml: keys of a file with `kind` belong in their sections: " + placed
+    ):
+        DiscoveryConfig.from_yaml(tmp_path / "m.yaml")
     (tmp_path / "n.yaml").write_text("method: {k: 8}\n")  # sections without a declared kind
     with pytest.raises(ConfigError, match=r"n\.yaml has sections \(method\) but declares no kind"):
         DiscoveryConfig.from_yaml(tmp_path / "n.yaml")
@@ -409,8 +415,12 @@ def test_an_old_flat_job_file_reads_the_same_with_a_notice_and_migrates(tmp_path
     assert DiscoveryConfig.from_yaml(tmp_path / "new.yaml") == old
     with pytest.raises(ConfigError, match="already declares kind: discover"):
         migrate(tmp_path / "new.yaml")
-    # overrides, sweeps and tests name keys by the same flat names
+    # overrides, sweeps and tests name keys by the same flat names; what was not set stays unset
     assert old.replace(steps=9, gallery=False).optim.steps == 9
+    job = DiscoveryConfig.from_yaml("jobs/shapes.yaml")
+    assert job.replace(evaluate=False).unused_distributed() == []
+    assert job.replace(zero_stage=3).unused_distributed() == ["distributed.zero_stage"]
+    assert DiscoveryConfig.from_saved(job.model_dump(exclude_unset=True)) == job  # a sweep's saved job
     assert DiscoveryConfig.from_yaml("jobs/shapes.yaml", steps=9, workers=2).distributed.workers == 2
 
 

@@ -199,7 +199,10 @@ def config_migrate(
 
     text = migrate(path)
     if write:
-        path.with_name(path.name + ".flat").write_text(path.read_text())
+        kept = path.with_name(path.name + ".flat")
+        if kept.exists():
+            raise ConfigError(f"{kept} exists: move it away first (the flat file is kept there)")
+        kept.write_text(path.read_text())
         path.write_text(text)
         typer.echo(f"wrote {path} (the flat file: {path.name}.flat)")
     else:
@@ -210,7 +213,7 @@ def config_migrate(
 def discover(
     config: Path = typer.Option(Path("jobs/shapes.yaml"), help="Discovery job YAML."),
     out: Path = typer.Option(Path("out/discovery"), help="Output folder: bank/, gallery/, checkpoints/."),
-    data: str | None = typer.Option(None, help="Image folder URI (overrides the config's `data`)."),
+    data: str | None = typer.Option(None, help="Image folder URI (overrides the config's `data.uri`)."),
     steps: int | None = typer.Option(None, help="Override the config's steps."),
     k: int | None = typer.Option(None, help="Override the number of directions."),
     device: str | None = typer.Option(None, help="Override the device."),

@@ -329,7 +329,10 @@ class DiscoveryConfig(BaseModel):
     def replace(self, where: str = "override", **flat: Any) -> DiscoveryConfig:
         """A validated copy with keys replaced by their flat names (None: kept)."""
         given = {k: v for k, v in flat.items() if v is not None}
-        return self.parse(merge(self.model_dump(), nest(given, where)), where) if given else self
+        if not given:
+            return self
+        # only what was set stays set: keys left at their defaults still read as not given
+        return self.parse(merge(self.model_dump(exclude_unset=True), nest(given, where)), where)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> DiscoveryConfig:
@@ -350,8 +353,23 @@ class DiscoveryConfig(BaseModel):
                 path,
                 path,
             )
+        else:
+            cls._check_placement(values, where)
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls.parse(merge(values, nest(given, "override")), where=where)
+
+    @classmethod
+    def _check_placement(cls, values: dict[str, Any], where: str) -> None:
+        """A flat key at the top of a file with sections: one line naming where it belongs."""
+        wrong = [
+            f"{key} -> {'.'.join(FLAT[key])}"
+            for key, value in values.items()
+            if key in FLAT and len(FLAT[key]) == 2 and not (key in SECTIONS and isinstance(value, dict))
+        ]
+        if wrong:
+            raise ConfigError(
+                f"{where}: keys of a file with `kind` belong in their sections: {', '.join(wrong)}"
+            )
 
     @classmethod
     def parse(cls, values: dict, where: str = "config") -> DiscoveryConfig:
@@ -382,7 +400,7 @@ class DiscoveryConfig(BaseModel):
     def sections_of(cls, saved: dict[str, Any]) -> dict[str, Any]:
         """A saved config (nested, or a flat record from before the sections) as nested values,
         not validated: a checkpoint is compared with what it holds. Unknown flat keys are dropped."""
-        if "kind" in saved:
+        if "kind" in saved or any(k in SECTIONS and isinstance(v, dict) for k, v in saved.items()):
             return saved
         return nest({k: v for k, v in saved.items() if k in FLAT})
 

@@ -78,8 +78,8 @@ def check_schedule(cfg: DiscoveryConfig, num_train_timesteps: int) -> None:
     """The timestep range must lie inside the model's noise schedule."""
     if cfg.method.t_max >= num_train_timesteps:
         raise ConfigError(
-            f"t_max ({cfg.method.t_max}) is outside the model's noise schedule "
-            f"(timesteps 0..{num_train_timesteps - 1}): lower t_max"
+            f"method.t_max ({cfg.method.t_max}) is outside the model's noise schedule "
+            f"(timesteps 0..{num_train_timesteps - 1}): lower method.t_max"
         )
 
 

@@ -1,6 +1,6 @@
 """MLflow tracking of a discovery run: the one place the workflow talks to MLflow.
 
-With no tracking URI (config `tracking_uri`, else $MLFLOW_TRACKING_URI) nothing is tracked and
+With no tracking URI (config `tracking.uri`, else $MLFLOW_TRACKING_URI) nothing is tracked and
 mlflow need not be installed. Otherwise each run logs its full config as params; per step the
 loss, step time and throughput (pairs/s, images/s); the data counts and the evaluation's scores;
 the bank, gallery and evaluation page as artifacts; tags (base-model fingerprint, data URI and
@@ -45,7 +45,10 @@ def tracked_run(
     try:
         import mlflow
     except ImportError:
-        raise StorageError("tracking_uri is set but mlflow is not installed (pip install mlflow)") from None
+        raise StorageError(
+            "a tracking URI is set (tracking.uri or $MLFLOW_TRACKING_URI) but mlflow is not installed "
+            "(pip install mlflow)"
+        ) from None
     # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in this process's environment: put
     # back what was there after the run, or a later untracked job in the same process (a
     # notebook, a test session) would be tracked to this run's server.

@@ -43,7 +43,7 @@ class DiscoveryResult:
     final_loss: float | None
     seconds: float
     evaluation: Path | None  # the measurement's page (shapes world only)
-    gallery: Path | None  # None with gallery: false
+    gallery: Path | None  # None with gallery.enabled: false
     html: Path | None
     alignment: float | None = None  # the measurement's summary (shapes world only)
     coverage: int | None = None  # factors some direction moves cleanly

@@ -77,7 +77,7 @@ class SweepConfig(BaseModel):
     max_concurrent: int = Field(1, ge=1)
     cpus_per_trial: float = Field(2, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
-    # alignment: the shapes world's oracle (data: null); score: the oracle-free bank score, on any
+    # alignment: the shapes world's oracle (data.uri: null); score: the oracle-free bank score, on any
     # domain; auto: alignment where the oracle exists, else score.
     metric: Literal["auto", "alignment", "score"] = "auto"
     reduction_factor: int = Field(2, ge=2)
@@ -106,7 +106,10 @@ class SweepConfig(BaseModel):
             sweep = cls(**values)
         except ValidationError as err:
             raise ConfigError(f"sweep config {path}: {validation_message(err, cls)}") from None
-        job = DiscoveryConfig.from_yaml(path.parent / sweep.job, **sweep.overrides)
+        try:
+            job = DiscoveryConfig.from_yaml(path.parent / sweep.job, **sweep.overrides)
+        except ConfigError as err:  # the job file's own error, or one of this file's overrides
+            raise ConfigError(f"sweep config {path} (its job and overrides): {err}") from None
         if sweep.baseline:
             for key, value in job_values(job, sweep).items():
                 dim = sweep.space[key]
@@ -201,7 +204,7 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
     else:
         space = {key: dim.tune() for key, dim in sweep.space.items()}
         space.update(
-            _job=job.model_dump(),
+            _job=job.model_dump(exclude_unset=True),
             _out=str(out),
             _milestones=sweep.milestones,
             _parent=parent,
