@@ -403,12 +403,13 @@ def measure(
     flagged. Written into bank.json (a registered bank is not rewritten: its table is printed)."""
     from noiseclr.evaluation.blind import scores_table
     from noiseclr.models.base import load_model
+    from noiseclr.tracking.registry import is_registered
     from noiseclr.workflows.measure import measure as measure_bank
 
     base = load_model(model, device=device)
     setup = dict(data=data, prompt=prompt, generated=generated, n=n, steps=steps, target=target)
     measured = measure_bank(base, bank, window=window, **setup)
-    if bank.startswith("models:/"):
+    if is_registered(bank):
         typer.echo("a registered bank is not rewritten: log a new version to keep these scores")
     typer.echo(scores_table(measured))
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from noiseclr.errors import ConfigError, UserError
 from noiseclr.utils.configfile import read_mapping
@@ -53,7 +53,7 @@ class Job:
     driver_gpu_advised: bool = False
 
 
-KINDS: tuple[Kind, ...] = ("discover", "sweep", "serve")
+KINDS: tuple[Kind, ...] = get_args(Kind)
 
 
 def job_kind(values: dict, path: Path) -> Kind:

@@ -39,7 +39,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from noiseclr.errors import ConfigError
-from noiseclr.utils.configfile import URI_PASSWORD, check_no_secrets, read_mapping, validation_message
+from noiseclr.utils.configfile import (
+    URI_PASSWORD,
+    check_no_secrets,
+    read_mapping,
+    unknown_key,
+    validation_message,
+)
 
 log = logging.getLogger(__name__)
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -259,29 +265,28 @@ def _flat_names() -> dict[str, tuple[str, ...]]:
 FLAT: dict[str, tuple[str, ...]] = _flat_names()
 
 
+def _is_section(key: str, value: Any) -> bool:
+    """A section written as a mapping (`data: {uri: ...}`), not a flat key of the same name
+    (`data: s3://...`, `gallery: false`)."""
+    return key in SECTIONS and isinstance(value, dict)
+
+
 def nest(values: dict[str, Any], where: str = "config") -> dict[str, Any]:
     """Flat keys -> the nested layout (a ConfigError naming an unknown key); a section given as a
     mapping stays as it is (`{"optim": {"steps": 9}}` and `{"steps": 9}` say the same)."""
     out: dict[str, Any] = {}
     for key, value in values.items():
-        if key == "kind" or (key in SECTIONS and isinstance(value, dict)):
+        if key == "kind" or _is_section(key, value):
             out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
             continue
         path = FLAT.get(key)
         if path is None:
-            raise ConfigError(f"{where}: {_unknown(key)}")
+            raise ConfigError(f"{where}: {unknown_key(key, key, list(FLAT))}")
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return out
-
-
-def _unknown(key: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(FLAT), n=1)
-    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -341,7 +346,7 @@ class DiscoveryConfig(BaseModel):
         values = read_mapping(path)
         where = f"config {path}"
         if "kind" not in values:
-            if sections := sorted(k for k, v in values.items() if k in SECTIONS and isinstance(v, dict)):
+            if sections := sorted(k for k, v in values.items() if _is_section(k, v)):
                 raise ConfigError(
                     f"{where} has sections ({', '.join(sections)}) but declares no kind: "
                     "add `kind: discover` at its top"
@@ -364,7 +369,7 @@ class DiscoveryConfig(BaseModel):
         wrong = [
             f"{key} -> {'.'.join(FLAT[key])}"
             for key, value in values.items()
-            if key in FLAT and len(FLAT[key]) == 2 and not (key in SECTIONS and isinstance(value, dict))
+            if key in FLAT and len(FLAT[key]) == 2 and not _is_section(key, value)
         ]
         if wrong:
             raise ConfigError(
@@ -400,7 +405,7 @@ class DiscoveryConfig(BaseModel):
     def sections_of(cls, saved: dict[str, Any]) -> dict[str, Any]:
         """A saved config (nested, or a flat record from before the sections) as nested values,
         not validated: a checkpoint is compared with what it holds. Unknown flat keys are dropped."""
-        if "kind" in saved or any(k in SECTIONS and isinstance(v, dict) for k, v in saved.items()):
+        if "kind" in saved or any(_is_section(k, v) for k, v in saved.items()):
             return saved
         return nest({k: v for k, v in saved.items() if k in FLAT})
 

@@ -201,9 +201,15 @@ def _fetched(ref: str, version, beside: Path, expected: dict[str, str | None]):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_registered(ref: str | Path) -> bool:
+    """A models:/ reference: a registered version, read-only (a command never rewrites its
+    download; its results go to a new version)."""
+    return str(ref).startswith("models:/")
+
+
 def bank_folder(ref: str | Path) -> Path:
     """A folder as is; a models:/ reference downloaded and verified."""
-    if str(ref).startswith("models:/"):
+    if is_registered(ref):
         return download_bank(str(ref))
     return Path(ref)
 
@@ -211,7 +217,7 @@ def bank_folder(ref: str | Path) -> Path:
 def output_beside(ref: str | Path, folder: Path, what: str) -> Path:
     """Where a command writes `what` (gallery, evaluation) for a bank by default: beside its
     folder; for a registered bank, out/<name>-<alias|version>/ (the download is not a home)."""
-    if str(ref).startswith("models:/"):
+    if is_registered(ref):
         return Path("out") / str(ref).removeprefix("models:/").replace("/", "-").replace("@", "-") / what
     return folder.parent / what
 

@@ -82,8 +82,7 @@ def validation_message(err: ValidationError, model: type[BaseModel] | None = Non
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(model, e["loc"][:-1]), n=1)
-            parts.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            parts.append(unknown_key(key, str(e["loc"][-1]), _fields_at(model, e["loc"][:-1])))
         elif key and e["type"] == "value_error":  # a section's own check: its message says it all
             parts.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         elif key:
@@ -91,6 +90,12 @@ def validation_message(err: ValidationError, model: type[BaseModel] | None = Non
         else:
             parts.append(e["msg"].removeprefix("Value error, "))
     return "; ".join(parts)
+
+
+def unknown_key(key: str, name: str, known: list[str]) -> str:
+    """ "unknown key KEY", naming the known key closest to its last part `name` if one is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:

@@ -113,7 +113,7 @@ def draw_gallery(
     a bank folder, it goes on the bank's card."""
     from noiseclr.card import write_card
     from noiseclr.editing.gallery import write_gallery
-    from noiseclr.tracking.registry import bank_folder, output_beside
+    from noiseclr.tracking.registry import bank_folder, is_registered, output_beside
 
     folder = bank_folder(ref)
     bank = DirectionBank.load(folder, model)
@@ -121,9 +121,6 @@ def draw_gallery(
     scales = [round(float(s), 4) for s in np.linspace(-top, top, columns)]
     target = out or output_beside(ref, folder, "gallery")
     pages = write_gallery(model, bank, target, scales, list(range(seeds)), prompt, steps)
-    if (
-        not str(ref).startswith("models:/")
-        and Path(target).resolve() == (folder.parent / "gallery").resolve()
-    ):
+    if not is_registered(ref) and Path(target).resolve() == (folder.parent / "gallery").resolve():
         write_card(folder, bank)  # the card shows the gallery beside the bank
     return pages

@@ -102,13 +102,13 @@ def training_world(bank: DirectionBank, model: DiffusionModel) -> str | None:
 def measure(model: DiffusionModel, ref: str, **setup) -> DirectionBank:
     """Measure the bank at `ref` (a folder or models:/ reference) and keep the result in its
     bank.json and card; a registered bank is measured, not rewritten (log a new version)."""
-    from noiseclr.tracking.registry import bank_folder
+    from noiseclr.tracking.registry import bank_folder, is_registered
 
     folder = bank_folder(ref)
     bank = DirectionBank.load(folder, model)
     protocol, real = blind_setup(model, bank, **setup)
     blind.measure_into(model, bank, protocol, real and real.pixels, real_names=real and real.files)
-    if not ref.startswith("models:/"):
+    if not is_registered(ref):
         save_bank(bank, folder)
     return bank
 
@@ -181,7 +181,7 @@ def evaluate(
     `label`, its labels and calibrated scales kept in the bank folder. A registered bank is
     never rewritten (its report holds the labels: log a new version)."""
     from noiseclr.evaluation.evaluate import measure_bank, require_oracle
-    from noiseclr.tracking.registry import bank_folder, output_beside
+    from noiseclr.tracking.registry import bank_folder, is_registered, output_beside
 
     require_oracle(model)  # before the bank is opened: a refused command writes nothing
     folder = bank_folder(ref)
@@ -189,7 +189,7 @@ def evaluate(
     p = oracle_protocol(fixed if fixed else bank.config.get("world_fixed", {}), **protocol)
     result, paths = measure_bank(model, bank, p, out or output_beside(ref, folder, "evaluation"), label=label)
     saved = None
-    if label and not str(ref).startswith("models:/"):
+    if label and not is_registered(ref):
         save_bank(bank, folder)
         saved = folder
     return Evaluated(result, paths["html"], saved)
