@@ -1,4 +1,6 @@
-"""NoiseCLRPipeline: the diffusers pipeline gives `noiseclr edit`'s pixels; the SEGA hand-off."""
+"""NoiseCLRPipeline, `noiseclr edit` and the endpoint give one image for one request; the SEGA hand-off."""
+
+import base64
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from noiseclr.models.base import EMBEDDED, PRETRAINED_DIR
 
 BANK = PRETRAINED_DIR / "banks" / "shapes"
 TOLERANCE = 2 / 255
+EDIT = {"bank": "shapes", "direction": 3, "scale": 1}  # the endpoint's form of "3=1"
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +51,30 @@ def as_float(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 255
 
 
-def test_seed_edit_matches_the_cli(pipe, tmp_path):
+def endpoint_image(model, tmp_path, **request) -> np.ndarray:
+    """The edit endpoint's engine (what a Serve replica runs) on one request: (H, W, 3) in [0, 1]."""
+    import io
+
+    from noiseclr.serving.config import ServeConfig
+    from noiseclr.serving.engine import EditEngine
+    from noiseclr.serving.schema import EditRequest
+
+    engine = EditEngine(
+        ServeConfig(banks={"shapes": str(BANK)}, device="cpu", labels_dir=str(tmp_path)), model
+    )
+    (png,) = engine.run([engine.prepare(EditRequest(**request))])
+    assert isinstance(png, bytes), png
+    return as_float(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_seed_edit_matches_the_cli_and_the_endpoint(pipe, shapes_model, tmp_path):
+    """No prompt: all three edit an image of the bank's domain (its gallery prompt)."""
     cli = cli_after(tmp_path, "3=1", "--seed", "2", "--steps", "4")
     ours = pipe(edits={"3": 1.0}, seed=2, num_inference_steps=4).images[0]  # PIL, as diffusers
     assert ours.size == (64, 64)
     assert np.abs(as_float(ours) - cli).max() <= TOLERANCE
+    served = endpoint_image(shapes_model, tmp_path, seed=2, steps=4, edits=[EDIT])
+    assert np.abs(served - cli).max() <= TOLERANCE
     same = pipe(edits=["shapes:3=1"], seed=2, num_inference_steps=4, output_type="np").images[0]
     np.testing.assert_array_equal(np.asarray(ours), (same * 255).round().astype(np.uint8))  # dict = list
     plain = pipe(seed=2, num_inference_steps=4, output_type="np").images[0]
@@ -67,13 +89,16 @@ def test_prompted_seed_edit_matches_the_cli(pipe, tmp_path):
     assert np.abs(ours - cli).max() <= TOLERANCE
 
 
-def test_real_image_edit_matches_the_cli(pipe, tmp_path):
+def test_real_image_edit_matches_the_cli_and_the_endpoint(pipe, shapes_model, tmp_path):
     rendered = shapes.render(shapes.sample_scenes(1, seed=21))[0].permute(1, 2, 0).numpy()
     photo = Image.fromarray((rendered * 255).round().astype(np.uint8))
     photo.save(tmp_path / "real.png")
     cli = cli_after(tmp_path, "3=1", "--image", str(tmp_path / "real.png"), "--steps", "6")
     ours = pipe(edits="3=1", image=photo, num_inference_steps=6, output_type="np").images[0]
     assert np.abs(ours - cli).max() <= TOLERANCE
+    upload = base64.b64encode((tmp_path / "real.png").read_bytes()).decode()
+    served = endpoint_image(shapes_model, tmp_path, image=upload, steps=6, edits=[EDIT])
+    assert np.abs(served - cli).max() <= TOLERANCE
     from_file = read_image_file(tmp_path / "real.png", 64)  # what the CLI feeds the inversion
     for given in (photo, np.asarray(photo), rendered, str(tmp_path / "real.png")):
         torch.testing.assert_close(NoiseCLRPipeline._pixels(given, 64), from_file, atol=0, rtol=0)
@@ -86,8 +111,9 @@ def test_a_saved_diffusers_folder_loads_and_edits_alike(pipe, shapes_model, tmp_
     other = NoiseCLRPipeline.from_pretrained(tmp_path / "sd")
     other.set_progress_bar_config(disable=True)
     other.load_bank(BANK)  # same weights: the bank's fingerprint check passes
-    a = other(edits={"3": 1}, seed=1, num_inference_steps=4, output_type="np").images
-    b = pipe(edits={"3": 1}, seed=1, num_inference_steps=4, output_type="np").images
+    # No world.json there: the guidance default is SD's 7.5, so both are given the shapes model's.
+    a = other(edits={"3": 1}, seed=1, num_inference_steps=4, guidance_scale=4.0, output_type="np").images
+    b = pipe(edits={"3": 1}, seed=1, num_inference_steps=4, guidance_scale=4.0, output_type="np").images
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -135,7 +161,7 @@ def test_sega_gets_the_same_directions(pipe):
     assert args["reverse_editing_direction"] == [False, True]
     plain = dict(prompt="", guidance_scale=2.0, num_inference_steps=4, output_type="np")  # CFG on ""
     out = sega(latents=x_T.clone(), edit_threshold=0.0, edit_momentum_scale=0.0, **args, **plain).images
-    ours = pipe(edits=edits, latents=x_T, num_inference_steps=4, output_type="np").images
+    ours = pipe("", edits=edits, latents=x_T, num_inference_steps=4, output_type="np").images  # no CFG
     assert np.abs(out - ours).max() <= TOLERANCE
     thresholded = sega(latents=x_T.clone(), **args, **plain).images  # SEGA's own defaults run too
     assert thresholded.shape == ours.shape and np.isfinite(thresholded).all()

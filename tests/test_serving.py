@@ -581,7 +581,9 @@ def test_thumbnails_render_once_per_bank_in_chunks_within_the_row_budget(shapes_
             strips = list(pool.map(lambda _: chunked.thumbnails("shapes"), range(4)))
     finally:
         hook.remove()
-    assert chunks == ["shapes"] * 6  # 12 directions, 2 per call (12 rows / (2 x 3 scales)): rendered once
+    # 12 directions, 1 per call (12 rows / (3 x 3 scales): empty, the bank's domain prompt and the
+    # edit for each scale): rendered once
+    assert chunks == ["shapes"] * 12
     assert rows and max(rows) <= 12
     assert all(s is strips[0] for s in strips)
     for a, b in zip(strips[0], whole.thumbnails("shapes"), strict=True):

@@ -222,6 +222,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prompt", default=None, help='the load\'s prompt ("" for unconditional); default: none sent')
     ap.add_argument("--out", default="out/probe")
     args = ap.parse_args()
     out = Path(args.out)
@@ -257,6 +258,8 @@ def main() -> None:
         load = []
         if shutil.which("hey"):
             body = {"seed": 1, "steps": args.steps, "edits": [{"bank": bank, "direction": 0, "scale": 1}]}
+            if args.prompt is not None:  # without one the server edits the bank's domain prompt (CFG)
+                body["prompt"] = args.prompt
             hey(f"{url}/v1/edits", body, 1, 3)  # warm-up
             for n in args.clients:
                 load.append(hey(f"{url}/v1/edits", body, n, args.seconds))

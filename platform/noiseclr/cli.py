@@ -115,7 +115,7 @@ def generate(
     model: str = typer.Option("shapes", help="'shapes', a diffusers folder, or a hub id."),
     n: int = typer.Option(8, min=1, help="Number of images."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same images."),
-    steps: int = typer.Option(25, min=1, help="DDIM steps."),
+    steps: int = typer.Option(25, min=1, help="Sampling steps (the model folder's scheduler)."),
     guidance: float | None = typer.Option(None, help="CFG scale (default: the model's)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     out: Path = typer.Option(Path("grid.png"), help="Where to write the PNG grid."),
@@ -276,7 +276,9 @@ def gallery(
     ),
     columns: int = typer.Option(5, min=2),
     seeds: int = typer.Option(3, min=1),
-    prompt: str | None = typer.Option(None, help="Default: unconditional samples."),
+    prompt: str | None = typer.Option(
+        None, help='Default: the bank\'s gallery prompt (its domain); "" for unconditional samples.'
+    ),
     steps: int = typer.Option(25, min=1),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -301,12 +303,17 @@ def edit(
     model: str = typer.Option("shapes"),
     image: Path | None = typer.Option(None, help="A real image to edit (DDIM inversion); else a seed."),
     seed: int = typer.Option(0),
-    prompt: str | None = typer.Option(None, help="Prompt for a generated image (default: unconditional)."),
+    prompt: str | None = typer.Option(
+        None, help='Prompt for a generated image. Default: the bank\'s gallery prompt; "" for none.'
+    ),
     sweep: str | None = typer.Option(
         None, help="Interpolate the first edit over scales (its units), e.g. -2,-1,0,1,2."
     ),
     steps: int | None = typer.Option(
-        None, min=1, help=f"DDIM steps (default {SEED_STEPS}; {INVERSION_STEPS} when inverting --image)."
+        None,
+        min=1,
+        help=f"Sampling steps with the model folder's scheduler (default {SEED_STEPS}); DDIM inversion "
+        f"and editing of --image ({INVERSION_STEPS}).",
     ),
     device: str = typer.Option("auto"),
     out: Path = typer.Option(Path("edit.png")),

@@ -16,6 +16,7 @@ and hands them to `sampler.sample` / `sampler.invert`: the maths lives in one pl
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -29,13 +30,14 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from PIL import Image
 
 from noiseclr.bank import SAFE_NAME, DirectionBank
-from noiseclr.conditioning import encode_directions
+from noiseclr.conditioning import direction_table, encode_directions
 from noiseclr.data.images import read_image_file, square_image
-from noiseclr.editing import sampler
+from noiseclr.editing import request, sampler
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
+from noiseclr.editing.denoiser import DirectionTerms, EditingHook
 from noiseclr.errors import BankError, EditError, ImageError
 from noiseclr.models.base import EMBEDDED, DiffusionModel, cast, fingerprints
-from noiseclr.models.generate import default_guidance
+from noiseclr.models.generate import default_guidance, image_seed
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +56,12 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> NoiseCLRPipeline:
-        """diffusers' `from_pretrained`, plus the names of embedded models ("shapes"); weights are
-        read from safetensors only (pass `use_safetensors=False` to allow pickled ones)."""
+        """diffusers' `from_pretrained` (safetensors preferred, `.bin` and variants read as there),
+        plus the names of embedded models ("shapes")."""
         name = str(pretrained_model_name_or_path)
         if name in EMBEDDED:  # ships without a safety checker: nothing to warn about
             name = str(EMBEDDED[name])
             kwargs.setdefault("requires_safety_checker", False)
-        kwargs.setdefault("use_safetensors", True)
         # A bank records the weights as stored: fingerprint them before a cast to fp16 / bf16
         # (which `load_bank` could not see through), then cast as asked.
         dtype = kwargs.pop("torch_dtype", None)
@@ -69,6 +70,21 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         if dtype is not None:  # one dtype, or per component as diffusers takes it
             cast(pipe, dtype)
         return pipe
+
+    def enable_sequential_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' sequential offload, with the text encoder's direction table installed first:
+        offload hooks every leaf module as it is then, and a table swapped in later would keep
+        its weight on the meta device."""
+        direction_table(self.text_encoder)
+        super().enable_sequential_cpu_offload(*args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`, plus the embedded model's world.json (its guidance scale
+        and prompt words), so that the saved folder edits as the one it came from."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        world = self._model().world
+        if world is not None:
+            (Path(save_directory) / "world.json").write_text(json.dumps(world, indent=1))
 
     # -- banks ---------------------------------------------------------------------------------
 
@@ -117,76 +133,127 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | None = None,
+        prompt: str | list[str] | None = None,
+        *args: Any,
         edits: EditSpec = None,
         image: ImageInput | list[ImageInput] | None = None,
-        seed: int | list[int] = 0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        seed: int | list[int] | None = None,
         inversion_steps: int | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
+        **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
-        """Edit a generated image (x_T from `seed`, `generator` or `latents`) or a real `image`.
+        """`StableDiffusionPipeline.__call__`, every argument as there, plus `edits`, on a generated
+        image or a real `image`.
 
         Args:
-            prompt: for a generated image (default: unconditional, as the CLI). A real image is
-                edited without one, the paper's real-image form; giving both is an error.
+            prompt, height, width, num_inference_steps, timesteps, sigmas, guidance_scale,
+                negative_prompt, num_images_per_prompt, eta, generator, latents, prompt_embeds,
+                negative_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds, output_type,
+                return_dict, cross_attention_kwargs, guidance_rescale, clip_skip,
+                callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers, with the
+                pipeline's own scheduler; edits follow every image (`num_images_per_prompt`,
+                generator lists) and callbacks see the edited latents. Three defaults differ:
+                no prompt (and no `prompt_embeds`) is the loaded banks' domain prompt (their
+                gallery prompt; `""` for an unconditional image), `guidance_scale` is the model's
+                (world.json's, 7.5 for SD) with a prompt and 1 without, and `num_inference_steps`
+                is 25 (100 for a real image), the CLI's.
             edits: `noiseclr edit`'s syntax, `[bank:]direction=scale[@t_high-t_low]`: a dict
-                `{"3": 1.0}`, a list `["shapes:3=1"]` or one string. On a measured bank scale 1
-                is the direction's measured clean edit and the window its measured one.
-            image: a real image (or a list): DDIM-inverted under the empty prompt.
-            seed: the CLI's `--seed` (a list gives a batch); image i is the CLI's image of seed i.
-            generator / latents: diffusers' ways to choose x_T instead of `seed`.
-            num_inference_steps: default 25, or 100 for a real image (the CLI's defaults).
-            guidance_scale: CFG on `prompt` (default: the model's, 7.5 for SD); unused without one.
+                `{"3": 1.0}`, a list `["shapes:3=1"]`, one string, or `sampler.Edit`s. On a
+                measured bank scale 1 is the direction's measured clean edit and the window its
+                measured one; windows are in timesteps whatever the scheduler.
+            image: a real image (or a list): DDIM-inverted under the empty prompt and edited along
+                that DDIM trajectory without a prompt (the paper's real-image form), whatever
+                `pipe.scheduler` is; the generation arguments do not apply to it.
+            seed: `noiseclr edit --seed`: image i of a call with seed s is drawn as image i of
+                `noiseclr generate --seed s` (a list: one seed per image). Used when neither
+                `generator` nor `latents` is given (default 0).
             inversion_steps: DDIM inversion steps (default: `num_inference_steps`, as the CLI).
-            output_type: "pil", "np" ((N, H, W, 3) floats in [0, 1]), "pt" ((N, 3, H, W) in
-                [0, 1]) or "latent" (x_0 latents).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
-        for what, value in (
-            ("num_inference_steps", num_inference_steps),
-            ("inversion_steps", inversion_steps),
-        ):
+        call = inspect.signature(StableDiffusionPipeline.__call__).bind(self, prompt, *args, **kwargs)
+        given = dict(call.arguments)
+        given.pop("self")
+        given.update(given.pop("kwargs", {}))
+        for what in ("num_inference_steps", "inversion_steps"):
+            value = inversion_steps if what == "inversion_steps" else given.get(what)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
-        model = self._model()
+        output_type = given.get("output_type", "pil")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} is not one of {list(OUTPUT_TYPES)}")
         parsed = self._edits(edits)
-        progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         if image is not None:
-            if prompt is not None:
-                raise EditError(
-                    "prompt= is for generated images: a real image is inverted and edited without a "
-                    "prompt (as `noiseclr edit --image`)"
-                )
-            if latents is not None or generator is not None:
-                raise EditError("give image= or latents= / generator=, not both: a real image sets x_T")
-            steps = num_inference_steps or INVERSION_STEPS
-            pixels = self._pixels(image, model.resolution)
-            x_T, start_t = sampler.invert(
-                model, sampler.encode(model, pixels), inversion_steps or steps, progress=progress
-            )
-            guidance = 1.0
+            return self._edit_real(image, parsed, given, inversion_steps)
+        return self._generate(parsed, given, seed)
+
+    def _generate(
+        self, parsed: list[sampler.Edit], given: dict[str, Any], seed: int | list[int] | None
+    ) -> Any:
+        """Stable Diffusion's own loop, the edits' rows added to its UNet calls (`EditingHook`)."""
+        model = self._model()
+        prompt, embeds = given.get("prompt"), given.get("prompt_embeds")
+        if prompt is None and embeds is None:  # the domain of the bank being edited
+            prompt = request.domain_prompt(self._banks_of(parsed)) or ""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if prompts is not None:
+            for text in prompts:
+                if text:
+                    model.check_prompt(text)
+        batch = len(prompts) if prompts is not None else embeds.shape[0]
+        per_prompt = given.get("num_images_per_prompt") or 1
+        total = batch * per_prompt
+        if "guidance_scale" not in given:
+            prompted = embeds is not None or any(prompts)
+            given["guidance_scale"] = default_guidance(model) if prompted else 1.0
+        if not {"num_inference_steps", "timesteps", "sigmas"} & set(given):
+            given["num_inference_steps"] = SEED_STEPS
+        latents = given.get("latents")
+        if latents is not None:
+            self._check_latents(model, latents, given)
+        if given.get("generator") is None and latents is None:
+            given["generator"] = self._seed_generators(seed, total)
+        given["prompt"] = prompt
+        if not parsed:
+            return StableDiffusionPipeline.__call__(self, **given)
+        guided = given["guidance_scale"] > 1 and self.unet.config.time_cond_proj_dim is None
+        if guided:  # the unconditional rows are the empty prompt unless a negative one replaces it
+            empty = given.get("negative_prompt") is None and given.get("negative_prompt_embeds") is None
         else:
-            steps = num_inference_steps or SEED_STEPS
-            x_T, start_t = self._initial_latents(model, seed, generator, latents), None
-            if guidance_scale is None:
-                guidance_scale = default_guidance(model) if prompt else 1.0
-            guidance = guidance_scale
-        x0 = sampler.sample(
-            model,
-            x_T,
-            parsed,
-            prompt=prompt,
-            guidance_scale=guidance,
-            steps=steps,
-            start_t=start_t,
-            progress=progress,
+            empty = embeds is None and given.get("clip_skip") is None and not any(prompts or [])
+        scales = torch.tensor([[e.scale for e in parsed]] * total, dtype=torch.float32)
+        terms = DirectionTerms.encode(
+            self.text_encoder, self.tokenizer, parsed, scales, self._execution_device
         )
+        EditingHook.install(self.unet)
+        end = EditingHook.editing(terms, total, empty)
+        try:
+            return StableDiffusionPipeline.__call__(self, **given)
+        finally:
+            end()
+
+    def _edit_real(
+        self, image: ImageInput | list[ImageInput], parsed: list[sampler.Edit], given: dict[str, Any],
+        inversion_steps: int | None,
+    ) -> Any:  # fmt: skip
+        """Invert the real image(s) with DDIM and edit along that trajectory, as `noiseclr edit --image`."""
+        if given.get("prompt") is not None or given.get("prompt_embeds") is not None:
+            raise EditError(
+                "prompt= is for generated images: a real image is inverted and edited without a "
+                "prompt (as `noiseclr edit --image`)"
+            )
+        if given.get("latents") is not None or given.get("generator") is not None:
+            raise EditError("give image= or latents= / generator=, not both: a real image sets x_T")
+        allowed = {"prompt", "num_inference_steps", "output_type", "return_dict"}
+        unused = sorted(k for k, v in given.items() if v is not None and k not in allowed)
+        if unused:
+            raise EditError(
+                f"{', '.join(unused)}: not used with image= (a real image is DDIM-inverted and edited)"
+            )
+        model = self._model()
+        progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        steps = given.get("num_inference_steps") or INVERSION_STEPS
+        start = request.from_pixels(self._pixels(image, model.resolution), inversion_steps or steps)
+        request.invert(model, [start], progress=progress)
+        x0 = sampler.sample(model, start.x_T, parsed, steps=steps, start_t=start.start_t, progress=progress)
+        output_type = given.get("output_type", "pil")
         if output_type == "latent":
             images, nsfw = x0, None
         else:
@@ -197,7 +264,7 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
                 images = self.numpy_to_pil(images)
             elif output_type == "pt":
                 images = torch.from_numpy(images).permute(0, 3, 1, 2)
-        if not return_dict:
+        if not given.get("return_dict", True):
             return images, nsfw
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
@@ -281,26 +348,28 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
                 raise EditError(f"an edit is a string like '3=1' or a dict {{'3': 1.0}}, got {e!r}")
         return out
 
+    def _banks_of(self, parsed: list[sampler.Edit]) -> list[DirectionBank]:
+        """The banks the edits use (in edit order), then the other loaded ones."""
+        used = [e.label.split(":", 1)[0] for e in parsed]
+        return [self.banks[n] for n in dict.fromkeys([*used, *self.banks]) if n in self.banks]
+
     @staticmethod
-    def _initial_latents(
-        model: DiffusionModel,
-        seed: int | list[int],
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """x_T (N, C, h, w): given, drawn from generator(s), or the CLI's x_T for each seed."""
-        pipe, side = model.pipe, model.resolution // model.pipe.vae_scale_factor
-        shape = (pipe.unet.config.in_channels, side, side)
-        if latents is not None:
-            if latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
-                raise ValueError(
-                    f"latents must be (N, {', '.join(map(str, shape))}), got {tuple(latents.shape)}"
-                )
-            return latents
-        if generator is not None:
-            gens = generator if isinstance(generator, list) else [generator]
-            return torch.stack([torch.randn(shape, generator=g, device=g.device).cpu() for g in gens])
-        return sampler.seed_latents(model, [seed] if isinstance(seed, int) else list(seed))
+    def _seed_generators(seed: int | list[int] | None, total: int) -> list[torch.Generator]:
+        """One CPU generator per image: image i of seed s as `noiseclr generate --seed s` draws it."""
+        if seed is None or isinstance(seed, int):
+            return [torch.Generator().manual_seed(image_seed(seed or 0, i)) for i in range(total)]
+        if len(seed) != total:
+            raise ValueError(f"seed= lists {len(seed)} seeds for {total} images; give one per image")
+        return request.seed_generators(list(seed))
+
+    @staticmethod
+    def _check_latents(model: DiffusionModel, latents: torch.Tensor, given: dict[str, Any]) -> None:
+        side = model.resolution // model.pipe.vae_scale_factor
+        height = (given.get("height") or model.resolution) // model.pipe.vae_scale_factor
+        width = (given.get("width") or model.resolution) // model.pipe.vae_scale_factor
+        shape = (model.pipe.unet.config.in_channels, height or side, width or side)
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
+            raise ValueError(f"latents must be (N, {', '.join(map(str, shape))}), got {tuple(latents.shape)}")
 
     @staticmethod
     def _pixels(image: ImageInput | list[ImageInput], resolution: int) -> torch.Tensor:

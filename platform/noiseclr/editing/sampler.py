@@ -13,17 +13,19 @@ unconditional pass is shared by the prompt and all directions.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler, SchedulerMixin
 from tqdm.auto import tqdm
 
 from noiseclr.bank import DirectionBank
 from noiseclr.conditioning import encode_directions, unet_pairs, unet_rows
+from noiseclr.editing.denoiser import DirectionTerms
 from noiseclr.errors import BankError, EditError
 from noiseclr.models.base import DiffusionModel, scheduler_like
 from noiseclr.models.generate import default_guidance, image_seed, initial_latents
@@ -112,6 +114,20 @@ def parse_edit(text: str, banks: dict[str, DirectionBank]) -> Edit:
     return Edit(bank.directions[i], scale, hi, lo, label=f"{bank_name}:{bank.tokens[i]}")
 
 
+def repeat_generators(generators: list[torch.Generator] | None, times: int) -> list[torch.Generator] | None:
+    """Each generator `times` times over (copies at its state), for trajectories repeated as
+    `repeat_interleave` repeats them."""
+    if generators is None:
+        return None
+    out = []
+    for g in generators:
+        for _ in range(times):
+            copy = torch.Generator(device=g.device)
+            copy.set_state(g.get_state())
+            out.append(copy)
+    return out
+
+
 def seed_latents(model: DiffusionModel, seeds: list[int]) -> torch.Tensor:
     """x_T for each seed: the first image `noiseclr generate --seed s` makes."""
     return initial_latents(model, [image_seed(s) for s in seeds])
@@ -123,6 +139,17 @@ def _encode_prompt(model: DiffusionModel, prompt: str) -> torch.Tensor:
         prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
     )
     return model.pipe.text_encoder(ids.input_ids.to(model.device))[0]
+
+
+def scheduler_for(model: DiffusionModel, ddim: bool = False) -> SchedulerMixin:
+    """A fresh scheduler for one sampling call (schedulers hold per-loop state): the pipeline's
+    own class, which a user swaps as in diffusers, or DDIM on its noise schedule: for latents DDIM
+    inversion made (their trajectory is DDIM's; another solver from there would not reconstruct
+    the image) and for the measurements, whose trajectories stop and resume at a timestep."""
+    config = model.pipe.scheduler.config
+    if ddim:
+        return scheduler_like(DDIMScheduler, config)
+    return type(model.pipe.scheduler).from_config(config)
 
 
 @torch.no_grad()
@@ -140,8 +167,14 @@ def sample(
     shift_at: int = 0,
     start_t: int | None = None,
     stop_t: int | None = None,
+    scheduler: SchedulerMixin | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Denoise x_T with CFG on `prompt` (if any) plus the edits. Returns x_0 latents (N, C, h, w).
+
+    scheduler: a fresh one for this loop; default `scheduler_for` (the pipeline's class; DDIM
+    from a start_t). generator: the noise of stochastic schedulers (Euler ancestral, DDIM
+    with eta > 0), one per trajectory so that an image does not depend on its batch.
 
     start_t: the timestep x_T sits at when it is not pure noise (what :func:`invert` returns);
     sampling steps above it are skipped.
@@ -152,8 +185,9 @@ def sample(
     pullback method's edit in x_t).
 
     Each trajectory goes through the UNet only under the rows it needs at a step (empty, its
-    prompt, the edits it scales non-zero whose window holds t), all trajectories in one batch:
-    so unrelated requests (the edit server's batches) share the calls without extra rows.
+    prompt, the edits it scales non-zero whose window holds t), all trajectories in one batch
+    (`denoiser.DirectionTerms`): so unrelated requests (the edit server's batches) share the
+    calls without extra rows.
     """
     pipe, device = model.pipe, model.device
     n, m = x_T.shape[0], len(edits)
@@ -161,13 +195,8 @@ def sample(
         scales = torch.tensor([[e.scale for e in edits]] * n, dtype=torch.float32).reshape(n, m)
     if scales.shape != (n, m):
         raise ValueError(f"scales must be (trajectories, edits) = {(n, m)}, got {tuple(scales.shape)}")
-    if not torch.isfinite(scales).all():
-        raise ValueError("edit scales must be finite numbers")
-    scales = scales.to(device)
     dtype = pipe.unet.dtype
-    vectors = torch.stack([e.vector for e in edits]).to(device) if edits else torch.zeros(0, 1, device=device)
-    ctx = encode_directions(pipe.text_encoder, pipe.tokenizer, vectors)  # (M + 1, L, H); last = empty
-    ctx = torch.cat([ctx[-1:], ctx[:-1]])  # row 0 = empty, rows 1..M = directions
+    terms = DirectionTerms.encode(pipe.text_encoder, pipe.tokenizer, edits, scales.to(device), device)
     prompts = prompt if isinstance(prompt, list) else [prompt] * n
     guidance = guidance_scale if isinstance(guidance_scale, list) else [guidance_scale] * n
     if len(prompts) != n or len(guidance) != n:
@@ -175,16 +204,23 @@ def sample(
     unique = list(dict.fromkeys(p for p in prompts if p is not None))
     for text in unique:
         model.check_prompt(text)
-        ctx = torch.cat([ctx, _encode_prompt(model, text)])  # rows M + 1 ... = prompts
-    has_prompt = torch.tensor([p is not None for p in prompts], device=device)
-    rows = [m + 1 + unique.index(p) if p is not None else 0 for p in prompts]
-    prompt_row = torch.tensor(rows, device=device)
-    guidance_t = torch.tensor(guidance, dtype=torch.float32, device=device)
-    windows = torch.tensor([[e.t_low, e.t_high] for e in edits], device=device).reshape(m, 2)
+    texts = torch.cat([_encode_prompt(model, text) for text in unique]) if unique else terms.empty[:0]
     every = torch.arange(n, device=device)
+    has_prompt = torch.tensor([p is not None for p in prompts], device=device)
+    prompt_row = torch.tensor(
+        [unique.index(p) for p in prompts if p is not None], device=device, dtype=torch.long
+    )
+    weight = torch.tensor(guidance, dtype=torch.float32, device=device)[has_prompt].view(-1, 1, 1, 1)
+    # The caller's rows of every step: each trajectory under the empty prompt, then under its prompt.
+    source = torch.cat([every, every[has_prompt]])
+    context = torch.cat([terms.empty.expand(n, -1, -1), texts[prompt_row]])
+    callers = len(source)
 
-    sched = scheduler_like(DDIMScheduler, pipe.scheduler.config)
+    sched = scheduler if scheduler is not None else scheduler_for(model, ddim=start_t is not None)
     sched.set_timesteps(steps, device=device)
+    step_kwargs = {}
+    if generator is not None and "generator" in inspect.signature(sched.step).parameters:
+        step_kwargs["generator"] = generator
     x = x_T.to(device, dtype) * sched.init_noise_sigma
     timesteps = sched.timesteps if start_t is None else sched.timesteps[sched.timesteps <= start_t]
     if stop_t is not None:
@@ -193,18 +229,16 @@ def sample(
         if latent_shift is not None and t <= shift_at:
             x = x + latent_shift.to(device, dtype)
             latent_shift = None
-        on = (scales != 0) & ((windows[:, 0] <= t) & (t <= windows[:, 1]))[None]  # (N, M)
-        edit_img, edit_col = on.nonzero(as_tuple=True)
-        img = torch.cat([every, edit_img, every[has_prompt]])  # (trajectory, context row) pairs
-        row = torch.cat([torch.zeros_like(every), edit_col + 1, prompt_row[has_prompt]])
+        plan = terms.plan(t, every, every, callers)
+        rows = source if plan is None else torch.cat([source, plan.source])
+        ctx = context if plan is None else torch.cat([context, plan.context])
         x_in = sched.scale_model_input(x, t)
-        eps = unet_pairs(pipe.unet, x_in[img], t.expand(len(img)), ctx[row].to(dtype), max_rows).float()
-        eps_u, eps_e, eps_p = eps.split([n, len(edit_img), int(has_prompt.sum())])
+        eps = unet_pairs(pipe.unet, x_in[rows], t.expand(len(rows)), ctx.to(dtype), max_rows).float()
+        eps_u = eps[:n]
         guided = eps_u.clone()
-        weight = torch.cat([scales[edit_img, edit_col], guidance_t[has_prompt]]).view(-1, 1, 1, 1)
-        target = torch.cat([edit_img, every[has_prompt]])
-        guided.index_add_(0, target, weight * (torch.cat([eps_e, eps_p]) - eps_u[target]))
-        x = sched.step(guided.to(dtype), t, x).prev_sample
+        guided[has_prompt] += weight * (eps[n:callers] - eps_u[has_prompt])
+        guided = guided + terms.delta(plan, eps)
+        x = sched.step(guided.to(dtype), t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -302,8 +336,10 @@ def scale_sweep(
     steps: int = 25,
     start_t: int | None = None,
     progress: bool = False,
+    generator: list[torch.Generator] | None = None,
 ) -> np.ndarray:
-    """Interpolation: one direction at several scales, all in one batch. (N, S, H, W, 3)."""
+    """Interpolation: one direction at several scales, all in one batch. (N, S, H, W, 3).
+    generator: one per image (its S columns draw the same noise)."""
     n, s = x_T.shape[0], len(scales)
     x = x_T.repeat_interleave(s, dim=0)
     sc = torch.tensor(scales, dtype=torch.float32).repeat(n)[:, None]
@@ -317,6 +353,7 @@ def scale_sweep(
         steps=steps,
         start_t=start_t,
         progress=progress,
+        generator=repeat_generators(generator, s),
     )
     out = decode(model, x0)
     return out.reshape(n, s, *out.shape[1:])

@@ -22,7 +22,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from noiseclr.bank import DirectionBank
-from noiseclr.editing.sampler import decode, encode, invert, sample, seed_latents, sweep_direction
+from noiseclr.editing.sampler import (
+    decode,
+    encode,
+    invert,
+    sample,
+    scheduler_for,
+    seed_latents,
+    sweep_direction,
+)
 from noiseclr.models.base import DiffusionModel
 from noiseclr.models.generate import default_guidance
 from noiseclr.utils import parallel
@@ -162,7 +170,10 @@ class MeasuringHarness:
         steps = self.p.steps if generated else self.p.inversion_steps
         kw = {"prompt": prompt, "guidance_scale": guidance, "steps": steps}
         here = top if start is None else min(top, start)  # inverted images start below 1000
-        x_top = sample(self.model, x, [], start_t=start, stop_t=here, **kw)  # on a stream: no bars
+        # DDIM throughout, whatever the model folder's scheduler: the trajectory stops at `here`
+        # and every edit resumes it from there (a multistep solver's history would be lost).
+        ddim = scheduler_for(self.model, ddim=True)
+        x_top = sample(self.model, x, [], start_t=start, stop_t=here, scheduler=ddim, **kw)  # no bars
         images = decode(self.model, sample(self.model, x_top, [], start_t=here, **kw))
         return Source(name, x_top, images, prompt, guidance, steps, here, self.view(images))
 

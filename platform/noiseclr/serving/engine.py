@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 from noiseclr.bank import DirectionBank
-from noiseclr.editing import sampler
+from noiseclr.editing import request, sampler
+from noiseclr.editing.request import Start
 from noiseclr.errors import BankError, EditError, ImageError
 from noiseclr.models.base import DiffusionModel
-from noiseclr.models.generate import default_guidance
 from noiseclr.serving.config import ServeConfig
 from noiseclr.serving.schema import EditRequest
 from noiseclr.utils.images import atomic_write_bytes
@@ -43,16 +43,19 @@ class NotFound(BankError):
 
 @dataclass
 class Job:
-    """One request, resolved: its start latent, its edits, how to sample it."""
+    """One request, resolved (`editing.request.Start`): where it starts, its edits, its record."""
 
-    steps: int
-    x_T: torch.Tensor | None = None  # (1, C, h, w); None until a real image is inverted
-    pixels: torch.Tensor | None = None  # (1, 3, H, W) in [-1, 1] for an uploaded image
-    start_t: int | None = None
-    prompt: str | None = None
-    guidance: float = 1.0
+    start: Start
     edits: list[sampler.Edit] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def x_T(self) -> torch.Tensor | None:  # (1, C, h, w); None until a real image is inverted
+        return self.start.x_T
+
+    @x_T.setter
+    def x_T(self, value: torch.Tensor) -> None:
+        self.start.x_T = value
 
 
 def registered_version(ref: str) -> str | None:
@@ -287,35 +290,29 @@ class EditEngine:
             edits.append(sampler.Edit(bank.directions[i], raw, hi, lo, label=f"{item.bank}:{bank.tokens[i]}"))
         meta = {"edits": [e.label for e in edits], "raw_scales": [e.scale for e in edits]}
         if req.image is not None:
-            steps = req.steps or self.cfg.default_inversion_steps
             pixels = decode_upload(req.image, self.model.resolution, lim.max_pixels)
-            return Job(
-                steps=steps, pixels=pixels, edits=edits, meta={**meta, "source": "upload", "steps": steps}
+            start = request.from_pixels(pixels, req.steps or self.cfg.default_inversion_steps)
+            return Job(start, edits, {**meta, "source": "upload", "steps": start.steps})
+        # The banks the edits use, then the others: a request without a prompt edits an image of
+        # its bank's domain (its gallery prompt); "" asks for an unconditional one.
+        names = list(dict.fromkeys([item.bank for item in req.edits] + list(self.store.banks)))
+        banks = [self.store.banks[n] for n in names]
+        try:
+            start = request.from_seeds(
+                self.model, [req.seed], banks, req.prompt, req.guidance, req.steps or self.cfg.default_steps
             )
-        steps = req.steps or self.cfg.default_steps
-        prompt = req.prompt or None
-        if prompt is not None:
-            try:
-                self.model.check_prompt(prompt)
-            except ValueError as err:
-                raise EditError(f"prompt {prompt!r}: {err}") from None
-        guidance = (
-            req.guidance if req.guidance is not None else (default_guidance(self.model) if prompt else 1.0)
-        )
-        x_T = sampler.seed_latents(self.model, [req.seed])
+        except ValueError as err:
+            raise EditError(f"prompt {req.prompt!r}: {err}") from None
         return Job(
-            steps=steps,
-            x_T=x_T,
-            prompt=prompt,
-            guidance=guidance,
-            edits=edits,
-            meta={
+            start,
+            edits,
+            {
                 **meta,
                 "source": "seed",
                 "seed": req.seed,
-                "prompt": prompt,
-                "guidance": guidance,
-                "steps": steps,
+                "prompt": start.prompt,
+                "guidance": start.guidance,
+                "steps": start.steps,
             },
         )
 
@@ -332,21 +329,17 @@ class EditEngine:
         uploads = defaultdict(list)
         for n, job in enumerate(jobs):
             if job.x_T is None:
-                uploads[job.steps].append(n)
-        for steps, group in uploads.items():
+                uploads[job.start.steps].append(n)
+        for group in uploads.values():
             try:
-                latents = sampler.encode(self.model, torch.cat([jobs[n].pixels for n in group]))
-                x_t, start = sampler.invert(self.model, latents, steps)
+                request.invert(self.model, [jobs[n].start for n in group])
             except Exception as err:  # becomes these requests' answers
                 log.exception("inverting %d uploads failed", len(group))
                 out.update(dict.fromkeys(group, err))
-                continue
-            for n, x in zip(group, x_t, strict=True):
-                jobs[n].x_T, jobs[n].start_t = x[None].cpu(), start
         groups = defaultdict(list)
         for n, job in enumerate(jobs):
             if n not in out:
-                groups[(job.steps, job.start_t)].append(n)
+                groups[(job.start.steps, job.start.start_t)].append(n)
         for key, members in groups.items():
             try:
                 out.update(self._sample_group(jobs, members, *key))
@@ -371,15 +364,17 @@ class EditEngine:
         for row, n in enumerate(members):
             for e in jobs[n].edits:
                 scales[row, union[(e.label, e.t_high, e.t_low)]] += e.scale
+        noise = [jobs[n].start.generators() for n in members]
         x0 = sampler.sample(
             self.model,
             torch.cat([jobs[n].x_T for n in members]),
             columns,
             scales,
-            prompt=[jobs[n].prompt for n in members],
-            guidance_scale=[jobs[n].guidance for n in members],
+            prompt=[jobs[n].start.prompt for n in members],
+            guidance_scale=[jobs[n].start.guidance for n in members],
             steps=steps,
             start_t=start,
+            generator=None if None in noise else [g for gens in noise for g in gens],
         )
         done: dict[int, bytes | Exception] = {}
         finite = torch.isfinite(x0.flatten(1)).all(dim=1).tolist()
@@ -400,7 +395,8 @@ class EditEngine:
             if cached is not None and cached[0] is bank:
                 return cached[1]
             s = len(self.cfg.thumbnail_scales)
-            per_call = max(1, self.cfg.thumbnail_max_rows // (2 * s))  # empty + edit row per strip
+            rows = 3 if request.domain_prompt([bank]) else 2  # empty, (prompt,) edit per image
+            per_call = max(1, self.cfg.thumbnail_max_rows // (rows * s))
             strips: list[bytes] = []
             for first in range(0, len(bank), per_call):
                 strips += self._thumbnail_chunk(bank, range(first, min(len(bank), first + per_call)))
@@ -416,14 +412,17 @@ class EditEngine:
         scales = torch.zeros(k * s, k)  # trajectory (c, j): the chunk's c-th direction at scale j
         for c, i in enumerate(indices):
             scales[c * s : (c + 1) * s, c] = torch.tensor(bank.raw_scales(i, self.cfg.thumbnail_scales))
-        x_T = sampler.seed_latents(self.model, [0]).expand(k * s, -1, -1, -1)
+        start = request.from_seeds(self.model, [0], [bank], steps=self.cfg.thumbnail_steps)  # its domain
         x0 = sampler.sample(
             self.model,
-            x_T,
+            start.x_T.expand(k * s, -1, -1, -1),
             edits,
             scales,
-            steps=self.cfg.thumbnail_steps,
+            prompt=start.prompt,
+            guidance_scale=start.guidance,
+            steps=start.steps,
             max_rows=self.cfg.thumbnail_max_rows,
+            generator=sampler.repeat_generators(start.generators(), k * s),
         )
         images = sampler.decode(self.model, x0)
         images = images.reshape(k, s, *images.shape[1:])

@@ -30,10 +30,14 @@ class EditRequest(BaseModel):
     model_config = STRICT
 
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    prompt: str | None = Field(None, description="For a seed; the embedded model knows its world's words.")
+    prompt: str | None = Field(
+        None, description='For a seed. Default: the edited bank\'s gallery prompt; "" for none.'
+    )
     image: str | None = Field(None, description="Base64 (or a data: URL) PNG/JPEG/WebP to edit instead.")
     edits: list[EditItem] = Field(default_factory=list)
-    steps: int | None = Field(None, ge=2, description="DDIM steps (default: server's; uploads: more).")
+    steps: int | None = Field(
+        None, ge=2, description="Sampling steps (default: server's; uploads, DDIM: more)."
+    )
     guidance: float | None = Field(None, ge=0, le=30, description="CFG scale for the prompt.")
     format: str = Field("png", pattern="^(png|json)$", description="png: the image; json: base64 + meta.")
 

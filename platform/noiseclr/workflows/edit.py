@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from noiseclr.bank import DirectionBank
-from noiseclr.editing import sampler
-from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
+from noiseclr.editing import request, sampler
 from noiseclr.errors import BankError, EditError
 from noiseclr.models.base import DiffusionModel
 
@@ -55,39 +54,42 @@ def edit_image(
     steps: int | None = None,
 ) -> Edited:
     """`edits` (`[bank:]direction=scale[@t_high-t_low]`) applied together to a generated image
-    (`seed`, `prompt`) or to `image` (DDIM-inverted, unconditional); with `sweep`, the first
-    edit alone at each of those scales instead of the before/after pair."""
+    (`seed`, `prompt`: by default the edited bank's domain prompt, "" for none) or to `image`
+    (DDIM-inverted, unconditional); with `sweep`, the first edit alone at each of those scales
+    instead of the before/after pair. Requests resolve as the endpoint's (`editing.request`)."""
     from noiseclr.data.images import read_image_file
-    from noiseclr.models.generate import default_guidance
 
     parsed = [sampler.parse_edit(e, banks) for e in edits]
     scales = sweep_scales(edits[0], sweep, banks) if sweep else None
-    if steps is None:
-        steps = INVERSION_STEPS if image is not None else SEED_STEPS
-    error = None
     if image is not None:
-        pixels = read_image_file(image, model.resolution)
-        x_T, start_t, before, error = sampler.invert_real(model, pixels, steps, progress=True)
-        prompt, guidance = None, 1.0
+        start = request.from_pixels(read_image_file(image, model.resolution), steps)
+        request.invert(model, [start], progress=True, reconstruct=True)
     else:
-        x_T, start_t, before = sampler.seed_latents(model, [seed]), None, None
-        guidance = default_guidance(model) if prompt else 1.0
+        start = request.from_seeds(model, [seed], edited_banks(parsed, banks), prompt, steps=steps)
     if scales is not None:
         images = sampler.scale_sweep(
-            model, x_T, parsed[0], scales, prompt, guidance, steps, start_t, progress=True
-        )
-        return Edited(images[0], parsed, error)
+            model, start.x_T, parsed[0], scales, start.prompt, start.guidance, start.steps, start.start_t,
+            progress=True, generator=start.generators(),
+        )  # fmt: skip
+        return Edited(images[0], parsed, start.error)
 
-    def run(with_edits: list[sampler.Edit], start: int | None) -> np.ndarray:
+    def run(with_edits: list[sampler.Edit]) -> np.ndarray:
         latents = sampler.sample(
-            model, x_T, with_edits, prompt=prompt, guidance_scale=guidance, steps=steps, start_t=start,
-            progress=True,
+            model, start.x_T, with_edits, prompt=start.prompt, guidance_scale=start.guidance,
+            steps=start.steps, start_t=start.start_t, progress=True, generator=start.generators(),
         )  # fmt: skip
         return sampler.decode(model, latents)
 
-    if before is None:
-        before = run([], None)
-    return Edited(np.concatenate([before, run(parsed, start_t)]), parsed, error)
+    before = start.before if start.before is not None else run([])
+    return Edited(np.concatenate([before, run(parsed)]), parsed, start.error)
+
+
+def edited_banks(parsed: list[sampler.Edit], banks: dict[str, DirectionBank]) -> list[DirectionBank]:
+    """The banks the edits use (in edit order), then the other loaded ones: where the domain
+    prompt of a request without one comes from."""
+    used = [e.label.split(":", 1)[0] for e in parsed]
+    names = list(dict.fromkeys([*used, *banks]))
+    return [banks[n] for n in names if n in banks]
 
 
 def parse_sweep(text: str) -> list[float]:
@@ -117,6 +119,7 @@ def draw_gallery(
 
     folder = bank_folder(ref)
     bank = DirectionBank.load(folder, model)
+    prompt = (request.domain_prompt([bank]) if prompt is None else prompt) or None  # "": unconditional
     top = scale if scale is not None else 2.0 if bank.measured else 6.0
     scales = [round(float(s), 4) for s in np.linspace(-top, top, columns)]
     target = out or output_beside(ref, folder, "gallery")
