@@ -37,7 +37,7 @@ from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.editing.denoiser import DirectionTerms, EditingHook
 from noiseclr.errors import BankError, EditError, ImageError
 from noiseclr.models.base import EMBEDDED, DiffusionModel, cast, fingerprints
-from noiseclr.models.generate import default_guidance, image_seed
+from noiseclr.models.generate import default_guidance
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         if latents is not None:
             self._check_latents(model, latents, given)
         if given.get("generator") is None and latents is None:
-            given["generator"] = self._seed_generators(seed, total)
+            given["generator"] = request.image_generators(seed, total)
         given["prompt"] = prompt
         if not parsed:
             return StableDiffusionPipeline.__call__(self, **given)
@@ -352,15 +352,6 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         """The banks the edits use (in edit order), then the other loaded ones."""
         used = [e.label.split(":", 1)[0] for e in parsed]
         return [self.banks[n] for n in dict.fromkeys([*used, *self.banks]) if n in self.banks]
-
-    @staticmethod
-    def _seed_generators(seed: int | list[int] | None, total: int) -> list[torch.Generator]:
-        """One CPU generator per image: image i of seed s as `noiseclr generate --seed s` draws it."""
-        if seed is None or isinstance(seed, int):
-            return [torch.Generator().manual_seed(image_seed(seed or 0, i)) for i in range(total)]
-        if len(seed) != total:
-            raise ValueError(f"seed= lists {len(seed)} seeds for {total} images; give one per image")
-        return request.seed_generators(list(seed))
 
     @staticmethod
     def _check_latents(model: DiffusionModel, latents: torch.Tensor, given: dict[str, Any]) -> None:

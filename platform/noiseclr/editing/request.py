@@ -53,6 +53,16 @@ def seed_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(image_seed(s)) for s in seeds]
 
 
+def image_generators(seed: int | list[int] | None, total: int) -> list[torch.Generator]:
+    """Generators for `total` images: image i of seed s as `noiseclr generate --seed s` draws its
+    image i (so image 0 is `noiseclr edit --seed s`'s), or one listed seed per image."""
+    if seed is None or isinstance(seed, int):
+        return [torch.Generator().manual_seed(image_seed(seed or 0, i)) for i in range(total)]
+    if len(seed) != total:
+        raise ValueError(f"seed= lists {len(seed)} seeds for {total} images; give one per image")
+    return seed_generators(list(seed))
+
+
 def latent_shape(model: DiffusionModel) -> tuple[int, int, int]:
     side = model.resolution // model.pipe.vae_scale_factor
     return (model.pipe.unet.config.in_channels, side, side)
