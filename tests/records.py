@@ -1,5 +1,6 @@
-"""Complete oracle-free score records from the few figures a test cares about (the measurement
-writes every field; a bank refuses a record that lacks one)."""
+"""Helpers shared by test modules: complete oracle-free score records from the few figures a
+test cares about (the measurement writes every field; a bank refuses a record that lacks one),
+and the shipped model's pipeline with the shipped bank."""
 
 from __future__ import annotations
 
@@ -38,3 +39,14 @@ def scores(rows: list[dict[str, Any]], **top: Any) -> dict[str, Any]:
         "directions": full,
         "protocol": {"window": [600, 0], "target": 0.02},
     } | top
+
+
+def bank_pipeline():
+    """A NoiseCLRPipeline of the shipped model with the shipped bank loaded, progress bars off."""
+    from noiseclr.editing.pipeline import NoiseCLRPipeline
+    from noiseclr.models.base import EMBEDDED, PRETRAINED_DIR
+
+    pipe = NoiseCLRPipeline.from_pretrained(str(EMBEDDED["shapes"]))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_bank(PRETRAINED_DIR / "banks" / "shapes")
+    return pipe

@@ -15,7 +15,8 @@ from noiseclr.domains import shapes
 from noiseclr.editing import sampler
 from noiseclr.editing.pipeline import NoiseCLRPipeline
 from noiseclr.errors import BankError, EditError, ImageError
-from noiseclr.models.base import EMBEDDED, PRETRAINED_DIR
+from noiseclr.models.base import PRETRAINED_DIR
+from records import bank_pipeline
 
 BANK = PRETRAINED_DIR / "banks" / "shapes"
 TOLERANCE = 2 / 255
@@ -24,11 +25,7 @@ EDIT = {"bank": "shapes", "direction": 3, "scale": 1}  # the endpoint's form of 
 
 @pytest.fixture(scope="module")
 def pipe():
-    # The shipped model's folder, as a user would pass any SD diffusers folder.
-    p = NoiseCLRPipeline.from_pretrained(str(EMBEDDED["shapes"]))
-    p.set_progress_bar_config(disable=True)
-    p.load_bank(BANK)
-    return p
+    return bank_pipeline()
 
 
 def cli_after(tmp_path, *args: str) -> np.ndarray:

@@ -25,6 +25,7 @@ from noiseclr.editing import request, sampler
 from noiseclr.editing.pipeline import NoiseCLRPipeline
 from noiseclr.errors import EditError
 from noiseclr.models.base import EMBEDDED, PRETRAINED_DIR
+from records import bank_pipeline
 
 BANK = PRETRAINED_DIR / "banks" / "shapes"
 TOLERANCE = 2 / 255
@@ -40,10 +41,7 @@ SCHEDULERS = [
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = NoiseCLRPipeline.from_pretrained(str(EMBEDDED["shapes"]))
-    p.set_progress_bar_config(disable=True)
-    p.load_bank(BANK)
-    return p
+    return bank_pipeline()
 
 
 @pytest.fixture
@@ -226,9 +224,7 @@ def test_cpu_offload_runs_the_edit_on_the_execution_device(pipe):
     CPU execution device fails inside accelerate for a plain StableDiffusionPipeline too, with
     this torch: it is left to a GPU machine.)"""
     expected = pipe(edits="3=1", seed=1, num_inference_steps=2, output_type="np").images
-    other = NoiseCLRPipeline.from_pretrained(EMBEDDED["shapes"])
-    other.set_progress_bar_config(disable=True)
-    other.load_bank(BANK)
+    other = bank_pipeline()
     other.enable_model_cpu_offload(device="cpu")
     got = other(edits="3=1", seed=1, num_inference_steps=2, output_type="np").images
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -278,9 +274,7 @@ def ip_adapter_weights(unet) -> dict:
 def test_ip_adapter_inputs_condition_the_edit_rows_too(pipe):
     """The IP-Adapter loading the class inherits works with edits: the image embeddings reach
     the rows the edits add (a batch of other size would fail inside attention)."""
-    ours = NoiseCLRPipeline.from_pretrained(EMBEDDED["shapes"])  # its own UNet: processors change
-    ours.set_progress_bar_config(disable=True)
-    ours.load_bank(BANK)
+    ours = bank_pipeline()  # its own UNet: the adapter changes its attention processors
     ours.unet._load_ip_adapter_weights([ip_adapter_weights(ours.unet)])
     sd = StableDiffusionPipeline(**ours.components)
     sd.set_progress_bar_config(disable=True)

@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--prompt", default=None, help='the load\'s prompt ("" for unconditional); default: none sent')
+    ap.add_argument("--prompt", default=None, help='the load prompt ("" for none); default: not sent')
     ap.add_argument("--out", default="out/probe")
     args = ap.parse_args()
     out = Path(args.out)

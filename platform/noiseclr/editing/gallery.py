@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from noiseclr.bank import DirectionBank
-from noiseclr.editing.sampler import seed_latents, sweep_direction
+from noiseclr.editing import request
+from noiseclr.editing.sampler import sweep_direction
 from noiseclr.models.base import DiffusionModel
-from noiseclr.models.generate import default_guidance
 from noiseclr.utils import parallel
 from noiseclr.utils.images import atomic_write_bytes, make_grid, save_png
 
@@ -34,12 +34,14 @@ def render_gallery(
 ) -> np.ndarray:
     """(K, n_seeds, n_scales, H, W, 3) images: every direction swept over `scales` at each seed
     (directions drawn concurrently on a CPU's cores: utils.parallel)."""
-    x_T = seed_latents(model, seeds)
-    guidance = default_guidance(model) if prompt else 1.0
+    start = request.from_seeds(model, seeds, prompt=prompt or "", steps=steps)  # prompt None: unconditional
 
     def sweep(k: int) -> np.ndarray:
         raw = bank.raw_scales(k, scales)
-        return sweep_direction(model, bank, k, x_T, raw, prompt, guidance, steps, window=bank.window(k))
+        return sweep_direction(
+            model, bank, k, start.x_T, raw, start.prompt, start.guidance, steps, window=bank.window(k),
+            generator=start.generators(),
+        )  # fmt: skip
 
     return np.stack(parallel.map_ordered(sweep, range(len(bank)), model.device, "gallery", progress))
 

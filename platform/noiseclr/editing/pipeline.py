@@ -1,4 +1,4 @@
-"""`noiseclr edit` as a diffusers pipeline: a thin adapter over `editing.sampler`.
+"""`noiseclr edit` as a diffusers pipeline: `StableDiffusionPipeline` with `edits=`.
 
     pipe = NoiseCLRPipeline.from_pretrained("shapes")     # or any SD 1.x / 2.x diffusers folder / hub id
     pipe.load_bank("out/discovery/bank")
@@ -6,9 +6,12 @@
     image = pipe(edits=["3=1"], image=photo).images[0]    # a real image, DDIM-inverted as `--image`
 
 The class is a `StableDiffusionPipeline` (the official code's `EditingPipeline` extends it too),
-so `from_pretrained`, `from_pipe`, `.to(device)`, `save_pretrained` and the components behave as
-diffusers users expect. `__call__` builds the same x_T, steps, guidance and inversion as the CLI
-and hands them to `sampler.sample` / `sampler.invert`: the maths lives in one place only.
+so `from_pretrained`, `from_pipe`, `.to(device)`, `save_pretrained`, offload, IP-Adapter loading
+and the components behave as diffusers users expect. A generated image runs SD's own
+`__call__` (every argument, `pipe.scheduler` whatever it is) with the edits' rows joined to its
+UNet calls by `denoiser.EditingHook`; a real image is inverted and edited by `sampler`, as the
+CLI does. The edit term is `denoiser.DirectionTerms` on both paths, and `editing.request`
+resolves seeds, prompts and real images as for the CLI and the endpoint.
 
 `sega_arguments` hands the same directions to diffusers' `SemanticStableDiffusionPipeline`
 (SEGA), for users who want its thresholding and momentum instead of the plain sum.

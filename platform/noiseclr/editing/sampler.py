@@ -1,4 +1,5 @@
-"""The editing sampler: a DDIM loop with direction terms added to the guided noise.
+"""The editing sampler: the platform's denoising loop around the one guided denoiser
+(`editing/denoiser.py`), with the model folder's scheduler (DDIM from inverted latents).
 
     eps~ = eps(x_t, empty) + g * (eps(x_t, c) - eps(x_t, empty))          # CFG on the prompt
            + sum_i lambda_i * [t in window_i] * (eps(x_t, d_i) - eps(x_t, empty))
@@ -370,14 +371,17 @@ def sweep_direction(
     steps: int = 25,
     start_t: int | None = None,
     window: tuple[int, int] = (1000, 0),
+    generator: list[torch.Generator] | None = None,
 ) -> np.ndarray:
     """Direction k of any bank (NoiseCLR or pullback) at several raw scales: (N, S, H, W, 3).
 
     window (t_high, t_low) limits a NoiseCLR direction's action; pullback edits x_t once, at
-    the bank's own t_edit."""
+    the bank's own t_edit. generator: one per image (a stochastic scheduler's noise)."""
     if bank.shift_at is None:
         edit = Edit(bank.directions[k], 1.0, window[0], window[1], label=bank.tokens[k])
-        return scale_sweep(model, x_T, edit, scales, prompt, guidance_scale, steps, start_t)
+        return scale_sweep(
+            model, x_T, edit, scales, prompt, guidance_scale, steps, start_t, generator=generator
+        )
     n, s = x_T.shape[0], len(scales)
     v = bank.directions[k].view(1, *x_T.shape[1:])
     shift = torch.tensor(scales, dtype=torch.float32).repeat(n).view(-1, 1, 1, 1) * v
@@ -391,6 +395,7 @@ def sweep_direction(
         latent_shift=shift,
         shift_at=bank.shift_at,
         start_t=start_t,
+        generator=repeat_generators(generator, s),
     )
     out = decode(model, x0)
     return out.reshape(n, s, *out.shape[1:])
