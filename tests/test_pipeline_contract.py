@@ -59,14 +59,17 @@ def gens(*seeds: int) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def reference(pipe, x_T, cond, uncond, edits, guidance, steps):
+def reference(pipe, x_T, cond, uncond, edits, guidance, steps, cfg_steps=None):
     """x_0 latents of the method written out with DDIM: eps = uncond + g (cond - uncond)
-    + sum_i lambda_i [t in window_i] (eps(d_i) - eps(empty)), each row its own UNet call."""
+    + sum_i lambda_i [t in window_i] (eps(d_i) - eps(empty)), each row its own UNet call; after
+    `cfg_steps` steps, eps = cond + sum ... (CFG cut off)."""
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
     dirs = encode_directions(pipe.text_encoder, pipe.tokenizer, torch.stack([e.vector for e in edits]))
     x = x_T * sched.init_noise_sigma
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
+        if cfg_steps is not None and i >= cfg_steps:
+            uncond = None
 
         def eps(ctx, x=x, t=t):
             return pipe.unet(x, t, ctx.expand(len(x), -1, -1)).sample
@@ -290,3 +293,41 @@ def test_ip_adapter_inputs_condition_the_edit_rows_too(pipe):
     ours.set_ip_adapter_scale(0.0)
     without = ours("a shape", edits="3=1", generator=gens(2), **kw).images
     assert np.abs(edited - without).max() > 0.02  # the adapter's image conditions the edited image
+
+
+def test_cfg_cut_off_by_a_callback_keeps_the_edit_relative_to_the_empty_prompt(pipe):
+    """diffusers' SDCFGCutoffCallback drops the unconditional rows part way: from then on the
+    edit term's eps(empty) rows are added to the batch, not read off the text rows."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    edits = pipe._edits("3=1")
+    x_T = sampler.seed_latents(pipe._model(), [6])
+    prompt = "a shape at middle center"
+    got = pipe(
+        prompt, edits=edits, latents=x_T, guidance_scale=3.0, num_inference_steps=4, output_type="latent",
+        callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5),
+    ).images  # fmt: skip
+    empty, cond = encoded(pipe, ""), encoded(pipe, prompt)
+    expected = reference(pipe, x_T, cond, empty, edits, 3.0, 4, cfg_steps=3)  # cut after step 2
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+
+
+def test_earlier_calling_forms_still_work_or_say_what_changed(pipe):
+    """Seeds or latents for several images of one prompt give one image each; edits passed by
+    position get a one-line error naming the keyword; a bank without a gallery prompt never
+    borrows another bank's domain."""
+    kw = dict(num_inference_steps=2, output_type="np")
+    three = pipe(edits="3=1", seed=[0, 1, 2], **kw).images
+    assert three.shape[0] == 3
+    np.testing.assert_allclose(three[1:2], pipe(edits="3=1", seed=1, **kw).images, atol=1e-5)
+    x_T = sampler.seed_latents(pipe._model(), [0, 1])
+    assert pipe(edits="3=1", latents=x_T, **kw).images.shape[0] == 2
+    with pytest.raises(TypeError, match=r"pass edits by name, pipe\(prompt, edits=...\)"):
+        pipe("a shape", ["3=1"])
+    two = bank_pipeline()
+    plain = DirectionBank.load(BANK)
+    plain.config["gallery_prompt"] = None
+    two.load_bank(plain, name="plain")
+    np.testing.assert_array_equal(
+        two(edits="plain:3=1", seed=0, **kw).images, two("", edits="plain:3=1", seed=0, **kw).images
+    )

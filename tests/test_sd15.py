@@ -261,3 +261,22 @@ def test_inversion_on_an_sd15_folder_prints_no_warning(sd15_model):
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
     assert x_t.shape == (1, 4, 8, 8) and seen == []
+
+
+def test_the_pipeline_edits_an_sd15_folder_as_the_cli_with_its_pndm_scheduler(walk, sd15_folder, sd15_model):
+    """SD 1.5's folder keeps its PNDM scheduler everywhere: `noiseclr edit`'s workflow and
+    NoiseCLRPipeline give the same edited image (the bank's domain prompt, CFG, 4 steps)."""
+    from diffusers import PNDMScheduler
+
+    from noiseclr.editing.pipeline import NoiseCLRPipeline
+    from noiseclr.workflows.edit import edit_image
+
+    bank = DirectionBank.load(walk["home"] / "out/faces/bank")
+    assert isinstance(sd15_model.pipe.scheduler, PNDMScheduler)
+    cli = edit_image(sd15_model, {bank.name: bank}, ["0=1"], seed=3, steps=4).images[1]
+    pipe = NoiseCLRPipeline.from_pretrained(sd15_folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_bank(bank)
+    assert isinstance(pipe.scheduler, PNDMScheduler)
+    ours = pipe(edits="0=1", seed=3, num_inference_steps=4, output_type="np").images[0]
+    assert np.abs(ours - cli).max() <= 2 / 255

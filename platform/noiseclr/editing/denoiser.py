@@ -150,9 +150,11 @@ def extend_rows(value: Any, added: Any) -> Any:
 class _Call:
     """One pipeline call's edits as the hook sees them."""
 
+    unet: nn.Module
     terms: DirectionTerms
     trajectories: int
-    empty_in_batch: bool  # the batch's unconditional (or only) rows are the empty prompt
+    uncond_empty: bool  # under CFG, the unconditional rows are the empty prompt (no negative one)
+    text_empty: bool  # the text rows are the empty prompt (prompt "", no embeddings given)
     plan: Plan | None = None
 
 
@@ -179,24 +181,33 @@ class EditingHook:
             unet._noiseclr_hooked = True
 
     @staticmethod
-    def editing(terms: DirectionTerms, trajectories: int, empty_in_batch: bool) -> Callable[[], None]:
-        """Make edits current in this thread; returns the function that ends them."""
-        token = _CURRENT.set(_Call(terms, trajectories, empty_in_batch))
+    def editing(
+        unet: nn.Module, terms: DirectionTerms, trajectories: int, uncond_empty: bool, text_empty: bool
+    ) -> Callable[[], None]:
+        """Make edits current on `unet` in this thread; returns the function that ends them."""
+        token = _CURRENT.set(_Call(unet, terms, trajectories, uncond_empty, text_empty))
         return lambda: _CURRENT.reset(token)
 
     @staticmethod
     def _before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         call = _CURRENT.get()
-        if call is None:
+        if call is None or module is not call.unet:
             return None
         names = ("sample", "timestep", "encoder_hidden_states")
+        if len(args) > len(names):
+            raise TypeError(
+                f"the edit hook takes the UNet's first {len(names)} arguments by position, got {len(args)}"
+            )
         given = dict(zip(names, args, strict=False)) | kwargs
         x, t, ctx = given["sample"], given["timestep"], given["encoder_hidden_states"]
         rows, n = x.shape[0], call.trajectories
-        if rows % n:
-            raise RuntimeError(f"the pipeline's UNet batch of {rows} rows is not a multiple of {n} images")
+        if rows not in (n, 2 * n):
+            raise RuntimeError(f"the pipeline's UNet batch of {rows} rows is neither {n} nor {2 * n} images")
+        # Decided per call: a callback may end CFG part way (diffusers' SDCFGCutoffCallback keeps
+        # only the text rows from then on).
+        empty_here = call.uncond_empty if rows == 2 * n else call.text_empty
         source = torch.arange(n, device=x.device)  # the unconditional half, or the only rows
-        empty = source if call.empty_in_batch else torch.full_like(source, -1)
+        empty = source if empty_here else torch.full_like(source, -1)
         call.plan = plan = call.terms.plan(t.flatten()[0] if torch.is_tensor(t) else t, source, empty, rows)
         if plan is None:
             return None
@@ -213,7 +224,7 @@ class EditingHook:
     @staticmethod
     def _after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = _CURRENT.get()
-        if call is None or call.plan is None:
+        if call is None or module is not call.unet or call.plan is None:
             return None
         plan, call.plan = call.plan, None
         eps = output[0] if isinstance(output, tuple) else output.sample

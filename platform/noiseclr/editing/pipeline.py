@@ -171,6 +171,11 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
                 `generator` nor `latents` is given (default 0).
             inversion_steps: DDIM inversion steps (default: `num_inference_steps`, as the CLI).
         """
+        if args and not (args[0] is None or isinstance(args[0], int)):
+            raise TypeError(
+                "NoiseCLRPipeline takes StableDiffusionPipeline's positional arguments (prompt, height, "
+                "width, ...): pass edits by name, pipe(prompt, edits=...)"
+            )
         call = inspect.signature(StableDiffusionPipeline.__call__).bind(self, prompt, *args, **kwargs)
         given = dict(call.arguments)
         given.pop("self")
@@ -201,6 +206,12 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
                 if text:
                     model.check_prompt(text)
         batch = len(prompts) if prompts is not None else embeds.shape[0]
+        latents = given.get("latents")
+        if "num_images_per_prompt" not in given:  # one prompt, several seeds or latents: an image each
+            many = len(seed) if isinstance(seed, list | tuple) else None
+            many = latents.shape[0] if latents is not None and latents.ndim == 4 else many
+            if many and many % batch == 0:
+                given["num_images_per_prompt"] = many // batch
         per_prompt = given.get("num_images_per_prompt") or 1
         total = batch * per_prompt
         if "guidance_scale" not in given:
@@ -208,25 +219,23 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
             given["guidance_scale"] = default_guidance(model) if prompted else 1.0
         if not {"num_inference_steps", "timesteps", "sigmas"} & set(given):
             given["num_inference_steps"] = SEED_STEPS
-        latents = given.get("latents")
         if latents is not None:
-            self._check_latents(model, latents, given)
+            self._check_latents(model, latents, given, total)
         if given.get("generator") is None and latents is None:
             given["generator"] = request.image_generators(seed, total)
         given["prompt"] = prompt
         if not parsed:
             return StableDiffusionPipeline.__call__(self, **given)
-        guided = given["guidance_scale"] > 1 and self.unet.config.time_cond_proj_dim is None
-        if guided:  # the unconditional rows are the empty prompt unless a negative one replaces it
-            empty = given.get("negative_prompt") is None and given.get("negative_prompt_embeds") is None
-        else:
-            empty = embeds is None and given.get("clip_skip") is None and not any(prompts or [])
+        # Where the edit term's eps(empty) already is: the unconditional rows unless a negative
+        # prompt replaces them; the text rows only for prompt "" (decided per step by the hook).
+        uncond_empty = given.get("negative_prompt") is None and given.get("negative_prompt_embeds") is None
+        text_empty = embeds is None and given.get("clip_skip") is None and not any(prompts or [])
         scales = torch.tensor([[e.scale for e in parsed]] * total, dtype=torch.float32)
         terms = DirectionTerms.encode(
             self.text_encoder, self.tokenizer, parsed, scales, self._execution_device
         )
         EditingHook.install(self.unet)
-        end = EditingHook.editing(terms, total, empty)
+        end = EditingHook.editing(self.unet, terms, total, uncond_empty, text_empty)
         try:
             return StableDiffusionPipeline.__call__(self, **given)
         finally:
@@ -352,18 +361,22 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         return out
 
     def _banks_of(self, parsed: list[sampler.Edit]) -> list[DirectionBank]:
-        """The banks the edits use (in edit order), then the other loaded ones."""
-        used = [e.label.split(":", 1)[0] for e in parsed]
-        return [self.banks[n] for n in dict.fromkeys([*used, *self.banks]) if n in self.banks]
+        """Where a call without a prompt takes its domain prompt from (`request.prompt_banks`)."""
+        return request.prompt_banks(parsed, self.banks)
 
     @staticmethod
-    def _check_latents(model: DiffusionModel, latents: torch.Tensor, given: dict[str, Any]) -> None:
+    def _check_latents(
+        model: DiffusionModel, latents: torch.Tensor, given: dict[str, Any], total: int
+    ) -> None:
         side = model.resolution // model.pipe.vae_scale_factor
         height = (given.get("height") or model.resolution) // model.pipe.vae_scale_factor
         width = (given.get("width") or model.resolution) // model.pipe.vae_scale_factor
         shape = (model.pipe.unet.config.in_channels, height or side, width or side)
-        if latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
-            raise ValueError(f"latents must be (N, {', '.join(map(str, shape))}), got {tuple(latents.shape)}")
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] != total:
+            raise ValueError(
+                f"latents must be ({total}, {', '.join(map(str, shape))}) for {total} images, "
+                f"got {tuple(latents.shape)}"
+            )
 
     @staticmethod
     def _pixels(image: ImageInput | list[ImageInput], resolution: int) -> torch.Tensor:

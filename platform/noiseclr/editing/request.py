@@ -12,6 +12,7 @@ endpoint and `NoiseCLRPipeline` (seed or real image -> x_T, steps, prompt, guida
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,15 @@ def domain_prompt(banks: Iterable[DirectionBank]) -> str | None:
         if prompt:
             return str(prompt)
     return None
+
+
+def prompt_banks(edits: list, banks: dict[str, DirectionBank]) -> list[DirectionBank]:
+    """The banks whose domain a request without a prompt is drawn from: those its edits use (in
+    edit order; never another bank's domain), or with no edit every loaded bank."""
+    if not edits:
+        return list(banks.values())
+    used = dict.fromkeys(e.label.split(":", 1)[0] for e in edits)
+    return [banks[name] for name in used if name in banks]
 
 
 def prompt_and_guidance(
@@ -56,11 +66,11 @@ def seed_generators(seeds: list[int]) -> list[torch.Generator]:
 def image_generators(seed: int | list[int] | None, total: int) -> list[torch.Generator]:
     """Generators for `total` images: image i of seed s as `noiseclr generate --seed s` draws its
     image i (so image 0 is `noiseclr edit --seed s`'s), or one listed seed per image."""
-    if seed is None or isinstance(seed, int):
-        return [torch.Generator().manual_seed(image_seed(seed or 0, i)) for i in range(total)]
+    if seed is None or isinstance(seed, numbers.Integral):
+        return [torch.Generator().manual_seed(image_seed(int(seed or 0), i)) for i in range(total)]
     if len(seed) != total:
         raise ValueError(f"seed= lists {len(seed)} seeds for {total} images; give one per image")
-    return seed_generators(list(seed))
+    return seed_generators([int(s) for s in seed])
 
 
 def latent_shape(model: DiffusionModel) -> tuple[int, int, int]:

@@ -195,7 +195,9 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
 ) -> DiffusionModel:
-    """Load a base model as a StableDiffusionPipeline with a DDIM scheduler.
+    """Load a base model as a StableDiffusionPipeline with the folder's own scheduler (what
+    generation and editing sample with, as diffusers and `NoiseCLRPipeline` do; training draws
+    noise with DDPM and inversion and the measurements step with DDIM, on the same schedule).
 
     The weights load as stored (fp32 for SD's main files), are fingerprinted, and only then cast
     to `dtype`: a bank records the model it was learnt on, not the precision it ran at."""
@@ -209,8 +211,6 @@ def load_model(
             f"could not load {name_or_path!r}: {err}. A hub id needs network access or the model "
             "in the local Hugging Face cache; a folder needs the full diffusers layout."
         ) from err
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        pipe.scheduler = scheduler_like(DDIMScheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     stamp, legacy = fingerprints(pipe)
     cast(pipe, dtype)

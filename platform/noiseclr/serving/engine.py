@@ -293,16 +293,16 @@ class EditEngine:
             pixels = decode_upload(req.image, self.model.resolution, lim.max_pixels)
             start = request.from_pixels(pixels, req.steps or self.cfg.default_inversion_steps)
             return Job(start, edits, {**meta, "source": "upload", "steps": start.steps})
-        # The banks the edits use, then the others: a request without a prompt edits an image of
-        # its bank's domain (its gallery prompt); "" asks for an unconditional one.
-        names = list(dict.fromkeys([item.bank for item in req.edits] + list(self.store.banks)))
-        banks = [self.store.banks[n] for n in names]
+        # A request without a prompt edits an image of its banks' domain (their gallery prompt);
+        # "" asks for an unconditional one.
+        banks = request.prompt_banks(edits, self.store.banks)
         try:
             start = request.from_seeds(
                 self.model, [req.seed], banks, req.prompt, req.guidance, req.steps or self.cfg.default_steps
             )
         except ValueError as err:
-            raise EditError(f"prompt {req.prompt!r}: {err}") from None
+            shown = req.prompt if req.prompt is not None else request.domain_prompt(banks)
+            raise EditError(f"prompt {shown!r}: {err}") from None
         return Job(
             start,
             edits,

@@ -38,7 +38,7 @@ def sweep_scales(edit: str, values: list[float], banks: dict[str, DirectionBank]
 
 @dataclass
 class Edited:
-    images: np.ndarray  # (N, H, W, 3) uint8: before and after, or one per sweep scale
+    images: np.ndarray  # (N, H, W, 3) floats in [0, 1]: before and after, or one per sweep scale
     edits: list[sampler.Edit]
     inversion_error: float | None  # mean |pixel| error of the real image's reconstruction
 
@@ -65,7 +65,7 @@ def edit_image(
         start = request.from_pixels(read_image_file(image, model.resolution), steps)
         request.invert(model, [start], progress=True, reconstruct=True)
     else:
-        start = request.from_seeds(model, [seed], edited_banks(parsed, banks), prompt, steps=steps)
+        start = request.from_seeds(model, [seed], request.prompt_banks(parsed, banks), prompt, steps=steps)
     if scales is not None:
         images = sampler.scale_sweep(
             model, start.x_T, parsed[0], scales, start.prompt, start.guidance, start.steps, start.start_t,
@@ -82,14 +82,6 @@ def edit_image(
 
     before = start.before if start.before is not None else run([])
     return Edited(np.concatenate([before, run(parsed)]), parsed, start.error)
-
-
-def edited_banks(parsed: list[sampler.Edit], banks: dict[str, DirectionBank]) -> list[DirectionBank]:
-    """The banks the edits use (in edit order), then the other loaded ones: where the domain
-    prompt of a request without one comes from."""
-    used = [e.label.split(":", 1)[0] for e in parsed]
-    names = list(dict.fromkeys([*used, *banks]))
-    return [banks[n] for n in names if n in banks]
 
 
 def parse_sweep(text: str) -> list[float]:
