@@ -19,7 +19,7 @@ from noiseclr.discovery import step as step_mod
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.trainer import DiscoveryTrainer, start_state
 from noiseclr.domains import shapes
-from noiseclr.errors import BankError, ConfigError, TrainingDiverged
+from noiseclr.errors import BankError, CheckpointError, ConfigError, TrainingDiverged
 from noiseclr.utils import parallel
 from noiseclr.workflows.discover import bank_from_state
 from records import scores
@@ -112,6 +112,57 @@ def test_exact_resume(tiny_model, latents, tmp_path):
     pairs = cfg.method.batch * cfg.method.directions_per_step * cfg.optim.grad_accum
     mine = [h["seconds"] for h in resumed.history[2:]]  # it resumed at step 2
     assert len(resumed.history) == 6 and resumed.pairs_per_s == pytest.approx(pairs * 3 / sum(mine[1:]))
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_and_loses_nothing(
+    tiny_model, latents, tmp_path, caplog
+):
+    """Fault table: the newest checkpoint's tensors flipped in place (still parseable: only the
+    checksum catches it) -> resume from the previous one, say so, and end on the same bank."""
+    straight = train(small_cfg(), tiny_model, latents, tmp_path / "a")
+    first = trainer(small_cfg(), tiny_model, latents, tmp_path / "b")
+    first.fit(tmp_path / "b", stop_after=4)  # checkpoints at steps 2 and 4
+    newest = checkpoint.latest(tmp_path / "b")
+    assert newest.name == "step-0000004"
+    data = bytearray((newest / checkpoint.STATE_TENSORS).read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # the last values flipped: the file still loads
+    (newest / checkpoint.STATE_TENSORS).write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="noiseclr.discovery.checkpoint"):
+        resumed = trainer(small_cfg(), tiny_model, latents, tmp_path / "b")
+    assert resumed.step == 2
+    assert "does not match its checksum" in caplog.text and "falling back to the previous" in caplog.text
+    assert "instead of the corrupt step-0000004" in caplog.text
+    assert torch.equal(resumed.fit(tmp_path / "b").directions, straight.directions)
+    for path in checkpoint.candidates(tmp_path / "b"):
+        (path / checkpoint.STATE_META).write_text("{")  # truncated: every one corrupt
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is corrupt .*use --fresh"):
+        trainer(small_cfg(), tiny_model, latents, tmp_path / "b")
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tiny_model, tmp_path, monkeypatch):
+    """Fault table: the disk fills up half way through a checkpoint -> one error naming where it
+    was writing and the checkpoint kept; nothing half-written is taken by a resume."""
+    from noiseclr.discovery.trainer import initial_state
+
+    cfg = small_cfg()
+    state = initial_state(cfg, tiny_model)
+    previous = checkpoint.write(tmp_path, state, keep=2)
+    real = checkpoint.save_file
+
+    def half_then_full(tensors, path, *args, **kw):
+        real(tensors, path, *args, **kw)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", half_then_full)
+    state.step = 2
+    with pytest.raises(
+        CheckpointError,
+        match=r"step-0000002 failed \(.*No space left.*\); the previous checkpoint .*step-0000000 is intact",
+    ):
+        checkpoint.write(tmp_path, state, keep=2)
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == [previous.name]
+    assert checkpoint.newest_readable(tmp_path)[1] == previous
 
 
 @pytest.mark.parametrize(

@@ -46,3 +46,7 @@ class StorageError(UserError, OSError):
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or the directions went non-finite; the last good checkpoint was kept."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is unreadable or corrupt (truncated, wrong checksum), or could not be written."""

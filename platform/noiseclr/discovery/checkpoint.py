@@ -2,8 +2,12 @@
 the Ray Train workers alike, so either path resumes the other's run.
 
 A checkpoint is a folder: `state.safetensors` (directions, AdamW moments, the run generator's
-state) and `state.json` (step, data position, optimizer step count, loss history, the config
-and the base model's fingerprint). The single process keeps them in OUT/checkpoints/step-N;
+state) and `state.json` (step, data position, optimizer step count, loss history, the config,
+the base model's fingerprint and the SHA-256 of `state.safetensors`, checked on load).
+It is written into `step-N.tmp` and renamed only when complete, so a write that fails (disk
+full, a storage error) leaves the previous checkpoints as they were and nothing half-written
+under a name a resume reads; a resume whose newest checkpoint is corrupt (truncated, wrong
+checksum) falls back to the previous one and says so. The single process keeps them in OUT/checkpoints/step-N;
 the distributed path reports them to Ray Train and copies the last one there too.
 
 Resuming with a config whose training sections (`config.TRAINING_SECTIONS`: the model, data,
@@ -14,7 +18,9 @@ sections holds the flat record; it is compared through the same mapping.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +30,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.errors import ConfigError
+from noiseclr.errors import CheckpointError, ConfigError
 from noiseclr.utils.images import atomic_write_bytes
 
+log = logging.getLogger(__name__)
+
 STATE_TENSORS, STATE_META = "state.safetensors", "state.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -63,6 +79,7 @@ class TrainState:
             "world": self.world,
             "config": self.config,
             "fingerprint": self.fingerprint,
+            "tensors_sha256": _sha256(folder / STATE_TENSORS),
         }
         atomic_write_bytes(folder / STATE_META, json.dumps(meta).encode())
         return folder
@@ -72,9 +89,12 @@ class TrainState:
         folder = Path(folder)
         try:
             meta = json.loads((folder / STATE_META).read_text())
+            expected = meta.get("tensors_sha256")  # absent in checkpoints written before 2026-12-06
+            if expected is not None and _sha256(folder / STATE_TENSORS) != expected:
+                raise ValueError(f"{STATE_TENSORS} does not match its checksum")
             tensors = load_file(str(folder / STATE_TENSORS))
         except (OSError, ValueError, SafetensorError) as err:
-            raise ConfigError(
+            raise CheckpointError(
                 f"checkpoint {folder} is unreadable ({err}); use --fresh to start over"
             ) from err
         return cls(
@@ -118,10 +138,39 @@ def checkpoint_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
 
 
+def candidates(out: str | Path) -> list[Path]:
+    """The complete checkpoints under OUT/checkpoints, newest first (never a `.tmp` one)."""
+    found = [p for p in checkpoint_dir(out).glob("step-*") if (p / STATE_META).exists() and "." not in p.name]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
 def latest(out: str | Path) -> Path | None:
     """The newest complete checkpoint under OUT/checkpoints, or None."""
-    found = [p for p in checkpoint_dir(out).glob("step-*") if (p / STATE_META).exists() and "." not in p.name]
-    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+    found = candidates(out)
+    return found[0] if found else None
+
+
+def newest_readable(out: str | Path) -> tuple[TrainState, Path] | None:
+    """The newest checkpoint that loads and matches its checksum, with its folder; a corrupt
+    newer one is skipped with a warning that names it. None when there is none at all;
+    CheckpointError when every one is corrupt (a silent start from step 0 would discard them)."""
+    broken = []
+    for path in candidates(out):
+        try:
+            state = TrainState.load(path)
+        except CheckpointError as err:
+            log.warning("%s: falling back to the previous checkpoint", str(err).split("; use --fresh")[0])
+            broken.append(path.name)
+            continue
+        if broken:
+            log.warning("resuming from %s instead of the corrupt %s", path, ", ".join(broken))
+        return state, path
+    if broken:
+        raise CheckpointError(
+            f"every checkpoint in {checkpoint_dir(out)} is corrupt ({', '.join(broken)}); "
+            "use --fresh to start over"
+        )
+    return None
 
 
 def write(out: str | Path, state: TrainState, keep: int) -> Path:
@@ -130,9 +179,15 @@ def write(out: str | Path, state: TrainState, keep: int) -> Path:
     final = checkpoint_dir(out) / f"step-{state.step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    state.save(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        state.save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except (OSError, SafetensorError) as err:  # disk full, a storage error: the rest stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(out)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+        raise CheckpointError(f"writing checkpoint {final} failed ({err}); {kept}") from err
     done = sorted(
         (p for p in checkpoint_dir(out).glob("step-*") if "." not in p.name), key=lambda p: int(p.name[5:])
     )

@@ -52,11 +52,12 @@ def initial_state(cfg: DiscoveryConfig, model: DiffusionModel) -> TrainState:
 
 
 def start_state(cfg: DiscoveryConfig, model: DiffusionModel, out: Path) -> tuple[TrainState, Path | None]:
-    """The state to train from: the latest checkpoint in OUT (checked against `cfg`), or step 0."""
-    path = checkpoint.latest(out)
-    if path is None:
+    """The state to train from: the newest readable checkpoint in OUT (a corrupt newer one is
+    skipped, with a warning; checked against `cfg`), or step 0."""
+    found = checkpoint.newest_readable(out)
+    if found is None:
         return initial_state(cfg, model), None
-    state = TrainState.load(path)
+    state, path = found
     state.check_resumable(cfg, model, path)
     return state, path
 
