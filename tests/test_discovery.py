@@ -139,6 +139,27 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_and_loses_nothin
         trainer(small_cfg(), tiny_model, latents, tmp_path / "b")
 
 
+def test_sigterm_checkpoints_at_once_and_the_rerun_loses_no_step(tiny_model, latents, tmp_path):
+    """Fault table: a preemption notice (SIGTERM) mid-run -> the step under way finishes, a
+    checkpoint is written though none was due, Preempted says where; the same job resumes
+    there and ends on the bank of an uninterrupted run."""
+    import os
+    import signal
+
+    from noiseclr.errors import Preempted
+
+    job = small_cfg(checkpoint_every=5)  # due at 5 and 6 only
+    straight = train(job, tiny_model, latents, tmp_path / "a")
+    first = trainer(job, tiny_model, latents, tmp_path / "b")
+    first.on_step = lambda record: os.kill(os.getpid(), signal.SIGTERM) if record["step"] == 3 else None
+    with pytest.raises(Preempted, match=r"SIGTERM after step 3 of 6: checkpoint .*step-0000003 written"):
+        first.fit(tmp_path / "b")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    resumed = trainer(job, tiny_model, latents, tmp_path / "b")
+    assert resumed.step == 3
+    assert torch.equal(resumed.fit(tmp_path / "b").directions, straight.directions)
+
+
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tiny_model, tmp_path, monkeypatch):
     """Fault table: the disk fills up half way through a checkpoint -> one error naming where it
     was writing and the checkpoint kept; nothing half-written is taken by a resume."""

@@ -24,9 +24,10 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
-from noiseclr.errors import ConfigError, UserError
+from noiseclr.errors import ConfigError, Preempted, UserError
 
 DEBUG = {"on": False}
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: stopped on notice, checkpointed, resumable
 
 
 def user_message(err: BaseException) -> str | None:
@@ -65,7 +66,7 @@ class Commands(TyperGroup):
             if message is None or DEBUG["on"]:
                 raise
             typer.echo(f"error: {message}", err=True)
-            ctx.exit(2)
+            ctx.exit(PREEMPTED_EXIT if isinstance(err, Preempted) else 2)
 
 
 app = typer.Typer(

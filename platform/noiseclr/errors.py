@@ -50,3 +50,7 @@ class TrainingDiverged(UserError, RuntimeError):
 
 class CheckpointError(ConfigError):
     """A checkpoint is unreadable or corrupt (truncated, wrong checksum), or could not be written."""
+
+
+class Preempted(UserError, RuntimeError):
+    """The job was asked to stop (SIGTERM) and stopped at a step boundary with a checkpoint."""

@@ -26,7 +26,7 @@ from noiseclr.conditioning import direction_deltas, encode_directions, unet_rows
 from noiseclr.discovery import step
 from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.errors import TrainingDiverged
+from noiseclr.errors import Preempted, TrainingDiverged
 from noiseclr.utils import parallel
 
 
@@ -190,13 +190,16 @@ class TrainLoop:
         on_step: Callable[[dict], None] | None = None,
         last_good: Callable[[], object] = lambda: None,
         stop_after: int | None = None,
+        stop_requested: Callable[[], bool] = lambda: False,
     ) -> None:
         """Optimizer steps up to cfg.optim.steps (or `stop_after` more, for tests of resume).
 
         After each step `on_step(record)` (its history entry plus `pairs_per_s`), then
         `save(state)` where `checkpoint_due`. A non-finite loss or direction stops the run: the
         engine keeps the directions of the last finite step, and TrainingDiverged names
-        `last_good()`, the checkpoint a resumed run starts from."""
+        `last_good()`, the checkpoint a resumed run starts from. When `stop_requested()` turns
+        true (a preemption notice), the step under way finishes, a checkpoint is written and
+        Preempted names it: the same command resumes there, no step lost or repeated."""
         done = 0
         while self.step < self.cfg.optim.steps and (stop_after is None or done < stop_after):
             good = self.engine.snapshot()
@@ -212,6 +215,13 @@ class TrainLoop:
                 on_step({**record, "pairs_per_s": self.pairs_per_s})
             if self.checkpoint_due():
                 save(self.state())
+            if stop_requested() and self.step < self.cfg.optim.steps:
+                if not self.checkpoint_due():
+                    save(self.state())
+                raise Preempted(
+                    f"stopped on SIGTERM after step {self.step} of {self.cfg.optim.steps}: checkpoint "
+                    f"{last_good()} written; run the same command to resume from it"
+                )
 
     def optimizer_step(self) -> dict:
         """One optimizer step (grad_accum micro-steps); its history entry {"step", "loss", "seconds"}."""

@@ -25,6 +25,7 @@ from noiseclr.discovery.core import AdamWEngine, TrainLoop
 from noiseclr.discovery.initial import init_directions
 from noiseclr.errors import ConfigError
 from noiseclr.models.base import DiffusionModel, scheduler_like
+from noiseclr.utils import preemption
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,14 @@ class DiscoveryTrainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}")
 
         try:
-            self.loop.run(
-                save=lambda state: checkpoint.write(out, state, self.cfg.run.keep_checkpoints),
-                on_step=on_step,
-                last_good=lambda: checkpoint.latest(out),
-                stop_after=stop_after,
-            )
+            with preemption.notice():  # SIGTERM: finish the step, checkpoint, stop (Preempted)
+                self.loop.run(
+                    save=lambda state: checkpoint.write(out, state, self.cfg.run.keep_checkpoints),
+                    on_step=on_step,
+                    last_good=lambda: checkpoint.latest(out),
+                    stop_after=stop_after,
+                    stop_requested=preemption.requested,
+                )
         finally:
             bar.close()
         return self.state()
