@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -452,3 +453,32 @@ def test_a_users_error_in_a_worker_reaches_the_command_as_its_own_one_line():
     failed = WorkerGroupError("Training failed", {0: ValueError("rank 0 saw the peer go"), 1: wrapped})
     assert worker_user_error(failed) is diverged
     assert worker_user_error(WorkerGroupError("Training failed", {0: ValueError("a bug")})) is None
+
+
+def test_placement_counts_what_each_node_can_hold_under_each_strategy():
+    from noiseclr.training.distributed import placeable
+
+    nodes = [{"CPU": 0.0}, {"CPU": 3.0}, {"CPU": 3.0, "GPU": 1.0}]
+    assert placeable(nodes, {"CPU": 1.0}, 6, "PACK") and not placeable(nodes, {"CPU": 1.0}, 7, "PACK")
+    assert placeable(nodes, {"CPU": 1.0}, 2, "STRICT_SPREAD")
+    assert not placeable(nodes, {"CPU": 1.0}, 3, "STRICT_SPREAD")  # the head holds none
+    assert placeable(nodes, {"CPU": 1.0}, 3, "STRICT_PACK") and not placeable(
+        nodes, {"CPU": 1.0}, 4, "STRICT_PACK"
+    )
+    assert placeable(nodes, {"GPU": 1.0}, 1, "PACK") and not placeable(nodes, {"GPU": 1.0}, 2, "SPREAD")
+    assert not placeable([{"CPU": 8.0}], {"GPU": 1.0}, 1, "PACK")  # GPUs on a CPU-only cluster
+
+
+def test_workers_the_cluster_cannot_hold_stop_in_one_line_after_the_bounded_wait(cluster, tmp_path):
+    """Fault table: Ray Train would wait without end for a worker group the cluster cannot
+    place; the job waits distributed.resource_wait_s for nodes to join, then names what it asked
+    and what the cluster has, before any worker starts or any data is read."""
+    started = time.monotonic()
+    job = cfg(workers=4, placement_strategy="STRICT_SPREAD", resource_wait_s=2)
+    with pytest.raises(ConfigError, match=r"4 workers of CPU 1 each \(STRICT_SPREAD\) do not fit") as err:
+        run_discovery(job, tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and re.search(r"CPU \d+ in all, at most 3 on a node", message)
+    assert "waited 2 s" in message and "distributed.resource_wait_s" in message
+    assert time.monotonic() - started < 60
+    assert not list((tmp_path / "out").glob("ray/*"))  # no Ray Train run was started

@@ -20,6 +20,7 @@ repeated; the workflow copies the last one to OUT/checkpoints, where either path
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -30,7 +31,7 @@ from torch import nn
 
 from noiseclr.conditioning import direction_deltas
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.errors import UserError
+from noiseclr.errors import ConfigError, UserError
 from noiseclr.utils.memory import peak_rss_mib
 
 # Steps between Ray Train reports (checkpoint steps and the last step always report). A report is
@@ -381,6 +382,45 @@ def workers_use_gpu(device: str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def placeable(
+    nodes: list[dict[str, float]], per_worker: dict[str, float], workers: int, strategy: str
+) -> bool:
+    """Whether `workers` bundles of `per_worker` fit these nodes' resources under a Ray placement
+    strategy. Totals, busy or not: a busy cluster frees up, one without the resource never does."""
+    fits = [min(int(node.get(r, 0.0) // need) for r, need in per_worker.items()) for node in nodes]
+    if strategy == "STRICT_SPREAD":
+        return sum(f >= 1 for f in fits) >= workers
+    if strategy == "STRICT_PACK":
+        return max(fits, default=0) >= workers
+    return sum(fits) >= workers
+
+
+def wait_for_resources(
+    per_worker: dict[str, float], workers: int, strategy: str, timeout_s: float, poll_s: float = 1.0
+) -> float:
+    """Wait (up to `timeout_s`, for nodes an autoscaler adds) until the Ray cluster can place the
+    workers; ConfigError naming what was asked and what the nodes have otherwise. Returns the
+    seconds waited. Ray Train itself retries its worker group's start without limit."""
+    import ray
+
+    started = time.monotonic()
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if placeable(nodes, per_worker, workers, strategy):
+            return time.monotonic() - started
+        waited = time.monotonic() - started
+        if waited >= timeout_s:
+            asked = ", ".join(f"{r} {v:g}" for r, v in per_worker.items())
+            totals = {r: [n.get(r, 0.0) for n in nodes] or [0.0] for r in per_worker}
+            has = "; ".join(f"{r} {sum(v):g} in all, at most {max(v):g} on a node" for r, v in totals.items())
+            raise ConfigError(
+                f"distributed.workers: {workers} workers of {asked} each ({strategy}) do not fit this Ray "
+                f"cluster of {len(nodes)} nodes ({has}); waited {waited:.0f} s for nodes to join "
+                "(distributed.resource_wait_s)"
+            )
+        time.sleep(min(poll_s, max(0.0, timeout_s - waited)))
+
+
 def train_distributed(
     cfg: DiscoveryConfig,
     out: Path,
@@ -414,6 +454,12 @@ def train_distributed(
     # lives, and without it logs a warning every second of the run into the user's terminal.
     init_ray(address, num_cpus=max(4, workers + 2))
     use_gpu = workers_use_gpu(cfg.run.device)
+    per_worker = {"GPU": 1.0} if use_gpu else {"CPU": 1.0}
+    waited = wait_for_resources(
+        per_worker, workers, cfg.distributed.placement_strategy, cfg.distributed.resource_wait_s
+    )
+    if waited > 1:
+        logging.getLogger(__name__).info("the cluster holds the workers' resources after %.0f s", waited)
     ds, counter, n_files = latent_dataset(
         data, cfg.model, resolution, cfg.storage.options, limit=cfg.data.n_images, run=cfg.name, gpu=use_gpu
     )
@@ -430,7 +476,7 @@ def train_distributed(
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,
-            resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
+            resources_per_worker=per_worker,
             placement_strategy=cfg.distributed.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
