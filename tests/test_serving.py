@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -639,11 +640,28 @@ def test_a_moved_bank_alias_reloads_the_running_replica(server, mlflow_server):
     one_replica(server["cfg"].name)  # the pid below must be the one replica's
     before = c.get("/v1/health").json()
     assert before["versions"]["reg"] == "1"
-    assert edit(c, {"seed": 2, "edits": [{"bank": "reg", "direction": 11, "scale": 2}]}).status_code == 200
+    body = {"seed": 2, "steps": 2, "edits": [{"bank": "reg", "direction": 11, "scale": 2}]}
+    first = edit(c, body)
+    assert first.status_code == 200 and json.loads(first.headers["X-Edit-Meta"])["versions"] == {"reg": "1"}
+    answers, moved = [], threading.Event()
+
+    def keep_editing() -> None:  # requests in flight while the alias moves and the bank reloads
+        while not moved.is_set():
+            r = edit(c, body)
+            answers.append((r.status_code, json.loads(r.headers.get("X-Edit-Meta", "{}")).get("versions")))
+
+    client_thread = threading.Thread(target=keep_editing)
+    client_thread.start()
     MlflowClient(mlflow_server.uri).set_registered_model_alias("serve-bank", "champion", "2")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and c.get("/v1/health").json()["versions"]["reg"] != "2":
         time.sleep(1)
+    time.sleep(1)
+    moved.set()
+    client_thread.join(60)
+    assert answers and all(code == 200 for code, _ in answers), answers  # none dropped or failed
+    seen = [v["reg"] for _, v in answers]
+    assert seen == sorted(seen) and seen[-1] == "2", seen  # each answer names its version: 1s, then 2s
     after = c.get("/v1/health").json()
     assert after["versions"]["reg"] == "2"
     assert after["pid"] == before["pid"] and after["up_s"] >= before["up_s"]  # not restarted

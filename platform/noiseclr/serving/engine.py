@@ -288,7 +288,13 @@ class EditEngine:
             hi = hi if item.t_high is None else item.t_high
             lo = lo if item.t_low is None else item.t_low
             edits.append(sampler.Edit(bank.directions[i], raw, hi, lo, label=f"{item.bank}:{bank.tokens[i]}"))
-        meta = {"edits": [e.label for e in edits], "raw_scales": [e.scale for e in edits]}
+        meta = {
+            "edits": [e.label for e in edits],
+            "raw_scales": [e.scale for e in edits],
+            # the registered version of each bank that answered (None: a folder); the edit's
+            # vectors were read from it here, so a reload after this point does not change them
+            "versions": {item.bank: self.store.versions.get(item.bank) for item in req.edits},
+        }
         if req.image is not None:
             pixels = decode_upload(req.image, self.model.resolution, lim.max_pixels)
             start = request.from_pixels(pixels, req.steps or self.cfg.default_inversion_steps)
