@@ -482,3 +482,33 @@ def test_workers_the_cluster_cannot_hold_stop_in_one_line_after_the_bounded_wait
     assert "waited 2 s" in message and "distributed.resource_wait_s" in message
     assert time.monotonic() - started < 60
     assert not list((tmp_path / "out").glob("ray/*"))  # no Ray Train run was started
+
+
+def test_a_worker_killed_for_memory_ends_in_one_line_naming_the_knobs():
+    """Fault table: after Ray Train's restarts (distributed.max_failures) a worker that ran out of
+    memory (Ray's memory monitor, the kernel's OOM killer as Ray reports it, or CUDA's
+    allocator) ends the command with one line naming memory and what lowers it."""
+    from ray.exceptions import OutOfMemoryError, RayTaskError
+    from ray.train import WorkerGroupError
+
+    from noiseclr.errors import OutOfMemory
+    from noiseclr.training.distributed import worker_user_error
+
+    ray_oom = OutOfMemoryError(
+        "Task was killed due to the node running low on memory.\nMemory on the node ..."
+    )
+    try:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.cuda.OutOfMemoryError as err:
+        cuda_oom = RayTaskError("train_fn", "Traceback ...", err).as_instanceof_cause()
+    for failure in (ray_oom, cuda_oom):
+        found = worker_user_error(
+            WorkerGroupError("Training failed", {0: ValueError("peer gone"), 1: failure})
+        )
+        assert isinstance(found, OutOfMemory), failure
+        message = str(found)
+        assert (
+            "\n" not in message and "ran out of memory" in message and "distributed.max_failures" in message
+        )
+        assert all(k in message for k in ("method.batch", "method.negatives", "run.gradient_checkpointing"))
+    assert worker_user_error(WorkerGroupError("Training failed", {0: ValueError("a bug")})) is None

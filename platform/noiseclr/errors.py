@@ -54,3 +54,7 @@ class CheckpointError(ConfigError):
 
 class Preempted(UserError, RuntimeError):
     """The job was asked to stop (SIGTERM) and stopped at a step boundary with a checkpoint."""
+
+
+class OutOfMemory(UserError, RuntimeError):
+    """A worker ran out of memory (the kernel's or Ray's OOM kill, or the GPU's allocator)."""

@@ -31,7 +31,7 @@ from torch import nn
 
 from noiseclr.conditioning import direction_deltas
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.errors import ConfigError, UserError
+from noiseclr.errors import ConfigError, OutOfMemory, UserError
 from noiseclr.utils.memory import peak_rss_mib
 
 # Steps between Ray Train reports (checkpoint steps and the last step always report). A report is
@@ -515,11 +515,22 @@ def train_distributed(
     return result.checkpoint or newest_checkpoint(result), counts
 
 
+MEMORY_SIGNS = ("low on memory", "out of memory", "oom killer", "outofmemoryerror")
+MEMORY_KNOBS = (
+    "lower what a step holds: method.batch (images per step), method.negatives (directions per "
+    "step), run.gradient_checkpointing: true, run.max_rows (UNet rows per call); or give each "
+    "worker more memory"
+)
+
+
 def worker_user_error(err: BaseException) -> UserError | None:
-    """The error a user can act on (a diverged run, bad data) that stopped a worker, out of Ray
-    Train's wrapping (a WorkerGroupError holds each failed worker's exception, Ray's task error
-    the original as `cause`), so the command prints its one line instead of a traceback."""
+    """The error a user can act on (a diverged run, bad data, memory) that stopped a worker, out
+    of Ray Train's wrapping (a WorkerGroupError holds each failed worker's exception, Ray's task
+    error the original as `cause`), so the command prints its one line instead of a traceback.
+    A worker killed for memory (Ray's OutOfMemoryError, the kernel's OOM killer as Ray reports
+    it, CUDA's allocator) becomes OutOfMemory naming the knobs that lower a step's memory."""
     queue: list = [err]
+    memory: BaseException | None = None
     for _ in range(64):  # a bounded walk: a chain that loops back ends here
         if not queue:
             break
@@ -528,7 +539,16 @@ def worker_user_error(err: BaseException) -> UserError | None:
             queue.append(e.cause)
         if isinstance(e, UserError) and not hasattr(e, "cause"):
             return e
+        text = f"{type(e).__name__}: {e}".lower()
+        if memory is None and any(sign in text for sign in MEMORY_SIGNS):
+            memory = e
         queue += [*getattr(e, "worker_failures", {}).values(), *filter(None, [e.__cause__])]
+    if memory is not None:
+        first = str(memory).strip().splitlines()[0] if str(memory).strip() else type(memory).__name__
+        return OutOfMemory(
+            f"a worker ran out of memory ({type(memory).__name__}: {first[:160]}) and the run stopped after "
+            f"its restarts from the checkpoint (distributed.max_failures); {MEMORY_KNOBS}"
+        )
     return None
 
 
