@@ -372,3 +372,56 @@ def test_metrics_are_live_and_survive_the_server_going_away_mid_run(tmp_path, mo
         assert client.search_model_versions(f"name = '{name}'")
     finally:
         server.stop()
+
+
+def test_a_job_trains_when_mlflow_is_down_at_the_start_and_its_run_is_logged_later(
+    tmp_path, monkeypatch, shapes_model
+):
+    """Fault table: MLflow does not answer when the job starts. The job trains anyway; a server
+    that answers by the end gets the whole run (every step's loss, the bank registered); one
+    still down at the end leaves the bank, a marker and one line saying to rerun, and the rerun
+    (nothing to train) logs every step and registers the bank."""
+    from noiseclr.discovery.core import TrainLoop
+    from noiseclr.workflows.discover import TRACKING_PENDING
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while it is down
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    server = MlflowServer(tmp_path / "mlflow")  # its port is chosen; nothing listens there yet
+    job = dict(k=3, negatives=1, batch=2, n_images=2, steps=3, device="cpu", evaluate=False)
+    job |= dict(gallery=False, world_fixed={"x": "center", "y": "middle"}, tracking_uri=server.uri)
+    client = MlflowClient(server.uri)
+
+    def losses(run_id: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+
+    def registered(bank) -> bool:
+        return bool(client.search_model_versions(f"name = '{registry.model_name(DirectionBank.load(bank))}'"))
+
+    step = TrainLoop.optimizer_step
+
+    def comes_up_at_step_2(self):
+        record = step(self)
+        if self.step == 2 and server.proc is None:
+            server.start()
+        return record
+
+    try:
+        with monkeypatch.context() as m:  # down at the start, up before the end
+            m.setattr(TrainLoop, "optimizer_step", comes_up_at_step_2)
+            late = run_discovery(
+                DiscoveryConfig.of(name="late", **job), tmp_path / "late", model=shapes_model
+            )
+        assert late.tracking_error is None and late.run_id and losses(late.run_id) == [1, 2, 3]
+        assert registered(late.bank) and not (tmp_path / "late" / TRACKING_PENDING).exists()
+
+        server.stop()  # down at the start and at the end
+        down = run_discovery(DiscoveryConfig.of(name="down", **job), tmp_path / "down", model=shapes_model)
+        assert down.bank.is_dir() and down.steps == 3 and down.run_id is None and down.tracking_error
+        assert (tmp_path / "down" / TRACKING_PENDING).exists()
+        server.start()
+        again = run_discovery(DiscoveryConfig.of(name="down", **job), tmp_path / "down", model=shapes_model)
+        assert again.resumed_from is not None and again.tracking_error is None
+        assert losses(again.run_id) == [1, 2, 3] and registered(again.bank)  # every step, not only new ones
+        assert not (tmp_path / "down" / TRACKING_PENDING).exists()
+    finally:
+        server.stop()

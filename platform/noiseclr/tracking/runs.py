@@ -18,7 +18,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from noiseclr.discovery.config import DiscoveryConfig
@@ -34,10 +34,16 @@ def tracking_uri(cfg: DiscoveryConfig) -> str | None:
 
 @contextmanager
 def tracked_run(
-    cfg: DiscoveryConfig, run_name: str, parent: str | None = None, run_id: str | None = None
+    cfg: DiscoveryConfig,
+    run_name: str,
+    parent: str | None = None,
+    run_id: str | None = None,
+    defer: bool = False,
 ) -> Iterator[object | None]:
     """An active MLflow run for the job (a child of run `parent` when given; run `run_id` continued
-    when given), or None without a tracking URI."""
+    when given), or None without a tracking URI. With `defer`, a server that does not answer at
+    the start is not an error: a warning, and None (the job trains untracked; the caller logs
+    the run when the server answers)."""
     uri = tracking_uri(cfg)
     if not uri:
         yield None
@@ -55,7 +61,14 @@ def tracked_run(
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
-        with _run(cfg, uri, run_name, parent, run_id) as run:
+        with ExitStack() as stack:
+            try:
+                run = stack.enter_context(_run(cfg, uri, run_name, parent, run_id))
+            except StorageError as err:
+                if not defer:
+                    raise
+                log.warning("%s: training without it; the run is logged at the end if it answers then", err)
+                run = None
             yield run
     finally:
         mlflow.set_tracking_uri(before)

@@ -29,6 +29,8 @@ from noiseclr.models.base import DiffusionModel, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
+TRACKING_PENDING = "tracking-pending.json"  # in OUT: the run's record has not reached MLflow yet
+
 
 @dataclass
 class DiscoveryResult:
@@ -169,7 +171,7 @@ def run_discovery(
     With a tracking URI the run is an MLflow run (a child of `parent_run_id` when given; the
     existing run `run_id` continued when given, as a sweep's trial does at each milestone).
     """
-    from noiseclr.tracking.runs import LiveMetrics, log_discovery, tracked_run
+    from noiseclr.tracking.runs import LiveMetrics, log_discovery, tracked_run, tracking_uri
 
     out = Path(out).resolve()
     started = time.perf_counter()
@@ -185,7 +187,13 @@ def run_discovery(
     if resumed is not None:
         log.warning("resuming from %s (step %d of %d)", resumed, state.step, cfg.optim.steps)
     check_schedule(cfg, model.pipe.scheduler.config.num_train_timesteps)
-    with tracked_run(cfg, run_name=f"{cfg.name}-{out.name}", parent=parent_run_id, run_id=run_id) as run:
+    run_name = f"{cfg.name}-{out.name}"
+    # A plain job trains even when MLflow does not answer at the start, and logs the run at the
+    # end (or at the next invocation, OUT/TRACKING_PENDING marking that no step was logged yet);
+    # a sweep's trial needs its run to report to, so it still stops.
+    defer = parent_run_id is None and run_id is None
+    pending = out / TRACKING_PENDING
+    with tracked_run(cfg, run_name=run_name, parent=parent_run_id, run_id=run_id, defer=defer) as run:
         out.mkdir(parents=True, exist_ok=True)
         data = cfg.data.uri or generated_data(cfg, out, model.resolution)
         live = LiveMetrics(cfg, run.info.run_id) if run is not None and not cfg.distributed.workers else None
@@ -262,9 +270,12 @@ def run_discovery(
             card=card,
         )
         if run is not None:
-            logged = max(state.step, live.sent_through if live else sent_by_workers)
+            logged = (
+                0 if pending.exists() else max(state.step, live.sent_through if live else sent_by_workers)
+            )
             try:
                 log_discovery(cfg, result, final.history, data, measured, since=logged)
+                pending.unlink(missing_ok=True)
             except Exception as err:  # the compute is done and the bank saved: do not lose them
                 log.error(
                     "the bank is saved in %s but MLflow did not take the run's record (%s); run the "
@@ -275,4 +286,31 @@ def run_discovery(
                     final.step,
                 )
                 result.tracking_error = str(err)
+    if run is None and defer and tracking_uri(cfg):
+        _log_late(cfg, result, final.history, data, measured, run_name, pending)
     return result
+
+
+def _log_late(cfg, result, history, data, measured, run_name: str, pending: Path) -> None:
+    """Log a run whose server did not answer at the start: now, with every step's metrics, or
+    leave OUT/TRACKING_PENDING and say how to log it later."""
+    from noiseclr.tracking.runs import log_discovery, tracked_run, tracking_uri
+
+    try:
+        with tracked_run(cfg, run_name=run_name) as late:
+            log_discovery(cfg, result, history, data, measured, since=0)
+            result.run_id = late.info.run_id
+        pending.unlink(missing_ok=True)
+        log.info("MLflow answered at the end: run %s logged with every step", result.run_id)
+    except Exception as err:  # the bank is saved: say how to log it, lose nothing
+        pending.write_text(json.dumps({"tracking_uri": tracking_uri(cfg), "error": str(err)}))
+        log.error(
+            "the bank is saved in %s but MLflow at %s did not answer (%s); run the same command again "
+            "when it answers: it resumes at step %d (nothing to train) and logs the run, every step's "
+            "metrics included, and registers the bank",
+            result.bank,
+            tracking_uri(cfg),
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+            result.steps,
+        )
+        result.tracking_error = str(err)
