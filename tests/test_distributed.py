@@ -512,3 +512,24 @@ def test_a_worker_killed_for_memory_ends_in_one_line_naming_the_knobs():
         )
         assert all(k in message for k in ("method.batch", "method.negatives", "run.gradient_checkpointing"))
     assert worker_user_error(WorkerGroupError("Training failed", {0: ValueError("a bug")})) is None
+
+
+def test_a_storage_or_data_bucket_that_does_not_exist_stops_in_one_line_before_any_worker(
+    cluster, s3_server, tmp_path
+):
+    """Fault table: the checkpoint storage and the data URI are checked on the driver, before a
+    worker starts or a GPU is held: one line naming the URI and the cause."""
+    from noiseclr.errors import DataError, StorageError
+
+    options = s3_options(s3_server)
+    job = cfg(workers=2, storage_path="s3://no-such-bucket/ray", storage_options=options)
+    with pytest.raises(
+        StorageError, match=r"storage\.path 's3://no-such-bucket/ray' cannot be written \(.*\)"
+    ) as err:
+        run_discovery(job, tmp_path / "a")
+    assert "\n" not in str(err.value) and "bucket" in str(err.value).lower()
+    assert not list((tmp_path / "a").glob("ray/*"))
+    with pytest.raises(DataError, match=r"image folder 's3://no-such-bucket/imgs' does not exist"):
+        run_discovery(
+            cfg(workers=2, data="s3://no-such-bucket/imgs", storage_options=options), tmp_path / "b"
+        )

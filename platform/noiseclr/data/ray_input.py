@@ -21,7 +21,7 @@ import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from noiseclr.data.images import IMAGE_SUFFIXES, decode_image
-from noiseclr.errors import DataError
+from noiseclr.errors import DataError, StorageError
 from noiseclr.utils.configfile import resolve_env
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,39 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[PyFileSys
     """pyarrow view of the fsspec filesystem behind `uri`, the root path, and the image paths."""
     pa_fs, root = pyarrow_filesystem(uri, storage_options)
     fs = pa_fs.handler.fs
-    if not fs.exists(root):
+    try:
+        found = fs.exists(root)
+    except Exception as err:  # refused credentials, an unreachable endpoint: the cause, in one line
+        raise DataError(f"image folder {uri!r} cannot be read ({_first_line(err)})") from None
+    if not found:
         raise DataError(f"image folder {uri!r} does not exist")
     paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {uri!r}")
     return pa_fs, root, paths
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def probe_storage(uri: str, storage_options: dict | None = None) -> None:
+    """Write and remove a marker where a run's checkpoints go, before any worker starts: a missing
+    bucket, refused credentials or a read-only path is one line naming the URI, instead of a
+    failed first checkpoint after the workers have trained."""
+    fs, root = fsspec.core.url_to_fs(uri, **resolve_env(storage_options or {}))
+    marker = f"{root.rstrip('/')}/.noiseclr-write-probe"
+    try:
+        if "file" in fs.protocol:  # object stores have no folders to make (s3fs would make a bucket)
+            fs.makedirs(root, exist_ok=True)
+        fs.pipe(marker, b"ok")
+        fs.rm(marker)
+    except Exception as err:
+        raise StorageError(
+            f"storage.path {uri!r} cannot be written ({_first_line(err)}); check the bucket, the "
+            "credentials in storage.options and the permissions"
+        ) from None
 
 
 class DataMetrics:

@@ -441,7 +441,7 @@ def train_distributed(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from noiseclr.data.ray_input import latent_dataset, pyarrow_filesystem
+    from noiseclr.data.ray_input import latent_dataset, probe_storage, pyarrow_filesystem
     from noiseclr.utils.raycluster import init_ray
 
     workers = cfg.distributed.workers
@@ -458,6 +458,8 @@ def train_distributed(
     waited = wait_for_resources(
         per_worker, workers, cfg.distributed.placement_strategy, cfg.distributed.resource_wait_s
     )
+    if cfg.storage.path:  # before any worker starts or any data is read
+        probe_storage(cfg.storage.path, cfg.storage.options)
     if waited > 1:
         logging.getLogger(__name__).info("the cluster holds the workers' resources after %.0f s", waited)
     ds, counter, n_files = latent_dataset(
