@@ -158,6 +158,10 @@ def test_sigterm_checkpoints_at_once_and_the_rerun_loses_no_step(tiny_model, lat
     resumed = trainer(job, tiny_model, latents, tmp_path / "b")
     assert resumed.step == 3
     assert torch.equal(resumed.fit(tmp_path / "b").directions, straight.directions)
+    last = trainer(small_cfg(checkpoint_every=5, steps=7), tiny_model, latents, tmp_path / "c")
+    last.on_step = lambda record: os.kill(os.getpid(), signal.SIGTERM) if record["step"] == 7 else None
+    with pytest.raises(Preempted, match="after step 7 of 7"):  # not swallowed at the last step
+        last.fit(tmp_path / "c")
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tiny_model, tmp_path, monkeypatch):

@@ -512,6 +512,12 @@ def test_a_worker_killed_for_memory_ends_in_one_line_naming_the_knobs():
         )
         assert all(k in message for k in ("method.batch", "method.negatives", "run.gradient_checkpointing"))
     assert worker_user_error(WorkerGroupError("Training failed", {0: ValueError("a bug")})) is None
+    died = RuntimeError(
+        "The actor died unexpectedly before finishing this task. Some common causes include: (1) the "
+        "process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called, "
+        "or (3) the worker crashed unexpectedly due to SIGSEGV or other unexpected errors."
+    )
+    assert worker_user_error(WorkerGroupError("Training failed", {0: died})) is None  # not called memory
 
 
 def test_a_storage_or_data_bucket_that_does_not_exist_stops_in_one_line_before_any_worker(

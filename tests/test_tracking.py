@@ -415,6 +415,16 @@ def test_a_job_trains_when_mlflow_is_down_at_the_start_and_its_run_is_logged_lat
         assert registered(late.bank) and not (tmp_path / "late" / TRACKING_PENDING).exists()
 
         server.stop()  # down at the start and at the end
+        with monkeypatch.context() as m, pytest.raises(RuntimeError, match="a crash at step 2"):
+
+            def crashes_at_step_2(self):
+                if self.step == 1:
+                    raise RuntimeError("a crash at step 2")
+                return step(self)
+
+            m.setattr(TrainLoop, "optimizer_step", crashes_at_step_2)
+            run_discovery(DiscoveryConfig.of(name="down", **job), tmp_path / "down", model=shapes_model)
+        assert (tmp_path / "down" / TRACKING_PENDING).exists()  # marked from the start: step 1 unlogged
         down = run_discovery(DiscoveryConfig.of(name="down", **job), tmp_path / "down", model=shapes_model)
         assert down.bank.is_dir() and down.steps == 3 and down.run_id is None and down.tracking_error
         assert (tmp_path / "down" / TRACKING_PENDING).exists()
@@ -425,3 +435,26 @@ def test_a_job_trains_when_mlflow_is_down_at_the_start_and_its_run_is_logged_lat
         assert not (tmp_path / "down" / TRACKING_PENDING).exists()
     finally:
         server.stop()
+
+
+def test_an_mlflow_server_that_answers_with_a_refusal_stops_the_job_before_it_trains(tmp_path, shapes_model):
+    """Only a server that does not answer is waited for: one that answers with an error (here an
+    HTTP server that is not MLflow: 404 for every API call) stops the job at once, as a wrong
+    URI or refused credentials must, instead of surfacing after the whole run."""
+    import http.server
+    import threading
+
+    from noiseclr.errors import StorageError, TrackingUnreachable
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{httpd.server_address[1]}"
+        job = DiscoveryConfig.of(name="refused", k=3, negatives=1, batch=2, n_images=2, steps=2, device="cpu",
+                                 evaluate=False, gallery=False, tracking_uri=uri)  # fmt: skip
+        with pytest.raises(StorageError) as err:
+            run_discovery(job, tmp_path / "out", model=shapes_model)
+        assert not isinstance(err.value, TrackingUnreachable) and uri in str(err.value)
+        assert not (tmp_path / "out" / "checkpoints").exists()  # nothing trained
+    finally:
+        httpd.shutdown()

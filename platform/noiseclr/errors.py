@@ -44,6 +44,10 @@ class StorageError(UserError, OSError):
     """An output path cannot be written as asked (unknown image format, not writable...)."""
 
 
+class TrackingUnreachable(StorageError):
+    """The MLflow server did not answer (refused connection, timeout): not a refusal."""
+
+
 class TrainingDiverged(UserError, RuntimeError):
     """The loss or the directions went non-finite; the last good checkpoint was kept."""
 

@@ -12,7 +12,9 @@ reading process is the one that wrote it (Ray tasks run in other processes): use
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import uuid
 
 import fsspec
 import numpy as np
@@ -88,12 +90,13 @@ def probe_storage(uri: str, storage_options: dict | None = None) -> None:
     bucket, refused credentials or a read-only path is one line naming the URI, instead of a
     failed first checkpoint after the workers have trained."""
     fs, root = fsspec.core.url_to_fs(uri, **resolve_env(storage_options or {}))
-    marker = f"{root.rstrip('/')}/.noiseclr-write-probe"
+    marker = f"{root.rstrip('/')}/.noiseclr-write-probe-{uuid.uuid4().hex}"  # jobs may start together
     try:
         if "file" in fs.protocol:  # object stores have no folders to make (s3fs would make a bucket)
             fs.makedirs(root, exist_ok=True)
         fs.pipe(marker, b"ok")
-        fs.rm(marker)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(marker)
     except Exception as err:
         raise StorageError(
             f"storage.path {uri!r} cannot be written ({_first_line(err)}); check the bucket, the "

@@ -156,9 +156,10 @@ class DistributedConfig(BaseModel):
     # Ray Train's worker placement: PACK fills a node first; STRICT_SPREAD puts every worker on
     # its own node (bank metrics["nodes"] says how many nodes the workers ran on).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    # How long a job waits for the cluster to hold its workers' resources (an autoscaler adding
-    # nodes) before it stops with one line naming what it asked and what the cluster has.
-    resource_wait_s: float = Field(60.0, ge=0)
+    # How long a job waits for the cluster to hold its workers' resources (an autoscaler, asked
+    # for them, adding nodes) before it stops with one line naming what it asked and what the
+    # cluster has. Raise it where a GPU node takes longer to start.
+    resource_wait_s: float = Field(300.0, ge=0)
 
 
 class StorageConfig(BaseModel):

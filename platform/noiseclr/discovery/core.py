@@ -215,7 +215,7 @@ class TrainLoop:
                 on_step({**record, "pairs_per_s": self.pairs_per_s})
             if self.checkpoint_due():
                 save(self.state())
-            if stop_requested() and self.step < self.cfg.optim.steps:
+            if stop_requested():  # at the last step too: the measurement and logging are left
                 if not self.checkpoint_due():
                     save(self.state())
                 raise Preempted(

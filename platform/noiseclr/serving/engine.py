@@ -82,6 +82,7 @@ class BankStore:
         self.labels_dir = Path(labels_dir)
         self.banks: dict[str, DirectionBank] = {}
         self._digests: dict[str, tuple[DirectionBank, str]] = {}  # name -> (bank, its vectors' hash)
+        self._swap = threading.Lock()
         self.versions: dict[str, str | None] = {}
         for name, ref in sources.items():
             self.banks[name], self.versions[name] = self._load(name, ref)
@@ -106,7 +107,16 @@ class BankStore:
     def refresh(self, names: list[str]) -> None:
         """Reload these banks (each loaded fully before it replaces the old one)."""
         for name in names:
-            self.banks[name], self.versions[name] = self._load(name, self.sources[name])
+            bank, version = self._load(name, self.sources[name])
+            with self._swap:  # a reader of `current` sees the old pair or the new one, never a mix
+                self.banks[name], self.versions[name] = bank, version
+
+    def current(self, name: str) -> tuple[DirectionBank, str | None]:
+        """The bank loaded under `name` and its registered version, read together."""
+        with self._swap:
+            if name not in self.banks:
+                raise NotFound(f"no bank named {name!r}; this server has {sorted(self.banks)}")
+            return self.banks[name], self.versions.get(name)
 
     def get(self, name: str) -> DirectionBank:
         if name not in self.banks:
@@ -274,9 +284,10 @@ class EditEngine:
         """Check a request against the banks and the limits; resolve it to a Job (cheap, no UNet)."""
         lim = self.cfg.limits
         edits, seen = [], {}
+        store, versions = self.store, {}  # one store throughout, even if `reload` swaps it meanwhile
         for item in req.edits:
-            bank = self.store.get(item.bank)
-            i = self.store.index(item.bank, item.direction)
+            bank, versions[item.bank] = store.current(item.bank)
+            i = store.index(item.bank, item.direction)
             if (item.bank, i) in seen:  # scales of one direction would add up past max_scale
                 raise EditError(
                     f"edits: direction {item.direction!r} of bank {item.bank!r} is given twice (as "
@@ -293,7 +304,7 @@ class EditEngine:
             "raw_scales": [e.scale for e in edits],
             # the registered version of each bank that answered (None: a folder); the edit's
             # vectors were read from it here, so a reload after this point does not change them
-            "versions": {item.bank: self.store.versions.get(item.bank) for item in req.edits},
+            "versions": versions,
         }
         if req.image is not None:
             pixels = decode_upload(req.image, self.model.resolution, lim.max_pixels)
@@ -301,7 +312,7 @@ class EditEngine:
             return Job(start, edits, {**meta, "source": "upload", "steps": start.steps})
         # A request without a prompt edits an image of its banks' domain (their gallery prompt);
         # "" asks for an unconditional one.
-        banks = request.prompt_banks(edits, self.store.banks)
+        banks = request.prompt_banks(edits, store.banks)
         try:
             start = request.from_seeds(
                 self.model, [req.seed], banks, req.prompt, req.guidance, req.steps or self.cfg.default_steps

@@ -22,10 +22,20 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.errors import StorageError
+from noiseclr.errors import StorageError, TrackingUnreachable
 from noiseclr.utils.configfile import resolve_env
 
 log = logging.getLogger(__name__)
+
+# What MLflow's HTTP client says when nothing answers (as opposed to an answer that refuses).
+UNREACHABLE = (
+    "Max retries exceeded",
+    "Connection refused",
+    "Failed to establish a new connection",
+    "timed out",
+    "Name or service not known",
+    "Temporary failure in name resolution",
+)
 
 
 def tracking_uri(cfg: DiscoveryConfig) -> str | None:
@@ -64,7 +74,7 @@ def tracked_run(
         with ExitStack() as stack:
             try:
                 run = stack.enter_context(_run(cfg, uri, run_name, parent, run_id))
-            except StorageError as err:
+            except TrackingUnreachable as err:
                 if not defer:
                     raise
                 log.warning("%s: training without it; the run is logged at the end if it answers then", err)
@@ -81,7 +91,11 @@ def _run(cfg: DiscoveryConfig, uri: str, run_name: str, parent: str | None, run_
     try:
         experiment = mlflow.set_experiment(cfg.tracking.experiment)
     except Exception as err:  # server down, wrong URI: say so before training, not after
-        raise StorageError(
+        text = str(err)
+        # Only a server that does not answer may be waited for (`defer`); a refusal (credentials,
+        # permissions, a bad experiment) would otherwise surface after the whole run.
+        unreachable = any(sign in text for sign in UNREACHABLE)
+        raise (TrackingUnreachable if unreachable else StorageError)(
             f"MLflow at {uri} is not reachable or refused experiment {cfg.tracking.experiment!r}: {err}"
         ) from None
     if run_id:  # a sweep trial's next milestone: the same run goes on

@@ -402,23 +402,42 @@ def wait_for_resources(
     workers; ConfigError naming what was asked and what the nodes have otherwise. Returns the
     seconds waited. Ray Train itself retries its worker group's start without limit."""
     import ray
+    from ray.autoscaler.sdk import request_resources
 
     started = time.monotonic()
-    while True:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        if placeable(nodes, per_worker, workers, strategy):
-            return time.monotonic() - started
-        waited = time.monotonic() - started
-        if waited >= timeout_s:
-            asked = ", ".join(f"{r} {v:g}" for r, v in per_worker.items())
-            totals = {r: [n.get(r, 0.0) for n in nodes] or [0.0] for r in per_worker}
-            has = "; ".join(f"{r} {sum(v):g} in all, at most {max(v):g} on a node" for r, v in totals.items())
-            raise ConfigError(
-                f"distributed.workers: {workers} workers of {asked} each ({strategy}) do not fit this Ray "
-                f"cluster of {len(nodes)} nodes ({has}); waited {waited:.0f} s for nodes to join "
-                "(distributed.resource_wait_s)"
-            )
-        time.sleep(min(poll_s, max(0.0, timeout_s - waited)))
+    asked = False
+    try:
+        while True:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            if placeable(nodes, per_worker, workers, strategy):
+                return time.monotonic() - started
+            if not asked:  # an autoscaler, where the cluster has one, starts nodes for these
+                asked = _request(request_resources, [dict(per_worker)] * workers)
+            waited = time.monotonic() - started
+            if waited >= timeout_s:
+                wanted = ", ".join(f"{r} {v:g}" for r, v in per_worker.items())
+                totals = {r: [n.get(r, 0.0) for n in nodes] or [0.0] for r in per_worker}
+                has = "; ".join(
+                    f"{r} {sum(v):g} in all, at most {max(v):g} on a node" for r, v in totals.items()
+                )
+                raise ConfigError(
+                    f"distributed.workers: {workers} workers of {wanted} each ({strategy}) do not fit this "
+                    f"Ray cluster of {len(nodes)} nodes ({has}); waited {waited:.0f} s for nodes to join "
+                    "(distributed.resource_wait_s)"
+                )
+            time.sleep(min(poll_s, max(0.0, timeout_s - waited)))
+    finally:
+        if asked:  # Ray Train asks for its own from here; a standing request would keep nodes up
+            _request(request_resources, [])
+
+
+def _request(request_resources, bundles: list[dict]) -> bool:
+    """Ask the autoscaler for `bundles` ([] withdraws); False where the cluster cannot take it."""
+    try:
+        request_resources(bundles=bundles)
+        return True
+    except Exception:  # no autoscaler state (a bare local cluster): nothing to ask
+        return False
 
 
 def train_distributed(
@@ -517,7 +536,10 @@ def train_distributed(
     return result.checkpoint or newest_checkpoint(result), counts
 
 
-MEMORY_SIGNS = ("low on memory", "out of memory", "oom killer", "outofmemoryerror")
+# Unambiguous signs only: Ray's memory monitor ("running low on memory", OutOfMemoryError) and
+# the CUDA allocator. Ray's text for any unexpected worker death lists the OOM killer among
+# several causes (a segfault, `ray stop --force`), so it is not taken as one.
+MEMORY_SIGNS = ("running low on memory", "cuda out of memory", "outofmemoryerror:")
 MEMORY_KNOBS = (
     "lower what a step holds: method.batch (images per step), method.negatives (directions per "
     "step), run.gradient_checkpointing: true, run.max_rows (UNet rows per call); or give each "

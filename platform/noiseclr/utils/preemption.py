@@ -30,5 +30,6 @@ def notice() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: the previous handler was not installed from Python; the default is the nearest
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         _REQUESTED.clear()

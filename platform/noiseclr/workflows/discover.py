@@ -179,9 +179,11 @@ def run_discovery(
         log.warning(
             "distributed.workers is 0 (one process): %s apply to Ray Train workers only", ", ".join(unused)
         )
+    pending = out / TRACKING_PENDING
     if fresh:
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
         shutil.rmtree(out / "ray", ignore_errors=True)
+        pending.unlink(missing_ok=True)
     model = model or load_model(cfg.model, device="cpu" if cfg.distributed.workers else cfg.run.device)
     state, resumed = start_state(cfg, model, out)  # refuses a changed config before anything is written
     if resumed is not None:
@@ -192,14 +194,22 @@ def run_discovery(
     # end (or at the next invocation, OUT/TRACKING_PENDING marking that no step was logged yet);
     # a sweep's trial needs its run to report to, so it still stops.
     defer = parent_run_id is None and run_id is None
-    pending = out / TRACKING_PENDING
     with tracked_run(cfg, run_name=run_name, parent=parent_run_id, run_id=run_id, defer=defer) as run:
         out.mkdir(parents=True, exist_ok=True)
         data = cfg.data.uri or generated_data(cfg, out, model.resolution)
-        live = LiveMetrics(cfg, run.info.run_id) if run is not None and not cfg.distributed.workers else None
+        if run is None and defer and tracking_uri(cfg):  # marked now: a run stopped early keeps it
+            pending.write_text(json.dumps({"tracking_uri": tracking_uri(cfg), "unlogged": "every step"}))
+        # Steps an earlier invocation trained never reached MLflow: log every step once, at the end
+        # (nothing live, which would send the new steps twice).
+        unlogged = pending.exists()
+        live = (
+            LiveMetrics(cfg, run.info.run_id)
+            if run is not None and not cfg.distributed.workers and not unlogged
+            else None
+        )
         try:
             if cfg.distributed.workers:  # rank 0 logs the steps live; the driver what did not get through
-                final, counts = _train_ray(cfg, model, data, out, resumed, address, run)
+                final, counts = _train_ray(cfg, model, data, out, resumed, address, None if unlogged else run)
                 model.pipe.to(resolve_device(cfg.run.device))  # the workers are done: measure and draw here
             else:
                 final, counts = _train_single(cfg, model, data, out, state, live)
@@ -270,9 +280,7 @@ def run_discovery(
             card=card,
         )
         if run is not None:
-            logged = (
-                0 if pending.exists() else max(state.step, live.sent_through if live else sent_by_workers)
-            )
+            logged = 0 if unlogged else max(state.step, live.sent_through if live else sent_by_workers)
             try:
                 log_discovery(cfg, result, final.history, data, measured, since=logged)
                 pending.unlink(missing_ok=True)
