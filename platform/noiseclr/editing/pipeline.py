@@ -40,7 +40,7 @@ from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.editing.denoiser import DirectionTerms, EditingHook
 from noiseclr.errors import BankError, EditError, ImageError
 from noiseclr.models.base import EMBEDDED, DiffusionModel, cast, fingerprints
-from noiseclr.models.generate import default_guidance
+from noiseclr.models.generate import default_guidance, latent_shape
 
 log = logging.getLogger(__name__)
 
@@ -368,10 +368,7 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
     def _check_latents(
         model: DiffusionModel, latents: torch.Tensor, given: dict[str, Any], total: int
     ) -> None:
-        side = model.resolution // model.pipe.vae_scale_factor
-        height = (given.get("height") or model.resolution) // model.pipe.vae_scale_factor
-        width = (given.get("width") or model.resolution) // model.pipe.vae_scale_factor
-        shape = (model.pipe.unet.config.in_channels, height or side, width or side)
+        shape = latent_shape(model, given.get("height"), given.get("width"))
         if latents.ndim != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] != total:
             raise ValueError(
                 f"latents must be ({total}, {', '.join(map(str, shape))}) for {total} images, "

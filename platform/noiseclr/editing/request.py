@@ -22,7 +22,7 @@ import torch
 from noiseclr.bank import DirectionBank
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.models.base import DiffusionModel
-from noiseclr.models.generate import default_guidance, image_seed
+from noiseclr.models.generate import default_guidance, image_seed, latent_shape
 
 
 def domain_prompt(banks: Iterable[DirectionBank]) -> str | None:
@@ -71,11 +71,6 @@ def image_generators(seed: int | list[int] | None, total: int) -> list[torch.Gen
     if len(seed) != total:
         raise ValueError(f"seed= lists {len(seed)} seeds for {total} images; give one per image")
     return seed_generators([int(s) for s in seed])
-
-
-def latent_shape(model: DiffusionModel) -> tuple[int, int, int]:
-    side = model.resolution // model.pipe.vae_scale_factor
-    return (model.pipe.unet.config.in_channels, side, side)
 
 
 @dataclass

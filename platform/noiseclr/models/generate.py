@@ -9,10 +9,21 @@ from tqdm.auto import tqdm
 from noiseclr.models.base import DiffusionModel
 
 
+def latent_shape(
+    model: DiffusionModel, height: int | None = None, width: int | None = None
+) -> tuple[int, int, int]:
+    """(C, h, w) of x_T for an image of height x width pixels (default: the model's resolution)."""
+    pipe, size = model.pipe, model.resolution
+    return (
+        pipe.unet.config.in_channels,
+        (height or size) // pipe.vae_scale_factor,
+        (width or size) // pipe.vae_scale_factor,
+    )
+
+
 def initial_latents(model: DiffusionModel, raw_seeds: list[int]) -> torch.Tensor:
     """x_T (N, C, h, w) on the CPU, one torch.Generator per raw seed: the same on every device."""
-    pipe, size = model.pipe, model.resolution
-    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    shape = latent_shape(model)
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in raw_seeds])
 
 
