@@ -27,6 +27,7 @@ pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from noiseclr.serving.config import ServeConfig  # noqa: E402
+from noiseclr.serving.proxy import proxy_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,7 @@ def server(tmp_path_factory, mlflow_server):
         },
     )
     os.environ["NOISECLR_API_KEYS"] = f"{KEY}, second-key"
+    os.environ.update(proxy_env(cfg.limits.max_body_bytes))  # Serve's proxy reads it when it starts
     metrics_port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False)
     try:
@@ -109,6 +111,8 @@ def server(tmp_path_factory, mlflow_server):
         client.close()
     finally:
         os.environ.pop("NOISECLR_API_KEYS", None)
+        for name in proxy_env(0):
+            os.environ.pop(name, None)
         serve.shutdown()
         ray.shutdown()
 
@@ -436,6 +440,33 @@ def test_no_input_gets_a_5xx_or_a_dropped_connection(server):
     assert [r["code"] for r in rows if r["what"] == "a 64 KiB header"] == [431]
     assert edit(c, {"seed": 1, "edits": [GOOD]}).status_code == 200
     assert labels == {p.name: p.read_bytes() for p in Path(server["cfg"].labels_dir).glob("*.json")}
+
+
+def test_a_chunked_body_past_the_limit_is_refused_as_it_passes_and_its_connection_closed(server):
+    """A body without Content-Length that grows past limits.max_body_bytes: the 413 arrives while the
+    client is still sending, and the server closes the connection instead of reading on (before
+    the proxy's middleware it read all of it and answered after tens of MB)."""
+    import socket
+
+    cfg = server["cfg"]
+    limit, chunk = cfg.limits.max_body_bytes, 2**16
+    headers = f"X-API-Key: {KEY}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+    payload = b"%x\r\n" % chunk + b" " * chunk + b"\r\n"
+    sent, reply = 0, []
+    with socket.create_connection((cfg.host, cfg.port), timeout=30) as conn:
+        conn.sendall(f"POST /v1/edits HTTP/1.1\r\nHost: {cfg.host}\r\n{headers}\r\n".encode())
+        reader = threading.Thread(target=lambda: reply.append((conn.recv(4096), sent)), daemon=True)
+        reader.start()
+        with pytest.raises(OSError):  # reset or broken pipe: the server stopped reading
+            while sent < 8 * limit:
+                conn.sendall(payload)
+                sent += chunk
+        reader.join(30)
+    head, answered_at = reply[0]  # the bytes sent when the answer came
+    assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower(), head
+    # what the kernel's socket buffers hold beyond the limit, not the rest of the body
+    assert answered_at < 2 * limit and sent < 2 * limit, (answered_at, sent)
+    assert edit(server["client"], {"seed": 1, "edits": [GOOD]}).status_code == 200
 
 
 def test_bad_label_and_lookup_requests(server):

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from noiseclr.errors import ConfigError, ImageError, UserError
 from noiseclr.serving.config import ServeConfig
+from noiseclr.serving.proxy import proxy_env
 from noiseclr.serving.schema import Bank, Direction, EditRequest, EditResponse, LabelRequest, check_limits
 from noiseclr.utils.raycluster import init_ray
 
@@ -416,6 +417,9 @@ def start(cfg: ServeConfig, address: str | None = None, blocking: bool = False):
     """Start (or connect to) Ray, start Serve's HTTP proxy on cfg.host:cfg.port and deploy the
     app; returns the app's base URL. `noiseclr serve` and the tests both start it this way."""
     check_exposure(cfg, key_hashes(cfg))  # refused before Ray and Serve are started for nothing
+    # Read by Serve's proxy when it starts: reaches a Ray that this call starts (on a cluster, the
+    # nodes' environment holds it)
+    os.environ.update(proxy_env(cfg.limits.max_body_bytes))
     init_ray(address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
     try:

@@ -1,0 +1,92 @@
+"""The body limit in Ray Serve's HTTP proxy, where a request body first arrives.
+
+Ray Serve's proxy reads a request's body from the client into a queue as fast as the client
+sends it, whatever the replica has read; a replica that refuses a body past
+`limits.max_body_bytes` answers only after the proxy has taken in megabytes more (a chunked
+body has no Content-Length to refuse it by). This middleware runs in the proxy: past the limit
+it answers 413 with `Connection: close` at once, tells the replica's side the client has gone,
+and the connection closes, so nothing more is read.
+
+Ray loads it through RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, which must be in the environment
+of every node's Ray processes (`noiseclr serve` sets it before it starts a local Ray; on a cluster
+it belongs in the nodes' environment: cluster/kuberay). One proxy serves every application of a
+cluster, so its limit is the largest body any route accepts; each route keeps its own, smaller
+limit in the replica (`serving.app.read_body`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+LIMIT_ENV = "NOISECLR_PROXY_MAX_BODY_BYTES"
+CALLBACK = "noiseclr.serving.proxy.middlewares"
+
+
+def proxy_env(max_body_bytes: int) -> dict[str, str]:
+    """The environment Ray's processes need for the proxy to hold the body limit."""
+    return {CALLBACK_ENV: CALLBACK, LIMIT_ENV: str(max_body_bytes)}
+
+
+def middlewares() -> list:
+    """Ray Serve's proxy callback: the middlewares its HTTP app runs under."""
+    from starlette.middleware import Middleware
+
+    from noiseclr.serving.config import Limits
+
+    limit = int(os.environ.get(LIMIT_ENV) or Limits().max_body_bytes)
+    return [Middleware(BodyLimit, limit=limit)]
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past `limit` bytes gets 413 as soon as the limit is passed,
+    declared (Content-Length) or counted as it arrives (chunked), and its connection is closed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send, f"body of {int(declared)} bytes; at most {self.limit}")
+            return
+        seen, refused, started = 0, False, False
+
+        async def counted() -> dict:
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    refused = True
+                    if not started:  # the replica has not answered yet: the proxy does
+                        await self._refuse(send, f"body over {self.limit} bytes")
+                    return {"type": "http.disconnect"}  # the replica's side sees the client go
+            return message
+
+        async def sent(message: dict) -> None:
+            nonlocal started
+            if refused and not started:
+                return  # the 413 is the answer; the replica's, if any, is dropped
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted, sent)
+
+    @staticmethod
+    async def _refuse(send: Any, text: str) -> None:
+        body = json.dumps({"error": text}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),  # the server closes it: the rest of the body is not read
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
