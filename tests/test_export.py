@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import pickletools
 import re
 import zipfile
@@ -71,11 +72,73 @@ def width(model) -> int:
 
 # --- the tools' loading rules -------------------------------------------------------------------
 
+# AUTOMATIC1111/stable-diffusion-webui modules/safe.py (check_pt, check_zip_filenames and
+# RestrictedUnpickler), restated. A1111 replaces torch.load with a check that runs before the real
+# load unless --disable-safe-unpickle is given: every entry of the zip must be named <dir>/version,
+# <dir>/data.pkl or <dir>/data/<digits> (v1.8.0); v1.10 ("update pickle safe filenames" in its
+# 1.10.0 changelog) also accepts <dir>/byteorder and <dir>/.data/serialization_id, and neither
+# accepts .format_version or .storage_alignment. Exactly one data.pkl; that pickle is read by an
+# unpickler that resolves only the globals below (the same list in both), and whose persistent ids
+# must start with "storage". Anything else: "The file may be malicious, so the program is not
+# going to read it", and the embedding is not loaded.
+A1111_ZIP_ENTRIES = {
+    "v1.8.0": {"version", "data.pkl"},
+    "v1.10": {"version", "data.pkl", "byteorder", ".data/serialization_id"},
+}
+A1111_GLOBALS = {
+    "collections": {"OrderedDict"},
+    "torch._utils": {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_device_tensor_from_numpy"},
+    "torch": {
+        "FloatStorage",
+        "HalfStorage",
+        "IntStorage",
+        "LongStorage",
+        "DoubleStorage",
+        "ByteStorage",
+        "float32",
+        "BFloat16Storage",
+    },
+    "torch.nn.modules.container": {"ParameterDict"},
+    "numpy.core.multiarray": {"scalar", "_reconstruct"},
+    "numpy": {"dtype", "ndarray"},
+    "_codecs": {"encode"},
+    "__builtin__": {"set"},
+    # (and two pytorch_lightning.callbacks names, for old checkpoints)
+}
+
+
+class A1111Unpickler(pickle.Unpickler):
+    """RestrictedUnpickler's rules: a global outside A1111_GLOBALS is refused; a storage is an
+    empty TypedStorage (A1111 checks the pickle, the real load reads the data afterwards)."""
+
+    def find_class(self, module: str, name: str):
+        if name not in A1111_GLOBALS.get(module, set()):
+            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        assert pid[0] == "storage", pid
+        return torch.storage.TypedStorage(_internal=True)
+
+
+def a1111_safe_check(path: Path, tag: str) -> None:
+    """modules/safe.py check_pt for a zip file, as `tag` has it: raises where A1111 refuses."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        for name in names:
+            head, sep, rest = name.partition("/")
+            ok = bool(head and sep) and (rest in A1111_ZIP_ENTRIES[tag] or re.fullmatch(r"data/\d+", rest))
+            assert ok, f"A1111 {tag}: bad file inside {path.name}: {name}"
+        pickles = [n for n in names if re.fullmatch(r"[^/]+/data\.pkl", n)]
+        assert len(pickles) == 1, f"A1111 {tag}: {len(pickles)} data.pkl in {path.name}"
+        with z.open(pickles[0]) as f:
+            A1111Unpickler(f).load()
+
 
 def a1111_load(folder: Path, expected_width: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """AUTOMATIC1111/stable-diffusion-webui modules/textual_inversion/textual_inversion.py,
     EmbeddingDatabase.load_from_dir / load_from_file: walk the folder; the name is the file stem;
-    .pt/.bin through torch.load (A1111's restricted unpickler, modules/safe.py: weights_only here),
+    .pt/.bin through torch.load after modules/safe.py's check (a1111_safe_check, both tags),
     .safetensors through safetensors' load_file; "string_to_param" with one entry, else a dict of
     exactly one tensor ("diffuser concepts", 1-D unsqueezed); other extensions are passed over;
     a width other than the model's is skipped. Returns (registered, skipped)."""
@@ -85,6 +148,8 @@ def a1111_load(folder: Path, expected_width: int) -> tuple[dict[str, torch.Tenso
             name, ext = os.path.splitext(filename)
             path = Path(root) / filename
             if ext.upper() in (".BIN", ".PT"):
+                for tag in A1111_ZIP_ENTRIES:
+                    a1111_safe_check(path, tag)
                 data = torch.load(path, map_location="cpu", weights_only=True)
             elif ext.upper() == ".SAFETENSORS":
                 data = load_file(path, device="cpu")
@@ -258,6 +323,29 @@ def test_pt_files_hold_tensors_and_plain_values_only(tiny_model, tmp_path):
                 arg for op, arg, _ in pickletools.genops(pickle) if op.name in ("GLOBAL", "STACK_GLOBAL")
             }
             assert named <= TENSOR_GLOBALS, named
+
+
+def test_pt_files_pass_a1111s_safe_unpickler(tiny_model, tmp_path):
+    """Every .pt noiseclr writes (A1111 reads any format's file from embeddings/) passes A1111's
+    default check in v1.8.0 and v1.10, and still loads with torch.load(weights_only=True)."""
+    bank = make_bank(width(tiny_model))
+    for fmt in FORMATS:
+        for i, path in enumerate(export_bank(bank, tmp_path / fmt, fmt, pt=True)):
+            for tag in A1111_ZIP_ENTRIES:
+                a1111_safe_check(path, tag)
+            assert path.read_bytes() == export_bank(bank, tmp_path / "again", fmt, pt=True)[i].read_bytes()
+            for mmap in (False, True):  # diffusers loads a zip .pt with mmap=True
+                data = torch.load(path, weights_only=True, mmap=mmap)
+                vec = data["string_to_param"]["*"] if "string_to_param" in data else next(iter(data.values()))
+                torch.testing.assert_close(vec[0], bank.directions[i])
+    # The check is not vacuous: what torch.save writes today is refused by v1.8.0 (.format_version,
+    # byteorder, ...), and a pickle naming a class outside A1111's list is refused by both tags.
+    torch.save({"string_to_param": {"*": bank.directions[:1].clone()}}, tmp_path / "plain.pt")
+    with pytest.raises(AssertionError, match="bad file inside"):
+        a1111_safe_check(tmp_path / "plain.pt", "v1.8.0")
+    torch.save({"shape": torch.Size([1, 2])}, tmp_path / "size.pt")
+    with zipfile.ZipFile(tmp_path / "size.pt") as z, pytest.raises(pickle.UnpicklingError, match="forbidden"):
+        A1111Unpickler(z.open(next(n for n in z.namelist() if n.endswith("/data.pkl")))).load()
 
 
 def test_sidecars_carry_labels_scores_and_scales(tiny_model, tmp_path):

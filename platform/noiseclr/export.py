@@ -26,7 +26,8 @@ What each tool reads (from its source; docs/export.md cites the files):
 
 So a1111, comfyui and kohya share their .safetensors layout (one (1, D) tensor under kohya's
 key); with `pt=True` a1111 and comfyui get A1111's dict and kohya its {"emb_params"} dict,
-written with tensors, str, int and None only (loadable with `torch.load(weights_only=True)`).
+written with tensors, str, int and None only (loadable with `torch.load(weights_only=True)`), in
+a zip whose entries A1111's safe loader accepts (`pt_bytes`).
 
 Labels, scores and calibrated scales go into `<stem>.json` (A1111's user-metadata keys plus a
 "noiseclr" block) and `bank-export.json`, so "hue->green" is findable beside the file; README.md
@@ -39,7 +40,11 @@ import io
 import json
 import logging
 import math
+import re
+import struct
+import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +69,8 @@ def text_encoder_width(text_encoder) -> int:
 
 def check_width(bank: DirectionBank, text_encoder) -> None:
     """One-line BankError when the bank's directions are not token embeddings of this text
-    encoder's width. The tools themselves skip such files (A1111), log a warning and ignore them
-    (ComfyUI) or raise an unformatted error (diffusers)."""
+    encoder's width. The tools themselves skip such files silently (A1111, Forge), log a warning
+    and ignore them (ComfyUI), or raise an unformatted error (diffusers, kohya)."""
     width, dim = text_encoder_width(text_encoder), int(bank.directions.shape[1])
     if width != dim:
         raise BankError(
@@ -162,9 +167,41 @@ def _embedding_bytes(
         }
     else:
         payload = tensors
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+    return pt_bytes(payload)
+
+
+# The zip entries AUTOMATIC1111's safe loader accepts (modules/safe.py check_zip_filenames, v1.8.0):
+# <dir>/data.pkl, <dir>/version and <dir>/data/<n>. torch.save also writes .format_version,
+# .storage_alignment, byteorder and .data/serialization_id, which the loader takes as a sign of a
+# malicious file (v1.10 accepts byteorder and .data/serialization_id; no version the other two).
+_A1111_ENTRY = re.compile(r"[^/]+/(data\.pkl|version|data/\d+)")
+_ALIGN = 64  # storage data starts at a multiple of this, as torch.save aligns it (for mmap loads)
+
+
+def pt_bytes(payload: dict[str, Any]) -> bytes:
+    """`payload` as a torch .pt zip that AUTOMATIC1111 loads with its default safe unpickler.
+
+    torch.save writes it, then only the entries A1111 allows are copied into a new zip: the
+    pickle (torch's own, naming only _rebuild_tensor_v2, FloatStorage and OrderedDict, which
+    A1111's unpickler allows), the version record and the raw storages. torch.load reads such a
+    file as one from before those records existed: without "byteorder" it takes the data as
+    little-endian, hence the refusal on a big-endian machine. The entries carry fixed timestamps,
+    so the same payload gives the same bytes."""
+    if sys.byteorder != "little":
+        raise ConfigError("a .pt export needs a little-endian machine: export safetensors instead")
+    saved = io.BytesIO()
+    torch.save(payload, saved)
+    out = io.BytesIO()
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for entry in src.infolist():
+            if not _A1111_ENTRY.fullmatch(entry.filename):
+                continue
+            info = zipfile.ZipInfo(entry.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            if "/data/" in entry.filename:  # pad the local header (an extra field) to align the data
+                start = out.tell() + 30 + len(entry.filename.encode()) + 4
+                info.extra = struct.pack("<HH", 0x4246, -start % _ALIGN) + b"Z" * (-start % _ALIGN)
+            dst.writestr(info, src.read(entry))
+    return out.getvalue()
 
 
 def _entry(bank: DirectionBank, fmt: str, i: int, file: str) -> dict[str, Any]:
