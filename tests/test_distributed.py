@@ -46,6 +46,7 @@ def cluster():
 
     # The S3 test server's credentials reach the workers as a cluster's would: in the environment.
     env = {"DS_ACCELERATOR": "cpu", "NOISECLR_TEST_S3_KEY": "test", "NOISECLR_TEST_S3_SECRET": "test"}
+    env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "1"  # Ray Train's drain watcher (default 5 s)
     os.environ.update(env)
     nodes = Cluster(
         initialize_head=True,
@@ -82,10 +83,9 @@ def cluster():
     nodes.shutdown()
 
 
-def kill_a_node_running(cluster, marker: str) -> tuple[list[int], str | None]:
-    """Kill a worker node that runs a process whose command line holds `marker`: those processes
-    and its raylet by pid, then the rest of the node; a replacement node joins. Returns the killed
-    pids and the node's id ([], None when no node runs such a process)."""
+def node_running(cluster, marker: str):
+    """The worker node that runs a process whose command line holds `marker`: (those processes,
+    the node's raylet, the node's handle, its id), or None."""
     import psutil
 
     def raylet_of(proc: psutil.Process) -> psutil.Process | None:
@@ -102,16 +102,32 @@ def kill_a_node_running(cluster, marker: str) -> tuple[list[int], str | None]:
         except psutil.Error:
             continue
         if victims:
-            for proc in [*victims, raylet]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-            if isinstance(node, subprocess.Popen):  # a node that joined with `ray start`
-                os.killpg(node.pid, signal.SIGKILL)
-            else:
-                cluster.remove_node(node, allow_graceful=False)  # the rest of its processes
-            cluster.join()  # the replacement
-            return [p.pid for p in victims], node_id
-    return [], None
+            return victims, raylet, node, node_id
+    return None
+
+
+def kill_node(cluster, found) -> list[int]:
+    """Kill a node `node_running` found: its marked processes and its raylet by pid, then the rest
+    of the node; a replacement node joins. Returns the killed pids."""
+    import psutil
+
+    victims, raylet, node, _ = found
+    for proc in [*victims, raylet]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    if isinstance(node, subprocess.Popen):  # a node that joined with `ray start`
+        os.killpg(node.pid, signal.SIGKILL)
+    else:
+        cluster.remove_node(node, allow_graceful=False)  # the rest of its processes
+    cluster.join()  # the replacement
+    return [p.pid for p in victims]
+
+
+def kill_a_node_running(cluster, marker: str) -> tuple[list[int], str | None]:
+    """Kill a worker node that runs a process whose command line holds `marker` (see kill_node).
+    Returns the killed pids and the node's id ([], None when no node runs such a process)."""
+    found = node_running(cluster, marker)
+    return (kill_node(cluster, found), found[3]) if found else ([], None)
 
 
 def cfg(**kw) -> DiscoveryConfig:
@@ -219,9 +235,12 @@ def s3_options(s3_server) -> dict:
 def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     cluster, reference, s3_server, s3_bucket, tmp_path
 ):
-    """Kill the processes of the node running a worker (its raylet and its workers, by pid) after
-    a checkpoint reached the bucket; a new node joins, as an autoscaler would bring one; the run
-    resumes from the bucket's last checkpoint and ends with the uninterrupted run's bank."""
+    """Fault table, preemption of a worker's node: after a checkpoint reached the bucket, the node
+    running a worker gets Ray's preemption notice (`ray drain-node --reason
+    DRAIN_NODE_REASON_PREEMPTION`, as an autoscaler or a spot handler sends it); the workers write a
+    checkpoint at once, though none is due; then the node's processes are killed (its raylet and
+    its workers, by pid) and a new node joins, as an autoscaler would bring one. The run resumes
+    from the notice's checkpoint and ends with the uninterrupted run's bank."""
     import s3fs
 
     _, data = reference
@@ -229,13 +248,37 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True)  # not the run's (cached) instance
     lost: dict = {}
 
+    def steps_in_bucket() -> list[int]:
+        fs.invalidate_cache()
+        return [json.loads(fs.cat(p))["step"] for p in fs.glob("nodes-bucket/ray/**/state.json")]
+
     def lose_a_node() -> None:
         deadline = time.time() + 300
+        while time.time() < deadline and not (
+            steps_in_bucket() and (found := node_running(cluster, "RayTrainWorker"))
+        ):
+            time.sleep(0.2)
+        drain = [
+            "drain-node",
+            "--address",
+            cluster.address,
+            "--node-id",
+            found[3],
+            "--deadline-remaining-seconds",
+            "10",
+        ]
+        drain += [
+            "--reason",
+            "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message",
+            "spot instance reclaimed (test)",
+        ]
+        subprocess.run([str(Path(sys.executable).parent / "ray"), *drain], check=True, capture_output=True)
+        noticed = time.time()
         while time.time() < deadline:
-            fs.invalidate_cache()
-            checkpointed = fs.glob("nodes-bucket/ray/**/state.safetensors")
-            if checkpointed and (pids := kill_a_node_running(cluster, "RayTrainWorker")[0]):
-                lost["pids"] = pids
+            if unscheduled := [k for k in steps_in_bucket() if k % 5]:  # checkpoint_every is 5
+                lost.update(notice_step=min(unscheduled), notice_s=round(time.time() - noticed, 1))
+                lost["pids"] = kill_node(cluster, found)
                 return
             time.sleep(0.2)
 
@@ -256,6 +299,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     )
     thread.join(timeout=5)
     assert lost.get("pids"), f"the test did not manage to kill a node running a worker: {lost}"
+    print(f"notice to checkpoint: {lost['notice_s']} s (step {lost['notice_step']})")
     assert result.steps == 20
     assert DirectionBank.load(result.bank).metrics["nodes"] == 2  # the last attempt ran on two nodes again
     alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
@@ -267,6 +311,44 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     straight = run_discovery(cfg(**single), tmp_path / "straight")
     assert straight.workers == 0
     same_bank(result.bank, straight.bank)
+
+
+def test_sigterm_to_the_driver_checkpoints_on_the_workers_at_once_and_the_rerun_loses_no_step(
+    cluster, reference, tmp_path
+):
+    """Fault table, SIGTERM to the driver of a Ray Train job (a scheduler's or a spot instance's
+    notice): the workers finish the step under way, checkpoint it though none is due, and return;
+    the command stops with Preempted naming the checkpoint in OUT; the same job resumes there (in
+    a single process here: it resumes either kind) and ends on the uninterrupted run's bank."""
+    from noiseclr.errors import Preempted
+
+    _, data = reference
+    long = dict(data=data, steps=12, checkpoint_every=4)
+    out, sent = tmp_path / "stopped", {}
+
+    def stop_once_training() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if list((out / "ray").glob("*/checkpoint_*/state.json")):  # the workers' step 4
+                sent["at"] = time.time()
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=stop_once_training, daemon=True).start()
+    before = signal.getsignal(signal.SIGTERM)  # ray.init's own
+    with pytest.raises(
+        Preempted, match=r"SIGTERM after step \d+ of 12: checkpoint .*step-\d+ written"
+    ) as err:
+        run_discovery(cfg(workers=2, placement_strategy="STRICT_SPREAD", **long), out)
+    stopped_s = time.time() - sent["at"]
+    step = int(re.search(r"after step (\d+)", str(err.value)).group(1))
+    print(f"SIGTERM to the command's end: {stopped_s:.1f} s, stopped after step {step}")
+    assert 4 <= step < 12 and (out / "checkpoints" / f"step-{step:07d}" / "state.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler was for the run only
+    resumed = run_discovery(cfg(**long), out)
+    assert resumed.resumed_from.name == f"step-{step:07d}" and resumed.steps == 12
+    same_bank(resumed.bank, run_discovery(cfg(**long), tmp_path / "straight").bank)
 
 
 def test_s3_bucket_with_corrupt_files_trains_end_to_end(

@@ -23,7 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,7 +34,7 @@ from torch import nn
 
 from noiseclr.conditioning import direction_deltas
 from noiseclr.discovery.config import DiscoveryConfig
-from noiseclr.errors import ConfigError, OutOfMemory, UserError
+from noiseclr.errors import ConfigError, OutOfMemory, Preempted, UserError
 from noiseclr.utils.memory import peak_rss_mib
 
 # Steps between Ray Train reports (checkpoint steps and the last step always report). A report is
@@ -318,7 +321,73 @@ def train_loop_per_worker(config: dict) -> None:
     def last_good() -> str:
         return "none yet" if saved_at[0] is None else f"step {saved_at[0]} in Ray Train's storage"
 
-    loop.run(save, on_step, last_good=last_good)
+    stop_flag, noticed = config.get("stop"), [False]
+    preemption_info = getattr(ray.train, "get_preemption_info", None)  # Ray Train v2
+
+    def stop_requested() -> bool:  # every rank, after each step (and its checkpoint, if due)
+        # A node of this run is being drained for preemption (a spot reclaim; `ray drain-node
+        # --reason DRAIN_NODE_REASON_PREEMPTION`): checkpoint now and train on. When the node goes,
+        # Ray Train restarts the workers from this checkpoint (FailureConfig.max_preemption_failures).
+        if preemption_info is not None and preemption_info() is not None and not noticed[0]:
+            noticed[0] = True  # the call above is a barrier: every rank agrees, every rank saves
+            if saved_at[0] != loop.step:
+                save(loop.state())
+        # The driver got SIGTERM: every rank stops after this same step.
+        asked = torch.tensor([int(rank == 0 and stop_flag is not None and ray.get(stop_flag.get.remote()))])
+        asked = asked.to(device)
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        return bool(asked.item())
+
+    try:
+        loop.run(save, on_step, last_good=last_good, stop_requested=stop_requested)
+    except Preempted:  # the checkpoint is reported; the driver says where it is
+        if live is not None:
+            live.close()
+
+
+@contextmanager
+def relay_sigterm() -> Iterator[object]:
+    """A SIGTERM to the driver, relayed to the workers: yields a flag actor (for the workers'
+    config) that a watcher thread sets when `preemption.notice` has seen the signal. The workers
+    then finish the step under way, checkpoint it and return."""
+    import ray
+
+    from noiseclr.utils import preemption
+
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            if preemption.requested():
+                flag.set.remote()
+                logging.getLogger(__name__).warning(
+                    "SIGTERM: the workers stop after the step under way and checkpoint it"
+                )
+                return
+
+    watcher = threading.Thread(target=watch, name="sigterm-relay", daemon=True)
+    with preemption.notice():
+        watcher.start()
+        try:
+            yield flag
+        finally:
+            done.set()
+            watcher.join()
+            ray.kill(flag)
+
+
+class StopFlag:
+    """Set once by the driver, read by rank 0 after each step (a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def get(self) -> bool:
+        return self.value
 
 
 def _start_state(cfg: DiscoveryConfig, model, resume: dict | None):
@@ -461,6 +530,7 @@ def train_distributed(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from noiseclr.data.ray_input import latent_dataset, probe_storage, pyarrow_filesystem
+    from noiseclr.utils import preemption
     from noiseclr.utils.raycluster import init_ray
 
     workers = cfg.distributed.workers
@@ -481,47 +551,54 @@ def train_distributed(
         probe_storage(cfg.storage.path, cfg.storage.options)
     if waited > 1:
         logging.getLogger(__name__).info("the cluster holds the workers' resources after %.0f s", waited)
-    ds, counter, n_files = latent_dataset(
-        data, cfg.model, resolution, cfg.storage.options, limit=cfg.data.n_images, run=cfg.name, gpu=use_gpu
-    )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        # The start checkpoint travels in the config (a few MB at most), so workers on other
-        # nodes need no access to OUT; Ray Train's own checkpoints cover restarts.
-        train_loop_config={
-            "discovery": cfg.model_dump(),
-            "use_gpu": use_gpu,
-            "resume": {p.name: p.read_bytes() for p in Path(resume_from).iterdir()} if resume_from else None,
-            "mlflow": mlflow_run,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=use_gpu,
-            resources_per_worker=per_worker,
-            placement_strategy=cfg.distributed.placement_strategy,
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            # A name per invocation: Ray Train restores a same-named run by itself, but resuming
-            # across invocations is the workflow's (from OUT/checkpoints, config checked).
-            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage_path or str(out / "ray"),
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-        ),
-        datasets={"train": ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-    try:
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-    except Exception as err:  # Ray Train raises the workers' errors wrapped
-        found = worker_user_error(err)
-        if found is None:
-            raise
-        raise found from None
+    # SIGTERM from here on (a scheduler's or a spot instance's notice to the driver): the workers
+    # checkpoint the step under way and return; the workflow then stops with Preempted.
+    start = {p.name: p.read_bytes() for p in Path(resume_from).iterdir()} if resume_from else None
+    with relay_sigterm() as stop:
+        ds, counter, n_files = latent_dataset(
+            data, cfg.model, resolution, cfg.storage.options,
+            limit=cfg.data.n_images, run=cfg.name, gpu=use_gpu,
+        )  # fmt: skip
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            # The start checkpoint travels in the config (a few MB at most), so workers on other
+            # nodes need no access to OUT; Ray Train's own checkpoints cover restarts.
+            train_loop_config={
+                "discovery": cfg.model_dump(),
+                "use_gpu": use_gpu,
+                "resume": start,
+                "mlflow": mlflow_run,
+                "stop": stop,  # the driver's SIGTERM, relayed
+            },
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=use_gpu,
+                resources_per_worker=per_worker,
+                placement_strategy=cfg.distributed.placement_strategy,
+            ),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                # A name per invocation: Ray Train restores a same-named run by itself, but resuming
+                # across invocations is the workflow's (from OUT/checkpoints, config checked).
+                name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=storage_path or str(out / "ray"),
+                storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            ),
+            datasets={"train": ds},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        try:
+            result = trainer.fit()
+            if result.error:
+                raise result.error
+            stopped = preemption.requested()
+        except Exception as err:  # Ray Train raises the workers' errors wrapped
+            found = worker_user_error(err)
+            if found is None:
+                raise
+            raise found from None
     if fs is not None:  # the workers wrote the checkpoints: a listing cached here would miss them
         fs.handler.fs.invalidate_cache()
     corrupt = ray.get(counter.get.remote())
@@ -532,6 +609,7 @@ def train_distributed(
         "corrupt_images": corrupt["corrupt"],
         "corrupt_examples": corrupt["examples"],
         **{k: reported[k] for k in REPORTED if k in reported},
+        "stopped_on_sigterm": stopped,
     }
     return result.checkpoint or newest_checkpoint(result), counts
 

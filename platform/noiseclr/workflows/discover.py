@@ -24,7 +24,7 @@ from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.step import check_schedule, fixed_norm, shaped
 from noiseclr.discovery.trainer import final_loss, start_state
-from noiseclr.errors import UserError
+from noiseclr.errors import Preempted, UserError
 from noiseclr.models.base import DiffusionModel, load_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,13 @@ def _train_ray(
     result, counts = train_distributed(cfg, out, data, model.resolution, resume, address, mlflow_run)
     with result.as_directory() as d:
         final = TrainState.load(d)
-    checkpoint.write(out, final, cfg.run.keep_checkpoints)  # where the next run, of either kind, resumes
+    # where the next run, of either kind, resumes
+    written = checkpoint.write(out, final, cfg.run.keep_checkpoints)
+    if counts.pop("stopped_on_sigterm"):
+        raise Preempted(
+            f"stopped on SIGTERM after step {final.step} of {cfg.optim.steps}: checkpoint {written} "
+            "written; run the same command to resume from it"
+        )
     return final, counts
 
 
