@@ -540,6 +540,51 @@ def test_past_the_queue_bound_requests_get_503_with_retry_after(server):
         serve.delete("tight")
 
 
+def test_past_the_latency_bound_requests_get_503_at_once_and_admitted_ones_finish_within_it(server):
+    """Fault table, the endpoint overloaded: a replica with a 3 s latency bound and room for all
+    requests in its queue. After one edit (the replica measures its speed), a burst of 16 edits
+    of 40 steps: those admitted are answered within the bound (a batch of slack for the
+    estimate), the rest get 503 with Retry-After at once, not after waiting in a queue."""
+    from ray import serve
+
+    from noiseclr.serving.app import build
+
+    cfg, bound = server["cfg"], 3.0
+    bounded = cfg.model_copy(
+        update={
+            "banks": {"shapes": str(BANK)},
+            "replicas": cfg.replicas.model_copy(
+                update={"num_replicas": 1, "max_ongoing_requests": 64, "latency_bound_s": bound}
+            ),
+        }
+    )
+    serve.run(build(bounded), name="bounded", route_prefix="/bounded")
+    try:
+        url = f"http://{cfg.host}:{cfg.port}/bounded"
+        body = {"seed": 1, "steps": 40, "edits": [GOOD]}
+        with httpx.Client(base_url=url, timeout=120, headers={"X-API-Key": KEY}) as c:
+            first = edit(c, body)
+            assert first.status_code == 200  # the replica is up and has timed a batch
+            one = json.loads(first.headers["x-edit-meta"])["ms"] / 1000
+
+            def timed(_):
+                began = time.perf_counter()
+                reply = edit(c, body)
+                return reply, time.perf_counter() - began
+
+            with ThreadPoolExecutor(16) as pool:
+                replies = list(pool.map(timed, range(16)))
+        ok = [t for r, t in replies if r.status_code == 200]
+        shed = [(r, t) for r, t in replies if r.status_code == 503]
+        assert ok and shed and len(ok) + len(shed) == 16, [r.status_code for r, _ in replies]
+        assert max(ok) < bound + 2 * one, (ok, one)  # within the bound, give or take the estimate
+        for reply, took in shed:
+            assert int(reply.headers["retry-after"]) >= 1 and "busy" in reply.json()["error"]
+            assert took < one, (took, one)  # refused at once: less than one edit's time
+    finally:
+        serve.delete("bounded")
+
+
 def test_no_keys_on_a_reachable_address_is_refused_unless_anonymous_is_meant(monkeypatch):
     from noiseclr.errors import ConfigError
     from noiseclr.serving.app import check_exposure, key_hashes

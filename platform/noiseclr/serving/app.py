@@ -36,8 +36,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from noiseclr.errors import ConfigError, ImageError, UserError
+from noiseclr.serving.admission import Admission
 from noiseclr.serving.config import ServeConfig
-from noiseclr.serving.proxy import proxy_env
+from noiseclr.serving.proxy import SHED_HEADER, proxy_env
 from noiseclr.serving.schema import Bank, Direction, EditRequest, EditResponse, LabelRequest, check_limits
 from noiseclr.utils.raycluster import init_ray
 
@@ -50,13 +51,13 @@ api = FastAPI(
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        self.status, self.message, self.headers = status, message, headers
 
 
 @api.exception_handler(HTTPError)
 async def _http_error(_: Request, err: HTTPError) -> JSONResponse:
-    return JSONResponse({"error": err.message}, status_code=err.status)
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
 
 HEADER_LIMIT = 16384  # bytes of request headers, all together (the body has max_body_bytes)
@@ -147,6 +148,8 @@ class EditServer:
         threads = self.cfg.replicas.torch_threads or max(1, int(self.cfg.replicas.num_cpus))
         torch.set_num_threads(threads)
         self.engine = EditEngine(self.cfg)
+        bound = self.cfg.replicas.latency_bound_s
+        self.admission = Admission(bound) if bound else None
         self.keys = list(key_hashes or [])
         self.metrics = _metrics()
         self.engine.on_thumbnail_chunk = lambda bank: self.metrics["thumbnails"].inc(tags={"bank": bank})
@@ -215,8 +218,27 @@ class EditServer:
     async def _edit_batch(self, jobs: list) -> list:
         """Each request's (PNG, size of the batch it ran in), or its exception."""
         self.metrics["batch"].observe(len(jobs))
+        began = time.perf_counter()
         results = await asyncio.to_thread(self.engine.run, jobs)  # each its PNG or its own error
+        if self.admission is not None:
+            self.admission.observe(sum(job.units for job in jobs), time.perf_counter() - began)
         return [r if isinstance(r, Exception) else (r, len(jobs)) for r in results]
+
+    def _admit(self, units: int) -> None:
+        """Count a request of `units` as pending, if the replica expects to answer it within the
+        latency bound; else 503 with Retry-After at once (serving/admission.py)."""
+        if self.admission is None:
+            return
+        wait = self.admission.admit(units)
+        if wait is not None:
+            self.metrics["errors"].inc(tags={"kind": "shed"})
+            bound = self.cfg.replicas.latency_bound_s
+            raise HTTPError(
+                503,
+                f"busy: this edit would be answered in about {wait + bound:.0f} s, past the "
+                f"server's bound of {bound:g} s; retry in {wait} s",
+                {"Retry-After": str(wait), SHED_HEADER: "replica"},
+            )
 
     # --- routes ---------------------------------------------------------------------------
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -322,11 +344,18 @@ class EditServer:
             except ValueError as err:
                 self.metrics["errors"].inc(tags={"kind": "limit"})
                 raise HTTPError(422, str(err)) from None
+            units = self.engine.units(req)
+            self._admit(units)  # 503 at once when the replica expects to answer too late
             try:
-                job = await asyncio.to_thread(self.engine.prepare, req)
-            except UserError as err:
-                raise self._user_error(err) from None
-            result = await self._edit_batch(job)
+                try:
+                    job = await asyncio.to_thread(self.engine.prepare, req)
+                except UserError as err:
+                    raise self._user_error(err) from None
+                job.units = units
+                result = await self._edit_batch(job)
+            finally:
+                if self.admission is not None:
+                    self.admission.done(units)
             if isinstance(result, UserError):
                 raise self._user_error(result)
             if isinstance(result, Exception):

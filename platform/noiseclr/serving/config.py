@@ -43,6 +43,9 @@ class Replicas(BaseModel):
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(32, ge=1)  # beyond it: 503 with Retry-After, not a longer queue
     retry_after_s: float = Field(2, ge=0)
+    # A replica answers 503 at once to an edit it expects to finish later than this (its backlog
+    # in UNet work, at its measured speed; serving/admission.py); None: no bound but the queue's.
+    latency_bound_s: float | None = Field(None, gt=0)
     upscale_delay_s: float = Field(3, ge=0)
     downscale_delay_s: float = Field(30, ge=0)
     num_cpus: float = Field(1, ge=0)

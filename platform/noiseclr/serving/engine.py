@@ -48,6 +48,7 @@ class Job:
     start: Start
     edits: list[sampler.Edit] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    units: int = 0  # its UNet work, rows x steps (EditEngine.units), for the replica's admission
 
     @property
     def x_T(self) -> torch.Tensor | None:  # (1, C, h, w); None until a real image is inverted
@@ -279,6 +280,17 @@ class EditEngine:
                 self._thumbs.pop(name, None)
             log.warning("bank alias moved: reloaded %s (versions %s)", moved, self.store.versions)
         return moved
+
+    def units(self, req: EditRequest) -> int:
+        """What a request costs the UNet, in rows x steps, read from the request alone (before
+        any work is done for it): per step its edits' rows, eps(empty) and, under CFG, the
+        prompt's row (no prompt means the domain prompt, guided); an upload's inversion adds a
+        row per step. The replica's admission (`serving.admission`) expects a wait in proportion."""
+        if req.image is not None:
+            steps = req.steps or self.cfg.default_inversion_steps
+            return steps * (len(req.edits) + 2)
+        guided = req.prompt != "" and (req.guidance is None or req.guidance > 1)
+        return (req.steps or self.cfg.default_steps) * (len(req.edits) + 1 + int(guided))
 
     def prepare(self, req: EditRequest) -> Job:
         """Check a request against the banks and the limits; resolve it to a Job (cheap, no UNet)."""

@@ -17,7 +17,9 @@ limit in the replica (`serving.app.read_body`).
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from typing import Any
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
@@ -37,7 +39,52 @@ def middlewares() -> list:
     from noiseclr.serving.config import Limits
 
     limit = int(os.environ.get(LIMIT_ENV) or Limits().max_body_bytes)
-    return [Middleware(BodyLimit, limit=limit)]
+    return [Middleware(BusyGate), Middleware(BodyLimit, limit=limit)]
+
+
+SHED_HEADER = "x-noiseclr-shed"  # on a replica's 503 for a request it expects to answer too late
+
+
+class BusyGate:
+    """Refusals by expected wait, repeated in the proxy: after a replica answers a route's request
+    503 because its backlog is past the latency bound (`SHED_HEADER`, with Retry-After), the proxy
+    answers that route's requests 503 itself for min(Retry-After, `hold_s`) seconds.
+
+    A refusal in the replica costs it CPU that its model needs: under clients that retry at once
+    (a load generator, a naive client) those refusals took most of a 2-core replica's time. Here
+    the burst costs the proxy alone, and the replica hears again within `hold_s`."""
+
+    def __init__(self, app: Any, hold_s: float = 1.0) -> None:
+        self.app, self.hold_s = app, hold_s
+        self.closed_until: dict[str, float] = {}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        route, now = scope.get("path", ""), time.monotonic()
+        until = self.closed_until.get(route, 0.0)
+        if now < until:
+            body = json.dumps({"error": "busy: the server expects to answer past its latency bound"}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(max(1, math.ceil(until - now))).encode()),
+                (SHED_HEADER.encode(), b"proxy"),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def watched(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = dict(message.get("headers") or ())
+                retry = headers.get(b"retry-after", b"")
+                if SHED_HEADER.encode() in headers and retry.isdigit():
+                    self.closed_until[route] = time.monotonic() + min(int(retry), self.hold_s)
+            await send(message)
+
+        await self.app(scope, receive, watched)
 
 
 class BodyLimit:
