@@ -24,6 +24,18 @@ def test_a_request_is_admitted_only_if_the_backlog_and_it_fit_the_bound_at_the_m
     assert a.admit(100) is None and a.admit(30) == 1  # 2.08 s: refused at the new speed
 
 
+def test_before_its_first_batch_is_timed_a_replica_admits_one_batch_and_full_says_when_all_wait():
+    a = Admission(bound_s=2.0, unmeasured=2)
+    assert a.admit(10) is None and a.admit(10) is None and a.admit(10) == 1
+    a.done(10)
+    assert a.admit(10) is None  # one left: room for another
+    a.observe(units=20, seconds=1.0)  # 0.05 s per unit; 20 pending = 1 s
+    assert not a.full() and a.admit(30) == 1  # 2.5 s: refused, but a smaller one fits: not full
+    a.done(10)
+    a.done(10)
+    assert a.admit(50) is None and a.full()  # alone, 2.5 s: now any request would wait past 2 s
+
+
 def test_measurements_that_say_nothing_are_ignored():
     a = Admission(bound_s=1.0)
     for units, seconds in ((0, 1.0), (10, 0.0), (10, float("nan")), (10, float("inf"))):
@@ -62,7 +74,8 @@ def test_the_proxy_repeats_a_replicas_refusal_for_a_moment_and_then_asks_it_agai
     async def scenario() -> None:
         assert (await post("/shed"))[0] == 503 and calls == ["/shed"]  # the replica refused
         status, headers = await post("/shed")  # the proxy answers, the replica is not asked
-        assert status == 503 and headers[b"retry-after"] == b"1" and headers[SHED_HEADER.encode()] == b"proxy"
+        # the replica's Retry-After (5 s), counted down, though the proxy holds for 0.3 s only
+        assert status == 503 and headers[b"retry-after"] == b"5" and headers[SHED_HEADER.encode()] == b"proxy"
         await post("/shed", method="GET")
         await post("/other")  # Serve's own 503 (no shed header): nothing closes
         await post("/other")

@@ -47,6 +47,7 @@ def cluster():
     # The S3 test server's credentials reach the workers as a cluster's would: in the environment.
     env = {"DS_ACCELERATOR": "cpu", "NOISECLR_TEST_S3_KEY": "test", "NOISECLR_TEST_S3_SECRET": "test"}
     env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "1"  # Ray Train's drain watcher (default 5 s)
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"  # how often it collects reports (default 2 s)
     os.environ.update(env)
     nodes = Cluster(
         initialize_head=True,
@@ -276,8 +277,10 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
         subprocess.run([str(Path(sys.executable).parent / "ray"), *drain], check=True, capture_output=True)
         noticed = time.time()
         while time.time() < deadline:
-            if unscheduled := [k for k in steps_in_bucket() if k % 5]:  # checkpoint_every is 5
+            if unscheduled := [k for k in steps_in_bucket() if k % 10]:  # checkpoint_every is 10
                 lost.update(notice_step=min(unscheduled), notice_s=round(time.time() - noticed, 1))
+                time.sleep(1.5)  # Ray Train registers the report (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
+                lost["newest"] = max(steps_in_bucket())  # the notice's, or a periodic one since
                 lost["pids"] = kill_node(cluster, found)
                 return
             time.sleep(0.2)
@@ -291,7 +294,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     thread = threading.Thread(target=guarded, daemon=True)
     thread.start()
     long = dict(
-        workers=2, zero_stage=2, data=data, steps=20, checkpoint_every=5, placement_strategy="STRICT_SPREAD"
+        workers=2, zero_stage=2, data=data, steps=30, checkpoint_every=10, placement_strategy="STRICT_SPREAD"
     )
     result = run_discovery(
         cfg(**long, storage_path="s3://nodes-bucket/ray", storage_options=s3_options(s3_server)),
@@ -299,8 +302,12 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_loses_no_step(
     )
     thread.join(timeout=5)
     assert lost.get("pids"), f"the test did not manage to kill a node running a worker: {lost}"
-    print(f"notice to checkpoint: {lost['notice_s']} s (step {lost['notice_step']})")
-    assert result.steps == 20
+    print(f"notice to checkpoint: {lost['notice_s']} s (step {lost['notice_step']}, newest {lost['newest']})")
+    assert result.steps == 30
+    # the restarted workers began at the notice's checkpoint (or a later one registered before the
+    # node went), not at the periodic one before the notice
+    start = DirectionBank.load(result.bank).metrics["attempt_start_step"]
+    assert lost["notice_step"] <= start <= lost["newest"], (start, lost)
     assert DirectionBank.load(result.bank).metrics["nodes"] == 2  # the last attempt ran on two nodes again
     alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     assert len(alive) == 2  # the lost node is gone from the cluster, its replacement in
@@ -323,7 +330,7 @@ def test_sigterm_to_the_driver_checkpoints_on_the_workers_at_once_and_the_rerun_
     from noiseclr.errors import Preempted
 
     _, data = reference
-    long = dict(data=data, steps=12, checkpoint_every=4)
+    long = dict(data=data, steps=24, checkpoint_every=4)
     out, sent = tmp_path / "stopped", {}
 
     def stop_once_training() -> None:
@@ -338,16 +345,16 @@ def test_sigterm_to_the_driver_checkpoints_on_the_workers_at_once_and_the_rerun_
     threading.Thread(target=stop_once_training, daemon=True).start()
     before = signal.getsignal(signal.SIGTERM)  # ray.init's own
     with pytest.raises(
-        Preempted, match=r"SIGTERM after step \d+ of 12: checkpoint .*step-\d+ written"
+        Preempted, match=r"SIGTERM after step \d+ of 24: checkpoint .*step-\d+ written"
     ) as err:
         run_discovery(cfg(workers=2, placement_strategy="STRICT_SPREAD", **long), out)
     stopped_s = time.time() - sent["at"]
     step = int(re.search(r"after step (\d+)", str(err.value)).group(1))
     print(f"SIGTERM to the command's end: {stopped_s:.1f} s, stopped after step {step}")
-    assert 4 <= step < 12 and (out / "checkpoints" / f"step-{step:07d}" / "state.json").exists()
+    assert 4 <= step < 24 and (out / "checkpoints" / f"step-{step:07d}" / "state.json").exists()
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler was for the run only
     resumed = run_discovery(cfg(**long), out)
-    assert resumed.resumed_from.name == f"step-{step:07d}" and resumed.steps == 12
+    assert resumed.resumed_from.name == f"step-{step:07d}" and resumed.steps == 24
     same_bank(resumed.bank, run_discovery(cfg(**long), tmp_path / "straight").bank)
 
 

@@ -454,6 +454,7 @@ def test_a_chunked_body_past_the_limit_is_refused_as_it_passes_and_its_connectio
     payload = b"%x\r\n" % chunk + b" " * chunk + b"\r\n"
     sent, reply = 0, []
     with socket.create_connection((cfg.host, cfg.port), timeout=30) as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**16)  # what the kernel holds back, small
         conn.sendall(f"POST /v1/edits HTTP/1.1\r\nHost: {cfg.host}\r\n{headers}\r\n".encode())
         reader = threading.Thread(target=lambda: reply.append((conn.recv(4096), sent)), daemon=True)
         reader.start()

@@ -8,8 +8,9 @@ and the request itself are done: (pending units + its units) x seconds per unit.
 requests alone cannot bound that: a 100-step upload with 16 directions costs fifty times a
 10-step edit with one.
 
-Until the first batch is measured, and whenever nothing is pending, a request is admitted: a
-replica that refused a request costing more than the bound on its own would never serve it.
+Until the first batch is measured a replica admits one batch's worth of requests
+(`unmeasured`); whenever nothing is pending a request is admitted: a replica that refused a
+request costing more than the bound on its own would never serve it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import threading
 
 
 class Admission:
-    def __init__(self, bound_s: float, smoothing: float = 0.3) -> None:
-        self.bound_s, self.smoothing = bound_s, smoothing
+    def __init__(self, bound_s: float, unmeasured: int = 8, smoothing: float = 0.3) -> None:
+        self.bound_s, self.unmeasured, self.smoothing = bound_s, unmeasured, smoothing
         self.seconds_per_unit: float | None = None
-        self.pending = 0.0
+        self.pending, self.requests = 0.0, 0
         self._lock = threading.Lock()
 
     def expected_s(self, units: float) -> float | None:
@@ -36,14 +37,23 @@ class Admission:
         Retry-After in whole seconds: when enough of the backlog should be gone for it to fit."""
         with self._lock:
             expected = self.expected_s(units)
+            if expected is None and self.requests >= self.unmeasured:
+                return 1  # the first batch has not been timed yet
             if expected is not None and expected > self.bound_s and self.pending > 0:
                 return max(1, math.ceil(expected - self.bound_s))
             self.pending += units
+            self.requests += 1
             return None
+
+    def full(self) -> bool:
+        """Whether the backlog alone is past the bound: every request would be refused now."""
+        with self._lock:
+            return self.seconds_per_unit is not None and self.pending * self.seconds_per_unit >= self.bound_s
 
     def done(self, units: float) -> None:
         with self._lock:
             self.pending = max(0.0, self.pending - units)
+            self.requests = max(0, self.requests - 1)
 
     def observe(self, units: float, seconds: float) -> None:
         """A batch of `units` took `seconds` of model time."""

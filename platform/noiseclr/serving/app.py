@@ -149,7 +149,7 @@ class EditServer:
         torch.set_num_threads(threads)
         self.engine = EditEngine(self.cfg)
         bound = self.cfg.replicas.latency_bound_s
-        self.admission = Admission(bound) if bound else None
+        self.admission = Admission(bound, self.cfg.batching.max_batch_size) if bound else None
         self.keys = list(key_hashes or [])
         self.metrics = _metrics()
         self.engine.on_thumbnail_chunk = lambda bank: self.metrics["thumbnails"].inc(tags={"bank": bank})
@@ -237,7 +237,8 @@ class EditServer:
                 503,
                 f"busy: this edit would be answered in about {wait + bound:.0f} s, past the "
                 f"server's bound of {bound:g} s; retry in {wait} s",
-                {"Retry-After": str(wait), SHED_HEADER: "replica"},
+                # the proxy repeats the refusal only when any request would get it
+                {"Retry-After": str(wait), **({SHED_HEADER: "replica"} if self.admission.full() else {})},
             )
 
     # --- routes ---------------------------------------------------------------------------

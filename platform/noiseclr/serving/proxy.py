@@ -47,8 +47,9 @@ SHED_HEADER = "x-noiseclr-shed"  # on a replica's 503 for a request it expects t
 
 class BusyGate:
     """Refusals by expected wait, repeated in the proxy: after a replica answers a route's request
-    503 because its backlog is past the latency bound (`SHED_HEADER`, with Retry-After), the proxy
-    answers that route's requests 503 itself for min(Retry-After, `hold_s`) seconds.
+    503 because its backlog alone is past the latency bound (`SHED_HEADER`, with Retry-After:
+    any request would be refused), the proxy answers that route's requests 503 itself for
+    min(Retry-After, `hold_s`) seconds, with the Retry-After the replica gave, counted down.
 
     A refusal in the replica costs it CPU that its model needs: under clients that retry at once
     (a load generator, a naive client) those refusals took most of a 2-core replica's time. Here
@@ -56,20 +57,21 @@ class BusyGate:
 
     def __init__(self, app: Any, hold_s: float = 1.0) -> None:
         self.app, self.hold_s = app, hold_s
-        self.closed_until: dict[str, float] = {}
+        self.closed_until: dict[str, tuple[float, float]] = {}  # route -> (closed until, retry at)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         route, now = scope.get("path", ""), time.monotonic()
-        until = self.closed_until.get(route, 0.0)
+        until, retry_at = self.closed_until.get(route, (0.0, 0.0))
         if now < until:
             body = json.dumps({"error": "busy: the server expects to answer past its latency bound"}).encode()
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(max(1, math.ceil(until - now))).encode()),
+                (b"retry-after", str(max(1, math.ceil(retry_at - now))).encode()),
+                (b"connection", b"close"),  # the body is not read
                 (SHED_HEADER.encode(), b"proxy"),
             ]
             await send({"type": "http.response.start", "status": 503, "headers": headers})
@@ -81,7 +83,8 @@ class BusyGate:
                 headers = dict(message.get("headers") or ())
                 retry = headers.get(b"retry-after", b"")
                 if SHED_HEADER.encode() in headers and retry.isdigit():
-                    self.closed_until[route] = time.monotonic() + min(int(retry), self.hold_s)
+                    at = time.monotonic()
+                    self.closed_until[route] = (at + min(int(retry), self.hold_s), at + int(retry))
             await send(message)
 
         await self.app(scope, receive, watched)
@@ -102,14 +105,15 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.limit:
             await self._refuse(send, f"body of {int(declared)} bytes; at most {self.limit}")
             return
-        seen, refused, started = 0, False, False
+        seen, refused, started, ended = 0, False, False, False
 
         async def counted() -> dict:
-            nonlocal seen, refused
+            nonlocal seen, refused, ended
             if refused:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
+                ended = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     refused = True
@@ -122,7 +126,10 @@ class BodyLimit:
             nonlocal started
             if refused and not started:
                 return  # the 413 is the answer; the replica's, if any, is dropped
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not ended:  # answered before the body ended (401, 415...): none of it is read on
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         await self.app(scope, counted, sent)

@@ -283,6 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
     # included) to its first optimizer step done.
     first_step_s: float | None = None
     saved_at: list[int | None] = [state.step if config.get("resume") else None]
+    attempt_start = state.step
 
     def metrics_of(record: dict) -> dict:
         return {
@@ -291,6 +292,7 @@ def train_loop_per_worker(config: dict) -> None:
             "pairs_per_s": record["pairs_per_s"],
             "param_mib": param_mib,
             "nodes": len(set(nodes)),
+            "attempt_start_step": attempt_start,
         }
 
     def on_step(record: dict) -> None:  # every rank, after each optimizer step
@@ -305,6 +307,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics_of(record))  # Ray Train: metrics
 
     def save(saved) -> None:  # every rank (a collective under ZeRO-3), where a checkpoint is due
+        if saved_at[0] == loop.step:  # a preemption notice and a stop at one step: one checkpoint
+            return
         metrics = metrics_of({**loop.history[-1], "pairs_per_s": loop.pairs_per_s})
         if live is not None and loop.step == cfg.optim.steps:  # the driver logs what did not get through
             live.close()
@@ -333,7 +337,7 @@ def train_loop_per_worker(config: dict) -> None:
             if saved_at[0] != loop.step:
                 save(loop.state())
         # The driver got SIGTERM: every rank stops after this same step.
-        asked = torch.tensor([int(rank == 0 and stop_flag is not None and ray.get(stop_flag.get.remote()))])
+        asked = torch.tensor([int(rank == 0 and stop_flag is not None and _asked(stop_flag))])
         asked = asked.to(device)
         dist.all_reduce(asked, op=dist.ReduceOp.MAX)
         return bool(asked.item())
@@ -345,17 +349,39 @@ def train_loop_per_worker(config: dict) -> None:
             live.close()
 
 
-@contextmanager
-def relay_sigterm() -> Iterator[object]:
-    """A SIGTERM to the driver, relayed to the workers: yields a flag actor (for the workers'
-    config) that a watcher thread sets when `preemption.notice` has seen the signal. The workers
-    then finish the step under way, checkpoint it and return."""
+def _asked(flag) -> bool:
+    """Whether the driver asked the workers to stop (a flag it cannot answer for did not ask)."""
     import ray
+
+    try:
+        return bool(ray.get(flag.get.remote(), timeout=30))
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+
+
+class Relay:
+    """What `relay_sigterm` yields: the flag actor for the workers, and afterwards whether a
+    SIGTERM came while it was in force."""
+
+    def __init__(self, flag) -> None:
+        self.flag, self.stopped = flag, False
+
+
+@contextmanager
+def relay_sigterm() -> Iterator[Relay]:
+    """A SIGTERM to the driver, relayed to the workers: yields a `Relay` whose flag actor (for
+    the workers' config) a watcher thread sets when `preemption.notice` has seen the signal. The
+    workers then finish the step under way, checkpoint it and return."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from noiseclr.utils import preemption
 
-    flag = ray.remote(num_cpus=0)(StopFlag).remote()
-    done = threading.Event()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    flag = (
+        ray.remote(num_cpus=0)(StopFlag).options(scheduling_strategy=here).remote()
+    )  # lives with the driver
+    relay, done = Relay(flag), threading.Event()
 
     def watch() -> None:
         while not done.wait(0.2):
@@ -370,8 +396,9 @@ def relay_sigterm() -> Iterator[object]:
     with preemption.notice():
         watcher.start()
         try:
-            yield flag
+            yield relay
         finally:
+            relay.stopped = preemption.requested()  # read before `notice` forgets it
             done.set()
             watcher.join()
             ray.kill(flag)
@@ -429,7 +456,10 @@ def _local_batches(cfg: DiscoveryConfig, shard, local: int):
 
 
 # What rank 0 reports that the bank's metrics keep.
-REPORTED = ("pairs_per_s", "param_mib", "nodes", "mlflow_sent_through", "worker_peak_rss_mib", "first_step_s")
+REPORTED = (
+    "pairs_per_s", "param_mib", "nodes", "mlflow_sent_through", "worker_peak_rss_mib", "first_step_s",
+    "attempt_start_step",  # the step the last attempt (after a restart, its checkpoint's) began at
+)  # fmt: skip
 
 
 def param_bytes_per_worker(engine) -> int:
@@ -530,7 +560,6 @@ def train_distributed(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from noiseclr.data.ray_input import latent_dataset, probe_storage, pyarrow_filesystem
-    from noiseclr.utils import preemption
     from noiseclr.utils.raycluster import init_ray
 
     workers = cfg.distributed.workers
@@ -554,7 +583,7 @@ def train_distributed(
     # SIGTERM from here on (a scheduler's or a spot instance's notice to the driver): the workers
     # checkpoint the step under way and return; the workflow then stops with Preempted.
     start = {p.name: p.read_bytes() for p in Path(resume_from).iterdir()} if resume_from else None
-    with relay_sigterm() as stop:
+    with relay_sigterm() as relay:
         ds, counter, n_files = latent_dataset(
             data, cfg.model, resolution, cfg.storage.options,
             limit=cfg.data.n_images, run=cfg.name, gpu=use_gpu,
@@ -568,7 +597,7 @@ def train_distributed(
                 "use_gpu": use_gpu,
                 "resume": start,
                 "mlflow": mlflow_run,
-                "stop": stop,  # the driver's SIGTERM, relayed
+                "stop": relay.flag,  # the driver's SIGTERM, relayed
             },
             scaling_config=ScalingConfig(
                 num_workers=workers,
@@ -593,7 +622,6 @@ def train_distributed(
             result = trainer.fit()
             if result.error:
                 raise result.error
-            stopped = preemption.requested()
         except Exception as err:  # Ray Train raises the workers' errors wrapped
             found = worker_user_error(err)
             if found is None:
@@ -609,7 +637,7 @@ def train_distributed(
         "corrupt_images": corrupt["corrupt"],
         "corrupt_examples": corrupt["examples"],
         **{k: reported[k] for k in REPORTED if k in reported},
-        "stopped_on_sigterm": stopped,
+        "stopped_on_sigterm": relay.stopped,
     }
     return result.checkpoint or newest_checkpoint(result), counts
 
