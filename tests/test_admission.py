@@ -30,10 +30,11 @@ def test_before_its_first_batch_is_timed_a_replica_admits_one_batch_and_full_say
     a.done(10)
     assert a.admit(10) is None  # one left: room for another
     a.observe(units=20, seconds=1.0)  # 0.05 s per unit; 20 pending = 1 s
-    assert not a.full() and a.admit(30) == 1  # 2.5 s: refused, but a smaller one fits: not full
+    assert not a.full(10) and a.admit(30) == 1  # 2.5 s: refused, but one of 10 units fits: not full
+    assert a.full(30)  # no room for one of 30
     a.done(10)
     a.done(10)
-    assert a.admit(50) is None and a.full()  # alone, 2.5 s: now any request would wait past 2 s
+    assert a.admit(50) is None and a.full(1)  # alone, 2.5 s: now any request would wait past 2 s
 
 
 def test_measurements_that_say_nothing_are_ignored():

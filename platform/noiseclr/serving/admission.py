@@ -45,10 +45,12 @@ class Admission:
             self.requests += 1
             return None
 
-    def full(self) -> bool:
-        """Whether the backlog alone is past the bound: every request would be refused now."""
+    def full(self, floor: float) -> bool:
+        """Whether the backlog leaves no room for a request of `floor` units (the server's
+        default request): any ordinary request would be refused now."""
         with self._lock:
-            return self.seconds_per_unit is not None and self.pending * self.seconds_per_unit >= self.bound_s
+            spu = self.seconds_per_unit
+            return spu is not None and (self.pending + floor) * spu > self.bound_s
 
     def done(self, units: float) -> None:
         with self._lock:

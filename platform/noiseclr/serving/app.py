@@ -224,6 +224,11 @@ class EditServer:
             self.admission.observe(sum(job.units for job in jobs), time.perf_counter() - began)
         return [r if isinstance(r, Exception) else (r, len(jobs)) for r in results]
 
+    def _full(self) -> bool:
+        """Whether the backlog leaves no room for a default request (one edit at default_steps):
+        then the proxy may refuse the route's requests for a moment without asking."""
+        return self.admission.full(2 * self.cfg.default_steps)
+
     def _admit(self, units: int) -> None:
         """Count a request of `units` as pending, if the replica expects to answer it within the
         latency bound; else 503 with Retry-After at once (serving/admission.py)."""
@@ -238,7 +243,7 @@ class EditServer:
                 f"busy: this edit would be answered in about {wait + bound:.0f} s, past the "
                 f"server's bound of {bound:g} s; retry in {wait} s",
                 # the proxy repeats the refusal only when any request would get it
-                {"Retry-After": str(wait), **({SHED_HEADER: "replica"} if self.admission.full() else {})},
+                {"Retry-After": str(wait), **({SHED_HEADER: "replica"} if self._full() else {})},
             )
 
     # --- routes ---------------------------------------------------------------------------
