@@ -1,10 +1,11 @@
 """One loader for every base diffusion model the platform works on.
 
 `load_model("shapes")` gives the embedded model shipped in this package; a folder path gives
-any Stable Diffusion 1.x/2.x pipeline saved in diffusers layout; anything else is taken as a
-hub id (e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5") and needs network or a warm
-Hugging Face cache. Every consumer downstream (discovery, editing, serving) takes the
-`DiffusionModel` this returns, so none of them knows which one it got.
+any Stable Diffusion 1.x/2.x or SDXL pipeline saved in diffusers layout (which of the two, its
+model_index.json says); anything else is taken as a hub id (e.g.
+"stable-diffusion-v1-5/stable-diffusion-v1-5") and needs network or a warm Hugging Face cache.
+Every consumer downstream (discovery, editing, serving) takes the `DiffusionModel` this returns,
+so none of them knows which one it got.
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from noiseclr.domains.shapes import parse_caption
 from noiseclr.errors import ModelLoadError
@@ -26,6 +34,10 @@ EMBEDDED = {"shapes": PRETRAINED_DIR / "shapes"}
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Family = Literal["sd", "sdxl"]
+# What `load_model` loads: SD 1.x / 2.x (and the embedded models) or SDXL.
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -54,7 +66,7 @@ def resolve_dtype(precision: str) -> torch.dtype:
 class DiffusionModel:
     """A loaded base model: the diffusers pipeline plus what identifies it."""
 
-    pipe: StableDiffusionPipeline
+    pipe: Pipeline
     source: str  # what the user asked for: "shapes", a folder, or a hub id
     fingerprint: str  # `fingerprints`: configs, a few weights as stored, the noise schedule
     world: dict | None = field(default=None)  # world.json of an embedded model
@@ -63,7 +75,14 @@ class DiffusionModel:
     legacy_fingerprint: str | None = field(default=None)
 
     @property
+    def family(self) -> Family:
+        """ "sdxl" for an SDXL pipeline (two text encoders, "text_time" added embeddings), else
+        "sd" (SD 1.x / 2.x and the embedded models: one text encoder)."""
+        return family_of(self.pipe)
+
+    @property
     def resolution(self) -> int:
+        """The side in pixels the model was trained at (SD 1.5: 512, SDXL: 1024)."""
         return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
     @property
@@ -107,13 +126,39 @@ def scheduler_like(cls: type[SchedulerMixin], config: dict) -> SchedulerMixin:
     return cls.from_config(values)
 
 
+def family_of(pipe: DiffusionPipeline) -> Family:
+    """ "sdxl" when the pipeline is SDXL's or has SDXL's second text encoder, else "sd"."""
+    if isinstance(pipe, StableDiffusionXLPipeline) or getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    return "sd"
+
+
 def _arch(cfg) -> dict:
     # private keys (_name_or_path, _diffusers_version...) and versions say where it came from,
     # not what it is
     return {k: v for k, v in dict(cfg).items() if not k.startswith("_") and not k.endswith("_version")}
 
 
-def fingerprints(pipe: StableDiffusionPipeline) -> tuple[str, str]:
+def _sdxl_identity(pipe: StableDiffusionXLPipeline) -> tuple[dict, list[torch.Tensor]]:
+    """What SDXL adds to the identity: text_encoder_2's config, its token embeddings and the
+    projection that makes the pooled text embedding the UNet's added embedding takes; and two
+    settings of the pipeline that change every image drawn with guidance: the tokenizers' padding
+    tokens (SDXL's tokenizer_2 pads with "!", and the padded positions are cross-attended) and
+    `force_zeros_for_empty_prompt` (the unconditional embeddings: zeros or the empty prompt's)."""
+    encoder = pipe.text_encoder_2
+    settings = {
+        "text_encoder_2": _arch(encoder.config.to_dict()),
+        "force_zeros_for_empty_prompt": pipe.config.get("force_zeros_for_empty_prompt"),
+        "pad_token_ids": [getattr(t, "pad_token_id", None) for t in (pipe.tokenizer, pipe.tokenizer_2)],
+    }
+    weights = [
+        encoder.get_input_embeddings().weight[: encoder.config.vocab_size],
+        encoder.text_projection.weight,
+    ]
+    return settings, weights
+
+
+def fingerprints(pipe: Pipeline) -> tuple[str, str]:
     """(fingerprint, legacy fingerprint) of a base model, in one pass over its weights.
 
     The identity, cheap to compute: the UNet, text encoder and VAE configs, the UNet's first and
@@ -123,8 +168,13 @@ def fingerprints(pipe: StableDiffusionPipeline) -> tuple[str, str]:
     the schedule: what banks and checkpoints written until 2026-12 recorded
     (`DiffusionModel.identifies` accepts it).
 
+    SDXL's identity adds what only SDXL has (`_sdxl_identity`: text_encoder_2...), hashed after
+    the SD part, so that every SD fingerprint is what it was before SDXL was supported. No bank of
+    an SDXL model predates the schedule in the fingerprint: its legacy fingerprint is the full one.
+
     Computed on the weights as stored: `load_model` fingerprints before it casts to fp16 / bf16,
     so a bank learnt in fp32 serves at any precision."""
+    sdxl = _sdxl_identity(pipe) if family_of(pipe) == "sdxl" else None
     h = hashlib.sha256()
     for cfg in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config):
         h.update(json.dumps(_arch(cfg), sort_keys=True, default=str).encode())
@@ -135,13 +185,19 @@ def fingerprints(pipe: StableDiffusionPipeline) -> tuple[str, str]:
         pipe.text_encoder.get_input_embeddings().weight[:n_vocab],
     ):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    if sdxl is not None:
+        settings, weights = sdxl
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        for t in weights:
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     legacy = h.hexdigest()[:16]
     schedule = _arch(scheduler_like(DDIMScheduler, pipe.scheduler.config).config)
     h.update(json.dumps(schedule, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16], legacy
+    stamp = h.hexdigest()[:16]
+    return stamp, stamp if sdxl is not None else legacy
 
 
-def fingerprint(pipe: StableDiffusionPipeline) -> str:
+def fingerprint(pipe: Pipeline) -> str:
     """A base model's identity (`fingerprints`)."""
     return fingerprints(pipe)[0]
 
@@ -159,6 +215,17 @@ def cast(pipe, dtype: torch.dtype | dict) -> None:
         for path, sub in component.named_modules():
             if any(k in path.split(".") for k in keep):
                 torch.nn.Module.to(sub, dtype=torch.float32)
+
+
+def _pipeline_class(source: str) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+    """The class to load `source` (a folder or hub id) with, read from its model_index.json's
+    `_class_name`: any SDXL pipeline's name (StableDiffusionXL...) -> `StableDiffusionXLPipeline`,
+    anything else -> `StableDiffusionPipeline`, as every folder loaded before SDXL was supported."""
+    index = Path(source) / "model_index.json"
+    # a hub id: its model_index.json only (network or the Hugging Face cache)
+    config = json.loads(index.read_text()) if index.is_file() else DiffusionPipeline.load_config(source)
+    name = str(config.get("_class_name") or "")
+    return StableDiffusionXLPipeline if name.startswith("StableDiffusionXL") else StableDiffusionPipeline
 
 
 def _resolve(name_or_path: str) -> tuple[str, dict | None]:
@@ -195,22 +262,31 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
 ) -> DiffusionModel:
-    """Load a base model as a StableDiffusionPipeline with the folder's own scheduler (what
-    generation and editing sample with, as diffusers and `NoiseCLRPipeline` do; training draws
-    noise with DDPM and inversion and the measurements step with DDIM, on the same schedule).
+    """Load a base model as a StableDiffusionPipeline (or StableDiffusionXLPipeline, when its
+    model_index.json names an SDXL pipeline) with the folder's own scheduler (what generation and
+    editing sample with, as diffusers and `NoiseCLRPipeline` do; training draws noise with DDPM
+    and inversion and the measurements step with DDIM, on the same schedule).
 
     The weights load as stored (fp32 for SD's main files), are fingerprinted, and only then cast
     to `dtype`: a bank records the model it was learnt on, not the precision it ran at."""
     source, world = _resolve(name_or_path)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(  # weights from safetensors only, no pickle
-            source, safety_checker=None, requires_safety_checker=False, use_safetensors=True
-        )
+        if _pipeline_class(source) is StableDiffusionXLPipeline:
+            pipe = StableDiffusionXLPipeline.from_pretrained(source, use_safetensors=True)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(  # weights from safetensors only, no pickle
+                source, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+            )
     except Exception as err:  # hub unreachable, missing files, wrong layout: one clear error
         raise ModelLoadError(
             f"could not load {name_or_path!r}: {err}. A hub id needs network access or the model "
             "in the local Hugging Face cache; a folder needs the full diffusers layout."
         ) from err
+    if family_of(pipe) == "sdxl" and (pipe.text_encoder is None or pipe.tokenizer is None):
+        raise ModelLoadError(
+            f"{name_or_path!r} is an SDXL pipeline without the first text encoder (SDXL's refiner?): "
+            "only a base SDXL model, with text_encoder and text_encoder_2, can be loaded"
+        )
     pipe.set_progress_bar_config(disable=True)
     stamp, legacy = fingerprints(pipe)
     cast(pipe, dtype)

@@ -1,4 +1,4 @@
-"""A Stable Diffusion 1.5 stand-in: SD 1.5's folder, classes and configs, tiny random weights.
+"""Stable Diffusion 1.5 and SDXL stand-ins: their folders, classes and configs, tiny random weights.
 
 No machine here can download SD 1.5, yet most of what goes wrong for a user's own model comes
 from what the embedded shapes model does not have: CLIP's byte-level BPE tokenizer with 77
@@ -16,6 +16,24 @@ layers, UNet channels 32..64 with one layer per block, VAE 16..32), the BPE voca
 and a 64 px resolution (8 x 8 latents; SD: 512 px, 64 x 64). The weights are random: images are
 noise-like and discovered directions carry no meaning; what it proves is that every path runs on
 SD's structure and configs.
+
+The SDXL stand-in (`write_sdxl`, `--sdxl`) is SDXL base 1.0's folder the same way: two text
+encoders (`text_encoder`, a CLIPTextModel, and `text_encoder_2`, a CLIPTextModelWithProjection
+whose projected pooled output feeds the UNet), two tokenizers (the second pads with "!", the first
+with its end token, as SDXL's do), a UNet conditioned on both encoders' penultimate layers side
+by side and on "text_time" added embeddings (pooled text + six size / crop numbers), an 8x VAE
+with scaling factor 0.13025 and `force_upcast`, SDXL's `EulerDiscreteScheduler` config and
+`force_zeros_for_empty_prompt` in `model_index.json`:
+
+    python -m noiseclr.models.standin --sdxl out/sdxl-standin
+
+What differs from SDXL base 1.0, again only in size: text encoders 32 and 48 wide (SDXL: 768 and
+1280) with 2 layers each (12 and 32), so the UNet's cross-attention is 80 wide (SDXL: 2048) and
+its added embedding 48 + 6 x 8 = 96 (SDXL: 1280 + 6 x 256 = 2816); UNet channels 32, 64, 64
+(320, 640, 1280) with one layer per block (2) and transformer depths 1, 1, 2 (1, 2, 10); VAE
+16..32 (128..512); the same ~800-token BPE vocabulary as above (49,408); 64 px (8 x 8 latents;
+SDXL: 1024 px, 128 x 128). The two encoders are of different widths on purpose: code that
+mixes them up fails here as it would on SDXL.
 """
 
 from __future__ import annotations
@@ -24,9 +42,23 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 77  # SD 1.x: CLIP's context length
@@ -43,6 +75,25 @@ SD15_SCHEDULER = {
     "trained_betas": None,
     "clip_sample": False,
 }
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json, key for key.
+SDXL_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+SDXL_PAD = "!"  # SDXL's tokenizer_2 (OpenCLIP's) pads with "!" (id 0 in CLIP's vocabulary and here)
 
 # Words the tokenizer's merges are trained on: the SD jobs' prompts and their neighbours.
 WORDS = """\
@@ -99,14 +150,18 @@ def bpe_files(words: str = WORDS, vocab_size: int = 1200) -> tuple[dict[str, int
     return {s: i for i, s in enumerate(symbols)}, merges
 
 
-def write_tokenizer(folder: Path) -> CLIPTokenizer:
+def write_tokenizer(folder: Path, pad: str = EOS) -> CLIPTokenizer:
     """SD 1.5's tokenizer/ folder: vocab.json, merges.txt, tokenizer_config.json and
-    special_tokens_map.json (no tokenizer.json, as SD ships it); returns it loaded back."""
+    special_tokens_map.json (no tokenizer.json, as SD ships it); returns it loaded back.
+    `pad`: the padding token, CLIP's end token as SD's and SDXL's first tokenizer have it, or
+    `SDXL_PAD` for SDXL's tokenizer_2."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = bpe_files()
+    if pad not in vocab:
+        raise ValueError(f"pad token {pad!r} is not in the vocabulary")
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": pad, "unk_token": EOS}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {
         "add_prefix_space": False,
@@ -207,9 +262,107 @@ def write(folder: str | Path, seed: int = 0, **scheduler: object) -> Path:
     return folder
 
 
-if __name__ == "__main__":
-    import sys
+def _text_encoder_config(vocab_size: int, width: int, heads: int, act: str) -> CLIPTextConfig:
+    """SDXL's text encoder configs (both keep CLIP's 0 / 2 / 1 special ids), narrower and with 2
+    layers; projection_dim is the width, as in both of SDXL's (768 and 1280)."""
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act=act,
+        projection_dim=width,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m noiseclr.models.standin OUT_FOLDER")
-    print(write(sys.argv[1]))
+
+def build_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """The SDXL stand-in pipeline in memory (its tokenizers read back from SDXL's file layout)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_tokenizer(Path(tmp) / "tokenizer")
+        tokenizer_2 = write_tokenizer(Path(tmp) / "tokenizer_2", pad=SDXL_PAD)
+    torch.manual_seed(seed)
+    width, width_2 = 32, 48  # SDXL: 768 (CLIP ViT-L) and 1280 (OpenCLIP ViT-bigG)
+    time_dim = 8  # SDXL: 256, for each of the six add_time_ids
+    # SDXL's text_encoder/config.json (quick_gelu) and text_encoder_2/config.json (gelu)
+    text_encoder = CLIPTextModel(_text_encoder_config(len(tokenizer), width, 2, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(len(tokenizer_2), width_2, 3, "gelu"))
+    unet = UNet2DConditionModel(  # SDXL base 1.0's unet/config.json, narrower and shallower
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),  # as SDXL's (5, 10, 20): heads of 16 channels (SDXL: 64)
+        use_linear_projection=True,
+        cross_attention_dim=width + width_2,  # both encoders' hidden states, side by side
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=width_2 + 6 * time_dim,  # pooled text_embeds + time ids
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(  # 8x: four levels, as SDXL's (128, 256, 512, 512)
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def write_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """Write the SDXL stand-in to `folder` in SDXL base 1.0's layout."""
+    folder = Path(folder)
+    pipe = build_sdxl(seed)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name, pad in (("tokenizer", EOS), ("tokenizer_2", SDXL_PAD)):
+        for stale in ("tokenizer.json", "chat_template.jinja"):  # SDXL ships the slow tokenizer's files
+            (folder / name / stale).unlink(missing_ok=True)
+        write_tokenizer(folder / name, pad=pad)
+    # SDXL base 1.0's own scheduler_config.json and model_index.json: no image_encoder or
+    # feature_extractor entries (this diffusers writes them as [null, null]).
+    config = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", **SDXL_SCHEDULER}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    index = json.loads((folder / "model_index.json").read_text())
+    for absent in ("image_encoder", "feature_extractor"):
+        index.pop(absent, None)
+    index.update(_diffusers_version="0.19.0.dev0", force_zeros_for_empty_prompt=True)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m noiseclr.models.standin",
+        description="Write a stand-in model folder: SD 1.5's (or SDXL's) layout, tiny random weights.",
+    )
+    parser.add_argument("out", help="the folder to write")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL base 1.0's layout instead of SD 1.5's")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args()
+    print((write_sdxl if args.sdxl else write)(args.out, seed=args.seed))
