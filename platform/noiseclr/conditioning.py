@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,7 +51,6 @@ class DirectionEmbedding(nn.Embedding):
             _weight=base.weight,
         )
         self.weight = base.weight  # the encoder's own Parameter, not a copy
-        self.vocab_size = base.num_embeddings
         self._current: ContextVar[torch.Tensor | None] = ContextVar("noiseclr_directions", default=None)
 
     def __getstate__(self) -> dict:  # a ContextVar neither pickles nor deep-copies
@@ -61,6 +61,12 @@ class DirectionEmbedding(nn.Embedding):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._current = ContextVar("noiseclr_directions", default=None)
+
+    @property
+    def vocab_size(self) -> int:
+        """The table's rows now: a token added later (diffusers' load_textual_inversion resizes
+        the table in place) is a token, not a direction."""
+        return int(self.weight.shape[0])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_dir = input_ids >= self.vocab_size
@@ -118,14 +124,138 @@ def prompt_ids(tokenizer, text_encoder, n_directions: int, device: torch.device)
     return torch.cat([ids, empty]).to(device)
 
 
-def encode_directions(text_encoder: nn.Module, tokenizer, directions: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class TextEncoders:
+    """The text side of a pipeline. SD 1.x/2.x: one CLIP encoder; its last hidden states are the
+    UNet's context. SDXL: two encoders; a direction is a pair (its first `widths[0]` entries are
+    a token embedding of the first encoder, the rest of the second), their penultimate states are
+    concatenated, and the UNet also takes the second encoder's pooled output and the image's
+    size ids (`added_cond_kwargs`), which ride in the context as one extra row (`pack`), so
+    every caller stacks, indexes and repeats SDXL contexts as it does SD's."""
+
+    encoders: tuple[nn.Module, ...]
+    tokenizers: tuple
+    time_ids: tuple[int, ...] = ()  # SDXL: (H, W, crop top, crop left, H, W) of the generated image
+    zeros_for_empty: bool = False  # SDXL's force_zeros_for_empty_prompt: "" is all zeros
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.encoders) == 2
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each encoder's token-embedding width; a direction is their sum wide."""
+        return tuple(int(e.get_input_embeddings().embedding_dim) for e in self.encoders)
+
+
+def text_encoders(pipe) -> TextEncoders:
+    """The pipeline's text side (SD's encoder, or SDXL's two and its added conditioning)."""
+    second = getattr(pipe, "text_encoder_2", None)
+    if second is None:
+        return TextEncoders((pipe.text_encoder,), (pipe.tokenizer,))
+    if pipe.text_encoder is None:
+        raise ValueError("an SDXL pipeline without its first text encoder (a refiner) has no directions")
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return TextEncoders(
+        (pipe.text_encoder, second),
+        (pipe.tokenizer, pipe.tokenizer_2),
+        (side, side, 0, 0, side, side),
+        bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+    )
+
+
+def as_encoders(text_encoder, tokenizer=None) -> TextEncoders:
+    """`text_encoder` itself when it is a TextEncoders, else SD's one encoder with `tokenizer`."""
+    if isinstance(text_encoder, TextEncoders):
+        return text_encoder
+    return TextEncoders((text_encoder,), (tokenizer,))
+
+
+def pack(states: torch.Tensor, pooled: torch.Tensor, time_ids: tuple[int, ...]) -> torch.Tensor:
+    """SDXL conditioning as one tensor: (P, L, H) states plus a row [pooled, time ids, 0...]."""
+    n, _, width = states.shape
+    if pooled.shape[1] + len(time_ids) > width:
+        raise ValueError(f"pooled width {pooled.shape[1]} + {len(time_ids)} ids do not fit a row of {width}")
+    extra = states.new_zeros(n, 1, width)
+    extra[:, 0, : pooled.shape[1]] = pooled.to(states.dtype)
+    extra[:, 0, pooled.shape[1] : pooled.shape[1] + len(time_ids)] = torch.tensor(
+        time_ids, dtype=states.dtype
+    )
+    return torch.cat([states, extra], dim=1)
+
+
+def unet_eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """eps of the UNet for rows (x, t, context): SD's call, or SDXL's with its packed row
+    unpacked into `added_cond_kwargs` (text_embeds, time_ids)."""
+    config = unet.config
+    if getattr(config, "addition_embed_type", None) != "text_time":
+        return unet(x, t, context).sample
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    extra = context[:, -1]
+    added = {"text_embeds": extra[:, :pooled], "time_ids": extra[:, pooled : pooled + 6]}
+    return unet(x, t, context[:, :-1], added_cond_kwargs=added).sample
+
+
+def encode_ids(enc: TextEncoders, ids: list[torch.Tensor], empty: torch.Tensor | None = None) -> torch.Tensor:
+    """Context rows for token ids (one (P, L) tensor per encoder). SD: the encoder's last hidden
+    states. SDXL: both encoders' penultimate states side by side, packed with the second's
+    pooled output and the size ids, as StableDiffusionXLPipeline.encode_prompt builds them;
+    rows where `empty` is true are zeros when the model says "" is zeros."""
+    if not enc.sdxl:
+        return enc.encoders[0](ids[0])[0]
+    states, pooled = [], None
+    for encoder, rows in zip(enc.encoders, ids, strict=True):
+        out = encoder(rows, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+    context, pooled = torch.cat(states, dim=-1), pooled
+    if enc.zeros_for_empty and empty is not None and bool(empty.any()):
+        keep = (~empty).to(context.dtype)
+        context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+    return pack(context, pooled, enc.time_ids)
+
+
+def encode_prompts(enc: TextEncoders, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Context rows for text prompts: (P, L(+1), H)."""
+    ids = [
+        tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+            return_tensors="pt").input_ids.to(device)
+        for tok in enc.tokenizers
+    ]  # fmt: skip
+    empty = torch.tensor([p == "" for p in prompts], device=device)
+    return encode_ids(enc, ids, empty)
+
+
+def encode_directions(text_encoder, tokenizer, directions: torch.Tensor) -> torch.Tensor:
     """Text-encoder hidden states for every direction prompt plus the empty prompt.
 
-    directions: (M, D) -> (M + 1, L, H); row M is the empty prompt. One encoder call.
+    directions: (M, D) -> (M + 1, L, H); row M is the empty prompt. One call per encoder.
+    `text_encoder`: SD's encoder (with its tokenizer), or `text_encoders(pipe)` for any
+    pipeline (the tokenizer is then unused), SDXL's pairs included.
     """
-    ids = prompt_ids(tokenizer, text_encoder, directions.shape[0], directions.device)
-    with directions_in(text_encoder, directions):
-        return text_encoder(ids)[0]
+    enc = as_encoders(text_encoder, tokenizer)
+    n, device = directions.shape[0], directions.device
+    parts = [directions]
+    if enc.sdxl:  # a pair: the first encoder's embedding, then the second's
+        if n and directions.shape[1] != sum(enc.widths):
+            raise ValueError(
+                f"directions {directions.shape[1]} wide; this SDXL model's are {sum(enc.widths)}"
+            )
+        parts = list(directions.split(list(enc.widths), dim=1)) if n else [directions, directions]
+    ids = [prompt_ids(tok, e, n, device) for e, tok in zip(enc.encoders, enc.tokenizers, strict=True)]
+    empty = torch.arange(n + 1, device=device) == n
+    with _all_directions_in(enc.encoders, parts):
+        return encode_ids(enc, ids, empty)
+
+
+@contextmanager
+def _all_directions_in(encoders: tuple[nn.Module, ...], parts: list[torch.Tensor]):
+    if len(encoders) == 1:
+        with directions_in(encoders[0], parts[0]):
+            yield
+        return
+    with directions_in(encoders[0], parts[0]), directions_in(encoders[1], parts[1]):
+        yield
 
 
 def unet_rows(
@@ -149,7 +279,9 @@ def unet_pairs(
     """eps of row r = (x[r], t[r], context[r]): (R, C, h, w), in ceil(R / max_rows) UNet calls."""
     rows = x.shape[0]
     step = rows if not max_rows else max(1, max_rows)
-    eps = [unet(x[s : s + step], t[s : s + step], context[s : s + step]).sample for s in range(0, rows, step)]
+    eps = [
+        unet_eps(unet, x[s : s + step], t[s : s + step], context[s : s + step]) for s in range(0, rows, step)
+    ]
     return torch.cat(eps)
 
 

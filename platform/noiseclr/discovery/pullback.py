@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from noiseclr.bank import DirectionBank
-from noiseclr.conditioning import encode_directions
+from noiseclr.conditioning import encode_directions, text_encoders
 from noiseclr.models.base import DiffusionModel, scheduler_like
 
 
@@ -41,9 +41,7 @@ def local_directions(
     """Top-k right-singular vectors (k, n) and singular values (k,) of dh/dx_t at one x_t (1, C, h, w)."""
     pipe = model.pipe
     unet = pipe.unet
-    empty = encode_directions(
-        pipe.text_encoder, pipe.tokenizer, torch.zeros(0, 1, device=model.device)
-    ).detach()
+    empty = encode_directions(text_encoders(pipe), None, torch.zeros(0, 1, device=model.device)).detach()
     ts = torch.tensor([t], device=model.device)
     n = x_t[0].numel()
 

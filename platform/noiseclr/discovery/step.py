@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from noiseclr.conditioning import as_encoders
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.initial import vocab_norm
 from noiseclr.discovery.loss import delta_features, noiseclr_loss, strength_penalty, symmetric_noiseclr_loss
@@ -34,9 +35,14 @@ log = logging.getLogger(__name__)
 DeltasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fixed_norm(cfg: DiscoveryConfig, text_encoder: torch.nn.Module) -> torch.Tensor | None:
+def fixed_norm(cfg: DiscoveryConfig, text_encoder) -> torch.Tensor | None:
     """The norm every direction is used at (`direction_norm: vocab`), or None (free)."""
-    return None if cfg.method.direction_norm == "free" else vocab_norm(text_encoder)
+    if cfg.method.direction_norm == "free":
+        return None
+    enc = as_encoders(text_encoder)
+    if enc.sdxl:
+        raise ConfigError("method.direction_norm: vocab holds one encoder's norm; SDXL's pairs train free")
+    return vocab_norm(enc.encoders[0])
 
 
 def shaped(directions: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:

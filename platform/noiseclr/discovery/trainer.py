@@ -17,6 +17,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from noiseclr.conditioning import text_encoders
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery import step as steps
 from noiseclr.discovery.checkpoint import TrainState
@@ -35,7 +36,7 @@ def initial_state(cfg: DiscoveryConfig, model: DiffusionModel) -> TrainState:
     pipe = model.pipe
     gen = torch.Generator().manual_seed(cfg.optim.seed)
     init = init_directions(
-        pipe.text_encoder,
+        text_encoders(pipe),
         cfg.method.k,
         gen,
         pipe.tokenizer,
@@ -85,10 +86,11 @@ class DiscoveryTrainer:
         self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
         scheduler = scheduler_like(DDPMScheduler, pipe.scheduler.config)
         steps.check_schedule(cfg, scheduler.config.num_train_timesteps)
-        for module in (self.unet, self.text_encoder, pipe.vae):
+        encoders = text_encoders(pipe)
+        for module in (self.unet, *encoders.encoders, pipe.vae):
             module.requires_grad_(False).eval()
         self.latents = latents.float().cpu()
-        self.engine = AdamWEngine(cfg, self.unet, self.text_encoder, pipe.tokenizer, state, self.device)
+        self.engine = AdamWEngine(cfg, self.unet, encoders, None, state, self.device)
         self.loop = TrainLoop(cfg, self.engine, scheduler, state, self._batch, self.device)
         self.on_step: Callable[[dict], None] | None = None  # e.g. live MLflow logging; must not block
         if steps.want_checkpointing(

@@ -25,7 +25,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, SchedulerMixin
 from tqdm.auto import tqdm
 
 from noiseclr.bank import DirectionBank
-from noiseclr.conditioning import encode_directions, unet_pairs, unet_rows
+from noiseclr.conditioning import encode_directions, encode_prompts, text_encoders, unet_pairs, unet_rows
 from noiseclr.editing.denoiser import DirectionTerms
 from noiseclr.errors import BankError, EditError
 from noiseclr.models.base import DiffusionModel, scheduler_like
@@ -135,11 +135,7 @@ def seed_latents(model: DiffusionModel, seeds: list[int]) -> torch.Tensor:
 
 
 def _encode_prompt(model: DiffusionModel, prompt: str) -> torch.Tensor:
-    tok = model.pipe.tokenizer
-    ids = tok(
-        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    )
-    return model.pipe.text_encoder(ids.input_ids.to(model.device))[0]
+    return encode_prompts(text_encoders(model.pipe), [prompt], model.device)
 
 
 def scheduler_for(model: DiffusionModel, ddim: bool = False) -> SchedulerMixin:
@@ -197,7 +193,7 @@ def sample(
     if scales.shape != (n, m):
         raise ValueError(f"scales must be (trajectories, edits) = {(n, m)}, got {tuple(scales.shape)}")
     dtype = pipe.unet.dtype
-    terms = DirectionTerms.encode(pipe.text_encoder, pipe.tokenizer, edits, scales.to(device), device)
+    terms = DirectionTerms.encode(text_encoders(pipe), None, edits, scales.to(device), device)
     prompts = prompt if isinstance(prompt, list) else [prompt] * n
     guidance = guidance_scale if isinstance(guidance_scale, list) else [guidance_scale] * n
     if len(prompts) != n or len(guidance) != n:
@@ -275,7 +271,7 @@ def invert(
     pipe, device = model.pipe, model.device
     inverse = scheduler_like(DDIMInverseScheduler, pipe.scheduler.config)
     inverse.set_timesteps(steps, device=device)
-    empty = encode_directions(pipe.text_encoder, pipe.tokenizer, torch.zeros(0, 1, device=device))
+    empty = encode_directions(text_encoders(pipe), None, torch.zeros(0, 1, device=device))
     x = latents.to(device, pipe.unet.dtype)
     timesteps = [t for t in inverse.timesteps if inverse.alphas_cumprod[t] > 0]
     # Step i goes from the previous sampling timestep (what the UNet sees) up to timesteps[i].

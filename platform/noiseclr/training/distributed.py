@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from noiseclr.conditioning import direction_deltas
+from noiseclr.conditioning import as_encoders, direction_deltas, text_encoders
 from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.errors import ConfigError, OutOfMemory, Preempted, UserError
 from noiseclr.utils.memory import peak_rss_mib
@@ -69,21 +69,22 @@ class GatherBatch(torch.autograd.Function):
 
 
 class NoiseCLRModule(nn.Module):
-    """What DeepSpeed wraps: frozen UNet + text encoder, trainable directions."""
+    """What DeepSpeed wraps: frozen UNet + text encoder(s), trainable directions."""
 
     def __init__(
         self,
         unet: nn.Module,
-        text_encoder: nn.Module,
+        text_encoder,
         tokenizer,
         directions: torch.Tensor,
         max_rows: int | None = None,
         norm: torch.Tensor | None = None,
     ):
         super().__init__()
-        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        self.unet, self.encoders = unet, as_encoders(text_encoder, tokenizer)  # SD's one, SDXL's two
+        self.text_encoders = nn.ModuleList(self.encoders.encoders)  # registered: DeepSpeed places them
         self.unet.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
+        self.text_encoders.requires_grad_(False)
         self.directions = nn.Parameter(directions)
         self.max_rows, self.norm = max_rows, norm
 
@@ -91,7 +92,7 @@ class NoiseCLRModule(nn.Module):
         from noiseclr.discovery.step import shaped
 
         rows = shaped(self.directions[dirs], self.norm)
-        return direction_deltas(self.unet, self.text_encoder, self.tokenizer, rows, x_t, t, self.max_rows)
+        return direction_deltas(self.unet, self.encoders, None, rows, x_t, t, self.max_rows)
 
 
 class DeepSpeedEngine:
@@ -247,8 +248,8 @@ def train_loop_per_worker(config: dict) -> None:
     steps.check_schedule(cfg, sched.config.num_train_timesteps)
     state = _start_state(cfg, model, config.get("resume"))
     module = NoiseCLRModule(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, state.directions.to(device), cfg.run.max_rows,
-        steps.fixed_norm(cfg, pipe.text_encoder),
+        pipe.unet, text_encoders(pipe), None, state.directions.to(device), cfg.run.max_rows,
+        steps.fixed_norm(cfg, text_encoders(pipe)),
     )  # fmt: skip
     local = cfg.method.batch // world
     side = model.resolution // pipe.vae_scale_factor

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from noiseclr.bank import DirectionBank, EditDefaults
 from noiseclr.card import save_bank, write_card
+from noiseclr.conditioning import text_encoders
 from noiseclr.discovery import checkpoint
 from noiseclr.discovery.checkpoint import TrainState
 from noiseclr.discovery.config import DiscoveryConfig
@@ -123,7 +124,7 @@ def _train_ray(
 def bank_from_state(
     cfg: DiscoveryConfig, model: DiffusionModel, state: TrainState, metrics: dict
 ) -> DirectionBank:
-    norm = fixed_norm(cfg, model.pipe.text_encoder)  # the directions as the model saw them
+    norm = fixed_norm(cfg, text_encoders(model.pipe))  # the directions as the model saw them
     return DirectionBank(
         directions=shaped(state.directions.float(), norm),
         base_model={

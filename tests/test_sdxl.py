@@ -1,0 +1,132 @@
+"""SDXL's conditioning held to diffusers' own StableDiffusionXLPipeline, on the tiny SDXL stand-in
+(models/standin.py: SDXL's classes and configs, two text encoders 32 and 48 wide): a direction
+is a pair of token embeddings, one per encoder, encoded as diffusers encodes a textual-inversion
+token loaded into both; sampling is the pipeline's own; NoiseCLR's step trains pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from noiseclr.conditioning import direction_deltas, encode_directions, encode_prompts, text_encoders, unet_eps
+from noiseclr.models import standin
+from noiseclr.models.base import DiffusionModel, fingerprint
+
+
+@pytest.fixture(scope="module")
+def sdxl() -> DiffusionModel:
+    pipe = standin.build_sdxl(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return DiffusionModel(pipe=pipe, source="sdxl-standin", fingerprint=fingerprint(pipe))
+
+
+def unpack(pipe, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states, pooled, time ids) of packed SDXL context rows."""
+    cfg = pipe.unet.config
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return context[:, :-1], context[:, -1, :pooled], context[:, -1, pooled : pooled + 6]
+
+
+def test_a_prompt_and_the_empty_prompt_encode_as_diffusers_encode_them(sdxl):
+    pipe = sdxl.pipe
+    ctx = encode_prompts(text_encoders(pipe), ["a red cat", ""], torch.device("cpu"))
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        "a red cat", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+    )
+    states, ours_pooled, ids = unpack(pipe, ctx)
+    torch.testing.assert_close(states[:1], embeds)
+    torch.testing.assert_close(ours_pooled[:1], pooled)
+    # "" is zeros: force_zeros_for_empty_prompt, as SDXL's pipeline makes its negative
+    assert torch.equal(states[1:], negative) and torch.equal(ours_pooled[1:], negative_pooled)
+    side = sdxl.resolution
+    want = pipe._get_add_time_ids(
+        (side, side), (0, 0), (side, side), dtype=ids.dtype, text_encoder_projection_dim=pooled.shape[-1]
+    )
+    assert torch.equal(ids, want.expand(2, -1))
+
+
+def test_a_direction_is_a_pair_encoded_as_diffusers_loads_it_into_both_encoders(sdxl, tmp_path):
+    """The pair's halves loaded with diffusers' load_textual_inversion (clip_l into the first
+    encoder, clip_g into the second, SDXL's usual way) give the same states as encode_directions;
+    a direction of one encoder's width is refused."""
+    pipe = standin.build_sdxl(seed=0)  # its own copy: loading tokens changes the tokenizers
+    enc = text_encoders(pipe)
+    widths = enc.widths
+    assert widths == (32, 48)
+    g = torch.Generator().manual_seed(1)
+    pair = torch.randn(1, sum(widths), generator=g)
+    ours = encode_directions(enc, None, pair)  # row 0: "<d0>", row 1: ""
+    clip_l, clip_g = pair[:, : widths[0]], pair[:, widths[0] :]
+    pipe.load_textual_inversion(
+        clip_l, token="<d0>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        clip_g, token="<d0>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    embeds, _, pooled, _ = pipe.encode_prompt("<d0>", device="cpu", do_classifier_free_guidance=False)
+    states, ours_pooled, _ = unpack(pipe, ours)
+    torch.testing.assert_close(states[:1], embeds)
+    torch.testing.assert_close(ours_pooled[:1], pooled)
+    with pytest.raises(ValueError, match=r"directions 48 wide; this SDXL model.s are 80"):
+        encode_directions(enc, None, clip_g)
+
+
+def test_sampling_without_edits_is_diffusers_sdxl_pipeline(sdxl):
+    """The sampler's loop (CFG on a prompt, the empty prompt as SDXL's zeros) on the folder's
+    Euler scheduler gives the latents StableDiffusionXLPipeline gives from the same x_T."""
+    from noiseclr.editing import sampler
+
+    pipe = sdxl.pipe
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = sampler.sample(sdxl, x_T, [], prompt="a red cat", guidance_scale=5.0, steps=4)
+    theirs = StableDiffusionXLPipeline(**pipe.components)(
+        "a red cat", latents=x_T.clone(), guidance_scale=5.0, num_inference_steps=4, output_type="latent",
+        height=sdxl.resolution, width=sdxl.resolution,
+    ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_noiseclr_deltas_on_sdxl_are_the_unet_calls_written_out(sdxl):
+    """delta_k = eps(x_t, d_k) - eps(x_t, "") in one batched call, against one UNet call per
+    direction with diffusers' own added conditioning."""
+    pipe = sdxl.pipe
+    enc = text_encoders(pipe)
+    g = torch.Generator().manual_seed(2)
+    dirs = torch.randn(3, sum(enc.widths), generator=g)
+    x_t = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([500, 900])
+    with torch.no_grad():
+        deltas = direction_deltas(pipe.unet, enc, None, dirs, x_t, t)
+        ctx = encode_directions(enc, None, dirs)
+        empty = unet_eps(pipe.unet, x_t, t, ctx[-1:].expand(2, -1, -1))
+        for k in range(3):
+            eps = unet_eps(pipe.unet, x_t, t, ctx[k : k + 1].expand(2, -1, -1))
+            torch.testing.assert_close(deltas[:, k], eps - empty, atol=1e-5, rtol=1e-4)
+    assert deltas.abs().amax() > 0  # the pairs move the noise
+
+
+def test_discovery_trains_pairs_and_an_edit_moves_the_sdxl_image(sdxl, tmp_path):
+    """A few NoiseCLR steps on SDXL latents: finite losses, pairs that moved from their start,
+    both halves trained; editing with a learnt pair changes the sample."""
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.trainer import DiscoveryTrainer, initial_state
+    from noiseclr.editing import sampler
+
+    cfg = DiscoveryConfig.of(
+        k=3, negatives=2, batch=2, n_images=4, steps=3, lr=0.05, device="cpu", evaluate=False
+    )
+    state = initial_state(cfg, sdxl)
+    assert state.directions.shape == (3, 80)
+    start = state.directions.clone()
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    trainer = DiscoveryTrainer(cfg, sdxl, latents, state)
+    final = trainer.fit(tmp_path)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in final.history)
+    moved = (final.directions - start).abs()
+    assert moved[:, :32].amax() > 0 and moved[:, 32:].amax() > 0
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    plain = sampler.sample(sdxl, x_T, [], steps=3)
+    edit = sampler.Edit(final.directions[0] * 4, 1.0, 1000, 0, label="d0")
+    edited = sampler.sample(sdxl, x_T, [edit], steps=3)
+    assert (edited - plain).abs().amax() > 1e-4
