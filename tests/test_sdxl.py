@@ -5,6 +5,8 @@ token loaded into both; sampling is the pipeline's own; NoiseCLR's step trains p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -12,6 +14,8 @@ from diffusers import StableDiffusionXLPipeline
 from noiseclr.conditioning import direction_deltas, encode_directions, encode_prompts, text_encoders, unet_eps
 from noiseclr.models import standin
 from noiseclr.models.base import DiffusionModel, fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +134,100 @@ def test_discovery_trains_pairs_and_an_edit_moves_the_sdxl_image(sdxl, tmp_path)
     edit = sampler.Edit(final.directions[0] * 4, 1.0, 1000, 0, label="d0")
     edited = sampler.sample(sdxl, x_T, [edit], steps=3)
     assert (edited - plain).abs().amax() > 1e-4
+
+
+def sdxl_bank(model: DiffusionModel, name: str = "px"):
+    from noiseclr.bank import DirectionBank
+
+    widths = list(text_encoders(model.pipe).widths)
+    pairs = torch.randn(3, sum(widths), generator=torch.Generator().manual_seed(6))
+    base = {"source": model.source, "fingerprint": model.fingerprint, "hidden_size": sum(widths)}
+    return DirectionBank(pairs, {**base, "family": "sdxl", "widths": widths}, name=name)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "a1111", "comfyui", "kohya"])
+def test_an_sdxl_bank_exports_clip_l_and_clip_g_that_diffusers_loads_into_both_encoders(sdxl, tmp_path, fmt):
+    """One file per direction holding clip_l and clip_g (SDXL's embedding layout, which every tool
+    reads); loaded through diffusers' load_textual_inversion into both encoders, a direction's
+    token encodes as the bank's pair does. A .pt export of an SDXL bank is refused."""
+    from safetensors.torch import load_file
+
+    from noiseclr.errors import ConfigError
+    from noiseclr.export import export_bank, load_exported
+
+    bank = sdxl_bank(sdxl)
+    paths = export_bank(bank, tmp_path / fmt, fmt, text_encoder=text_encoders(sdxl.pipe))
+    for path, pair in zip(paths, bank.directions, strict=True):
+        halves = load_file(str(path))
+        assert set(halves) == {"clip_l", "clip_g"} and halves["clip_l"].shape == (1, 32)
+        torch.testing.assert_close(torch.cat([halves["clip_l"], halves["clip_g"]], dim=1)[0], pair)
+    pipe = standin.build_sdxl(seed=0)  # a fresh copy: loading adds tokens
+    tokens = load_exported(pipe, tmp_path / fmt)
+    embeds, _, pooled, _ = pipe.encode_prompt(tokens[1], device="cpu", do_classifier_free_guidance=False)
+    states, ours_pooled, _ = unpack(
+        pipe, encode_directions(text_encoders(sdxl.pipe), None, bank.directions[1:2])
+    )
+    torch.testing.assert_close(states[:1], embeds)
+    torch.testing.assert_close(ours_pooled[:1], pooled)
+    with pytest.raises(ConfigError, match="SDXL embedding is one safetensors file"):
+        export_bank(bank, tmp_path / "pt", fmt, pt=True)
+
+
+def test_a_bank_of_one_family_refuses_a_model_of_the_other_in_one_line(sdxl, shapes_model):
+    from noiseclr.errors import BankError
+
+    with pytest.raises(BankError, match="learnt on an SDXL model; 'shapes' is SD"):
+        sdxl_bank(sdxl).check_model(shapes_model)
+    from noiseclr.bank import DirectionBank
+
+    sd = DirectionBank.load(ROOT / "platform/noiseclr/pretrained/banks/shapes")
+    with pytest.raises(BankError, match="learnt on an SD model; 'sdxl-standin' is SDXL"):
+        sd.check_model(sdxl)
+
+
+def test_the_commands_run_on_an_sdxl_folder(tmp_path):
+    """discover, measure, edit (a seed with a prompt, and a real image), gallery and export, as a
+    user types them, on an SDXL folder (the stand-in written in SDXL base 1.0's layout)."""
+    import json
+
+    import yaml
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from noiseclr.cli import app
+    from noiseclr.domains import shapes
+
+    folder = standin.write_sdxl(tmp_path / "sdxl")
+    data = tmp_path / "faces"
+    data.mkdir()
+    for i, px in enumerate(shapes.to_uint8(shapes.render(shapes.sample_scenes(8, seed=5), 96))):
+        Image.fromarray(px).save(data / f"f{i}.png")
+    job = {
+        "kind": "discover", "model": str(folder), "name": "faces",
+        "data": {"uri": str(data), "n_images": 8},
+        "method": {"k": 4, "negatives": 2, "batch": 4}, "optim": {"steps": 3},
+        "run": {"device": "cpu", "checkpoint_every": 3}, "evaluation": {"images": 2, "steps": 2},
+        "gallery": {"prompt": "a photo of a face", "seeds": 1, "steps": 2},
+    }  # fmt: skip
+    (tmp_path / "faces.yaml").write_text(yaml.safe_dump(job))
+    out, model = tmp_path / "out", str(folder)
+    bank, photo = str(out / "bank"), str(data / "f0.png")
+    commands = [
+        ["discover", "--config", str(tmp_path / "faces.yaml"), "--out", str(out)],
+        ["measure", bank, "--model", model, "--prompt", "a face", "--n", "2", "--steps", "3"],
+        ["edit", "0=1", "--bank", bank, "--model", model, "--prompt", "a face", "--seed", "3",
+         "--out", str(tmp_path / "edit.png"), "--steps", "3"],
+        ["edit", "0=1", "2=-1", "--bank", bank, "--model", model, "--image", photo,
+         "--out", str(tmp_path / "real.png"), "--steps", "3"],
+        ["gallery", bank, "--model", model, "--prompt", "a face", "--steps", "3", "--seeds", "1"],
+        ["export", bank, "--out", str(tmp_path / "ti"), "--format", "a1111", "--model", model],
+    ]  # fmt: skip
+    runner = CliRunner()
+    for words in commands:
+        result = runner.invoke(app, words)
+        assert result.exit_code == 0, f"{words}\n{result.output}"
+    meta = json.loads((out / "bank" / "bank.json").read_text())
+    assert meta["base_model"]["family"] == "sdxl" and meta["base_model"]["widths"] == [32, 48]
+    for png in ("edit.png", "real.png"):  # before and after, 64 px each, with their labels
+        assert Image.open(tmp_path / png).size[1] > 64
+    assert json.loads((tmp_path / "ti" / "bank-export.json").read_text())["widths"] == [32, 48]

@@ -340,7 +340,8 @@ def _usage(bank, export: dict | None) -> list[str]:
     ]
     for fmt in FORMATS:
         prompt = code(prompt_syntax(fmt, bank.tokens[i]))
-        out.append(f"| {TOOLS[fmt]} | `{fmt}` | {prompt} | {cell(load_hint(fmt, bank.tokens[i]))} |")
+        hint = load_hint(fmt, bank.tokens[i], bank.base_model.get("family") == "sdxl")
+        out.append(f"| {TOOLS[fmt]} | `{fmt}` | {prompt} | {cell(hint)} |")
     out += [
         "",
         f"The files load into a model whose text encoder takes {int(bank.directions.shape[1])}-dim "
@@ -353,12 +354,13 @@ def _export_usage(bank, export: dict, i: int) -> list[str]:
     fmt = export.get("format")
     token = bank.tokens[i]
     stem = trigger(token)
+    sdxl = bank.base_model.get("family") == "sdxl"
     suffix = "." + str(export.get("file_type", "safetensors"))
     out = [
         f"## How to load it in {TOOLS.get(fmt, fmt)}",
         "",
         f"Prompt syntax: {code(prompt_syntax(fmt, token))} for direction {i} (the table's `prompt` "
-        f"column for the others). Load: {cell(load_hint(fmt, token))}.",
+        f"column for the others). Load: {cell(load_hint(fmt, token, sdxl))}.",
         "",
     ]
     if fmt == "diffusers":

@@ -49,9 +49,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from noiseclr.bank import META_FILE, DirectionBank
+from noiseclr.conditioning import as_encoders, text_encoders
 from noiseclr.errors import BankError, ConfigError
 from noiseclr.formats import FORMATS, load_hint, prompt_syntax, trigger
 from noiseclr.utils.images import atomic_write_bytes
@@ -64,7 +66,18 @@ log = logging.getLogger(__name__)
 
 
 def text_encoder_width(text_encoder) -> int:
-    return int(text_encoder.get_input_embeddings().weight.shape[1])
+    """A direction's width on this text side: SD's encoder's, or the sum of SDXL's two."""
+    return sum(as_encoders(text_encoder).widths)
+
+
+def sdxl_widths(bank: DirectionBank) -> tuple[int, int] | None:
+    """(clip_l, clip_g) widths of an SDXL bank's pairs (recorded at discovery), else None."""
+    widths = bank.base_model.get("widths")
+    if bank.base_model.get("family") != "sdxl":
+        return None
+    if not (isinstance(widths, list) and len(widths) == 2 and sum(widths) == bank.directions.shape[1]):
+        raise BankError(f"SDXL bank {bank.name!r} records no encoder widths summing to its directions'")
+    return int(widths[0]), int(widths[1])
 
 
 def check_width(bank: DirectionBank, text_encoder) -> None:
@@ -101,6 +114,11 @@ def export_bank(
         )
     if text_encoder is not None:
         check_width(bank, text_encoder)
+    if pt and sdxl_widths(bank):
+        raise ConfigError(
+            "an SDXL embedding is one safetensors file holding clip_l and clip_g, as every tool "
+            "reads it; A1111's .pt dict holds one encoder's: export without --pt"
+        )
     out = Path(out)
     if (out / META_FILE).exists():
         raise BankError(f"{out} holds a direction bank ({META_FILE}): export into another folder")
@@ -123,9 +141,10 @@ def export_bank(
         "format": fmt,
         "file_type": suffix.lstrip("."),
         "width": dim,
+        **({"widths": list(sdxl_widths(bank))} if sdxl_widths(bank) else {}),
         "base_model": bank.base_model,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load": load_hint(fmt, bank.tokens[0]),
+        "load": load_hint(fmt, bank.tokens[0], sdxl_widths(bank) is not None),
         "directions": entries,
     }
     from noiseclr.card import CARD_FILE, bank_card, is_card
@@ -144,8 +163,14 @@ def export_bank(
 def _embedding_bytes(
     bank: DirectionBank, fmt: str, pt: bool, token: str, vector: torch.Tensor, i: int
 ) -> bytes:
-    """The file's bytes: the tensor dict of `fmt` (A1111's full dict in a1111/comfyui .pt)."""
-    tensors = {token: vector} if fmt == "diffusers" else {KOHYA_KEY: vector}
+    """The file's bytes: the tensor dict of `fmt` (A1111's full dict in a1111/comfyui .pt); for
+    an SDXL pair, in every format, SDXL's layout: clip_l (first encoder) and clip_g (second)."""
+    widths = sdxl_widths(bank)
+    if widths:
+        tensors = dict(zip(("clip_l", "clip_g"), vector.split(list(widths), dim=1), strict=True))
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+    else:
+        tensors = {token: vector} if fmt == "diffusers" else {KOHYA_KEY: vector}
     if not pt:
         meta = {
             "noiseclr.bank": bank.name,
@@ -292,7 +317,8 @@ def load_exported(pipe, folder: str | Path) -> list[str]:
     token ("<shapes-3>"); refuse, in one line, an export of another width or tokens already
     present. Returns the tokens."""
     index = read_index(folder)
-    width = text_encoder_width(pipe.text_encoder)
+    encoders = text_encoders(pipe)
+    width = text_encoder_width(encoders)
     if int(index["width"]) != width:
         raise BankError(
             f"{folder}: bank {index.get('bank')!r} has {index['width']}-dim directions but the "
@@ -306,7 +332,16 @@ def load_exported(pipe, folder: str | Path) -> list[str]:
     if present:
         raise BankError(f"tokens already in the pipeline's tokenizer: {present[:4]}")
     for entry in index["directions"]:
-        pipe.load_textual_inversion(str(folder), weight_name=entry["file"], token=entry["token"])
+        if not encoders.sdxl:
+            pipe.load_textual_inversion(str(folder), weight_name=entry["file"], token=entry["token"])
+            continue
+        halves = load_file(str(Path(folder) / entry["file"]))  # SDXL: each half into its encoder
+        for key, encoder, tokenizer in zip(
+            ("clip_l", "clip_g"), encoders.encoders, encoders.tokenizers, strict=True
+        ):
+            pipe.load_textual_inversion(
+                halves[key], token=entry["token"], text_encoder=encoder, tokenizer=tokenizer
+            )
     return tokens
 
 

@@ -33,6 +33,17 @@ LOAD_HINTS = {
 }
 
 
-def load_hint(fmt: str, token: str) -> str:
-    """How `fmt` loads the exported files, with `token` (a direction of the bank) as the example."""
-    return LOAD_HINTS[fmt].format(token=token, stem=trigger(token))
+# diffusers loads an SDXL file's two halves one call each (the other tools read clip_l/clip_g).
+SDXL_DIFFUSERS_HINT = (
+    "noiseclr.export.load_exported(pipe, FOLDER), or per file: state = safetensors.torch.load_file(FILE); "
+    "pipe.load_textual_inversion(state['clip_l'], token='{token}', text_encoder=pipe.text_encoder, "
+    "tokenizer=pipe.tokenizer) and state['clip_g'] with text_encoder_2 and tokenizer_2; prompt with the "
+    "token, e.g. '{token}'"
+)
+
+
+def load_hint(fmt: str, token: str, sdxl: bool = False) -> str:
+    """How `fmt` loads the exported files, with `token` (a direction of the bank) as the example;
+    `sdxl`: the files hold SDXL pairs (clip_l, clip_g)."""
+    hint = SDXL_DIFFUSERS_HINT if sdxl and fmt == "diffusers" else LOAD_HINTS[fmt]
+    return hint.format(token=token, stem=trigger(token))

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from noiseclr.bank.schema import Calibration, DirectionScore, EditDefaults, Scores
+from noiseclr.conditioning import text_encoders
 from noiseclr.errors import BankError
 from noiseclr.utils.images import atomic_write_bytes, readable
 
@@ -264,12 +265,18 @@ class DirectionBank:
 
     def check_model(self, model) -> None:
         """Raise BankError if this bank was not learnt on `model` (a loader.DiffusionModel)."""
+        family = self.base_model.get("family", "sd")  # banks from before SDXL are SD's
+        if self.token_directions and family != model.family:
+            raise BankError(
+                f"bank {self.name!r} was learnt on an {family.upper()} model; {model.source!r} is "
+                f"{model.family.upper()}: its directions are token embeddings of other text encoders"
+            )
         if not self.token_directions:  # directions live in x_t, not in the token space
             pipe = model.pipe
             side = model.resolution // pipe.vae_scale_factor
             want, what = pipe.unet.config.in_channels * side * side, "latent"
-        else:
-            want, what = model.pipe.text_encoder.get_input_embeddings().weight.shape[1], "token embedding"
+        else:  # SDXL: a pair, one embedding per text encoder
+            want, what = sum(text_encoders(model.pipe).widths), "token embedding"
         if want != self.directions.shape[1]:
             raise BankError(
                 f"bank {self.name!r} has {self.directions.shape[1]}-dim directions but the model's "

@@ -131,6 +131,8 @@ def bank_from_state(
             "source": model.source,
             "fingerprint": model.fingerprint,
             "hidden_size": int(state.directions.shape[1]),
+            "family": model.family,  # "sdxl": pairs, one embedding per text encoder
+            **({"widths": list(text_encoders(model.pipe).widths)} if model.family == "sdxl" else {}),
         },
         name=cfg.name,
         config=cfg.record(),  # the flat record every bank holds

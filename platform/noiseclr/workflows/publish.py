@@ -19,6 +19,7 @@ class Exported:
 def export(ref: str, out: str | Path, fmt: str, pt: bool = False, model: str | None = None) -> Exported:
     """Write bank `ref` in `fmt`; with `model`, refuse a bank whose width is not its text
     encoder's, and note a bank learnt on another model (its tokens load but may mean else)."""
+    from noiseclr.conditioning import text_encoders
     from noiseclr.export import FORMATS, export_bank, read_index
     from noiseclr.tracking.registry import open_bank
 
@@ -30,7 +31,7 @@ def export(ref: str, out: str | Path, fmt: str, pt: bool = False, model: str | N
         from noiseclr.models.base import load_model
 
         base = load_model(model, device="cpu")
-        encoder = base.pipe.text_encoder
+        encoder = text_encoders(base.pipe)  # SDXL: both encoders
         if not base.identifies(bank.base_model.get("fingerprint")):
             note = (
                 f"note: bank {bank.name!r} was learnt on {bank.base_model.get('source')!r}, not on "
