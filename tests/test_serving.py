@@ -1090,3 +1090,63 @@ def test_a_bank_of_an_sd15_model_is_served_and_a_bank_of_another_model_is_one_li
         assert "bad" not in serve.status().applications  # not left behind, failing
     finally:
         serve.delete("sd15")
+
+
+def test_an_sdxl_bank_is_served_with_seeds_prompts_uploads_and_thumbnails(server, tmp_path):
+    """The SDXL stand-in (two text encoders) as a second app: a bank of pairs edits a seed with
+    its domain prompt, an upload, and draws its thumbnails; an SD bank on it is refused in one line."""
+    import torch
+    from ray import serve
+
+    from noiseclr.bank import DirectionBank
+    from noiseclr.conditioning import text_encoders
+    from noiseclr.errors import BankError
+    from noiseclr.models.base import load_model
+    from noiseclr.models.standin import write_sdxl
+    from noiseclr.serving.app import start
+
+    folder = write_sdxl(tmp_path / "sdxl")
+    model = load_model(str(folder), device="cpu")
+    widths = list(text_encoders(model.pipe).widths)
+    base = {"source": str(folder), "fingerprint": model.fingerprint, "hidden_size": sum(widths)}
+    pairs = DirectionBank(
+        torch.randn(3, sum(widths)) * 0.3,
+        {**base, "family": "sdxl", "widths": widths},
+        name="faces",
+        config={"gallery_prompt": "a photo of a face"},  # the domain a request without a prompt gets
+    )
+    own = pairs.save(tmp_path / "faces")
+    cfg = server["cfg"].model_copy(
+        update={
+            "model": str(folder),
+            "banks": {"faces": str(own)},
+            "name": "sdxl",
+            "route_prefix": "/sdxl",
+            "replicas": server["cfg"].replicas.model_copy(update={"num_replicas": 1}),
+        }
+    )
+    try:
+        url = start(cfg)
+        c = server["client"]
+        reply = c.post(
+            f"{url}/v1/edits", json={"seed": 1, "edits": [{"bank": "faces", "direction": 0, "scale": 2}]}
+        )
+        assert reply.status_code == 200, reply.text
+        assert png_image(reply.content).shape == (64, 64, 3)
+        photo = io.BytesIO()
+        Image.fromarray(np.full((80, 96, 3), (200, 60, 30), np.uint8)).save(photo, "PNG")
+        upload = base64.b64encode(photo.getvalue()).decode()
+        reply = c.post(
+            f"{url}/v1/edits",
+            json={"image": upload, "edits": [{"bank": "faces", "direction": 1, "scale": 1}]},
+        )
+        assert reply.status_code == 200, reply.text
+        assert c.get(f"{url}/v1/banks/faces/directions/2/thumbnail.png").status_code == 200
+        alien = cfg.model_copy(
+            update={"banks": {"shapes": str(BANK)}, "name": "bad-xl", "route_prefix": "/bad-xl"}
+        )
+        with pytest.raises(BankError, match=r"learnt on an SD model; .* is SDXL"):
+            start(alien)
+        assert "bad-xl" not in serve.status().applications
+    finally:
+        serve.delete("sdxl")
