@@ -628,3 +628,24 @@ def test_a_storage_or_data_bucket_that_does_not_exist_stops_in_one_line_before_a
         run_discovery(
             cfg(workers=2, data="s3://no-such-bucket/imgs", storage_options=options), tmp_path / "b"
         )
+
+
+def test_an_sdxl_job_on_two_workers_gives_the_single_process_bank(cluster, tmp_path):
+    """SDXL's pairs on Ray Train + DeepSpeed workers, its latents streamed by Ray Data from a
+    folder: the bank of the single process, both encoders' halves included."""
+    from PIL import Image
+
+    from noiseclr.models.standin import write_sdxl
+
+    folder = write_sdxl(tmp_path / "sdxl")
+    data = tmp_path / "images"
+    data.mkdir()
+    for i, px in enumerate(shapes.to_uint8(shapes.render(shapes.sample_scenes(4, seed=7), 64))):
+        Image.fromarray(px).save(data / f"i{i}.png")
+    job = dict(model=str(folder), data=str(data), steps=3, checkpoint_every=3, gallery_prompt="a shape")
+    single = run_discovery(cfg(**job), tmp_path / "single")
+    result = run_discovery(cfg(**job, workers=2, placement_strategy="STRICT_SPREAD"), tmp_path / "ray")
+    bank = DirectionBank.load(result.bank)
+    assert result.workers == 2 and bank.metrics["world"] == 2 and bank.base_model["family"] == "sdxl"
+    assert bank.directions.shape[1] == 80
+    same_bank(result.bank, single.bank)
