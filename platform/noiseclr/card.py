@@ -344,10 +344,21 @@ def _usage(bank, export: dict | None) -> list[str]:
         out.append(f"| {TOOLS[fmt]} | `{fmt}` | {prompt} | {cell(hint)} |")
     out += [
         "",
-        f"The files load into a model whose text encoder takes {int(bank.directions.shape[1])}-dim "
-        "token embeddings: the base model above.",
+        f"{_takes(bank)}: the base model above.",
     ]
     return out
+
+
+def _takes(bank) -> str:
+    """Which text encoders the files load into (SDXL: its two, clip_l and clip_g)."""
+    widths = bank.base_model.get("widths")
+    if bank.base_model.get("family") == "sdxl" and isinstance(widths, list) and len(widths) == 2:
+        return (
+            f"The files load into an SDXL model whose two text encoders take {widths[0]}-dim (clip_l) "
+            f"and {widths[1]}-dim (clip_g) token embeddings"
+        )
+    width = int(bank.directions.shape[1])
+    return f"The files load into a model whose text encoder takes {width}-dim token embeddings"
 
 
 def _export_usage(bank, export: dict, i: int) -> list[str]:
@@ -378,8 +389,7 @@ def _export_usage(bank, export: dict, i: int) -> list[str]:
         "",
         "The tokens go into the prompt (textual-inversion use); the scales and windows above are "
         "noiseclr's calibrated edit settings (`noiseclr edit` on the bank folder), not prompt weights. "
-        f"The files load into a model whose text encoder takes {int(bank.directions.shape[1])}-dim "
-        "token embeddings: the base model above. Each file's `.json` sidecar and `bank-export.json` "
+        f"{_takes(bank)}: the base model above. Each file's `.json` sidecar and `bank-export.json` "
         "hold the same labels, scores and scales (docs/export.md).",
     ]
     return out
