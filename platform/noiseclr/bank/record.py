@@ -27,7 +27,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from noiseclr.bank.schema import Calibration, DirectionScore, EditDefaults, Scores
-from noiseclr.conditioning import text_encoders
 from noiseclr.errors import BankError
 from noiseclr.utils.images import atomic_write_bytes, readable
 
@@ -276,7 +275,9 @@ class DirectionBank:
             side = model.resolution // pipe.vae_scale_factor
             want, what = pipe.unet.config.in_channels * side * side, "latent"
         else:  # SDXL: a pair, one embedding per text encoder
-            want, what = sum(text_encoders(model.pipe).widths), "token embedding"
+            encoders = (model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None))
+            want = sum(e.get_input_embeddings().embedding_dim for e in encoders if e is not None)
+            what = "token embedding"
         if want != self.directions.shape[1]:
             raise BankError(
                 f"bank {self.name!r} has {self.directions.shape[1]}-dim directions but the model's "
