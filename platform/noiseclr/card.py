@@ -340,7 +340,7 @@ def _usage(bank, export: dict | None) -> list[str]:
     ]
     for fmt in FORMATS:
         prompt = code(prompt_syntax(fmt, bank.tokens[i]))
-        hint = load_hint(fmt, bank.tokens[i], bank.base_model.get("family") == "sdxl")
+        hint = load_hint(fmt, bank.tokens[i], bank.family == "sdxl")
         out.append(f"| {TOOLS[fmt]} | `{fmt}` | {prompt} | {cell(hint)} |")
     out += [
         "",
@@ -352,7 +352,7 @@ def _usage(bank, export: dict | None) -> list[str]:
 def _takes(bank) -> str:
     """Which text encoders the files load into (SDXL: its two, clip_l and clip_g)."""
     widths = bank.base_model.get("widths")
-    if bank.base_model.get("family") == "sdxl" and isinstance(widths, list) and len(widths) == 2:
+    if bank.family == "sdxl" and isinstance(widths, list) and len(widths) == 2:
         return (
             f"The files load into an SDXL model whose two text encoders take {widths[0]}-dim (clip_l) "
             f"and {widths[1]}-dim (clip_g) token embeddings"
@@ -365,7 +365,7 @@ def _export_usage(bank, export: dict, i: int) -> list[str]:
     fmt = export.get("format")
     token = bank.tokens[i]
     stem = trigger(token)
-    sdxl = bank.base_model.get("family") == "sdxl"
+    sdxl = bank.family == "sdxl"
     suffix = "." + str(export.get("file_type", "safetensors"))
     out = [
         f"## How to load it in {TOOLS.get(fmt, fmt)}",

@@ -19,7 +19,7 @@ only when a row budget asks for it.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -208,7 +208,7 @@ def encode_ids(enc: TextEncoders, ids: list[torch.Tensor], empty: torch.Tensor |
         out = encoder(rows, output_hidden_states=True)
         states.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
-    context, pooled = torch.cat(states, dim=-1), pooled
+    context = torch.cat(states, dim=-1)
     if enc.zeros_for_empty and empty is not None and bool(empty.any()):
         keep = (~empty).to(context.dtype)
         context, pooled = context * keep[:, None, None], pooled * keep[:, None]
@@ -241,21 +241,16 @@ def encode_directions(text_encoder, tokenizer, directions: torch.Tensor) -> torc
             raise ValueError(
                 f"directions {directions.shape[1]} wide; this SDXL model's are {sum(enc.widths)}"
             )
-        parts = list(directions.split(list(enc.widths), dim=1)) if n else [directions, directions]
+        if n:
+            parts = list(directions.split(list(enc.widths), dim=1))
+        else:  # the empty prompt alone: empty tables of each encoder's width
+            parts = [directions.new_zeros(0, w) for w in enc.widths]
     ids = [prompt_ids(tok, e, n, device) for e, tok in zip(enc.encoders, enc.tokenizers, strict=True)]
     empty = torch.arange(n + 1, device=device) == n
-    with _all_directions_in(enc.encoders, parts):
+    with ExitStack() as stack:
+        for encoder, part in zip(enc.encoders, parts, strict=True):
+            stack.enter_context(directions_in(encoder, part))
         return encode_ids(enc, ids, empty)
-
-
-@contextmanager
-def _all_directions_in(encoders: tuple[nn.Module, ...], parts: list[torch.Tensor]):
-    if len(encoders) == 1:
-        with directions_in(encoders[0], parts[0]):
-            yield
-        return
-    with directions_in(encoders[0], parts[0]), directions_in(encoders[1], parts[1]):
-        yield
 
 
 def unet_rows(

@@ -73,7 +73,7 @@ def text_encoder_width(text_encoder) -> int:
 def sdxl_widths(bank: DirectionBank) -> tuple[int, int] | None:
     """(clip_l, clip_g) widths of an SDXL bank's pairs (recorded at discovery), else None."""
     widths = bank.base_model.get("widths")
-    if bank.base_model.get("family") != "sdxl":
+    if bank.family != "sdxl":
         return None
     if not (isinstance(widths, list) and len(widths) == 2 and sum(widths) == bank.directions.shape[1]):
         raise BankError(f"SDXL bank {bank.name!r} records no encoder widths summing to its directions'")
@@ -114,7 +114,8 @@ def export_bank(
         )
     if text_encoder is not None:
         check_width(bank, text_encoder)
-    if pt and sdxl_widths(bank):
+    widths = sdxl_widths(bank)  # SDXL: (clip_l, clip_g)
+    if pt and widths:
         raise ConfigError(
             "an SDXL embedding is one safetensors file holding clip_l and clip_g, as every tool "
             "reads it; A1111's .pt dict holds one encoder's: export without --pt"
@@ -132,7 +133,7 @@ def export_bank(
         stem = trigger(token)
         path = out / f"{stem}{suffix}"
         vector = bank.directions[i : i + 1].detach().float().cpu().clone().contiguous()  # (1, D)
-        files[path] = _embedding_bytes(bank, fmt, pt, token, vector, i)
+        files[path] = _embedding_bytes(bank, fmt, pt, token, vector, i, widths)
         entry = _entry(bank, fmt, i, path.name)
         files[out / f"{stem}.json"] = _json_bytes(_sidecar(bank, entry))
         entries.append(entry)
@@ -141,10 +142,10 @@ def export_bank(
         "format": fmt,
         "file_type": suffix.lstrip("."),
         "width": dim,
-        **({"widths": list(sdxl_widths(bank))} if sdxl_widths(bank) else {}),
+        **({"widths": list(widths)} if widths else {}),
         "base_model": bank.base_model,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load": load_hint(fmt, bank.tokens[0], sdxl_widths(bank) is not None),
+        "load": load_hint(fmt, bank.tokens[0], widths is not None),
         "directions": entries,
     }
     from noiseclr.card import CARD_FILE, bank_card, is_card
@@ -161,11 +162,16 @@ def export_bank(
 
 
 def _embedding_bytes(
-    bank: DirectionBank, fmt: str, pt: bool, token: str, vector: torch.Tensor, i: int
+    bank: DirectionBank,
+    fmt: str,
+    pt: bool,
+    token: str,
+    vector: torch.Tensor,
+    i: int,
+    widths: tuple[int, int] | None,
 ) -> bytes:
     """The file's bytes: the tensor dict of `fmt` (A1111's full dict in a1111/comfyui .pt); for
-    an SDXL pair, in every format, SDXL's layout: clip_l (first encoder) and clip_g (second)."""
-    widths = sdxl_widths(bank)
+    an SDXL pair (`widths`), in every format, SDXL's layout: clip_l (first encoder) and clip_g."""
     if widths:
         tensors = dict(zip(("clip_l", "clip_g"), vector.split(list(widths), dim=1), strict=True))
         tensors = {k: v.contiguous() for k, v in tensors.items()}

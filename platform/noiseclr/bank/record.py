@@ -114,6 +114,12 @@ class DirectionBank:
         return self.method == "noiseclr"
 
     @property
+    def family(self) -> str:
+        """The family of the model it was learnt on: "sdxl" (pairs, one embedding per text
+        encoder) or "sd" (banks from before SDXL record none)."""
+        return str(self.base_model.get("family", "sd"))
+
+    @property
     def shift_at(self) -> int | None:
         """The timestep an x_t bank's directions are added at (its t_edit); None for a token bank."""
         if self.token_directions:
@@ -264,10 +270,9 @@ class DirectionBank:
 
     def check_model(self, model) -> None:
         """Raise BankError if this bank was not learnt on `model` (a loader.DiffusionModel)."""
-        family = self.base_model.get("family", "sd")  # banks from before SDXL are SD's
-        if self.token_directions and family != model.family:
+        if self.token_directions and self.family != model.family:
             raise BankError(
-                f"bank {self.name!r} was learnt on an {family.upper()} model; {model.source!r} is "
+                f"bank {self.name!r} was learnt on an {self.family.upper()} model; {model.source!r} is "
                 f"{model.family.upper()}: its directions are token embeddings of other text encoders"
             )
         if not self.token_directions:  # directions live in x_t, not in the token space
@@ -275,9 +280,7 @@ class DirectionBank:
             side = model.resolution // pipe.vae_scale_factor
             want, what = pipe.unet.config.in_channels * side * side, "latent"
         else:  # SDXL: a pair, one embedding per text encoder
-            encoders = (model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None))
-            want = sum(e.get_input_embeddings().embedding_dim for e in encoders if e is not None)
-            what = "token embedding"
+            want, what = sum(model.token_widths), "token embedding"
         if want != self.directions.shape[1]:
             raise BankError(
                 f"bank {self.name!r} has {self.directions.shape[1]}-dim directions but the model's "

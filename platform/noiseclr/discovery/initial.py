@@ -54,7 +54,7 @@ def init_directions(
             raise BankError(f"init: vocab needs {k} tokens, the table has {len(ids)} that are not special")
         return torch.cat([t[ids] for t in tables], dim=1).clone()
     parts = []
-    for table in tables:
+    for encoder, table in zip(enc.encoders, tables, strict=True):
         vectors = torch.randn(k, table.shape[1], generator=generator)
-        parts.append(vectors / vectors.norm(dim=1, keepdim=True) * table.norm(dim=1).mean())
+        parts.append(vectors / vectors.norm(dim=1, keepdim=True) * vocab_norm(encoder))
     return torch.cat(parts, dim=1)

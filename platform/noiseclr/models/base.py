@@ -81,6 +81,12 @@ class DiffusionModel:
         return family_of(self.pipe)
 
     @property
+    def token_widths(self) -> tuple[int, ...]:
+        """Each text encoder's token-embedding width: a direction is their sum wide (SDXL's pair)."""
+        encoders = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
+        return tuple(int(e.get_input_embeddings().embedding_dim) for e in encoders if e is not None)
+
+    @property
     def resolution(self) -> int:
         """The side in pixels the model was trained at (SD 1.5: 512, SDXL: 1024)."""
         return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)

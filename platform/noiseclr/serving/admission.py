@@ -1,7 +1,7 @@
 """Shedding by expected wait: a replica admits an edit only if it expects to answer it within
 `replicas.latency_bound_s`; otherwise the request gets 503 with Retry-After at once.
 
-A request's cost is counted in UNet rows over its steps (`Job.units`); the replica measures the
+A request's cost is counted in UNet rows over its steps (`EditEngine.units`); the replica measures the
 seconds a unit takes on its own batches (an exponential average, so it follows the machine and
 the batch sizes load brings). A request is expected to finish when everything admitted before it
 and the request itself are done: (pending units + its units) x seconds per unit. A count of

@@ -66,16 +66,9 @@ class BusyGate:
         route, now = scope.get("path", ""), time.monotonic()
         until, retry_at = self.closed_until.get(route, (0.0, 0.0))
         if now < until:
-            body = json.dumps({"error": "busy: the server expects to answer past its latency bound"}).encode()
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(max(1, math.ceil(retry_at - now))).encode()),
-                (b"connection", b"close"),  # the body is not read
-                (SHED_HEADER.encode(), b"proxy"),
-            ]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            retry = str(max(1, math.ceil(retry_at - now))).encode()
+            text = "busy: the server expects to answer past its latency bound"
+            await answer(send, 503, text, [(b"retry-after", retry), (SHED_HEADER.encode(), b"proxy")])
             return
 
         async def watched(message: dict) -> None:
@@ -103,7 +96,7 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send, f"body of {int(declared)} bytes; at most {self.limit}")
+            await answer(send, 413, f"body of {int(declared)} bytes; at most {self.limit}")
             return
         seen, refused, started, ended = 0, False, False, False
 
@@ -118,7 +111,7 @@ class BodyLimit:
                 if seen > self.limit:
                     refused = True
                     if not started:  # the replica has not answered yet: the proxy does
-                        await self._refuse(send, f"body over {self.limit} bytes")
+                        await answer(send, 413, f"body over {self.limit} bytes")
                     return {"type": "http.disconnect"}  # the replica's side sees the client go
             return message
 
@@ -134,13 +127,16 @@ class BodyLimit:
 
         await self.app(scope, counted, sent)
 
-    @staticmethod
-    async def _refuse(send: Any, text: str) -> None:
-        body = json.dumps({"error": text}).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),  # the server closes it: the rest of the body is not read
-        ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+
+async def answer(send: Any, status: int, text: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """The proxy's own answer: the endpoint's JSON error, and `Connection: close`, so that the
+    server closes the connection instead of reading the rest of the body."""
+    body = json.dumps({"error": text}).encode()
+    head = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})

@@ -132,7 +132,7 @@ def bank_from_state(
             "fingerprint": model.fingerprint,
             "hidden_size": int(state.directions.shape[1]),
             "family": model.family,  # "sdxl": pairs, one embedding per text encoder
-            **({"widths": list(text_encoders(model.pipe).widths)} if model.family == "sdxl" else {}),
+            **({"widths": list(model.token_widths)} if model.family == "sdxl" else {}),
         },
         name=cfg.name,
         config=cfg.record(),  # the flat record every bank holds
