@@ -1042,6 +1042,14 @@ def test_serve_run_deploys_the_serve_config_file(tmp_path):
 # --- a user's own SD model ----------------------------------------------------------------------
 
 
+def second_app(server, model: Path, bank: Path, name: str) -> ServeConfig:
+    """The server's config for a second app beside the shapes one: `model` with `bank` as
+    "faces", one replica, on its own route /NAME."""
+    replicas = server["cfg"].replicas.model_copy(update={"num_replicas": 1})
+    update = {"model": str(model), "banks": {"faces": str(bank)}, "name": name, "route_prefix": f"/{name}"}
+    return server["cfg"].model_copy(update={**update, "replicas": replicas})
+
+
 def test_a_bank_of_an_sd15_model_is_served_and_a_bank_of_another_model_is_one_line(
     server, sd15_folder, sd15_model, tmp_path
 ):
@@ -1058,15 +1066,7 @@ def test_a_bank_of_an_sd15_model_is_served_and_a_bank_of_another_model_is_one_li
     width = sd15_model.pipe.text_encoder.get_input_embeddings().weight.shape[1]
     base = {"source": str(sd15_folder), "fingerprint": sd15_model.fingerprint, "hidden_size": width}
     own = DirectionBank(torch.randn(3, width) * 0.3, base, name="faces").save(tmp_path / "faces")
-    cfg = server["cfg"].model_copy(
-        update={
-            "model": str(sd15_folder),
-            "banks": {"faces": str(own)},
-            "name": "sd15",
-            "route_prefix": "/sd15",
-            "replicas": server["cfg"].replicas.model_copy(update={"num_replicas": 1}),
-        }
-    )
+    cfg = second_app(server, sd15_folder, own, "sd15")
     try:
         url = start(cfg)
         c = server["client"]
@@ -1116,15 +1116,7 @@ def test_an_sdxl_bank_is_served_with_seeds_prompts_uploads_and_thumbnails(server
         config={"gallery_prompt": "a photo of a face"},  # the domain a request without a prompt gets
     )
     own = pairs.save(tmp_path / "faces")
-    cfg = server["cfg"].model_copy(
-        update={
-            "model": str(folder),
-            "banks": {"faces": str(own)},
-            "name": "sdxl",
-            "route_prefix": "/sdxl",
-            "replicas": server["cfg"].replicas.model_copy(update={"num_replicas": 1}),
-        }
-    )
+    cfg = second_app(server, folder, own, "sdxl")
     try:
         url = start(cfg)
         c = server["client"]

@@ -175,6 +175,22 @@ def write_tokenizer(folder: Path, pad: str = EOS) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder)
 
 
+def _vae(scaling_factor: float) -> AutoencoderKL:
+    """An 8x VAE of four levels, as SD's and SDXL's (128, 256, 512, 512), 16..32 channels wide;
+    the two differ only in their latents' scaling factor (force_upcast is diffusers' default)."""
+    return AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        force_upcast=True,
+    )
+
+
 def build(seed: int = 0) -> StableDiffusionPipeline:
     """The stand-in pipeline in memory (its tokenizer read back from SD's file layout)."""
     import tempfile
@@ -210,16 +226,7 @@ def build(seed: int = 0) -> StableDiffusionPipeline:
         cross_attention_dim=width,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(  # 8x: four levels, as SD's (128, 256, 512, 512)
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    vae = _vae(scaling_factor=0.18215)
     checker = StableDiffusionSafetyChecker(
         CLIPConfig(
             text_config={"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 1,
@@ -310,17 +317,7 @@ def build_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         projection_class_embeddings_input_dim=width_2 + 6 * time_dim,  # pooled text_embeds + time ids
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(  # 8x: four levels, as SDXL's (128, 256, 512, 512)
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _vae(scaling_factor=0.13025)
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
