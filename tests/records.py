@@ -1,10 +1,13 @@
 """Helpers shared by test modules: complete oracle-free score records from the few figures a
 test cares about (the measurement writes every field; a bank refuses a record that lacks one),
-and the shipped model's pipeline with the shipped bank."""
+the shipped model's pipeline with the shipped bank, and the image `noiseclr edit` writes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def sign(scale: float, live: bool = True, **figures: Any) -> dict[str, Any]:
@@ -50,3 +53,24 @@ def bank_pipeline():
     pipe.set_progress_bar_config(disable=True)
     pipe.load_bank(PRETRAINED_DIR / "banks" / "shapes")
     return pipe
+
+
+def cli_after(tmp_path: Path, bank: str | Path, *args: str) -> np.ndarray:
+    """Run `noiseclr edit ARGS --bank BANK` (a 64 px model) and return the "after" half of
+    edit.png as (H, W, 3) in [0, 1]."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from noiseclr.cli import app
+
+    out = tmp_path / "edit.png"
+    words = ["edit", *args, "--bank", str(bank), "--device", "cpu", "--out", str(out)]
+    result = CliRunner().invoke(app, words)
+    assert result.exit_code == 0, result.output
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    # make_grid: 2 images of 64 px, 2 px white padding, upscaled x2 (nearest) below 128 px.
+    scale, pad, side = 2, 2, 64
+    left, top = (pad + side + pad) * scale, pad * scale
+    assert grid.shape == ((side + 2 * pad) * scale, (2 * side + 3 * pad) * scale, 3)
+    after = grid[top : top + side * scale : scale, left : left + side * scale : scale]
+    return after.astype(np.float32) / 255

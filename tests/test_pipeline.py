@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from noiseclr.bank import DirectionBank
-from noiseclr.cli import app
 from noiseclr.data.images import read_image_file
 from noiseclr.domains import shapes
 from noiseclr.editing import sampler
 from noiseclr.editing.pipeline import NoiseCLRPipeline
 from noiseclr.errors import BankError, EditError, ImageError
 from noiseclr.models.base import PRETRAINED_DIR
-from records import bank_pipeline
+from records import bank_pipeline, cli_after
 
 BANK = PRETRAINED_DIR / "banks" / "shapes"
 TOLERANCE = 2 / 255
@@ -26,22 +24,6 @@ EDIT = {"bank": "shapes", "direction": 3, "scale": 1}  # the endpoint's form of 
 @pytest.fixture(scope="module")
 def pipe():
     return bank_pipeline()
-
-
-def cli_after(tmp_path, *args: str) -> np.ndarray:
-    """Run `noiseclr edit ARGS` and return the "after" half of edit.png as (H, W, 3) in [0, 1]."""
-    out = tmp_path / "edit.png"
-    result = CliRunner().invoke(
-        app, ["edit", *args, "--bank", str(BANK), "--device", "cpu", "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    grid = np.asarray(Image.open(out).convert("RGB"))
-    # make_grid: 2 images of 64 px, 2 px white padding, upscaled x2 (nearest) below 128 px.
-    scale, pad, side = 2, 2, 64
-    left, top = (pad + side + pad) * scale, pad * scale
-    assert grid.shape == ((side + 2 * pad) * scale, (2 * side + 3 * pad) * scale, 3)
-    after = grid[top : top + side * scale : scale, left : left + side * scale : scale]
-    return after.astype(np.float32) / 255
 
 
 def as_float(image: Image.Image) -> np.ndarray:
@@ -66,7 +48,7 @@ def endpoint_image(model, tmp_path, **request) -> np.ndarray:
 
 def test_seed_edit_matches_the_cli_and_the_endpoint(pipe, shapes_model, tmp_path):
     """No prompt: all three edit an image of the bank's domain (its gallery prompt)."""
-    cli = cli_after(tmp_path, "3=1", "--seed", "2", "--steps", "4")
+    cli = cli_after(tmp_path, BANK, "3=1", "--seed", "2", "--steps", "4")
     ours = pipe(edits={"3": 1.0}, seed=2, num_inference_steps=4).images[0]  # PIL, as diffusers
     assert ours.size == (64, 64)
     assert np.abs(as_float(ours) - cli).max() <= TOLERANCE
@@ -81,7 +63,7 @@ def test_seed_edit_matches_the_cli_and_the_endpoint(pipe, shapes_model, tmp_path
 def test_prompted_seed_edit_matches_the_cli(pipe, tmp_path):
     """With a prompt both use CFG at the model's default guidance (world.json's for shapes)."""
     prompt = "a red circle"
-    cli = cli_after(tmp_path, "3=1", "--seed", "0", "--prompt", prompt, "--steps", "4")
+    cli = cli_after(tmp_path, BANK, "3=1", "--seed", "0", "--prompt", prompt, "--steps", "4")
     ours = pipe(prompt, edits={"3": 1.0}, seed=0, num_inference_steps=4, output_type="np").images[0]
     assert np.abs(ours - cli).max() <= TOLERANCE
 
@@ -90,7 +72,7 @@ def test_real_image_edit_matches_the_cli_and_the_endpoint(pipe, shapes_model, tm
     rendered = shapes.render(shapes.sample_scenes(1, seed=21))[0].permute(1, 2, 0).numpy()
     photo = Image.fromarray((rendered * 255).round().astype(np.uint8))
     photo.save(tmp_path / "real.png")
-    cli = cli_after(tmp_path, "3=1", "--image", str(tmp_path / "real.png"), "--steps", "6")
+    cli = cli_after(tmp_path, BANK, "3=1", "--image", str(tmp_path / "real.png"), "--steps", "6")
     ours = pipe(edits="3=1", image=photo, num_inference_steps=6, output_type="np").images[0]
     assert np.abs(ours - cli).max() <= TOLERANCE
     upload = base64.b64encode((tmp_path / "real.png").read_bytes()).decode()

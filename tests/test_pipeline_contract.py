@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -204,6 +205,8 @@ def test_saved_as_bin_variant_and_per_component_dtypes_load_and_edit(pipe, tmp_p
     expected = pipe(edits="3=1", seed=1, num_inference_steps=2, output_type="np").images
     pipe.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert len(list((tmp_path / "bin").rglob("diffusion_pytorch_model.bin"))) == 2  # UNet and VAE
+    # a plain SD folder: diffusers' DiffusionPipeline loads it as StableDiffusionPipeline
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "bin")) is StableDiffusionPipeline
     pipe.save_pretrained(tmp_path / "variant", variant="v1")
     for folder, kw in (("bin", {}), ("variant", {"variant": "v1"})):
         other = NoiseCLRPipeline.from_pretrained(tmp_path / folder, **kw)

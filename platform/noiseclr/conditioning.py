@@ -184,16 +184,24 @@ def pack(states: torch.Tensor, pooled: torch.Tensor, time_ids: tuple[int, ...]) 
     return torch.cat([states, extra], dim=1)
 
 
+def unpack(unet: nn.Module, context: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Context rows as the UNet takes them: SD's as they are (no added conditioning); SDXL's
+    states, and their packed row as `added_cond_kwargs` (text_embeds, time_ids)."""
+    config = unet.config
+    if getattr(config, "addition_embed_type", None) != "text_time":
+        return context, None
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    extra = context[:, -1]
+    return context[:, :-1], {"text_embeds": extra[:, :pooled], "time_ids": extra[:, pooled : pooled + 6]}
+
+
 def unet_eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """eps of the UNet for rows (x, t, context): SD's call, or SDXL's with its packed row
     unpacked into `added_cond_kwargs` (text_embeds, time_ids)."""
-    config = unet.config
-    if getattr(config, "addition_embed_type", None) != "text_time":
-        return unet(x, t, context).sample
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    extra = context[:, -1]
-    added = {"text_embeds": extra[:, :pooled], "time_ids": extra[:, pooled : pooled + 6]}
-    return unet(x, t, context[:, :-1], added_cond_kwargs=added).sample
+    states, added = unpack(unet, context)
+    if added is None:
+        return unet(x, t, states).sample
+    return unet(x, t, states, added_cond_kwargs=added).sample
 
 
 def encode_ids(enc: TextEncoders, ids: list[torch.Tensor], empty: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from noiseclr.conditioning import encode_directions
+from noiseclr.conditioning import encode_directions, unpack
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class DirectionTerms:
     def encode(
         cls, text_encoder: nn.Module, tokenizer, edits: list, scales: torch.Tensor, device: torch.device | str
     ) -> DirectionTerms:
-        """Edits (`sampler.Edit`s) through the text encoder on `device`: one encoder call."""
+        """Edits (`sampler.Edit`s) through the text encoder on `device` (or `text_encoders(pipe)`,
+        tokenizer unused): one call per encoder."""
         m = len(edits)
         vectors = (
             torch.stack([e.vector for e in edits]).to(device) if edits else torch.zeros(0, 1, device=device)
@@ -215,10 +216,16 @@ class EditingHook:
         given["sample"] = torch.cat([x, x[index]])
         if torch.is_tensor(t) and t.ndim and t.shape[0] == rows:
             given["timestep"] = torch.cat([t, t[index]])
-        given["encoder_hidden_states"] = torch.cat([ctx, plan.context.to(ctx.device, ctx.dtype)])
+        # SDXL: an added row's pooled text embedding is its direction's (packed in its context);
+        # its size ids, like any other added condition, are its caller row's.
+        states, own = unpack(module, plan.context.to(ctx.device, ctx.dtype))
+        given["encoder_hidden_states"] = torch.cat([ctx, states])
         for key in ("timestep_cond", "added_cond_kwargs"):
             if given.get(key) is not None:
-                given[key] = extend_rows(given[key], take_rows(given[key], index, rows))
+                added = take_rows(given[key], index, rows)
+                if key == "added_cond_kwargs" and own is not None:
+                    added = {**added, "text_embeds": own["text_embeds"]}
+                given[key] = extend_rows(given[key], added)
         return (), given
 
     @staticmethod

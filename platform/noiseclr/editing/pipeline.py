@@ -1,6 +1,7 @@
-"""`noiseclr edit` as a diffusers pipeline: `StableDiffusionPipeline` with `edits=`.
+"""`noiseclr edit` as a diffusers pipeline: `StableDiffusionPipeline` (or, for SDXL,
+`StableDiffusionXLPipeline`) with `edits=`.
 
-    pipe = NoiseCLRPipeline.from_pretrained("shapes")     # or any SD 1.x / 2.x diffusers folder / hub id
+    pipe = NoiseCLRPipeline.from_pretrained("shapes")     # or any SD 1.x / 2.x / SDXL folder / hub id
     pipe.load_bank("out/discovery/bank")
     image = pipe(edits={"3": 1.0}, seed=0).images[0]      # a generated image, as `noiseclr edit 3=1 --seed 0`
     image = pipe(edits=["3=1"], image=photo).images[0]    # a real image, DDIM-inverted as `--image`
@@ -13,8 +14,13 @@ UNet calls by `denoiser.EditingHook`; a real image is inverted and edited by `sa
 CLI does. The edit term is `denoiser.DirectionTerms` on both paths, and `editing.request`
 resolves seeds, prompts and real images as for the CLI and the endpoint.
 
+On an SDXL folder `NoiseCLRPipeline.from_pretrained` returns a `NoiseCLRXLPipeline`, the same
+contract on `StableDiffusionXLPipeline` (its whole `__call__`: `prompt_2`, pooled embeddings,
+size and crop conditioning, `denoising_end`...): a direction is a pair of token embeddings, one
+per text encoder, and an edit row takes its pair's pooled embedding and its image's size ids.
+
 `sega_arguments` hands the same directions to diffusers' `SemanticStableDiffusionPipeline`
-(SEGA), for users who want its thresholding and momentum instead of the plain sum.
+(SEGA, SD only), for users who want its thresholding and momentum instead of the plain sum.
 """
 
 from __future__ import annotations
@@ -24,22 +30,23 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 from PIL import Image
 
 from noiseclr.bank import SAFE_NAME, DirectionBank
-from noiseclr.conditioning import direction_table, encode_directions
+from noiseclr.conditioning import direction_table, encode_directions, encode_prompts, text_encoders, unpack
 from noiseclr.data.images import read_image_file, square_image
 from noiseclr.editing import request, sampler
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.editing.denoiser import DirectionTerms, EditingHook
 from noiseclr.errors import BankError, EditError, ImageError
-from noiseclr.models.base import EMBEDDED, DiffusionModel, cast, fingerprints
+from noiseclr.models.base import EMBEDDED, DiffusionModel, _pipeline_class, cast, fingerprints
 from noiseclr.models.generate import default_guidance, latent_shape
 
 log = logging.getLogger(__name__)
@@ -53,18 +60,22 @@ ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class NoiseCLRPipeline(StableDiffusionPipeline):
-    """Stable Diffusion with NoiseCLR direction banks: `pipe(prompt, edits=...)` gives the
-    image `noiseclr edit` gives for the same seed or real image and the same edits."""
+class _BankEditing:
+    """What NoiseCLR adds to a diffusers text-to-image pipeline (`_base`): banks and `edits=`."""
+
+    _base: ClassVar[type[DiffusionPipeline]]
+    _output: ClassVar[type]
+    _second_positional: ClassVar[tuple[type, ...]]  # what the base's 2nd positional argument takes
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> NoiseCLRPipeline:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> Any:
         """diffusers' `from_pretrained` (safetensors preferred, `.bin` and variants read as there),
         plus the names of embedded models ("shapes")."""
         name = str(pretrained_model_name_or_path)
         if name in EMBEDDED:  # ships without a safety checker: nothing to warn about
             name = str(EMBEDDED[name])
-            kwargs.setdefault("requires_safety_checker", False)
+            if "requires_safety_checker" in inspect.signature(cls._base.__init__).parameters:
+                kwargs.setdefault("requires_safety_checker", False)
         # A bank records the weights as stored: fingerprint them before a cast to fp16 / bf16
         # (which `load_bank` could not see through), then cast as asked.
         dtype = kwargs.pop("torch_dtype", None)
@@ -75,16 +86,24 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         return pipe
 
     def enable_sequential_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
-        """diffusers' sequential offload, with the text encoder's direction table installed first:
-        offload hooks every leaf module as it is then, and a table swapped in later would keep
-        its weight on the meta device."""
-        direction_table(self.text_encoder)
+        """diffusers' sequential offload, with the text encoders' direction tables installed
+        first: offload hooks every leaf module as it is then, and a table swapped in later would
+        keep its weight on the meta device."""
+        for encoder in text_encoders(self).encoders:
+            direction_table(encoder)
         super().enable_sequential_cpu_offload(*args, **kwargs)
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """diffusers' `save_pretrained`, plus the embedded model's world.json (its guidance scale
-        and prompt words), so that the saved folder edits as the one it came from."""
+        and prompt words), so that the saved folder edits as the one it came from. The folder
+        names diffusers' own class (`StableDiffusionPipeline` / `StableDiffusionXLPipeline`), not
+        this one: it is a plain model folder that diffusers, `noiseclr` and other tools load as
+        what it is (banks are not saved in it)."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = self._base.__name__
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         world = self._model().world
         if world is not None:
             (Path(save_directory) / "world.json").write_text(json.dumps(world, indent=1))
@@ -116,14 +135,18 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         if key in self.banks:
             raise BankError(f"a bank named {key!r} is already loaded; pass another name= to load_bank")
         bank.require_tokens("the pipeline applies token directions only; view them with `noiseclr gallery`")
-        width = self.text_encoder.get_input_embeddings().weight.shape[1]
+        model = self._model(with_fingerprint=True)
+        if bank.family != model.family:
+            bank.check_model(model)  # the family's one-line refusal, before any width is compared
+        width = sum(model.token_widths)
         if bank.directions.shape[1] != width:
             raise BankError(
                 f"bank {key!r} has {bank.directions.shape[1]}-dim directions but this pipeline's text "
-                f"encoder takes {width}-dim token embeddings: it was learnt on another model"
+                f"encoder{'s take' if len(model.token_widths) > 1 else ' takes'} {width}-dim token "
+                "embeddings: it was learnt on another model"
             )
         try:
-            bank.check_model(self._model(with_fingerprint=True))
+            bank.check_model(model)
         except BankError as err:
             if strict:
                 raise
@@ -143,8 +166,9 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
         seed: int | list[int] | None = None,
         inversion_steps: int | None = None,
         **kwargs: Any,
-    ) -> StableDiffusionPipelineOutput | tuple:
-        """`StableDiffusionPipeline.__call__`, every argument as there, plus `edits`, on a generated
+    ) -> Any:
+        """The diffusers pipeline's `__call__` (`StableDiffusionPipeline`'s, or for SDXL
+        `StableDiffusionXLPipeline`'s), every argument as there, plus `edits`, on a generated
         image or a real `image`.
 
         Args:
@@ -152,13 +176,17 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
                 negative_prompt, num_images_per_prompt, eta, generator, latents, prompt_embeds,
                 negative_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds, output_type,
                 return_dict, cross_attention_kwargs, guidance_rescale, clip_skip,
-                callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers, with the
-                pipeline's own scheduler; edits follow every image (`num_images_per_prompt`,
-                generator lists) and callbacks see the edited latents. Three defaults differ:
-                no prompt (and no `prompt_embeds`) is the loaded banks' domain prompt (their
-                gallery prompt; `""` for an unconditional image), `guidance_scale` is the model's
-                (world.json's, 7.5 for SD) with a prompt and 1 without, and `num_inference_steps`
-                is 25 (100 for a real image), the CLI's.
+                callback_on_step_end, callback_on_step_end_tensor_inputs (and SDXL's prompt_2,
+                negative_prompt_2, pooled and negative pooled embeddings, original_size,
+                crops_coords_top_left, target_size, their negative_ forms and denoising_end): as
+                in diffusers, with the pipeline's own scheduler; edits follow every image
+                (`num_images_per_prompt`, generator lists) and callbacks see the edited latents.
+                Three defaults differ: no prompt (and no `prompt_embeds`) is the loaded banks'
+                domain prompt (their gallery prompt; `""` for an unconditional image; on SDXL
+                no prompt is its empty prompt's zeros, as in the CLI, where `""` is ""'s states
+                as in diffusers), `guidance_scale` is the model's (world.json's, else diffusers'
+                default) with a prompt and 1 without, and `num_inference_steps` is 25 (100 for a
+                real image), the CLI's.
             edits: `noiseclr edit`'s syntax, `[bank:]direction=scale[@t_high-t_low]`: a dict
                 `{"3": 1.0}`, a list `["shapes:3=1"]`, one string, or `sampler.Edit`s. On a
                 measured bank scale 1 is the direction's measured clean edit and the window its
@@ -171,12 +199,12 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
                 `generator` nor `latents` is given (default 0).
             inversion_steps: DDIM inversion steps (default: `num_inference_steps`, as the CLI).
         """
-        if args and not (args[0] is None or isinstance(args[0], int)):
+        if args and not (args[0] is None or isinstance(args[0], self._second_positional)):
             raise TypeError(
-                "NoiseCLRPipeline takes StableDiffusionPipeline's positional arguments (prompt, height, "
-                "width, ...): pass edits by name, pipe(prompt, edits=...)"
+                f"{type(self).__name__} takes {self._base.__name__}'s positional arguments (prompt, "
+                "...): pass edits by name, pipe(prompt, edits=...)"
             )
-        call = inspect.signature(StableDiffusionPipeline.__call__).bind(self, prompt, *args, **kwargs)
+        call = inspect.signature(self._base.__call__).bind(self, prompt, *args, **kwargs)
         given = dict(call.arguments)
         given.pop("self")
         given.update(given.pop("kwargs", {}))
@@ -195,7 +223,7 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
     def _generate(
         self, parsed: list[sampler.Edit], given: dict[str, Any], seed: int | list[int] | None
     ) -> Any:
-        """Stable Diffusion's own loop, the edits' rows added to its UNet calls (`EditingHook`)."""
+        """The diffusers pipeline's own loop, the edits' rows added to its UNet calls (`EditingHook`)."""
         model = self._model()
         prompt, embeds = given.get("prompt"), given.get("prompt_embeds")
         if prompt is None and embeds is None:  # the domain of the bank being edited
@@ -223,21 +251,38 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
             self._check_latents(model, latents, given, total)
         if given.get("generator") is None and latents is None:
             given["generator"] = request.image_generators(seed, total)
+        enc = text_encoders(self)
+        # No prompt given and none in the banks: the CLI's unconditional image, whose context is
+        # the model's empty prompt. On SDXL that is zeros (force_zeros_for_empty_prompt), which
+        # diffusers gives the unconditional rows only, so it is passed as the prompt's embeddings.
+        zeroed = prompt == "" and given.get("prompt") is None and embeds is None and enc.zeros_for_empty
+        if zeroed:
+            states, added = unpack(self.unet, encode_prompts(enc, [""], self._execution_device))
+            given["prompt_embeds"], given["pooled_prompt_embeds"] = states, added["text_embeds"]
+            prompt = None
         given["prompt"] = prompt
         if not parsed:
-            return StableDiffusionPipeline.__call__(self, **given)
+            return self._base.__call__(self, **given)
         # Where the edit term's eps(empty) already is: the unconditional rows unless a negative
-        # prompt replaces them; the text rows only for prompt "" (decided per step by the hook).
-        uncond_empty = given.get("negative_prompt") is None and given.get("negative_prompt_embeds") is None
-        text_empty = embeds is None and given.get("clip_skip") is None and not any(prompts or [])
-        scales = torch.tensor([[e.scale for e in parsed]] * total, dtype=torch.float32)
-        terms = DirectionTerms.encode(
-            self.text_encoder, self.tokenizer, parsed, scales, self._execution_device
+        # prompt replaces them; the text rows only for the empty prompt (decided per step by the
+        # hook). SDXL's unconditional rows without a negative prompt are "" or zeros, as its empty
+        # prompt is here; its text rows for a prompt "" are ""'s states, which are not zeros.
+        given_negative = ("negative_prompt", "negative_prompt_embeds", "negative_prompt_2")
+        uncond_empty = all(given.get(k) is None for k in given_negative)
+        second = given.get("prompt_2")
+        text_empty = zeroed or (
+            embeds is None
+            and given.get("clip_skip") is None
+            and not any(prompts or [])
+            and not any([second] if isinstance(second, str) else second or [])
+            and not enc.zeros_for_empty
         )
+        scales = torch.tensor([[e.scale for e in parsed]] * total, dtype=torch.float32)
+        terms = DirectionTerms.encode(enc, None, parsed, scales, self._execution_device)
         EditingHook.install(self.unet)
         end = EditingHook.editing(self.unet, terms, total, uncond_empty, text_empty)
         try:
-            return StableDiffusionPipeline.__call__(self, **given)
+            return self._base.__call__(self, **given)
         finally:
             end()
 
@@ -270,44 +315,23 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
             images, nsfw = x0, None
         else:
             images, nsfw = sampler.decode(model, x0), None  # (N, H, W, 3) in [0, 1]
-            if self.safety_checker is not None:  # an SD checkpoint loaded with its checker: respect it
+            if getattr(self, "safety_checker", None) is not None:  # an SD checkpoint with its checker
                 images, nsfw = self.run_safety_checker(images, model.device, self.text_encoder.dtype)
+            if getattr(self, "watermark", None) is not None:  # SDXL with its invisible watermark
+                marked = self.watermark.apply_watermark(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1)
+                images = ((marked + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
             elif output_type == "pt":
                 images = torch.from_numpy(images).permute(0, 3, 1, 2)
-        if not given.get("return_dict", True):
+        return self._output_of(images, nsfw, given.get("return_dict", True))
+
+    def _output_of(self, images: Any, nsfw: Any, return_dict: bool) -> Any:
+        if self._output is StableDiffusionXLPipelineOutput:  # SDXL's output has no safety field
+            return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
+        if not return_dict:
             return images, nsfw
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
-
-    def sega_arguments(self, edits: EditSpec, num_inference_steps: int) -> dict[str, Any]:
-        """Keyword arguments that hand `edits` to diffusers' `SemanticStableDiffusionPipeline`.
-
-        `editing_prompt_embeddings` is each direction's one-token prompt `<d_k>` through the text
-        encoder (what the sampler's eps(x_t, d_k) sees), `edit_guidance_scale` / `reverse_editing_
-        direction` the raw scale's size and sign, and `edit_warmup_steps` / `edit_cooldown_steps`
-        the window in steps of this pipeline's scheduler at `num_inference_steps`. SEGA applies
-        edits only under CFG (`guidance_scale > 1`; `prompt=""` for an unconditional image) and
-        by default keeps the top 10% of each edit (`edit_threshold=0.9`) with momentum: with
-        `edit_threshold=0.0, edit_momentum_scale=0.0` and one edit (or edits sharing a window)
-        it gives the sampler's image.
-        """
-        parsed = self._edits(edits)
-        if not parsed:
-            raise EditError("sega_arguments needs at least one edit")
-        vectors = torch.stack([e.vector for e in parsed]).to(self.device)
-        with torch.no_grad():
-            embeddings = encode_directions(self.text_encoder, self.tokenizer, vectors)[:-1]  # (E, L, H)
-        schedule = type(self.scheduler).from_config(self.scheduler.config)  # SEGA steps with this one
-        schedule.set_timesteps(num_inference_steps)
-        timesteps = [int(t) for t in schedule.timesteps]
-        return {
-            "editing_prompt_embeddings": embeddings.to(self.unet.dtype),
-            "reverse_editing_direction": [e.scale < 0 for e in parsed],
-            "edit_guidance_scale": [abs(e.scale) for e in parsed],
-            "edit_warmup_steps": [sum(t > e.t_high for t in timesteps) for e in parsed],
-            "edit_cooldown_steps": [sum(t >= e.t_low for t in timesteps) for e in parsed],
-        }
 
     # -- adapters to the sampler's inputs ------------------------------------------------------
 
@@ -405,6 +429,67 @@ class NoiseCLRPipeline(StableDiffusionPipeline):
             pixels = square_image(item, resolution)
             out.append(torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1)
         return torch.cat(out)
+
+
+class NoiseCLRPipeline(_BankEditing, StableDiffusionPipeline):
+    """Stable Diffusion with NoiseCLR direction banks: `pipe(prompt, edits=...)` gives the
+    image `noiseclr edit` gives for the same seed or real image and the same edits."""
+
+    _base = StableDiffusionPipeline
+    _output = StableDiffusionPipelineOutput
+    _second_positional = (int,)  # height
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> Any:
+        """As `_BankEditing.from_pretrained`; an SDXL folder or hub id (its model_index.json
+        names an SDXL pipeline) gives a `NoiseCLRXLPipeline`, so one line loads either family."""
+        name = str(pretrained_model_name_or_path)
+        source = str(EMBEDDED[name]) if name in EMBEDDED else name
+        try:
+            sdxl = cls is NoiseCLRPipeline and _pipeline_class(source) is StableDiffusionXLPipeline
+        except Exception:  # no model_index.json to read: diffusers' own load says what is wrong
+            sdxl = False
+        if sdxl:
+            return NoiseCLRXLPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def sega_arguments(self, edits: EditSpec, num_inference_steps: int) -> dict[str, Any]:
+        """Keyword arguments that hand `edits` to diffusers' `SemanticStableDiffusionPipeline`.
+
+        `editing_prompt_embeddings` is each direction's one-token prompt `<d_k>` through the text
+        encoder (what the sampler's eps(x_t, d_k) sees), `edit_guidance_scale` / `reverse_editing_
+        direction` the raw scale's size and sign, and `edit_warmup_steps` / `edit_cooldown_steps`
+        the window in steps of this pipeline's scheduler at `num_inference_steps`. SEGA applies
+        edits only under CFG (`guidance_scale > 1`; `prompt=""` for an unconditional image) and
+        by default keeps the top 10% of each edit (`edit_threshold=0.9`) with momentum: with
+        `edit_threshold=0.0, edit_momentum_scale=0.0` and one edit (or edits sharing a window)
+        it gives the sampler's image.
+        """
+        parsed = self._edits(edits)
+        if not parsed:
+            raise EditError("sega_arguments needs at least one edit")
+        vectors = torch.stack([e.vector for e in parsed]).to(self.device)
+        with torch.no_grad():
+            embeddings = encode_directions(self.text_encoder, self.tokenizer, vectors)[:-1]  # (E, L, H)
+        schedule = type(self.scheduler).from_config(self.scheduler.config)  # SEGA steps with this one
+        schedule.set_timesteps(num_inference_steps)
+        timesteps = [int(t) for t in schedule.timesteps]
+        return {
+            "editing_prompt_embeddings": embeddings.to(self.unet.dtype),
+            "reverse_editing_direction": [e.scale < 0 for e in parsed],
+            "edit_guidance_scale": [abs(e.scale) for e in parsed],
+            "edit_warmup_steps": [sum(t > e.t_high for t in timesteps) for e in parsed],
+            "edit_cooldown_steps": [sum(t >= e.t_low for t in timesteps) for e in parsed],
+        }
+
+
+class NoiseCLRXLPipeline(_BankEditing, StableDiffusionXLPipeline):
+    """SDXL with NoiseCLR direction banks (pairs of token embeddings, one per text encoder): the
+    contract of `NoiseCLRPipeline` on `StableDiffusionXLPipeline`'s whole `__call__`."""
+
+    _base = StableDiffusionXLPipeline
+    _output = StableDiffusionXLPipelineOutput
+    _second_positional = (str, list)  # prompt_2
 
 
 def _array_image(array: np.ndarray) -> Image.Image:

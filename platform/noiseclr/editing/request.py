@@ -47,7 +47,8 @@ def prompt_and_guidance(
     model: DiffusionModel, prompt: str | None, guidance: float | None, banks: Iterable[DirectionBank]
 ) -> tuple[str | None, float]:
     """(prompt or None, guidance scale): no prompt -> the banks' domain prompt, "" -> none; the
-    guidance defaults to the model's (world.json's, else 7.5) with a prompt and 1 without."""
+    guidance defaults to the model's (world.json's, else diffusers' 7.5 for SD, 5 for SDXL) with
+    a prompt and 1 without."""
     if prompt is None:
         prompt = domain_prompt(banks)
     prompt = prompt or None

@@ -32,8 +32,13 @@ def image_seed(seed: int, index: int = 0) -> int:
     return seed * 100_003 + index
 
 
+# diffusers' own defaults: StableDiffusionPipeline's 7.5, StableDiffusionXLPipeline's 5.0
+PIPELINE_GUIDANCE = {"sd": 7.5, "sdxl": 5.0}
+
+
 def default_guidance(model: DiffusionModel) -> float:
-    return float((model.world or {}).get("guidance_scale", 7.5))
+    """The guidance scale with a prompt: world.json's (embedded models), else diffusers' own."""
+    return float((model.world or {}).get("guidance_scale", PIPELINE_GUIDANCE[model.family]))
 
 
 @torch.no_grad()
