@@ -320,8 +320,8 @@ def _usage(bank, export: dict | None) -> list[str]:
         f"noiseclr gallery BANK --model {source}",
         "```",
         "",
-        "**diffusers** (`NoiseCLRPipeline`, a StableDiffusionPipeline whose call is `noiseclr edit`; "
-        "docs/pipeline.md):",
+        "**diffusers** (`NoiseCLRPipeline`, a StableDiffusionPipeline, or StableDiffusionXLPipeline for "
+        "an SDXL model, whose call is `noiseclr edit`; docs/pipeline.md):",
         "",
         "```python",
         "from noiseclr.editing.pipeline import NoiseCLRPipeline",
