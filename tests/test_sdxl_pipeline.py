@@ -135,3 +135,22 @@ def test_sdxl_arguments_pass_through_and_an_sd_bank_is_refused_in_one_line(pipe,
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
     assert load_model(str(tmp_path / "saved"), device="cpu").family == "sdxl"
+
+
+def test_sdxl_vae_runs_in_fp32_when_the_model_is_fp16(folder, bank_dir):
+    """SDXL's VAE overflows in fp16 (force_upcast): `load_model` keeps it in fp32 beside an fp16
+    UNet, and the pipeline's real-image path upcasts it around its encode and decode, as
+    diffusers' own call does around its decode, then gives it back in fp16."""
+    model = load_model(str(folder), device="cpu", dtype=torch.float16)
+    assert model.pipe.unet.dtype == torch.float16 and model.pipe.vae.dtype == torch.float32
+    half = NoiseCLRPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    half.set_progress_bar_config(disable=True)
+    half.load_bank(bank_dir)
+    assert half.vae.dtype == torch.float16
+    seen = []
+    for name in ("encoder", "decoder"):
+        getattr(half.vae, name).register_forward_pre_hook(lambda m, a, n=name: seen.append((n, a[0].dtype)))
+    rendered = shapes.render(shapes.sample_scenes(1, seed=2))[0].permute(1, 2, 0).numpy()
+    out = half(edits="0=1", image=rendered, num_inference_steps=2, output_type="np").images
+    assert ("encoder", torch.float32) in seen and ("decoder", torch.float32) in seen
+    assert np.isfinite(out).all() and half.vae.dtype == torch.float16

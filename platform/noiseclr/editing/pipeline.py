@@ -46,7 +46,7 @@ from noiseclr.editing import request, sampler
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.editing.denoiser import DirectionTerms, EditingHook
 from noiseclr.errors import BankError, EditError, ImageError
-from noiseclr.models.base import EMBEDDED, DiffusionModel, _pipeline_class, cast, fingerprints
+from noiseclr.models.base import EMBEDDED, DiffusionModel, _pipeline_class, cast, fingerprints, needs_fp32_vae
 from noiseclr.models.generate import default_guidance, latent_shape
 
 log = logging.getLogger(__name__)
@@ -307,14 +307,24 @@ class _BankEditing:
         model = self._model()
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         steps = given.get("num_inference_steps") or INVERSION_STEPS
-        start = request.from_pixels(self._pixels(image, model.resolution), inversion_steps or steps)
-        request.invert(model, [start], progress=progress)
-        x0 = sampler.sample(model, start.x_T, parsed, steps=steps, start_t=start.start_t, progress=progress)
         output_type = given.get("output_type", "pil")
-        if output_type == "latent":
-            images, nsfw = x0, None
-        else:
-            images, nsfw = sampler.decode(model, x0), None  # (N, H, W, 3) in [0, 1]
+        # SDXL's VAE in fp16 overflows: in fp32 for the encode and the decode, as diffusers'
+        # own call upcasts it around its decode.
+        upcast = needs_fp32_vae(self)
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            start = request.from_pixels(self._pixels(image, model.resolution), inversion_steps or steps)
+            request.invert(model, [start], progress=progress)
+            x0 = sampler.sample(
+                model, start.x_T, parsed, steps=steps, start_t=start.start_t, progress=progress
+            )
+            images = x0 if output_type == "latent" else sampler.decode(model, x0)  # (N, H, W, 3) in [0, 1]
+        finally:
+            if upcast:
+                self.vae.to(torch.float16)
+        nsfw = None
+        if output_type != "latent":
             if getattr(self, "safety_checker", None) is not None:  # an SD checkpoint with its checker
                 images, nsfw = self.run_safety_checker(images, model.device, self.text_encoder.dtype)
             if getattr(self, "watermark", None) is not None:  # SDXL with its invisible watermark

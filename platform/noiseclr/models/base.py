@@ -223,6 +223,12 @@ def cast(pipe, dtype: torch.dtype | dict) -> None:
                 torch.nn.Module.to(sub, dtype=torch.float32)
 
 
+def needs_fp32_vae(pipe) -> bool:
+    """The VAE is in fp16 and its config says it must run in fp32 (`force_upcast`: SDXL's)."""
+    vae = getattr(pipe, "vae", None)
+    return vae is not None and vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+
+
 def _pipeline_class(source: str) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
     """The class to load `source` (a folder or hub id) with, read from its model_index.json's
     `_class_name`: any SDXL pipeline's name (StableDiffusionXL...) -> `StableDiffusionXLPipeline`,
@@ -296,6 +302,10 @@ def load_model(
     pipe.set_progress_bar_config(disable=True)
     stamp, legacy = fingerprints(pipe)
     cast(pipe, dtype)
+    if needs_fp32_vae(pipe):
+        # SDXL's VAE overflows in fp16 (black or NaN images; diffusers upcasts it around each
+        # decode). Every VAE call here feeds it its own dtype, so it simply stays in fp32.
+        pipe.vae.to(torch.float32)
     pipe.to(resolve_device(device))
     return DiffusionModel(
         pipe=pipe, source=name_or_path, fingerprint=stamp, world=world, legacy_fingerprint=legacy
