@@ -41,6 +41,7 @@ DOCKERFILE = CLUSTER / "image" / "Dockerfile"
 IMAGE = (CLUSTER / "image" / "IMAGE").read_text().strip()
 RAYJOBS = [p for p in MANIFESTS if yaml.safe_load(p.read_text())["kind"] == "RayJob"]
 SD15_JOBS = sorted((ROOT / "jobs").glob("sd15-*.yaml"))
+SDXL_JOBS = sorted((ROOT / "jobs").glob("sdxl-*.yaml"))
 # Ray Serve's pydantic models warn on import (Ray's code, not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")
 MAPS = ("properties", "patternProperties", "definitions", "$defs")
@@ -461,3 +462,26 @@ def test_sd15_jobs_cover_the_four_domains_and_the_served_banks() -> None:
     assert names == {"faces", "cats", "cars", "paintings"}
     banks = ServeConfig.from_yaml(ROOT / "jobs" / "serve-sd15.yaml").banks
     assert banks == {name: f"models:/noiseclr-{name}@champion" for name in names}
+
+
+@pytest.mark.parametrize("path", SDXL_JOBS, ids=lambda p: p.name)
+def test_sdxl_job_has_the_papers_objective_on_six_gpus_at_1024(path: Path) -> None:
+    """The paper's objective; one image of each batch per worker at SDXL's own 1024 px (the
+    model's side), gradient checkpointing on, bf16; registered where serve-sdxl.yaml reads it."""
+    cfg = DiscoveryConfig.from_yaml(path)
+    paper = {"n_images": 100, "k": 100, "negatives": 20, "tau": 0.5, "lr": 1e-3, "batch": 6}
+    assert {key: cfg.record()[key] for key in paper} == paper
+    assert cfg.model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cfg.distributed.workers == 6 and cfg.method.batch % cfg.distributed.workers == 0
+    assert cfg.run.gradient_checkpointing is True and cfg.optim.precision == "bf16"
+    assert cfg.evaluation.enabled and cfg.gallery.prompt
+    assert cfg.tracking.registered_model == f"noiseclr-sdxl-{cfg.name}" and cfg.tracking.alias == "champion"
+    assert cfg.storage.path == f"s3://noiseclr-runs/sdxl-{cfg.name}"
+
+
+def test_sdxl_jobs_cover_the_four_domains_and_the_served_banks() -> None:
+    names = {DiscoveryConfig.from_yaml(p).name for p in SDXL_JOBS}
+    assert names == {"faces", "cats", "cars", "paintings"}
+    serve = ServeConfig.from_yaml(ROOT / "jobs" / "serve-sdxl.yaml")
+    assert serve.banks == {name: f"models:/noiseclr-sdxl-{name}@champion" for name in names}
+    assert serve.model == "stabilityai/stable-diffusion-xl-base-1.0" and serve.precision == "bf16"
