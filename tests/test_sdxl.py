@@ -231,3 +231,28 @@ def test_the_commands_run_on_an_sdxl_folder(tmp_path):
     for png in ("edit.png", "real.png"):  # before and after, 64 px each, with their labels
         assert Image.open(tmp_path / png).size[1] > 64
     assert json.loads((tmp_path / "ti" / "bank-export.json").read_text())["widths"] == [32, 48]
+
+
+def test_direction_norm_vocab_holds_each_half_at_its_encoders_token_norm(sdxl, tmp_path):
+    """`direction_norm: vocab` on SDXL: the first encoder's half of every pair at its table's mean
+    token norm, the second's at its own, while training and in the bank."""
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.discovery.trainer import DiscoveryTrainer, initial_state
+    from noiseclr.workflows.discover import bank_from_state
+
+    enc = text_encoders(sdxl.pipe)
+    norms = [e.get_input_embeddings().weight.detach().norm(dim=1).mean() for e in enc.encoders]
+    assert abs(float(norms[0] - norms[1])) > 1e-3  # two norms: one norm for the pair would not do
+    cfg = DiscoveryConfig.of(
+        k=3, negatives=2, batch=2, n_images=4, steps=3, lr=0.05, device="cpu", evaluate=False,
+        direction_norm="vocab",
+    )  # fmt: skip
+    state = initial_state(cfg, sdxl)
+    with torch.no_grad():
+        state.directions.mul_(torch.tensor([[3.0], [1.0], [0.5]]))  # off the norms
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    final = DiscoveryTrainer(cfg, sdxl, latents, state).fit(tmp_path)
+    bank = bank_from_state(cfg, sdxl, final, {})
+    first, second = bank.directions.split(list(enc.widths), dim=1)
+    torch.testing.assert_close(first.norm(dim=1), norms[0].expand(3))
+    torch.testing.assert_close(second.norm(dim=1), norms[1].expand(3))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -35,21 +36,33 @@ log = logging.getLogger(__name__)
 DeltasFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fixed_norm(cfg: DiscoveryConfig, text_encoder) -> torch.Tensor | None:
-    """The norm every direction is used at (`direction_norm: vocab`), or None (free)."""
+@dataclass(frozen=True)
+class FixedNorm:
+    """`direction_norm: vocab`: each encoder's part of a direction used at that encoder's mean
+    token norm (SD: the whole direction; SDXL: each half of the pair at its own table's norm)."""
+
+    widths: tuple[int, ...]
+    norms: torch.Tensor  # (len(widths),)
+
+    def __call__(self, directions: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize
+        if len(self.widths) == 1:
+            return unit(directions, dim=-1) * self.norms[0].to(directions)
+        parts = directions.split(list(self.widths), dim=-1)
+        return torch.cat([unit(p, dim=-1) * n.to(p) for p, n in zip(parts, self.norms, strict=True)], dim=-1)
+
+
+def fixed_norm(cfg: DiscoveryConfig, text_encoder) -> FixedNorm | None:
+    """The norms every direction is used at (`direction_norm: vocab`), or None (free)."""
     if cfg.method.direction_norm == "free":
         return None
     enc = as_encoders(text_encoder)
-    if enc.sdxl:
-        raise ConfigError("method.direction_norm: vocab holds one encoder's norm; SDXL's pairs train free")
-    return vocab_norm(enc.encoders[0])
+    return FixedNorm(enc.widths, torch.stack([vocab_norm(e) for e in enc.encoders]))
 
 
-def shaped(directions: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
-    """The directions the model sees: as trained (norm None), or each rescaled to `norm`."""
-    if norm is None:
-        return directions
-    return torch.nn.functional.normalize(directions, dim=-1) * norm.to(directions)
+def shaped(directions: torch.Tensor, norm: FixedNorm | None) -> torch.Tensor:
+    """The directions the model sees: as trained (norm None), or rescaled by `norm`."""
+    return directions if norm is None else norm(directions)
 
 
 def lr_factor(cfg: DiscoveryConfig, step: int) -> float:

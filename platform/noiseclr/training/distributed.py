@@ -34,6 +34,7 @@ from torch import nn
 
 from noiseclr.conditioning import as_encoders, direction_deltas, text_encoders
 from noiseclr.discovery.config import DiscoveryConfig
+from noiseclr.discovery.step import FixedNorm, shaped
 from noiseclr.errors import ConfigError, OutOfMemory, Preempted, UserError
 from noiseclr.utils.memory import peak_rss_mib
 
@@ -78,7 +79,7 @@ class NoiseCLRModule(nn.Module):
         tokenizer,
         directions: torch.Tensor,
         max_rows: int | None = None,
-        norm: torch.Tensor | None = None,
+        norm: FixedNorm | None = None,
     ):
         super().__init__()
         self.unet, self.encoders = unet, as_encoders(text_encoder, tokenizer)  # SD's one, SDXL's two
@@ -89,8 +90,6 @@ class NoiseCLRModule(nn.Module):
         self.max_rows, self.norm = max_rows, norm
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-        from noiseclr.discovery.step import shaped
-
         rows = shaped(self.directions[dirs], self.norm)
         return direction_deltas(self.unet, self.encoders, None, rows, x_t, t, self.max_rows)
 
