@@ -458,6 +458,45 @@ def test_stopping_a_submitted_endpoint_shuts_it_down(head, serve_job):
     wait_for(down, 90, "the endpoint to go away (the driver shuts Serve down on SIGTERM)")
 
 
+def test_an_sdxl_job_is_submitted_tracked_registered_and_edited_from_the_registry(
+    head, workdir, mlflow_server, serve_job
+):
+    """jobs/sdxl-faces.yaml's settings (gradient checkpointing included) on the SDXL stand-in, in
+    one process on the cluster (its 6 workers are `tests/test_distributed.py`'s SDXL case at 2):
+    submitted, followed to success, tracked, registered as models:/noiseclr-sdxl-faces@champion,
+    and that registered version edits an SDXL image through `noiseclr edit`."""
+    from noiseclr.models.standin import write_sdxl
+
+    tmp = workdir["work"].parent
+    folder = write_sdxl(tmp / "sdxl")
+    job = yaml.safe_load((ROOT / "jobs/sdxl-faces.yaml").read_text())
+    job = merge(job, nest(dict(
+        model=str(folder), data=str(tmp / "data"), tracking_uri=mlflow_server.uri,
+        storage_path=str(tmp / "runs"), n_images=8, k=3, negatives=2, batch=2, steps=3, grad_accum=1,
+        checkpoint_every=3, workers=0, device="cpu", precision="fp32",
+        evaluate_images=2, evaluate_steps=2, gallery_seeds=1, gallery_steps=2,
+    )))  # fmt: skip
+    assert job["run"]["gradient_checkpointing"] is True
+    (workdir["work"] / "sdxl-faces.yaml").write_text(yaml.safe_dump(job))
+    job_id, out = f"sdxl-{int(time.time())}", tmp / "out-sdxl"
+    done = cli(
+        *("submit", str(workdir["work"] / "sdxl-faces.yaml"), "--address", head["address"]),
+        *("--working-dir", str(workdir["work"]), "--out", str(out), "--submission-id", job_id),
+        env=head["env"],
+    )
+    logs = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0 and f"{job_id}: SUCCEEDED" in done.stderr, logs
+    assert "MLflow did not take the run's record" not in done.stdout + done.stderr
+    bank = DirectionBank.load(out / "bank")
+    assert bank.family == "sdxl" and bank.directions.shape == (3, 80) and bank.scores is not None
+    edited = tmp / "sdxl-edit.png"
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    words = ("edit", "0=1", "--bank", "models:/noiseclr-sdxl-faces@champion", "--model", str(folder))
+    ran = cli(*words, "--seed", "1", "--steps", "2", "--device", "cpu", "--out", str(edited), env=env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert Image.open(edited).size[1] > 64
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 
