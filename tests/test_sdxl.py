@@ -5,6 +5,7 @@ token loaded into both; sampling is the pipeline's own; NoiseCLR's step trains p
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,21 @@ def test_the_commands_run_on_an_sdxl_folder(tmp_path):
     for words in commands:
         result = runner.invoke(app, words)
         assert result.exit_code == 0, f"{words}\n{result.output}"
+    # merge: the bank with a copy of itself under another name (the stand-in's random weights
+    # give no live directions, so all are kept; with --keep-all none is dropped)
+    other = tmp_path / "other"
+    shutil.copytree(out / "bank", other)
+    record = json.loads((other / "bank.json").read_text())
+    (other / "bank.json").write_text(json.dumps({**record, "name": "faces2"}))
+    merged = tmp_path / "merged"
+    words = ["merge", bank, str(other), "--out", str(merged), "--keep-all", "--model", model,
+             "--n", "2", "--steps", "2", "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(app, words)
+    assert result.exit_code == 0, result.output
+    from noiseclr.bank import DirectionBank
+
+    both = DirectionBank.load(merged)
+    assert both.family == "sdxl" and both.directions.shape == (8, 80) and both.scores is not None
     meta = json.loads((out / "bank" / "bank.json").read_text())
     assert meta["base_model"]["family"] == "sdxl" and meta["base_model"]["widths"] == [32, 48]
     for png in ("edit.png", "real.png"):  # before and after, 64 px each, with their labels
