@@ -75,6 +75,59 @@ def full_size_model(device: str, dtype: torch.dtype) -> DiffusionModel:
     return DiffusionModel(pipe=pipe, source="sd15-shaped-random", fingerprint=fingerprint(pipe))
 
 
+def full_size_sdxl(device: str, dtype: torch.dtype) -> DiffusionModel:
+    """SDXL base 1.0 shapes with random weights at 1024 px: its UNet config (2.6B: blocks 320 /
+    640 / 1280, transformer depths 1 / 2 / 10, cross-attention 2048 = 768 + 1280, "text_time"
+    added embeddings), CLIP ViT-L (768, 12 layers) and OpenCLIP ViT-bigG (1280, 32 layers,
+    projection 1280) text encoders, SD's VAE config with SDXL's scaling factor."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from noiseclr.domains.shapes import vocabulary
+    from noiseclr.models.standin import SDXL_SCHEDULER
+
+    tokenizer = build_tokenizer(vocabulary(), max_length=77)
+
+    def clip(width: int, layers: int, heads: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+            hidden_act=act, projection_dim=width, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.13025, force_upcast=True,
+    )  # fmt: skip
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(clip(768, 12, 12, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(clip(1280, 32, 20, "gelu")),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.to(device, dtype)
+    return DiffusionModel(pipe=pipe, source="sdxl-shaped-random", fingerprint=fingerprint(pipe))
+
+
 def timed(fn, repeats: int, device: str) -> float:
     """Median seconds of fn() over `repeats` runs after one warm-up."""
     fn()

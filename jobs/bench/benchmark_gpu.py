@@ -2,6 +2,9 @@
 
     python jobs/bench/benchmark_gpu.py  # CUDA: SD-1.5-shaped UNet + CLIP-L, random weights, 512 px
     python jobs/bench/benchmark_gpu.py --small  # the embedded model on this machine: checks the script
+    python jobs/bench/benchmark_gpu.py --family sdxl --batch 1   # SDXL-shaped, random weights, 1024 px:
+                      # one image x 21 directions, a worker's share of jobs/sdxl-*.yaml's step
+    python jobs/bench/benchmark_gpu.py --family sdxl --small     # the SDXL stand-in: checks the script
 
 Rows (the paper's micro-step: 6 images x 21 directions = 126 pairs, bf16 autocast):
 - the single process (`DiscoveryTrainer.train_step`), checkpointing as `auto` chooses it;
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark_discovery import PAPER_MICRO_STEPS, full_size_model, timed
+from benchmark_discovery import PAPER_MICRO_STEPS, full_size_model, full_size_sdxl, timed
 
 from noiseclr.bank import DirectionBank
 from noiseclr.discovery.config import DiscoveryConfig
@@ -158,6 +161,8 @@ def edit_latency(model: DiffusionModel, trainer: DiscoveryTrainer, args, folder:
 
     dirs = trainer.directions.detach().float().cpu()[:8]
     base = {"source": model.source, "fingerprint": model.fingerprint, "hidden_size": dirs.shape[1]}
+    if model.family == "sdxl":
+        base |= {"family": "sdxl", "widths": list(model.token_widths)}
     bank = DirectionBank(dirs, base, name="gpucheck", edit_defaults={"window": [600, 0]})
     bank.save(folder / "bank")
     cfg = ServeConfig(
@@ -200,6 +205,7 @@ def main() -> None:
     ap.add_argument(
         "--small", action="store_true", help="the embedded model (a check of the script on any machine)"
     )
+    ap.add_argument("--family", choices=["sd", "sdxl"], default="sd", help="SD 1.5 (512 px), SDXL (1024)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--directions", type=int, default=21, help="anchor + negatives per micro-step")
@@ -216,18 +222,25 @@ def main() -> None:
     pairs = args.batch * args.directions
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         out = Path(tmp)
-        if args.small:
+        sdxl = args.family == "sdxl"
+        if args.small and sdxl:
+            from noiseclr.models.standin import write_sdxl
+
+            folder = write_sdxl(out / "model")
+            model = load_model(str(folder), args.device)
+        elif args.small:
             model, folder = load_model("shapes", args.device), None
         else:
-            model = full_size_model(args.device, torch.float32)
+            model = (full_size_sdxl if sdxl else full_size_model)(args.device, torch.float32)
             folder = out / "model"
             model.pipe.save_pretrained(folder, safe_serialization=True)  # the workers load it by path
             model = load_model(str(folder), args.device)  # the same weights, under the name the jobs use
-        name = (
-            "the embedded model"
-            if args.small
-            else "an SD-1.5-shaped UNet + CLIP-L text encoder, random weights"
-        )
+        name = {
+            (True, False): "the embedded model",
+            (True, True): "the SDXL stand-in",
+            (False, False): "an SD-1.5-shaped UNet + CLIP-L text encoder, random weights",
+            (False, True): "an SDXL-shaped UNet + CLIP-L and bigG text encoders, random weights",
+        }[(args.small, sdxl)]
         gpu = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         print(
             f"{name}, {model.resolution} px, on {gpu}; "
@@ -235,7 +248,9 @@ def main() -> None:
             flush=True,
         )
         model.pipe.unet.requires_grad_(False)
-        model.pipe.text_encoder.requires_grad_(False)
+        for encoder in (model.pipe.text_encoder, getattr(model.pipe, "text_encoder_2", None)):
+            if encoder is not None:
+                encoder.requires_grad_(False)
         cfg = DiscoveryConfig.of(
             k=args.directions,
             negatives=args.directions - 1,

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The device check as one command on a CUDA machine; prints one table (about 5-8 min):
 #   bash jobs/bench/gpu_check.sh [jobs/bench/benchmark_gpu.py options]      # e.g. --no-compile, --ray-steps 8
+#   bash jobs/bench/gpu_check.sh --family sdxl --batch 1 --no-compile        # the SDXL row, 1024 px
 # Python: .venv when the project is installed there (`make install TORCH_SPEC=torch`), else the
 # machine's python3 plus the wheels carried in .whl/ (docs/benchmarks.md, "The device check").
 # The table also goes to $OUT/gpu_check.txt (out/ when OUT is unset).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=python3
+# A wheel larger than one device call may carry (ray's) travels split (`split -b 60M W.whl
+# .whl/W.whl.part-`), its parts carried by successive calls; joined here before the install.
+for first in .whl/*.whl.part-aa; do
+  [ -e "$first" ] && cat "${first%.part-aa}".part-* > "${first%.part-aa}"
+done
 if [ -x .venv/bin/python ]; then
   PY=.venv/bin/python
 elif compgen -G ".whl/*.whl" >/dev/null; then
