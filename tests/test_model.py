@@ -112,3 +112,47 @@ def test_a_saved_copy_loads_from_a_folder(shapes_model, tmp_path):
     again = load_model(str(tmp_path / "copy"))
     assert again.fingerprint == shapes_model.fingerprint
     assert again.world is None  # a plain diffusers folder: no world, any prompt goes
+
+
+# --- shapes-xl: the shapes world in SDXL's architecture -------------------------------------
+
+XL = EMBEDDED["shapes-xl"]
+
+
+def test_the_sdxl_model_loads_with_diffusers_itself_and_its_card_states_its_quality():
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(XL)
+    widths = pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.unet.config.cross_attention_dim == sum(widths)
+    assert sum(f.stat().st_size for f in XL.rglob("*") if f.is_file()) <= 25 * 2**20
+    record = json.loads((XL / "recipe.json").read_text())
+    quality, card = record["metrics"]["quality"], (XL / "README.md").read_text()
+    assert record["config"]["sdxl"] and record["metrics"]["meets_bar"]
+    for k in QUALITY_BAR:
+        assert f"| {k} | {quality[k]:.3f} |" in card and quality[k] >= QUALITY_BAR[k]
+    assert "SDXL-architecture" in card and "Meets the bar: True" in card
+
+
+def test_the_sdxl_model_follows_held_out_captions_and_uses_its_second_encoder():
+    from noiseclr.conditioning import encode_prompts, text_encoders, unet_eps
+
+    model = load_model("shapes-xl", device="cpu")
+    assert model.family == "sdxl" and model.world is not None
+    live = evaluate_quality(model.pipe, n=48, seed=99, guidance_scale=4.0, steps=25, progress=False)
+    recorded = json.loads((XL / "recipe.json").read_text())["metrics"]["quality"]
+    for k, value in recorded.items():
+        assert live[k] >= value - 0.2, (k, live, value)
+    # what the fine-tune taught: the second encoder's states and pooled output now count
+    enc = text_encoders(model.pipe)
+    ctx = encode_prompts(enc, ["a large red circle at top left on a dark plain background"], model.device)
+    first, pooled = enc.widths[0], model.pipe.text_encoder_2.config.projection_dim
+    without = ctx.clone()
+    without[:, :-1, first:] = 0  # the second encoder's columns
+    without[:, -1, :pooled] = 0  # its pooled output
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    unet = model.pipe.unet
+    with torch.no_grad():
+        change = (unet_eps(unet, x, t, ctx) - unet_eps(unet, x, t, without)).abs().mean()
+    assert change > 0.01

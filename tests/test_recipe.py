@@ -305,3 +305,50 @@ def test_swapped_scenes_change_one_named_factor_and_their_caption_always_names_i
         RecipeConfig(swap_factors=["colour"])
     with pytest.raises(ValidationError, match="swap_t"):
         RecipeConfig(swap_t=(0, 600))
+
+
+def test_sdxl_growth_adds_what_sdxl_has_computing_what_the_sd_model_computed(tmp_path):
+    """`to_sdxl` (the shapes-xl recipe's start): SDXL's penultimate states of the first encoder
+    are the SD encoder's last layer's output (before its final norm, which the fine-tune must
+    bridge), and the UNet ignores the second encoder and the size ids until trained; then a
+    recipe stage with `sdxl` trains all three and saves an SDXL folder that loads as SDXL."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from noiseclr.models.base import load_model
+    from noiseclr.models.shapes.recipe import save_pipeline, train_base_model
+    from noiseclr.models.shapes.xl import XLArch, to_sdxl
+
+    torch.manual_seed(0)
+    arch = ArchitectureConfig(
+        vae_channels=(16, 16, 16), unet_channels=(16, 16), text_layers=2, text_hidden=32, attention_heads=4
+    )
+    sd = build_pipeline(arch, shapes.vocabulary())
+    xl = to_sdxl(sd, XLArch(width_2=16, time_dim=4))
+    tokens = sd.tokenizer(["a red circle", ""], padding="max_length", max_length=16, return_tensors="pt")
+    ids = tokens.input_ids
+    with torch.no_grad():
+        before = sd.text_encoder(ids, output_hidden_states=True).hidden_states[-1]
+        after = xl.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(after, before)
+        x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 700])
+        ctx = sd.text_encoder(ids)[0]
+        want = sd.unet(x, t, ctx).sample
+        other = torch.randn(2, 16, 16)  # whatever the second encoder says
+        added = {"text_embeds": torch.randn(2, 16), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+        got = xl.unet(x, t, torch.cat([ctx, other], dim=-1), added_cond_kwargs=added).sample
+        torch.testing.assert_close(got, want)
+
+    metrics = {"quality": {}, "meets_bar": False, "train_seconds": 1.0, "diffusion_steps": 0, "vae_steps": 0}
+    save_pipeline(sd, RecipeConfig(arch=arch), {**metrics, "device": "cpu", "history": []}, tmp_path / "sd")
+    cfg = RecipeConfig(
+        arch=arch, init_from=str(tmp_path / "sd"), sdxl=XLArch(width_2=16, time_dim=4), steps=2, batch=2,
+        eval_every=0, final_eval_images=2, latent_pool=4,
+    )  # fmt: skip
+    train_base_model(cfg, tmp_path / "xl")
+    model = load_model(str(tmp_path / "xl"), device="cpu")
+    assert isinstance(model.pipe, StableDiffusionXLPipeline) and model.family == "sdxl"
+    assert model.token_widths == (32, 16) and model.world is not None
+    moved = model.pipe.unet.add_embedding.linear_2.weight
+    assert moved.abs().amax() > 0  # trained: the size ids and the pooled text now count
+    with pytest.raises(ValidationError, match="set init_from"):
+        RecipeConfig(sdxl=XLArch())

@@ -30,7 +30,8 @@ from noiseclr.domains.shapes import parse_caption
 from noiseclr.errors import ModelLoadError
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
-EMBEDDED = {"shapes": PRETRAINED_DIR / "shapes"}
+# The shapes world in SD's architecture, and in SDXL's (grown from it: models/shapes/xl.py).
+EMBEDDED = {"shapes": PRETRAINED_DIR / "shapes", "shapes-xl": PRETRAINED_DIR / "shapes-xl"}
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -27,13 +27,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from noiseclr.domains import shapes
 from noiseclr.errors import ConfigError
-from noiseclr.models.base import resolve_device
+from noiseclr.models.base import _pipeline_class, resolve_device
 from noiseclr.models.shapes.architecture import (
     ArchitectureConfig,
     build_pipeline,
@@ -43,6 +43,7 @@ from noiseclr.models.shapes.architecture import (
     training_scheduler,
 )
 from noiseclr.models.shapes.quality import QUALITY_BAR, evaluate_quality, meets_bar, vae_roundtrip_quality
+from noiseclr.models.shapes.xl import XLArch, XLText, to_sdxl
 from noiseclr.utils.configfile import read_mapping, validation_message
 
 
@@ -59,6 +60,10 @@ class RecipeConfig(BaseModel):
     # is always kept), e.g. to change the UNet's architecture without retraining the VAE, or
     # to drop a text encoder that learned to ignore some words.
     fresh: list[Literal["unet", "text_encoder"]] = Field(default_factory=list)
+    # With init_from an SD model: grow it into SDXL's architecture first (models/shapes/xl.py:
+    # a second text encoder and the size-id conditioning, which start contributing nothing),
+    # then train as below. An init_from that is already SDXL continues as SDXL.
+    sdxl: XLArch | None = None
     # The noise schedule the UNet learns (saved in the pipeline's scheduler config). Changing
     # it with init_from fine-tunes the old weights to the new schedule, as Lin et al. did.
     prediction_type: str = Field("v_prediction", pattern="^(epsilon|v_prediction)$")
@@ -117,6 +122,12 @@ class RecipeConfig(BaseModel):
     eval_images: int = 64
     final_eval_images: int = 256
     guidance_scale: float = 4.0
+
+    @model_validator(mode="after")
+    def _sdxl_grows_a_trained_model(self) -> RecipeConfig:
+        if self.sdxl is not None and not self.init_from:
+            raise ValueError("sdxl: grows a trained SD model into SDXL's architecture; set init_from")
+        return self
 
     @field_validator("swap_factors")
     @classmethod
@@ -196,10 +207,10 @@ def sample_timesteps(n: int, steps: int, cfg: RecipeConfig, gen: torch.Generator
 
 def diffusion_loss(
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    text_encoder: torch.nn.Module | XLText,
     noise_sched,
     latents: torch.Tensor,  # (B, 4, h, w), already scaled
-    input_ids: torch.Tensor,  # (B, L)
+    input_ids: torch.Tensor | list[str],  # (B, L); SDXL (an XLText): the captions
     noise: torch.Tensor,  # (B, 4, h, w)
     t: torch.Tensor,  # (B,)
     weight: torch.Tensor | None = None,  # (B, 1, h, w) per-pixel loss weight
@@ -213,8 +224,11 @@ def diffusion_loss(
     caption-swap edit. Equal to the plain target when x0_target is latents.
     """
     noisy = noise_sched.add_noise(latents, noise, t)
-    cond = text_encoder(input_ids)[0]
-    pred = unet(noisy, t, cond).sample
+    if isinstance(text_encoder, XLText):
+        cond, added = text_encoder(input_ids)
+    else:
+        cond, added = text_encoder(input_ids)[0], None
+    pred = unet(noisy, t, cond, added_cond_kwargs=added).sample
     if x0_target is not None:
         abar = noise_sched.alphas_cumprod.to(latents.device)[t].float().view(-1, 1, 1, 1)
         a, s = abar.sqrt(), (1 - abar).sqrt()
@@ -326,26 +340,33 @@ def posterior(vae, scenes: list[shapes.Scene], resolution: int):
     return dist, F.adaptive_max_pool2d(object_mask(x), dist.mean.shape[-2:])
 
 
-def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: torch.device, log):
-    """Stage 2. Returns (ema_unet, ema_text_encoder, steps run)."""
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    unet.to(device).train()
-    text_encoder.to(device).train()
+def train_diffusion(
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, cfg: RecipeConfig, device: torch.device, log
+):
+    """Stage 2 (SD, or SDXL's UNet with both text encoders). Returns (EMA weights of the
+    trained components by name, steps run)."""
+    vae, tokenizer = pipe.vae, pipe.tokenizer
+    trained = {
+        n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, n, None)
+    }
+    for module in trained.values():
+        module.to(device).train()
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+    text = XLText(pipe, device) if sdxl else text_encoder
     vae.to(device)
     noise_sched = training_scheduler(pipe)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = [p for module in trained.values() for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = [cfg.steps]
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, total))
-    ema_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-    ema_text = copy.deepcopy(text_encoder).requires_grad_(False).eval()
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    ema = {n: copy.deepcopy(m).requires_grad_(False).eval() for n, m in trained.items()}
+    ema_params = [p for module in ema.values() for p in module.parameters()]
     held_out = shapes.held_out_combinations()
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    eval_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": ema_unet, "text_encoder": ema_text})
-    eval_pipe.set_progress_bar_config(disable=True)
+    eval_pipe = with_parts(pipe, ema)
 
     pool = None
     if cfg.latent_pool:
@@ -398,16 +419,20 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
             captions[:n_swap] = [random_caption(e, rng, cfg, keep=f) for e, f in pairs]
             lo, hi = cfg.swap_t
             t[:n_swap] = torch.randint(lo, hi, (n_swap,), generator=gen, device=device)
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        ids = (
+            captions
+            if sdxl
+            else tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+        )
         with autocast:
             weight = 1 + cfg.diffusion_object_weight * mask if cfg.diffusion_object_weight else None
-            loss = diffusion_loss(unet, text_encoder, noise_sched, latents, ids, noise, t, weight, x0_target)
+            loss = diffusion_loss(unet, text, noise_sched, latents, ids, noise, t, weight, x0_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -426,7 +451,20 @@ def train_diffusion(pipe: StableDiffusionPipeline, cfg: RecipeConfig, device: to
             )
             log({"stage": "diffusion", "step": step, "loss": loss.item(), "sec": time.time() - t0, **scores})
     bar.close()
-    return ema_unet, ema_text, step
+    return ema, step
+
+
+def with_parts(pipe, parts: dict[str, torch.nn.Module]):
+    """A pipeline of `pipe`'s class and components, `parts` replaced (SDXL's settings kept)."""
+    extra = {}
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        extra = {
+            "force_zeros_for_empty_prompt": pipe.config.force_zeros_for_empty_prompt,
+            "add_watermarker": False,
+        }
+    out = type(pipe)(**{**pipe.components, **parts}, **extra)
+    out.set_progress_bar_config(disable=True)
+    return out
 
 
 def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
@@ -447,21 +485,26 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
     vae_steps = 0
     schedule = noise_schedule(cfg.prediction_type, cfg.zero_terminal_snr)
     if cfg.init_from:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            cfg.init_from, safety_checker=None, requires_safety_checker=False, use_safetensors=True
-        )
+        if _pipeline_class(cfg.init_from) is StableDiffusionXLPipeline:  # an SDXL stage continued
+            pipe = StableDiffusionXLPipeline.from_pretrained(cfg.init_from, use_safetensors=True)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                cfg.init_from, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+            )
         pipe.vae.to(device).requires_grad_(False)
         pipe.scheduler = DDIMScheduler(**schedule)
         rebuild(cfg.arch, pipe, cfg.fresh)
-        log({"stage": "init", "from": cfg.init_from, "fresh": ",".join(cfg.fresh) or "none"})
+        if cfg.sdxl is not None and not isinstance(pipe, StableDiffusionXLPipeline):
+            pipe = to_sdxl(pipe, cfg.sdxl, cfg.seed)
+        log({"stage": "init", "from": cfg.init_from, "fresh": ",".join(cfg.fresh) or "none",
+             "family": "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd"})  # fmt: skip
     else:
         pipe = build_pipeline(cfg.arch, shapes.vocabulary(), schedule)
         vae_steps = train_vae(pipe, cfg, device, log)
     if cfg.decoder_steps:
         finetune_decoder(pipe, cfg, device, log)
-    ema_unet, ema_text, steps_done = train_diffusion(pipe, cfg, device, log)
-    final = StableDiffusionPipeline(**{**pipe.components, "unet": ema_unet, "text_encoder": ema_text})
-    final.set_progress_bar_config(disable=True)
+    ema, steps_done = train_diffusion(pipe, cfg, device, log)
+    final = with_parts(pipe, ema)
     scores = evaluate_quality(final, cfg.final_eval_images, seed=12345, guidance_scale=cfg.guidance_scale)
     metrics = {
         "quality": scores,
@@ -483,6 +526,10 @@ def rebuild(arch: ArchitectureConfig, pipe: StableDiffusionPipeline, parts: list
 
     Checked to fit the kept parts before anything is replaced.
     """
+    if not parts:
+        return
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        raise ValueError("fresh parts are for SD models; an SDXL stage continues its own weights")
     text_hidden = arch.text_hidden if "text_encoder" in parts else pipe.text_encoder.config.hidden_size
     if "unet" in parts:
         fits = {
@@ -610,13 +657,36 @@ def model_card(cfg: RecipeConfig, metrics: dict, lineage: list[dict] | None = No
         else f"| {k} | {v:.3f} | - |"
         for k, v in q.items()
     )
-    return f"""# shapes: the embedded base model of the NoiseCLR platform
+    if cfg.sdxl is not None:
+        x = cfg.sdxl
+        title, layout = (
+            "shapes-xl: the embedded SDXL-architecture model",
+            (
+                "SDXL's layout (StableDiffusionXLPipeline: AutoencoderKL, UNet2DConditionModel with\n"
+                '"text_time" added conditioning, CLIPTextModel and CLIPTextModelWithProjection, CLIP-style\n'
+                f"tokenizers; the second encoder {x.width_2} wide with {x.layers_2} layers, {x.time_dim}"
+                " sinusoids per size id),\ngrown from the SD model (`noiseclr/models/shapes/xl.py`),"
+                " DDIM scheduler"
+            ),
+        )
+        load = "StableDiffusionXLPipeline.from_pretrained(this_folder)"
+        diffusion_text = diffusion_text.replace("UNet + text encoder", "UNet + both text encoders")
+    else:
+        title, layout = (
+            "shapes: the embedded base model",
+            (
+                "Stable Diffusion's layout (AutoencoderKL,\nUNet2DConditionModel, CLIPTextModel, CLIP-style"
+                " tokenizer, DDIM scheduler"
+            ),
+        )
+        load = "StableDiffusionPipeline.from_pretrained(this_folder)"
+    name = "shapes-xl" if cfg.sdxl is not None else "shapes"
+    return f"""# {title} of the NoiseCLR platform
 
-A small text-to-image latent diffusion model in Stable Diffusion's layout (AutoencoderKL,
-UNet2DConditionModel, CLIPTextModel, CLIP-style tokenizer, DDIM scheduler with SD 1.x's
+A small text-to-image latent diffusion model in {layout} with SD 1.x's
 betas{", rescaled to zero terminal SNR" if cfg.zero_terminal_snr else ""}, {cfg.prediction_type} prediction),
 trained on the procedural *shapes world* (`noiseclr.domains.shapes`).
-Load it with `StableDiffusionPipeline.from_pretrained(this_folder)` or `noiseclr.models.load_model("shapes")`.
+Load it with `{load}` or `noiseclr.models.load_model("{name}")`.
 
 ## How it was trained
 
