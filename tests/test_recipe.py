@@ -311,7 +311,8 @@ def test_sdxl_growth_adds_what_sdxl_has_computing_what_the_sd_model_computed(tmp
     """`to_sdxl` (the shapes-xl recipe's start): SDXL's penultimate states of the first encoder
     are the SD encoder's last layer's output (before its final norm, which the fine-tune must
     bridge), and the UNet ignores the second encoder and the size ids until trained; then a
-    recipe stage with `sdxl` trains all three and saves an SDXL folder that loads as SDXL."""
+    recipe stage with `sdxl` trains the UNet (the second encoder's columns and the added
+    embedding included) and both encoders, and saves an SDXL folder that loads as SDXL."""
     from diffusers import StableDiffusionXLPipeline
 
     from noiseclr.models.base import load_model
@@ -348,7 +349,13 @@ def test_sdxl_growth_adds_what_sdxl_has_computing_what_the_sd_model_computed(tmp
     model = load_model(str(tmp_path / "xl"), device="cpu")
     assert isinstance(model.pipe, StableDiffusionXLPipeline) and model.family == "sdxl"
     assert model.token_widths == (32, 16) and model.world is not None
-    moved = model.pipe.unet.add_embedding.linear_2.weight
-    assert moved.abs().amax() > 0  # trained: the size ids and the pooled text now count
+    trained, start = model.pipe, xl  # the grown pipeline before training
+    assert trained.unet.add_embedding.linear_2.weight.abs().amax() > 0  # size ids and pooled text count
+    key = next(n for n, _ in trained.unet.named_parameters() if n.endswith("attn2.to_k.weight"))
+    columns = dict(trained.unet.named_parameters())[key][:, 32:]  # the second encoder's columns
+    assert columns.abs().amax() > 0
+    for name in ("text_encoder", "text_encoder_2"):  # both encoders trained with the UNet
+        before, after = getattr(start, name).state_dict(), getattr(trained, name).state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), name
     with pytest.raises(ValidationError, match="set init_from"):
         RecipeConfig(sdxl=XLArch())

@@ -272,3 +272,17 @@ def test_direction_norm_vocab_holds_each_half_at_its_encoders_token_norm(sdxl, t
     first, second = bank.directions.split(list(enc.widths), dim=1)
     torch.testing.assert_close(first.norm(dim=1), norms[0].expand(3))
     torch.testing.assert_close(second.norm(dim=1), norms[1].expand(3))
+
+
+def test_the_random_floor_of_an_sdxl_bank_matches_each_halfs_norm(sdxl):
+    """The random bank every measurement compares against: an SDXL pair's halves at the norms of
+    the measured bank's halves (one norm for the pair would scale them as no encoder sees them)."""
+    from noiseclr.evaluation.evaluate import random_bank
+
+    bank = sdxl_bank(sdxl)
+    bank.directions[:, 32:] *= 5  # halves of different norms
+    floor = random_bank(sdxl, bank)
+    for half in (slice(0, 32), slice(32, 80)):
+        torch.testing.assert_close(
+            floor.directions[:, half].norm(dim=1), bank.directions[:, half].norm(dim=1)
+        )

@@ -56,7 +56,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 def test_an_sdxl_folder_loads_as_the_sdxl_pipeline_and_edits_as_the_cli(pipe, folder, bank_dir, tmp_path):
     assert type(pipe) is NoiseCLRXLPipeline and isinstance(pipe, StableDiffusionXLPipeline)
-    # a prompt, under CFG at SDXL's default guidance (7.5: the folder has no world.json)
+    # a prompt, under CFG at SDXL's default guidance (diffusers' 5.0: the folder has no world.json)
     cli = cli_after(tmp_path, bank_dir, "0=1", "--model", str(folder), "--prompt", "a red cat",
                     "--seed", "3", "--steps", "3")  # fmt: skip
     ours = pipe("a red cat", edits={"0": 1.0}, seed=3, num_inference_steps=3, output_type="np").images[0]
@@ -76,9 +76,10 @@ def test_an_sdxl_folder_loads_as_the_sdxl_pipeline_and_edits_as_the_cli(pipe, fo
 
 
 def test_edit_rows_take_their_pairs_pooled_embedding_and_the_callers_size_ids(pipe):
-    """Under SDXL's size and crop conditioning (and another negative size), the rows an edit
-    adds to each UNet call carry the direction pair's pooled text embedding (SDXL's added
-    conditioning of that token) and the time ids of the row they edit."""
+    """Under SDXL's size conditioning with other negative sizes, the rows an edit adds to each
+    UNet call carry the direction pair's pooled text embedding (SDXL's added conditioning of that
+    token) and the image's own size ids (the text rows'), as does the empty row they are taken
+    against; the unconditional rows keep their negative sizes."""
     seen: list[dict] = []
 
     def capture(module, args, kwargs):
@@ -95,13 +96,13 @@ def test_edit_rows_take_their_pairs_pooled_embedding_and_the_callers_size_ids(pi
     assert len(seen) == 2
     enc = text_encoders(pipe)
     bank = pipe.banks["px"].directions
-    _, own = unpack(pipe.unet, encode_directions(enc, None, bank[1:3]))
+    _, own = unpack(pipe.unet, encode_directions(enc, None, bank[1:3]))  # 2 pairs, then ""
     for added in seen:
         ids, embeds = added["time_ids"], added["text_embeds"]
-        assert ids.shape[0] == embeds.shape[0] == 4  # uncond, text, then the two direction rows
+        assert ids.shape[0] == embeds.shape[0] == 5  # uncond, text, two direction rows, the empty row
         assert ids[0].tolist() == [32, 32, 0, 0, 64, 48] and ids[1].tolist() == [48, 48, 0, 0, 64, 48]
-        assert torch.equal(ids[2:], ids[:1].expand(2, -1))  # each takes its (unconditional) row's
-        torch.testing.assert_close(embeds[2:], own["text_embeds"][:2])
+        assert torch.equal(ids[2:], ids[1:2].expand(3, -1))  # the image's sizes, not the negative ones
+        torch.testing.assert_close(embeds[2:], own["text_embeds"])
 
 
 def test_a_real_image_edits_as_the_cli(pipe, folder, bank_dir, tmp_path):
@@ -137,20 +138,72 @@ def test_sdxl_arguments_pass_through_and_an_sd_bank_is_refused_in_one_line(pipe,
     assert load_model(str(tmp_path / "saved"), device="cpu").family == "sdxl"
 
 
-def test_sdxl_vae_runs_in_fp32_when_the_model_is_fp16(folder, bank_dir):
-    """SDXL's VAE overflows in fp16 (force_upcast): `load_model` keeps it in fp32 beside an fp16
-    UNet, and the pipeline's real-image path upcasts it around its encode and decode, as
-    diffusers' own call does around its decode, then gives it back in fp16."""
+def test_sdxl_vae_runs_in_fp32_when_the_model_is_fp16(folder, bank_dir, sd15_model):
+    """SDXL's VAE overflows in fp16 (force_upcast). The sampler, inversion and latent encoding use
+    an fp32 copy of it (`pixel_vae`, one per pipeline), so `pipe.vae` is never flipped in place
+    under concurrent calls and diffusers' own call (which upcasts it itself) still works; SD's
+    VAE, which SD's pipeline never upcasts, is used as it is."""
+    from noiseclr.models.generate import generate
+
     model = load_model(str(folder), device="cpu", dtype=torch.float16)
-    assert model.pipe.unet.dtype == torch.float16 and model.pipe.vae.dtype == torch.float32
+    assert model.pipe.unet.dtype == model.pipe.vae.dtype == torch.float16  # diffusers' layout
+    assert model.pixel_vae.dtype == torch.float32 and model.pixel_vae is model.pixel_vae
+    images = generate(model, "a red cat", n=1, steps=2, progress=False)  # diffusers' call, fp16
+    assert np.isfinite(images).all()
+    assert sd15_model.pixel_vae is sd15_model.pipe.vae
     half = NoiseCLRPipeline.from_pretrained(folder, torch_dtype=torch.float16)
     half.set_progress_bar_config(disable=True)
     half.load_bank(bank_dir)
-    assert half.vae.dtype == torch.float16
+    rendered = shapes.render(shapes.sample_scenes(1, seed=2))[0].permute(1, 2, 0).numpy()
+    half(edits="0=1", image=rendered, num_inference_steps=2, output_type="np")
+    copy = half.__dict__["_noiseclr_vae32"][1]
     seen = []
     for name in ("encoder", "decoder"):
-        getattr(half.vae, name).register_forward_pre_hook(lambda m, a, n=name: seen.append((n, a[0].dtype)))
-    rendered = shapes.render(shapes.sample_scenes(1, seed=2))[0].permute(1, 2, 0).numpy()
+        getattr(copy, name).register_forward_pre_hook(
+            lambda m, a, n=name: seen.append((n, a[0].dtype, half.vae.dtype))
+        )
     out = half(edits="0=1", image=rendered, num_inference_steps=2, output_type="np").images
-    assert ("encoder", torch.float32) in seen and ("decoder", torch.float32) in seen
+    for part in ("encoder", "decoder"):  # in fp32, while the pipeline's own VAE stays fp16
+        assert (part, torch.float32, torch.float16) in seen
     assert np.isfinite(out).all() and half.vae.dtype == torch.float16
+
+
+def test_a_hub_id_in_a_local_cache_loads_as_sdxl_offline(folder, tmp_path):
+    """A hub id read from a Hugging Face cache with local_files_only (offline, or a private repo
+    fetched before): the family is read through the same options, so the SDXL repo loads as
+    NoiseCLRXLPipeline, not as an SD pipeline missing its second encoder."""
+    import shutil
+
+    revision = "0" * 40
+    repo = tmp_path / "cache" / "models--someone--sdxl-standin"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    pipe = NoiseCLRPipeline.from_pretrained(
+        "someone/sdxl-standin", cache_dir=tmp_path / "cache", local_files_only=True
+    )
+    assert type(pipe) is NoiseCLRXLPipeline and pipe.text_encoder_2 is not None
+
+
+def test_push_to_hub_uploads_the_folder_once_it_names_diffusers_class(pipe, tmp_path, monkeypatch):
+    """The hub is out of reach here: its three calls (create the repo, read its card, upload)
+    are replaced by recorders. What is checked is ours: the folder uploaded already names
+    StableDiffusionXLPipeline, as the local folder does."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import ModelCard
+
+    import noiseclr.editing.pipeline as module
+
+    monkeypatch.setattr(module, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=f"me/{repo_id}"))
+    monkeypatch.setattr(module, "load_or_create_model_card", lambda repo_id, **kw: ModelCard("# card"))
+    uploaded = {}
+
+    def upload(folder, repo_id, **kw):
+        index = json.loads((tmp_path / "hub" / "model_index.json").read_text())
+        uploaded.update(folder=folder, repo=repo_id, cls=index["_class_name"], pr=kw["create_pr"])
+
+    monkeypatch.setattr(pipe, "_upload_folder", upload)
+    pipe.save_pretrained(tmp_path / "hub", push_to_hub=True, repo_id="sdxl-edits")
+    want = {"folder": str(tmp_path / "hub"), "repo": "me/sdxl-edits", "pr": False}
+    assert uploaded == {**want, "cls": "StableDiffusionXLPipeline"}

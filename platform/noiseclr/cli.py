@@ -479,10 +479,10 @@ def pullback(
 
     base = load_model(model, device=device)
     if data:
-        latents = load_latents(data, base.resolution, base.pipe.vae, limit=n_images).latents
+        latents = load_latents(data, base.resolution, base.pixel_vae, limit=n_images).latents
     else:
         pixels = shapes.render(shapes.sample_scenes(n_images, seed=seed), base.resolution) * 2 - 1
-        latents = encode_latents(base.pipe.vae, pixels)
+        latents = encode_latents(base.pixel_vae, pixels)
     bank = discover_pullback(base, latents, k, t_edit, iters, seed)
     typer.echo(f"bank: {save_bank(bank, out)}")
 

@@ -156,7 +156,7 @@ class VaeEncode:
     def __init__(self, model: str) -> None:
         from noiseclr.models.base import load_model
 
-        self.vae = load_model(model, device="auto").pipe.vae
+        self.vae = load_model(model, device="auto").pixel_vae
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from noiseclr.data.images import encode_latents

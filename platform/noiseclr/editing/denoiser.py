@@ -156,6 +156,9 @@ class _Call:
     trajectories: int
     uncond_empty: bool  # under CFG, the unconditional rows are the empty prompt (no negative one)
     text_empty: bool  # the text rows are the empty prompt (prompt "", no embeddings given)
+    # Under CFG, added rows copy the text rows' x_t and added conditions instead of the
+    # unconditional rows' (SDXL with negative size ids: the edit acts at the image's sizes).
+    from_text: bool = False
     plan: Plan | None = None
 
 
@@ -183,10 +186,15 @@ class EditingHook:
 
     @staticmethod
     def editing(
-        unet: nn.Module, terms: DirectionTerms, trajectories: int, uncond_empty: bool, text_empty: bool
+        unet: nn.Module,
+        terms: DirectionTerms,
+        trajectories: int,
+        uncond_empty: bool,
+        text_empty: bool,
+        from_text: bool = False,
     ) -> Callable[[], None]:
         """Make edits current on `unet` in this thread; returns the function that ends them."""
-        token = _CURRENT.set(_Call(unet, terms, trajectories, uncond_empty, text_empty))
+        token = _CURRENT.set(_Call(unet, terms, trajectories, uncond_empty, text_empty, from_text))
         return lambda: _CURRENT.reset(token)
 
     @staticmethod
@@ -206,8 +214,10 @@ class EditingHook:
             raise RuntimeError(f"the pipeline's UNet batch of {rows} rows is neither {n} nor {2 * n} images")
         # Decided per call: a callback may end CFG part way (diffusers' SDCFGCutoffCallback keeps
         # only the text rows from then on).
-        empty_here = call.uncond_empty if rows == 2 * n else call.text_empty
-        source = torch.arange(n, device=x.device)  # the unconditional half, or the only rows
+        text_half = rows == 2 * n and call.from_text
+        empty_here = call.uncond_empty if rows == 2 * n and not text_half else call.text_empty
+        # the unconditional half (or the text half), or the only rows
+        source = torch.arange(n, device=x.device) + (n if text_half else 0)
         empty = source if empty_here else torch.full_like(source, -1)
         call.plan = plan = call.terms.plan(t.flatten()[0] if torch.is_tensor(t) else t, source, empty, rows)
         if plan is None:

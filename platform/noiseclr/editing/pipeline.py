@@ -37,6 +37,8 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import create_repo
 from PIL import Image
 
 from noiseclr.bank import SAFE_NAME, DirectionBank
@@ -46,7 +48,7 @@ from noiseclr.editing import request, sampler
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.editing.denoiser import DirectionTerms, EditingHook
 from noiseclr.errors import BankError, EditError, ImageError
-from noiseclr.models.base import EMBEDDED, DiffusionModel, _pipeline_class, cast, fingerprints, needs_fp32_vae
+from noiseclr.models.base import EMBEDDED, DiffusionModel, _pipeline_class, cast, fingerprints
 from noiseclr.models.generate import default_guidance, latent_shape
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ EditSpec = Mapping[str | int, float | str] | Sequence[str | sampler.Edit] | str 
 # float in [0, 1]), or a prepared (N, 3, R, R) tensor in [-1, 1] at the model's resolution R.
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# from_pretrained's options that say where model_index.json is read from (a hub id's)
+HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
 class _BankEditing:
@@ -93,12 +97,21 @@ class _BankEditing:
             direction_table(encoder)
         super().enable_sequential_cpu_offload(*args, **kwargs)
 
-    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, *args: Any, push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
         """diffusers' `save_pretrained`, plus the embedded model's world.json (its guidance scale
         and prompt words), so that the saved folder edits as the one it came from. The folder
         names diffusers' own class (`StableDiffusionPipeline` / `StableDiffusionXLPipeline`), not
         this one: it is a plain model folder that diffusers, `noiseclr` and other tools load as
-        what it is (banks are not saved in it)."""
+        what it is (banks are not saved in it). With `push_to_hub` (diffusers' options:
+        `repo_id`, `token`, `private`, `commit_message`, `create_pr`) the folder is uploaded
+        after those two changes, as diffusers uploads it."""
+        hub = {
+            k: kwargs.pop(k)
+            for k in ("repo_id", "token", "private", "commit_message", "create_pr")
+            if k in kwargs
+        }
         super().save_pretrained(save_directory, *args, **kwargs)
         index = Path(save_directory) / "model_index.json"
         config = json.loads(index.read_text())
@@ -107,6 +120,20 @@ class _BankEditing:
         world = self._model().world
         if world is not None:
             (Path(save_directory) / "world.json").write_text(json.dumps(world, indent=1))
+        if push_to_hub:
+            token = hub.get("token")
+            repo_id = create_repo(
+                hub.get("repo_id", Path(save_directory).name),
+                exist_ok=True,
+                private=hub.get("private"),
+                token=token,
+            ).repo_id
+            card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+            card.save(str(Path(save_directory) / "README.md"))
+            self._upload_folder(
+                str(save_directory), repo_id, token=token, commit_message=hub.get("commit_message"),
+                create_pr=hub.get("create_pr", False),
+            )  # fmt: skip
 
     # -- banks ---------------------------------------------------------------------------------
 
@@ -279,8 +306,16 @@ class _BankEditing:
         )
         scales = torch.tensor([[e.scale for e in parsed]] * total, dtype=torch.float32)
         terms = DirectionTerms.encode(enc, None, parsed, scales, self._execution_device)
+        # SDXL with negative size ids (diffusers uses them when both sizes are given): the
+        # unconditional rows are conditioned on other sizes, so the edit rows copy the text
+        # rows', whose sizes are the image's (the CLI's).
+        from_text = (
+            given.get("negative_original_size") is not None and given.get("negative_target_size") is not None
+        )
         EditingHook.install(self.unet)
-        end = EditingHook.editing(self.unet, terms, total, uncond_empty, text_empty)
+        end = EditingHook.editing(
+            self.unet, terms, total, uncond_empty and not from_text, text_empty, from_text
+        )
         try:
             return self._base.__call__(self, **given)
         finally:
@@ -308,21 +343,12 @@ class _BankEditing:
         progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         steps = given.get("num_inference_steps") or INVERSION_STEPS
         output_type = given.get("output_type", "pil")
-        # SDXL's VAE in fp16 overflows: in fp32 for the encode and the decode, as diffusers'
-        # own call upcasts it around its decode.
-        upcast = needs_fp32_vae(self)
-        if upcast:
-            self.vae.to(torch.float32)
-        try:
-            start = request.from_pixels(self._pixels(image, model.resolution), inversion_steps or steps)
-            request.invert(model, [start], progress=progress)
-            x0 = sampler.sample(
-                model, start.x_T, parsed, steps=steps, start_t=start.start_t, progress=progress
-            )
-            images = x0 if output_type == "latent" else sampler.decode(model, x0)  # (N, H, W, 3) in [0, 1]
-        finally:
-            if upcast:
-                self.vae.to(torch.float16)
+        # SDXL's VAE in fp16 overflows: the encode and the decode use `model.pixel_vae`, an fp32
+        # copy (diffusers upcasts `pipe.vae` in place instead, which concurrent calls race on).
+        start = request.from_pixels(self._pixels(image, model.resolution), inversion_steps or steps)
+        request.invert(model, [start], progress=progress)
+        x0 = sampler.sample(model, start.x_T, parsed, steps=steps, start_t=start.start_t, progress=progress)
+        images = x0 if output_type == "latent" else sampler.decode(model, x0)  # (N, H, W, 3) in [0, 1]
         nsfw = None
         if output_type != "latent":
             if getattr(self, "safety_checker", None) is not None:  # an SD checkpoint with its checker
@@ -455,9 +481,10 @@ class NoiseCLRPipeline(_BankEditing, StableDiffusionPipeline):
         names an SDXL pipeline) gives a `NoiseCLRXLPipeline`, so one line loads either family."""
         name = str(pretrained_model_name_or_path)
         source = str(EMBEDDED[name]) if name in EMBEDDED else name
+        hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}  # a private, pinned or offline repo
         try:
-            sdxl = cls is NoiseCLRPipeline and _pipeline_class(source) is StableDiffusionXLPipeline
-        except Exception:  # no model_index.json to read: diffusers' own load says what is wrong
+            sdxl = cls is NoiseCLRPipeline and _pipeline_class(source, **hub) is StableDiffusionXLPipeline
+        except (OSError, ValueError):  # no model_index.json to read: diffusers' own load says why
             sdxl = False
         if sdxl:
             return NoiseCLRXLPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -242,7 +242,7 @@ def sample(
 @torch.no_grad()
 def decode(model: DiffusionModel, latents: torch.Tensor) -> np.ndarray:
     """Latents -> (N, H, W, 3) float images in [0, 1]."""
-    vae = model.pipe.vae
+    vae = model.pixel_vae
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -250,7 +250,7 @@ def decode(model: DiffusionModel, latents: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def encode(model: DiffusionModel, pixels: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [-1, 1] -> scaled latents (posterior mean)."""
-    vae = model.pipe.vae
+    vae = model.pixel_vae
     return vae.encode(pixels.to(model.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
 
 

@@ -409,10 +409,15 @@ def measure_bank(
 
 
 def random_bank(model: DiffusionModel, like: DirectionBank, seed: int = 0) -> DirectionBank:
-    """The floor: random token-embedding directions of the same count and norm as `like`."""
+    """The floor: random token-embedding directions of the same count and norm as `like` (an
+    SDXL pair: each half at the norm of `like`'s half, as its encoders see them)."""
     g = torch.Generator().manual_seed(seed)
     vectors = torch.randn(like.directions.shape, generator=g)
-    vectors = vectors / vectors.norm(dim=1, keepdim=True) * like.directions.norm(dim=1, keepdim=True)
+    widths = list(like.base_model.get("widths") or [like.directions.shape[1]])
+    halves = zip(vectors.split(widths, dim=1), like.directions.split(widths, dim=1), strict=True)
+    vectors = torch.cat(
+        [v / v.norm(dim=1, keepdim=True) * d.norm(dim=1, keepdim=True) for v, d in halves], dim=1
+    )
     return DirectionBank(
         vectors, dict(like.base_model), name="random", config={"method": "noiseclr", "random": True}
     )

@@ -10,6 +10,7 @@ so none of them knows which one it got.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -95,6 +96,22 @@ class DiffusionModel:
     @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
+
+    @property
+    def pixel_vae(self):
+        """The VAE that turns pixels into latents and back here: the pipeline's own, or for an
+        SDXL model in fp16 an fp32 copy of it. SDXL's VAE overflows in fp16 (black or NaN
+        images); diffusers' own call upcasts `pipe.vae` in place around its decode, which
+        concurrent calls on one pipeline (a replica's threads) would race on, so the sampler,
+        inversion and latent encoding read this copy and never change `pipe.vae`."""
+        vae = self.pipe.vae
+        if not needs_fp32_vae(self.pipe):
+            return vae
+        cached = self.pipe.__dict__.get("_noiseclr_vae32")  # made once per pipeline and VAE
+        if cached is None or cached[0] is not vae or cached[1].device != vae.device:
+            cached = (vae, copy.deepcopy(vae).to(dtype=torch.float32))
+            self.pipe.__dict__["_noiseclr_vae32"] = cached
+        return cached[1]
 
     @property
     def has_oracle(self) -> bool:
@@ -225,18 +242,28 @@ def cast(pipe, dtype: torch.dtype | dict) -> None:
 
 
 def needs_fp32_vae(pipe) -> bool:
-    """The VAE is in fp16 and its config says it must run in fp32 (`force_upcast`: SDXL's)."""
+    """An SDXL pipeline whose VAE is in fp16 and says it must run in fp32 (`force_upcast`, which
+    StableDiffusionXLPipeline honours; SD's pipeline never reads it, and every VAE config has
+    it, diffusers' default)."""
     vae = getattr(pipe, "vae", None)
-    return vae is not None and vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+    return (
+        family_of(pipe) == "sdxl"
+        and vae is not None
+        and vae.dtype == torch.float16
+        and bool(vae.config.get("force_upcast", False))
+    )
 
 
-def _pipeline_class(source: str) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+def _pipeline_class(source: str, **hub) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
     """The class to load `source` (a folder or hub id) with, read from its model_index.json's
     `_class_name`: any SDXL pipeline's name (StableDiffusionXL...) -> `StableDiffusionXLPipeline`,
     anything else -> `StableDiffusionPipeline`, as every folder loaded before SDXL was supported."""
     index = Path(source) / "model_index.json"
     # a hub id: its model_index.json only (network or the Hugging Face cache)
-    config = json.loads(index.read_text()) if index.is_file() else DiffusionPipeline.load_config(source)
+    # (`hub`: from_pretrained's token, revision, cache_dir, local_files_only... for a hub id)
+    config = (
+        json.loads(index.read_text()) if index.is_file() else DiffusionPipeline.load_config(source, **hub)
+    )
     name = str(config.get("_class_name") or "")
     return StableDiffusionXLPipeline if name.startswith("StableDiffusionXL") else StableDiffusionPipeline
 
@@ -303,10 +330,6 @@ def load_model(
     pipe.set_progress_bar_config(disable=True)
     stamp, legacy = fingerprints(pipe)
     cast(pipe, dtype)
-    if needs_fp32_vae(pipe):
-        # SDXL's VAE overflows in fp16 (black or NaN images; diffusers upcasts it around each
-        # decode). Every VAE call here feeds it its own dtype, so it simply stays in fp32.
-        pipe.vae.to(torch.float32)
     pipe.to(resolve_device(device))
     return DiffusionModel(
         pipe=pipe, source=name_or_path, fingerprint=stamp, world=world, legacy_fingerprint=legacy

@@ -88,7 +88,7 @@ def _train_single(
     from noiseclr.utils.memory import peak_rss_mib
 
     images = load_latents(
-        data, model.resolution, model.pipe.vae, limit=cfg.data.n_images, storage_options=cfg.storage.options
+        data, model.resolution, model.pixel_vae, limit=cfg.data.n_images, storage_options=cfg.storage.options
     )
     trainer = DiscoveryTrainer(cfg, model, images.latents, state)
     trainer.on_step = live.step if live is not None else None
