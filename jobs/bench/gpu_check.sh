@@ -11,7 +11,11 @@ PY=python3
 # A wheel larger than one device call may carry (ray's) travels split (`split -b 60M W.whl
 # .whl/W.whl.part-`), its parts carried by successive calls; joined here before the install.
 for first in .whl/*.whl.part-aa; do
-  [ -e "$first" ] && cat "${first%.part-aa}".part-* > "${first%.part-aa}"
+  [ -e "$first" ] || continue
+  whl="${first%.part-aa}"
+  cat "$whl".part-* > "$whl"
+  # a part missing (a call that did not carry it) leaves a truncated zip: say so, not pip
+  python3 -m zipfile -t "$whl" >/dev/null 2>&1 || { echo "$whl: parts missing or damaged ($(ls "$whl".part-* | wc -l) found)"; rm -f "$whl"; }
 done
 if [ -x .venv/bin/python ]; then
   PY=.venv/bin/python
