@@ -140,10 +140,8 @@ def test_discovery_trains_pairs_and_an_edit_moves_the_sdxl_image(sdxl, tmp_path)
 def sdxl_bank(model: DiffusionModel, name: str = "px"):
     from noiseclr.bank import DirectionBank
 
-    widths = list(text_encoders(model.pipe).widths)
-    pairs = torch.randn(3, sum(widths), generator=torch.Generator().manual_seed(6))
-    base = {"source": model.source, "fingerprint": model.fingerprint, "hidden_size": sum(widths)}
-    return DirectionBank(pairs, {**base, "family": "sdxl", "widths": widths}, name=name)
+    pairs = torch.randn(3, sum(model.token_widths), generator=torch.Generator().manual_seed(6))
+    return DirectionBank(pairs, model.bank_record(), name=name)
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "a1111", "comfyui", "kohya"])

@@ -35,10 +35,8 @@ def folder(tmp_path_factory):
 def bank_dir(folder, tmp_path_factory):
     """Random pairs of the folder's widths, recorded as learnt on it."""
     model = load_model(str(folder), device="cpu")
-    widths = list(model.token_widths)
-    pairs = 2 * torch.randn(3, sum(widths), generator=torch.Generator().manual_seed(6))
-    base = {"source": model.source, "fingerprint": model.fingerprint, "hidden_size": sum(widths)}
-    bank = DirectionBank(pairs, {**base, "family": "sdxl", "widths": widths}, name="px")
+    pairs = 2 * torch.randn(3, sum(model.token_widths), generator=torch.Generator().manual_seed(6))
+    bank = DirectionBank(pairs, model.bank_record(), name="px")
     return bank.save(tmp_path_factory.mktemp("bank") / "px")
 
 

@@ -1099,7 +1099,6 @@ def test_an_sdxl_bank_is_served_with_seeds_prompts_uploads_and_thumbnails(server
     from ray import serve
 
     from noiseclr.bank import DirectionBank
-    from noiseclr.conditioning import text_encoders
     from noiseclr.errors import BankError
     from noiseclr.models.base import load_model
     from noiseclr.models.standin import write_sdxl
@@ -1107,11 +1106,9 @@ def test_an_sdxl_bank_is_served_with_seeds_prompts_uploads_and_thumbnails(server
 
     folder = write_sdxl(tmp_path / "sdxl")
     model = load_model(str(folder), device="cpu")
-    widths = list(text_encoders(model.pipe).widths)
-    base = {"source": str(folder), "fingerprint": model.fingerprint, "hidden_size": sum(widths)}
     pairs = DirectionBank(
-        torch.randn(3, sum(widths)) * 0.3,
-        {**base, "family": "sdxl", "widths": widths},
+        torch.randn(3, sum(model.token_widths)) * 0.3,
+        model.bank_record(),
         name="faces",
         config={"gallery_prompt": "a photo of a face"},  # the domain a request without a prompt gets
     )

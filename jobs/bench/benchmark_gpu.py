@@ -160,10 +160,7 @@ def edit_latency(model: DiffusionModel, trainer: DiscoveryTrainer, args, folder:
     from noiseclr.serving.schema import EditItem, EditRequest
 
     dirs = trainer.directions.detach().float().cpu()[:8]
-    base = {"source": model.source, "fingerprint": model.fingerprint, "hidden_size": dirs.shape[1]}
-    if model.family == "sdxl":
-        base |= {"family": "sdxl", "widths": list(model.token_widths)}
-    bank = DirectionBank(dirs, base, name="gpucheck", edit_defaults={"window": [600, 0]})
+    bank = DirectionBank(dirs, model.bank_record(), name="gpucheck", edit_defaults={"window": [600, 0]})
     bank.save(folder / "bank")
     cfg = ServeConfig(
         model=str(folder), device=args.device, precision="bf16", banks={"b": str(folder / "bank")}

@@ -46,8 +46,6 @@ class FixedNorm:
 
     def __call__(self, directions: torch.Tensor) -> torch.Tensor:
         unit = torch.nn.functional.normalize
-        if len(self.widths) == 1:
-            return unit(directions, dim=-1) * self.norms[0].to(directions)
         parts = directions.split(list(self.widths), dim=-1)
         return torch.cat([unit(p, dim=-1) * n.to(p) for p, n in zip(parts, self.norms, strict=True)], dim=-1)
 

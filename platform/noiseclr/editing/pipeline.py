@@ -48,7 +48,7 @@ from noiseclr.editing import request, sampler
 from noiseclr.editing.defaults import INVERSION_STEPS, SEED_STEPS
 from noiseclr.editing.denoiser import DirectionTerms, EditingHook
 from noiseclr.errors import BankError, EditError, ImageError
-from noiseclr.models.base import EMBEDDED, DiffusionModel, _pipeline_class, cast, fingerprints
+from noiseclr.models.base import EMBEDDED, DiffusionModel, cast, fingerprints, pipeline_class
 from noiseclr.models.generate import default_guidance, latent_shape
 
 log = logging.getLogger(__name__)
@@ -313,9 +313,7 @@ class _BankEditing:
             given.get("negative_original_size") is not None and given.get("negative_target_size") is not None
         )
         EditingHook.install(self.unet)
-        end = EditingHook.editing(
-            self.unet, terms, total, uncond_empty and not from_text, text_empty, from_text
-        )
+        end = EditingHook.editing(self.unet, terms, total, uncond_empty, text_empty, from_text)
         try:
             return self._base.__call__(self, **given)
         finally:
@@ -483,7 +481,7 @@ class NoiseCLRPipeline(_BankEditing, StableDiffusionPipeline):
         source = str(EMBEDDED[name]) if name in EMBEDDED else name
         hub = {k: kwargs[k] for k in HUB_OPTIONS if k in kwargs}  # a private, pinned or offline repo
         try:
-            sdxl = cls is NoiseCLRPipeline and _pipeline_class(source, **hub) is StableDiffusionXLPipeline
+            sdxl = cls is NoiseCLRPipeline and pipeline_class(source, **hub) is StableDiffusionXLPipeline
         except (OSError, ValueError):  # no model_index.json to read: diffusers' own load says why
             sdxl = False
         if sdxl:

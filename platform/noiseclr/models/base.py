@@ -88,6 +88,18 @@ class DiffusionModel:
         encoders = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
         return tuple(int(e.get_input_embeddings().embedding_dim) for e in encoders if e is not None)
 
+    def bank_record(self) -> dict:
+        """What a bank of token directions records of the model it was learnt on (its
+        `base_model`): the source, the fingerprint, the direction width, the family, and for an
+        SDXL pair each encoder's part of it."""
+        return {
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "hidden_size": sum(self.token_widths),
+            "family": self.family,
+            **({"widths": list(self.token_widths)} if self.family == "sdxl" else {}),
+        }
+
     @property
     def resolution(self) -> int:
         """The side in pixels the model was trained at (SD 1.5: 512, SDXL: 1024)."""
@@ -254,7 +266,7 @@ def needs_fp32_vae(pipe) -> bool:
     )
 
 
-def _pipeline_class(source: str, **hub) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+def pipeline_class(source: str, **hub) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
     """The class to load `source` (a folder or hub id) with, read from its model_index.json's
     `_class_name`: any SDXL pipeline's name (StableDiffusionXL...) -> `StableDiffusionXLPipeline`,
     anything else -> `StableDiffusionPipeline`, as every folder loaded before SDXL was supported."""
@@ -266,6 +278,16 @@ def _pipeline_class(source: str, **hub) -> type[StableDiffusionPipeline] | type[
     )
     name = str(config.get("_class_name") or "")
     return StableDiffusionXLPipeline if name.startswith("StableDiffusionXL") else StableDiffusionPipeline
+
+
+def read_pipeline(source: str) -> Pipeline:
+    """The pipeline in `source` (a folder or hub id) as stored, of the class its model_index.json
+    names (`pipeline_class`), weights from safetensors only (no pickle), no safety checker."""
+    if pipeline_class(source) is StableDiffusionXLPipeline:
+        return StableDiffusionXLPipeline.from_pretrained(source, use_safetensors=True)
+    return StableDiffusionPipeline.from_pretrained(
+        source, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+    )
 
 
 def _resolve(name_or_path: str) -> tuple[str, dict | None]:
@@ -311,12 +333,7 @@ def load_model(
     to `dtype`: a bank records the model it was learnt on, not the precision it ran at."""
     source, world = _resolve(name_or_path)
     try:
-        if _pipeline_class(source) is StableDiffusionXLPipeline:
-            pipe = StableDiffusionXLPipeline.from_pretrained(source, use_safetensors=True)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(  # weights from safetensors only, no pickle
-                source, safety_checker=None, requires_safety_checker=False, use_safetensors=True
-            )
+        pipe = read_pipeline(source)
     except Exception as err:  # hub unreachable, missing files, wrong layout: one clear error
         raise ModelLoadError(
             f"could not load {name_or_path!r}: {err}. A hub id needs network access or the model "

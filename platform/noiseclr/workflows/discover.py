@@ -127,13 +127,7 @@ def bank_from_state(
     norm = fixed_norm(cfg, text_encoders(model.pipe))  # the directions as the model saw them
     return DirectionBank(
         directions=shaped(state.directions.float(), norm),
-        base_model={
-            "source": model.source,
-            "fingerprint": model.fingerprint,
-            "hidden_size": int(state.directions.shape[1]),
-            "family": model.family,  # "sdxl": pairs, one embedding per text encoder
-            **({"widths": list(model.token_widths)} if model.family == "sdxl" else {}),
-        },
+        base_model=model.bank_record(),
         name=cfg.name,
         config=cfg.record(),  # the flat record every bank holds
         metrics={

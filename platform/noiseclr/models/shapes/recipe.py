@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from noiseclr.domains import shapes
 from noiseclr.errors import ConfigError
-from noiseclr.models.base import _pipeline_class, resolve_device
+from noiseclr.models.base import read_pipeline, resolve_device
 from noiseclr.models.shapes.architecture import (
     ArchitectureConfig,
     build_pipeline,
@@ -485,12 +485,7 @@ def train_base_model(cfg: RecipeConfig, out: str | Path) -> dict:
     vae_steps = 0
     schedule = noise_schedule(cfg.prediction_type, cfg.zero_terminal_snr)
     if cfg.init_from:
-        if _pipeline_class(cfg.init_from) is StableDiffusionXLPipeline:  # an SDXL stage continued
-            pipe = StableDiffusionXLPipeline.from_pretrained(cfg.init_from, use_safetensors=True)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                cfg.init_from, safety_checker=None, requires_safety_checker=False, use_safetensors=True
-            )
+        pipe = read_pipeline(cfg.init_from)  # SD, or an SDXL stage continued
         pipe.vae.to(device).requires_grad_(False)
         pipe.scheduler = DDIMScheduler(**schedule)
         rebuild(cfg.arch, pipe, cfg.fresh)
