@@ -245,3 +245,34 @@ def test_merge_keeps_one_direction_per_duplicate_group_and_drops_the_dead(shapes
     assert m.scales(1) is not None and m.calibration == "blind"
     again = CliRunner().invoke(app, args)  # never over a bank
     assert again.exit_code != 0 and "already holds a bank" in again.output
+
+
+def test_bank_aggregates_count_different_edits_once_and_recompute_without_the_model():
+    """The bank-level candidates (sweep objectives) on hand-made banks: two different edits
+    against one edit twice; a dead direction adds nothing; packed edits give the same figures."""
+    two = [[edit(-PATTERN), edit(PATTERN)], [edit(-OTHER), edit(OTHER)]]
+    dup = [[edit(-PATTERN), edit(PATTERN)], [edit(-PATTERN), edit(PATTERN)]]
+    a2, ad = score_edits(two, 20)["aggregates"], score_edits(dup, 20)["aggregates"]
+    value = {k: v["value"] for k, v in a2.items()}
+    assert set(value) == set(blind.AGGREGATES)
+    assert value["distinct_live"] == 2 and ad["distinct_live"]["value"] == 1
+    assert value["diversity"] > 1.5 and ad["diversity"]["value"] == pytest.approx(1, abs=0.01)
+    with_dead = score_edits([*two, [noise_edit(), noise_edit()]], 20)["aggregates"]
+    assert with_dead["sum_score"]["value"] == pytest.approx(value["sum_score"], abs=1e-4)
+    assert with_dead["mean_score"]["value"] == pytest.approx(value["sum_score"] / 3, abs=1e-4)
+    assert value["top3"] == pytest.approx(value["sum_score"] / 3, abs=1e-4)  # two live of three slots
+    low, high = a2["mean_score"]["interval"]  # resampled images move it
+    assert low < high and low <= value["mean_score"] <= high
+    again = score_edits(blind.unpack_edits(blind.pack_edits(two)), 20)["aggregates"]
+    assert {k: v["value"] for k, v in again.items()} == pytest.approx(value, abs=2e-3)
+
+
+def test_rank_correlation_and_its_interval_over_banks():
+    from noiseclr.evaluation.stats import bootstrap_interval, spearman
+
+    a = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert spearman(a, a * 3) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    assert np.isnan(spearman(a, np.ones(5)))  # a constant side has no ranking
+    assert bootstrap_interval(spearman, a, a**2) == [1.0, 1.0]  # every resample keeps the order
+    low, high = bootstrap_interval(spearman, a, np.array([0.3, 0.1, 0.5, 0.2, 0.4]))
+    assert -1 <= low < high <= 1

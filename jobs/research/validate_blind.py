@@ -26,27 +26,12 @@ import torch
 from noiseclr.bank import DirectionBank
 from noiseclr.domains import shapes
 from noiseclr.evaluation import blind, evaluate
+from noiseclr.evaluation.stats import bootstrap_interval as interval
+from noiseclr.evaluation.stats import spearman
 from noiseclr.models.base import load_model
 
 FIXED = {"x": "center", "y": "middle"}
 SHIPPED = Path(__file__).resolve().parents[2] / "platform/noiseclr/pretrained/banks/shapes"
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho (average ranks for ties); nan when either side is constant."""
-
-    def ranks(x: np.ndarray) -> np.ndarray:
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):  # ties share their mean rank
-            r[x == v] = r[x == v].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,16 +44,6 @@ def balanced(a: np.ndarray, b: np.ndarray) -> float:
     if a.all() or not a.any():
         return float("nan")
     return float(((b[a]).mean() + (~b[~a]).mean()) / 2)
-
-
-def interval(stat, *cols: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    n = len(cols[0])
-    vals = [stat(*(c[idx] for c in cols)) for idx in (rng.integers(0, n, n) for _ in range(n_boot))]
-    vals = np.array([v for v in vals if np.isfinite(v)])
-    if not vals.size:
-        return [float("nan"), float("nan")]
-    return [round(float(np.quantile(vals, q)), 3) for q in (0.025, 0.975)]
 
 
 def tiny_bank(like: DirectionBank, k: int = 4, norm: float = 0.01) -> DirectionBank:

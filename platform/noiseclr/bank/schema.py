@@ -104,6 +104,13 @@ class DirectionScore(Record):
     KEEP_NONE: ClassVar[tuple[str, ...]] = ("duplicate_of",)
 
 
+class BankFigure(Record):
+    """One bank-level figure of the oracle-free measurement, with its bootstrap interval."""
+
+    value: float
+    interval: tuple[float, float]
+
+
 class Scores(Record):
     """The oracle-free measurement of a whole bank (evaluation/blind.py), with the protocol and
     the images it was measured on."""
@@ -117,6 +124,8 @@ class Scores(Record):
     groups: list[list[int]]
     directions: list[DirectionScore]
     protocol: dict[str, Any] = {}
+    # bank-level candidates (evaluation.blind.AGGREGATES); the sweeps' objective is one of them
+    aggregates: dict[str, BankFigure] = {}
 
     def dump(self) -> dict[str, Any]:
         out = super().dump()

@@ -386,13 +386,17 @@ def score_edits(
     base = min(abs(e.scale) for pair in edits for e in pair) if ladder0 is None else ladder0
     steps = np.array([[np.log2(abs(e.scale) / base) for e in pair] for pair in edits])
     score = np.vectorize(edit_score)(cons, distinct, area, live, steps)
+    drifts = np.array([[e.drift for e in pair] for pair in edits])
+    whole = bank_aggregates(score, cons, area, drifts, live, cross)
     n = len(edits[0][0].deltas)
     rng = np.random.default_rng(seed)
-    boots = []
+    boots, agg_boots = [], []
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
-        c, d, a, lv, _ = _signed_stats(edits, per_image, idx)
-        boots.append(np.vectorize(edit_score)(c, d, a, lv, steps).max(axis=1))
+        c, d, a, lv, cr = _signed_stats(edits, per_image, idx)
+        s = np.vectorize(edit_score)(c, d, a, lv, steps)
+        boots.append(s.max(axis=1))
+        agg_boots.append(bank_aggregates(s, c, a, drifts, lv, cr))
     boots = np.array(boots)  # (B, K)
     groups = duplicate_groups(cross, live)
     best = score.max(axis=1)
@@ -447,8 +451,116 @@ def score_edits(
         ),
         "order": order,
         "groups": [g for g in groups if len(g) > 1],
+        # bank-level candidates (AGGREGATES), each with its interval over the same resamples
+        "aggregates": {
+            name: {
+                "value": round(float(value), 4),
+                "interval": [
+                    round(float(np.quantile([b[name] for b in agg_boots], q)), 4) for q in (0.025, 0.975)
+                ]
+                if agg_boots
+                else [round(float(value), 4)] * 2,
+            }
+            for name, value in whole.items()
+        },
         "directions": directions,
     }
+
+
+# Bank-level figures measured as sweep objectives against the oracle across banks
+# (jobs/research/validate_bank_objective.py, docs/oracle-free.md).
+OBJECTIVE = "mean_score"  # the sweeps' objective where no oracle exists (validated in docs/oracle-free.md)
+AGGREGATES = (
+    "mean_score",  # mean direction score, dead directions and duplicates 0 (the `score`)
+    "sum_score",  # the same summed: more good edits count more
+    "top3",  # mean of the three best distinct scores (0 where fewer live)
+    "distinct_live",  # live duplicate groups
+    "diversity",  # effective number of different live edits (participation ratio of their cosines)
+    "consistency",  # mean consistency of the live edits (best sign of each group head)
+    "area",  # mean share of pixels the live edits disturb (damage)
+    "drift",  # mean drift of the live edits (damage)
+)
+
+
+def bank_aggregates(
+    score: np.ndarray,  # (K, 2) signed edit scores
+    cons: np.ndarray,  # (K, 2)
+    area: np.ndarray,  # (K, 2)
+    drifts: np.ndarray,  # (K, 2)
+    live: np.ndarray,  # (K, 2) bool
+    cross: np.ndarray,  # (K, 2, K, 2) mean cosine between signed changes
+) -> dict[str, float]:
+    """Every candidate of AGGREGATES for one bank, from its signed edits' figures."""
+    k = len(score)
+    best_sign = score.argmax(axis=1)
+    best = score.max(axis=1)
+    heads = []  # live directions that head their duplicate group
+    for group in duplicate_groups(cross, live):
+        head = max(group, key=lambda j: (best[j], -j))
+        if live[head].any():
+            heads.append(head)
+    sign = [int(best_sign[h]) if live[h, best_sign[h]] else int(live[h].argmax()) for h in heads]
+    vals = np.sort(best[heads])[::-1] if heads else np.zeros(0)
+    if heads:
+        g = np.abs(
+            np.array(
+                [
+                    [cross[a, sa, b, sb] for b, sb in zip(heads, sign, strict=True)]
+                    for a, sa in zip(heads, sign, strict=True)
+                ]
+            )
+        )
+        diversity = float(len(heads) ** 2 / max((g**2).sum(), 1e-12))
+    else:
+        diversity = 0.0
+
+    def on_heads(m: np.ndarray) -> float:
+        return float(np.mean([m[h, s] for h, s in zip(heads, sign, strict=True)])) if heads else 0.0
+
+    return {
+        "mean_score": float(vals.sum() / k) if k else 0.0,
+        "sum_score": float(vals.sum()),
+        "top3": float(np.pad(vals, (0, max(0, 3 - len(vals))))[:3].mean()),
+        "distinct_live": float(len(heads)),
+        "diversity": diversity,
+        "consistency": on_heads(cons),
+        "area": on_heads(area),
+        "drift": on_heads(drifts),
+    }
+
+
+def pack_edits(edits: list[list[SignedEdit]]) -> dict[str, np.ndarray]:
+    """Signed edits as arrays (np.savez), so bank figures can be recomputed without the model."""
+    n = len(edits[0][0].deltas)
+    return {
+        "deltas": np.array([[e.deltas for e in pair] for pair in edits], dtype=np.float16),
+        "scales": np.array([[e.scale for e in pair] for pair in edits]),
+        "reached": np.array([[e.reached for e in pair] for pair in edits]),
+        "drift": np.array([[e.drift for e in pair] for pair in edits]),
+        "null_cos": np.array(
+            [[e.null_cos if e.null_cos is not None else np.full(n, np.nan) for e in pair] for pair in edits]
+        ),
+    }
+
+
+def unpack_edits(arrays) -> list[list[SignedEdit]]:
+    """pack_edits' arrays back to signed edits."""
+    out = []
+    for k in range(len(arrays["scales"])):
+        pair = []
+        for s in range(2):
+            null = arrays["null_cos"][k, s]
+            pair.append(
+                SignedEdit(
+                    float(arrays["scales"][k, s]),
+                    bool(arrays["reached"][k, s]),
+                    arrays["deltas"][k, s].astype(np.float32),
+                    float(arrays["drift"][k, s]),
+                    None if np.isnan(null).all() else null,
+                )
+            )
+        out.append(pair)
+    return out
 
 
 def distinct_live(result: dict) -> list[int]:

@@ -1,0 +1,186 @@
+"""Which bank-level oracle-free figure ranks banks the way the oracle does? A validation set of
+banks of the main domain (sweep-like trials over k, tau, t range, lr and seeds, deliberately
+weak ones, the shipped bank, the words, random directions, pullback, a merged bank), each
+measured with the oracle (alignment and coverage, with intervals) and without it, on the same
+images for every bank; then the rank correlation of every candidate bank aggregate
+(`evaluation.blind.AGGREGATES`) with the oracle's alignment and coverage, with bootstrap
+intervals over banks.
+
+    python jobs/research/validate_bank_objective.py --out out/bank-objective          # all stages
+    python jobs/research/validate_bank_objective.py --out out/bank-objective --analyse-only
+
+Stages resume: trained banks (OUT/banks/NAME) and measured ones (OUT/measured/NAME.json, with
+the raw signed changes in NAME.npz, so new aggregates are computed without the model) are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noiseclr.bank import DirectionBank, merge_banks
+from noiseclr.domains import shapes
+from noiseclr.evaluation import blind, evaluate
+from noiseclr.evaluation.stats import bootstrap_interval, spearman
+from noiseclr.models.base import load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "jobs/shapes.yaml"
+SHIPPED = ROOT / "platform/noiseclr/pretrained/banks/shapes"
+FIXED = {"x": "center", "y": "middle"}
+# Trials a sweep would try (flat job keys over jobs/shapes.yaml), and weak ones on purpose.
+TRIALS: dict[str, dict] = {
+    "k12-200": {"steps": 200},
+    "k12-200-seed1": {"steps": 200, "seed": 1},
+    "k8-200": {"steps": 200, "k": 8},
+    "k16-tau0.15-t999": {"steps": 200, "k": 16, "tau": 0.15, "t_max": 999},
+    "tau0.9-t200-800": {"steps": 200, "tau": 0.9, "t_min": 200, "t_max": 800},
+    "tau0.3-t400": {"steps": 200, "tau": 0.3, "t_max": 400},
+    "few-30": {"steps": 30},  # barely trained
+    "lr5e-4": {"steps": 200, "lr": 5e-4},  # barely moves
+    "no-strength": {"steps": 200, "strength_weight": 0.0},  # more dead directions
+}
+
+
+def train(out: Path) -> dict[str, Path]:
+    """Each trial's bank (trained once; its folder kept)."""
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.workflows.discover import run_discovery
+
+    folders = {}
+    for name, values in TRIALS.items():
+        folder = out / "banks" / name
+        if not (folder / "bank" / "bank.json").exists():
+            t0 = time.perf_counter()
+            cfg = DiscoveryConfig.from_yaml(JOB, evaluate=False, gallery=False, **values)
+            run_discovery(cfg, folder)
+            print(f"trained {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        folders[name] = folder / "bank"
+    return folders
+
+
+def banks(out: Path, model) -> dict[str, DirectionBank]:
+    main = DirectionBank.load(SHIPPED, model)
+    found = {"main-450": main}
+    found.update({name: DirectionBank.load(f, model) for name, f in train(out).items()})
+    found["words"] = evaluate.word_bank(model)
+    found["random-s0"] = evaluate.random_bank(model, main, seed=0)
+    found["random-s1"] = evaluate.random_bank(model, found["k8-200"], seed=1)
+    found["merged"] = merge_banks([main, found["k12-200-seed1"]], "merged")
+    if not (out / "measured" / "pullback.json").exists():
+        from noiseclr.discovery.pullback import discover_pullback
+        from noiseclr.editing.sampler import encode
+
+        pixels = shapes.render(shapes.sample_scenes(16, seed=0, fixed=FIXED), model.resolution) * 2 - 1
+        found["pullback"] = discover_pullback(model, encode(model, pixels), k=8, seed=0, progress=False)
+    return found
+
+
+def measure(out: Path, n: int) -> None:
+    """Both measurements of every bank, on one set of images each (kept across banks)."""
+    model = load_model("shapes", device="cpu")
+    todo = {k: v for k, v in banks(out, model).items() if not (out / "measured" / f"{k}.json").exists()}
+    if not todo:
+        return
+    (out / "measured").mkdir(parents=True, exist_ok=True)
+    oracle = evaluate.Harness(model, evaluate.Protocol(fixed=FIXED, n_images=n), progress=False)
+    scenes = shapes.sample_scenes(n + 4, seed=4242, fixed=FIXED)  # plain pixels for the blind side
+    real = shapes.render(scenes, model.resolution) * 2 - 1
+    protocol = blind.BlindProtocol(prompt="a shape at middle center", n_images=n, window=oracle.p.window)
+    harness = blind.BlindHarness(model, protocol, real=real, progress=False)
+    for name, bank in todo.items():
+        t0 = time.perf_counter()
+        edits = harness.signed_edits(bank)
+        ladder0 = harness.ladder(bank)[0]
+        measured = blind.score_edits(edits, ladder0=ladder0)
+        t1 = time.perf_counter()
+        graded = oracle.evaluate(bank)
+        np.savez_compressed(out / "measured" / f"{name}.npz", **blind.pack_edits(edits), ladder0=ladder0)
+        record = {
+            "bank": name,
+            "directions": len(bank),
+            "alignment": graded["alignment"],
+            "alignment_interval": graded["scores"]["all"]["intervals"]["alignment"],
+            "coverage": graded["coverage"],
+            "coverage_count": graded["coverage_count"],
+            "best_per_factor": graded["scores"]["all"].get("best_per_factor"),
+            "blind": {k: v for k, v in measured.items() if k != "directions"},
+            "seconds": {"blind": round(t1 - t0, 1), "oracle": round(time.perf_counter() - t1, 1)},
+        }
+        (out / "measured" / f"{name}.json").write_text(json.dumps(record, indent=1))
+        print(
+            f"{name}: alignment {record['alignment']:.3f}, score {measured['score']:.3f} "
+            f"({record['seconds']})",
+            flush=True,
+        )
+
+
+def analyse(out: Path) -> str:
+    records = [json.loads(p.read_text()) for p in sorted((out / "measured").glob("*.json"))]
+    aggregates = {}
+    for r in records:
+        edits = blind.unpack_edits(np.load(out / "measured" / f"{r['bank']}.npz"))
+        ladder0 = float(np.load(out / "measured" / f"{r['bank']}.npz")["ladder0"])
+        aggregates[r["bank"]] = blind.score_edits(edits, ladder0=ladder0)["aggregates"]
+    names = [r["bank"] for r in records]
+    align = np.array([r["alignment"] for r in records])
+    cover = np.array([r["coverage_count"] for r in records], dtype=float)
+    candidates = list(next(iter(aggregates.values())))
+    lines = [
+        f"{len(records)} banks of the main domain, each measured with the oracle and without it.",
+        "",
+        "| bank | directions | alignment [95% CI] | coverage | "
+        + " | ".join(f"{c} [95% CI]" if c == blind.OBJECTIVE else c for c in candidates)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(candidates),
+    ]
+    for r in sorted(records, key=lambda r: -r["alignment"]):
+        a = aggregates[r["bank"]]
+        cells = [
+            f"{a[c]['value']:.3f} {a[c]['interval']}" if c == blind.OBJECTIVE else f"{a[c]['value']:.3g}"
+            for c in candidates
+        ]
+        lines.append(
+            f"| {r['bank']} | {r['directions']} | {r['alignment']:.3f} {r['alignment_interval']} "
+            f"| {', '.join(r['coverage']) or '-'} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "| candidate | Spearman rho with alignment [95% CI over banks] | with coverage [95% CI] |",
+        "|---|---|---|",
+    ]
+    for c in candidates:
+        v = np.array([aggregates[n][c]["value"] for n in names])
+        rho_a, rho_c = spearman(v, align), spearman(v, cover)
+        lines.append(
+            f"| {c} | {rho_a:.2f} {bootstrap_interval(spearman, v, align)} "
+            f"| {rho_c:.2f} {bootstrap_interval(spearman, v, cover)} |"
+        )
+    text = "\n".join(lines)
+    (out / "bank-objective.md").write_text(text + "\n")
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("out/bank-objective"))
+    ap.add_argument("--n", type=int, default=4, help="generated and real images per measurement")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--analyse-only", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if not args.analyse_only:
+        measure(args.out, args.n)
+    print(analyse(args.out))
+    print(f"{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
