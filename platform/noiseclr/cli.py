@@ -563,10 +563,12 @@ def sweep(
     config: Path = typer.Option(Path("jobs/sweep-shapes.yaml"), help="Sweep YAML (space, milestones, job)."),
     out: Path = typer.Option(Path("out/sweep"), help="Output folder; rerunning resumes the sweep there."),
 ) -> None:
-    """Ray Tune sweep (ASHA + Optuna) over K, timestep range, tau...; objective: alignment.
+    """Ray Tune sweep (ASHA + Optuna) over K, timestep range, tau...; objective: the oracle's
+    alignment on the shapes world, the oracle-free bank objective on any other data.
 
-    With a tracking URI, trials are MLflow child runs of one sweep run and the best bank is
-    registered with the sweep's alias (default champion)."""
+    The leading trials are measured again on more images and the best by that figure is
+    chosen; with a tracking URI, trials are MLflow child runs of one sweep run and the chosen
+    bank is registered with the sweep's alias (default champion)."""
     from noiseclr.workflows.sweep import SweepConfig, run_sweep
 
     spec, job = SweepConfig.from_yaml(config)

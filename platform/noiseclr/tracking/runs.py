@@ -272,11 +272,19 @@ def log_discovery(
     }
     if evaluation:
         figures.update(alignment=evaluation["alignment"], coverage=evaluation["coverage_count"])
+        low, high = evaluation["scores"]["all"]["intervals"]["alignment"]
+        figures.update(alignment_low=low, alignment_high=high)
         figures.update({f"alignment.{name}": s["alignment"] for name, s in evaluation["scores"].items()})
     if bank.scores is not None:  # the oracle-free measurement, on any domain
+        from noiseclr.evaluation.blind import OBJECTIVE
+
         s = bank.scores
         figures.update(score=s.score, live_directions=s.live, dead_directions=s.dead)
-        figures.update(distinct_live=s.distinct_live)
+        figures.update(distinct_live=s.distinct_live, score_low=s.interval[0], score_high=s.interval[1])
+        figures.update({f"bank.{name}": f.value for name, f in s.aggregates.items()})
+        if objective := s.aggregates.get(OBJECTIVE):  # what a sweep maximises off the oracle
+            figures.update(objective=objective.value)
+            figures.update(objective_low=objective.interval[0], objective_high=objective.interval[1])
         figures.update({f"direction_score.{d.index}": d.score for d in s.directions})
     mlflow.log_metrics({k: float(v) for k, v in figures.items() if v is not None}, step=result.steps)
     for folder in ("gallery", "evaluation"):

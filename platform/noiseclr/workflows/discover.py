@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from noiseclr.bank import DirectionBank, EditDefaults
+from noiseclr.bank.schema import BankFigure
 from noiseclr.card import save_bank, write_card
 from noiseclr.conditioning import text_encoders
 from noiseclr.discovery import checkpoint
@@ -26,6 +27,7 @@ from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.step import check_schedule, fixed_norm, shaped
 from noiseclr.discovery.trainer import final_loss, start_state
 from noiseclr.errors import Preempted, UserError
+from noiseclr.evaluation.blind import OBJECTIVE
 from noiseclr.models.base import DiffusionModel, load_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -49,10 +51,12 @@ class DiscoveryResult:
     gallery: Path | None  # None with gallery.enabled: false
     html: Path | None
     alignment: float | None = None  # the measurement's summary (shapes world only)
+    alignment_interval: tuple[float, float] | None = None  # its 95% bootstrap interval
     coverage: int | None = None  # factors some direction moves cleanly
     run_id: str | None = None  # the MLflow run, when tracked
     score: float | None = None  # the oracle-free measurement (any domain): the bank's score
     live: int | None = None  # directions that edit something (not dead)
+    objective: BankFigure | None = None  # the sweeps' objective off the oracle (blind.OBJECTIVE)
     tracking_error: str | None = None  # the run's record did not reach MLflow (the bank is saved)
     card: Path | None = None  # the bank card, bank/README.md (None: a README.md of the user's is there)
 
@@ -140,21 +144,62 @@ def bank_from_state(
     )
 
 
+FRESH_SEED = 5000  # a re-measurement's generated images start this many seeds after the first's
+
+
+def blind_protocol(cfg: DiscoveryConfig, n: int | None = None, fresh: bool = False):
+    """The job's oracle-free protocol on `n` scored images per source (default: the job's);
+    `fresh`: other generated seeds than the first measurement's (a sweep's re-measurement)."""
+    from noiseclr.evaluation import blind
+
+    n = n or cfg.evaluation.images
+    return blind.BlindProtocol(
+        n_images=n,
+        calibration_images=min(4, n),
+        prompt=cfg.gallery.prompt,
+        steps=cfg.evaluation.steps,
+        inversion_steps=max(2, round(1.25 * cfg.evaluation.steps)),
+        window=None,  # each direction in its own edit window (the oracle's choice, else edit_window)
+        seed=cfg.optim.seed + 2000 + (FRESH_SEED if fresh else 0),
+    )
+
+
+def oracle_protocol(cfg: DiscoveryConfig, n: int | None = None, fresh: bool = False):
+    """The job's oracle protocol (shapes world), as blind_protocol."""
+    from noiseclr.evaluation import evaluate
+
+    n = n or cfg.evaluation.images
+    p = evaluate.Protocol(
+        fixed=cfg.data.world_fixed,
+        n_images=n,
+        calibration_images=min(4, n),
+        steps=cfg.evaluation.steps,
+        window=(cfg.evaluation.edit_window, 0),
+        windows=tuple(cfg.evaluation.windows),
+    )
+    return p.model_copy(update={"seed": p.seed + FRESH_SEED}) if fresh else p
+
+
+def blind_real(cfg: DiscoveryConfig, model: DiffusionModel, protocol, data: str, skip: int = 0):
+    """The real images the oracle-free measurement inverts: the data's first files after `skip`
+    (a re-measurement skips the files the first measurement read, where the folder has enough)."""
+    from noiseclr.data.images import ImageSet, load_images
+
+    want = protocol.n_images + protocol.calibration_images
+    found = load_images(data, model.resolution, limit=skip + want, storage_options=cfg.storage.options)
+    if len(found.files) - skip < min(want, 3):
+        log.warning("%s holds too few images for a re-measurement on others: measured on the same", data)
+        skip = 0
+    return ImageSet(pixels=found.pixels[skip:], files=found.files[skip:], bad_files=found.bad_files)
+
+
 def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBank, data: str) -> None:
     """The oracle-free measurement of `bank`, stored in it: generated images (the gallery's
     prompt) and the first training images, inverted. Works on any model and domain."""
     from noiseclr.evaluation import blind
 
-    protocol = blind.BlindProtocol(
-        n_images=cfg.evaluation.images,
-        calibration_images=min(4, cfg.evaluation.images),
-        prompt=cfg.gallery.prompt,
-        steps=cfg.evaluation.steps,
-        inversion_steps=max(2, round(1.25 * cfg.evaluation.steps)),
-        window=None,  # each direction in its own edit window (the oracle's choice, else edit_window)
-        seed=cfg.optim.seed + 2000,
-    )
-    real = blind.real_images(data, model, protocol, cfg.storage.options)
+    protocol = blind_protocol(cfg)
+    real = blind_real(cfg, model, protocol, data)
     blind.measure_into(model, bank, protocol, real.pixels, real_names=real.files)
     log.info("%s", blind.summary_line(bank.scores))
 
@@ -228,15 +273,7 @@ def run_discovery(
         if cfg.evaluation.enabled and cfg.data.uri is None and (model.world or {}).get("world") == "shapes":
             from noiseclr.evaluation import evaluate
 
-            protocol = evaluate.Protocol(
-                fixed=cfg.data.world_fixed,
-                n_images=cfg.evaluation.images,
-                calibration_images=min(4, cfg.evaluation.images),
-                steps=cfg.evaluation.steps,
-                window=(cfg.evaluation.edit_window, 0),
-                windows=tuple(cfg.evaluation.windows),
-            )
-            measured, paths = evaluate.measure_bank(model, bank, protocol, out / "evaluation")
+            measured, paths = evaluate.measure_bank(model, bank, oracle_protocol(cfg), out / "evaluation")
             log.info("alignment %.3f, coverage %s", measured["alignment"], measured["coverage"])
             report = paths["html"]
         bank_dir = save_bank(bank, out / "bank")  # kept whatever the measurement below does
@@ -276,9 +313,11 @@ def run_discovery(
             gallery=pages["grid"],
             html=pages["html"],
             alignment=measured["alignment"] if measured else None,
+            alignment_interval=measured and tuple(measured["scores"]["all"]["intervals"]["alignment"]),
             coverage=measured["coverage_count"] if measured else None,
             run_id=run.info.run_id if run else None,
             score=bank.scores.score if bank.scores else None,
+            objective=bank.scores.aggregates.get(OBJECTIVE) if bank.scores else None,
             live=bank.scores.live if bank.scores else None,
             card=card,
         )

@@ -1,6 +1,7 @@
 """Hyperparameter sweeps: Ray Tune over K, the timestep range, tau (and lr, negatives), each trial a
 discovery run, the objective a measurement of its bank (the loss is not a quality measure): the
-oracle's alignment on the shapes world, the oracle-free score (evaluation/blind.py) on any domain.
+oracle's alignment on the shapes world, the oracle-free bank objective (evaluation/blind.py,
+OBJECTIVE: validated against the oracle across banks in docs/oracle-free.md) on any domain.
 
     noiseclr sweep --config jobs/sweep-shapes.yaml --out out/sweep
 
@@ -8,8 +9,11 @@ Each trial trains in steps (`milestones`), measuring and reporting after each wi
 `ray.tune.report`, so ASHA stops weak trials early; Optuna (through Ray Tune's integration)
 proposes the next. A trial is one discovery workflow, resumed from its own checkpoints at every
 milestone, and may itself use Ray Train workers (`workers` in the base job: Train runs inside the
-Tune function). With a tracking URI each trial is an MLflow child run under one parent sweep run,
-and the best trial's bank is registered and given an alias. Rerunning the command resumes an
+Tune function). Every figure carries its bootstrap interval; before a bank is chosen the leading
+trials are measured again on more images (`remeasure`), as one measurement on a few images is
+noisy. With a tracking URI each trial is an MLflow child run under one parent sweep run (its
+figures, intervals and re-measurement logged), and the chosen trial's bank is registered and
+given an alias. `early_stopping: false` runs every trial to the end. Rerunning resumes an
 interrupted sweep. Results: OUT/sweep.csv, OUT/sweep.md and OUT/sweep.png (objective against each
 hyperparameter), logged to the parent run.
 """
@@ -31,7 +35,8 @@ from noiseclr.utils.raycluster import init_ray
 
 log = logging.getLogger(__name__)
 SWEPT = ("k", "t_range", "tau", "lr", "negatives")  # what a space may name
-FIGURES = ("alignment", "coverage", "score", "live", "steps")  # what a trial reports, besides the loss
+# what a trial reports, besides the loss (and each metric's 95% interval, METRIC_low / METRIC_high)
+FIGURES = ("alignment", "coverage", "objective", "score", "live", "steps")
 
 
 class Dimension(BaseModel):
@@ -64,6 +69,16 @@ class Dimension(BaseModel):
         return tune.randint(self.integer[0], self.integer[1] + 1)
 
 
+class Remeasure(BaseModel):
+    """How the sweep picks its bank: the `top` trials with the highest figure among those that
+    trained to the last milestone are measured again on `images` images per source (the same
+    images for each), and the highest re-measured figure wins (ties: the first measurement)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    top: int = Field(2, ge=0)  # 0 or 1: no re-measurement, the best figure wins
+    images: int = Field(8, ge=2)
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -77,10 +92,14 @@ class SweepConfig(BaseModel):
     max_concurrent: int = Field(1, ge=1)
     cpus_per_trial: float = Field(2, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
-    # alignment: the shapes world's oracle (data.uri: null); score: the oracle-free bank score, on any
-    # domain; auto: alignment where the oracle exists, else score.
-    metric: Literal["auto", "alignment", "score"] = "auto"
+    # alignment: the shapes world's oracle (data.uri: null); objective: the oracle-free bank
+    # objective validated against the oracle across banks (evaluation.blind.OBJECTIVE), on any
+    # domain; score: the oracle-free mean direction score; auto: alignment where the oracle
+    # exists, else objective.
+    metric: Literal["auto", "alignment", "objective", "score"] = "auto"
+    early_stopping: bool = True  # ASHA stops trials that trail at a milestone; false: every trial runs on
     reduction_factor: int = Field(2, ge=2)
+    remeasure: Remeasure = Field(default_factory=Remeasure)
     seed: int = 0
     name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
     register_alias: str = "champion"  # given to the best trial's registered bank
@@ -151,6 +170,7 @@ def _trial(config: dict) -> None:
     import torch
     from ray import tune
 
+    from noiseclr.bank import DirectionBank
     from noiseclr.workflows.discover import run_discovery
 
     torch.set_num_threads(max(1, int(config["_cpus"])))
@@ -160,14 +180,26 @@ def _trial(config: dict) -> None:
     run_id = None
     for steps in config["_milestones"]:
         last = steps == config["_milestones"][-1]
-        step_cfg = cfg.replace(steps=steps, register_bank=False, gallery=last)
+        step_cfg = cfg.replace(steps=steps, register_bank=False, gallery=last and cfg.gallery.enabled)
         result = run_discovery(step_cfg, out, parent_run_id=config.get("_parent"), run_id=run_id)
         run_id = result.run_id
+        bank = DirectionBank.load(result.bank)
+        intervals = {
+            "alignment": result.alignment_interval or (0.0, 0.0),
+            "objective": result.objective.interval if result.objective else (0.0, 0.0),
+            "score": bank.scores.interval if bank.scores else (0.0, 0.0),
+        }
         tune.report(
             {
                 "alignment": result.alignment if result.alignment is not None else 0.0,
                 "coverage": result.coverage or 0,
+                "objective": result.objective.value if result.objective else 0.0,
                 "score": result.score if result.score is not None else 0.0,
+                **{
+                    f"{m}_{end}": float(v[i])
+                    for m, v in intervals.items()
+                    for i, end in enumerate(("low", "high"))
+                },
                 "live": result.live or 0,
                 "loss": result.final_loss,
                 "steps": steps,
@@ -192,8 +224,17 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    # what Tune keeps of the first invocation (its scheduler, metric and rungs): a resumed sweep
+    # must ask the same
+    kept = {"metric": metric, "early_stopping": sweep.early_stopping, "milestones": sweep.milestones}
+    changed = {k: (state[k], v) for k, v in kept.items() if k in state and state[k] != v}
+    if changed:
+        raise ConfigError(
+            f"{out} holds a sweep started with other settings ({changed}: was, now); "
+            "rerun with those or use a new --out"
+        )
     parent = state.get("parent_run_id") or _start_parent(job, sweep)
-    state_file.write_text(json.dumps({"parent_run_id": parent}))
+    state_file.write_text(json.dumps({"parent_run_id": parent, **kept}))
     init_ray(num_cpus=os.cpu_count(), include_dashboard=False)
     trainable = tune.with_resources(_trial, {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
     storage = out / "tune"
@@ -219,7 +260,9 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
                 num_samples=sweep.num_samples,
                 scheduler=ASHAScheduler(
                     max_t=len(sweep.milestones), grace_period=1, reduction_factor=sweep.reduction_factor
-                ),
+                )
+                if sweep.early_stopping
+                else None,  # FIFO: every trial trains to the last milestone
                 search_alg=ConcurrencyLimiter(
                     OptunaSearch(
                         seed=sweep.seed,
@@ -231,15 +274,27 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage)),
         )
     results = tuner.fit()
-    table = results_table(results, sweep)
-    best = results.get_best_result(metric=sweep.metric, mode="max", scope="last")
+    best, choice = choose(results, sweep, job)
+    table = results_table(results, sweep, choice, best.metrics["bank"])
     summary = {
         "best": {
             **{k: best.config[k] for k in sweep.space},
-            **{k: best.metrics[k] for k in FIGURES if has_oracle(job) or k not in ("alignment", "coverage")},
+            **{
+                k: best.metrics.get(k)
+                for k in FIGURES
+                if has_oracle(job) or k not in ("alignment", "coverage")
+            },
+            f"{metric}_interval": [best.metrics.get(f"{metric}_low"), best.metrics.get(f"{metric}_high")],
+            **{
+                k: v
+                for row in choice["leaders"]
+                if row.get("chosen")
+                for k, v in (("remeasured", row["remeasured"]), ("remeasured_interval", row["interval"]))
+            },
         },
         "metric": metric,
         "bank": best.metrics["bank"],
+        "choice": choice,
         "table": str(out / "sweep.md"),
         "figure": str(out / "sweep.png"),
         "trials": len(table),
@@ -250,7 +305,7 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
         summary["gain"] = best.metrics[metric] - base[metric]
     write_results(table, sweep, out)
     if tracking_uri(job):
-        summary["registered"] = _register_best(job, sweep, best, parent, out)
+        summary["registered"] = _register_best(job, sweep, best, parent, out, choice)
     (out / "best.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -262,7 +317,8 @@ def has_oracle(job: DiscoveryConfig) -> bool:
 
 
 def objective(sweep: SweepConfig, job: DiscoveryConfig) -> str:
-    """The metric the sweep maximises ("alignment" or "score"); ConfigError where it cannot be had."""
+    """The metric the sweep maximises ("alignment", "objective" or "score"); ConfigError where it
+    cannot be had."""
     if not job.evaluation.enabled:
         raise ConfigError(
             "a sweep maximises a measurement of each trial's bank: its job needs evaluation.enabled: true"
@@ -271,9 +327,113 @@ def objective(sweep: SweepConfig, job: DiscoveryConfig) -> str:
     if sweep.metric == "alignment" and not oracle:
         raise ConfigError(
             "metric alignment needs the shapes world's oracle (model: shapes, data.uri: null); "
-            "on your own images use metric: score (the oracle-free score) or auto"
+            "on your own images use metric: objective (the oracle-free bank objective) or auto"
         )
-    return sweep.metric if sweep.metric != "auto" else ("alignment" if oracle else "score")
+    return sweep.metric if sweep.metric != "auto" else ("alignment" if oracle else "objective")
+
+
+def choose(results, sweep: SweepConfig, job: DiscoveryConfig) -> tuple[Any, dict]:
+    """The trial whose bank the sweep registers, and how it was chosen (Remeasure's rule).
+
+    One measurement on a few images is noisy (docs/sweeps.md: +-0.06 alignment at 4 + 4 images),
+    so the leaders are measured again, on more images that the first measurement did not see,
+    before one is picked. A re-measurement that fails leaves the first measurement's pick."""
+    metric = sweep.metric
+    done = [r for r in results if r.metrics and metric in r.metrics and r.metrics.get("bank")]
+    if not done:
+        raise ConfigError(f"no trial of the sweep reported {metric}; see the trials' errors above")
+    final = [r for r in done if r.metrics.get("steps") == sweep.milestones[-1]] or done
+    leaders = sorted(final, key=lambda r: -r.metrics[metric])[: max(1, sweep.remeasure.top)]
+    if len(leaders) < 2:
+        return leaders[0], {"rule": f"the highest {metric} (no re-measurement)", "leaders": []}
+    try:
+        figures = remeasure(job, metric, [Path(r.metrics["bank"]) for r in leaders], sweep)
+    except Exception as err:  # the sweep's results stand; the pick falls back to the first figure
+        log.warning("the leaders' re-measurement failed (%s): chosen by the first measurement", err)
+        return leaders[0], {"rule": f"the highest {metric} (the re-measurement failed: {err})", "leaders": []}
+    rows = []
+    for r, (value, interval) in zip(leaders, figures, strict=True):
+        rows.append(
+            {
+                "trial": r.path and Path(r.path).name,
+                "bank": r.metrics["bank"],
+                metric: r.metrics[metric],
+                "remeasured": value,
+                "interval": list(interval),
+            }
+        )
+        _log_remeasured(job, r.metrics.get("mlflow_run_id"), metric, value, interval)
+    pick = max(range(len(leaders)), key=lambda i: (figures[i][0], leaders[i].metrics[metric]))
+    rows[pick]["chosen"] = True
+    rule = (
+        f"the {len(leaders)} best trials by {metric} among those that trained to the last milestone, "
+        f"measured again on {sweep.remeasure.images} other images per source; the highest "
+        f"re-measured {metric} wins"
+    )
+    return leaders[pick], {"rule": rule, "images": sweep.remeasure.images, "leaders": rows}
+
+
+def remeasure(
+    job: DiscoveryConfig, metric: str, folders: list[Path], sweep: SweepConfig
+) -> list[tuple[float, tuple[float, float]]]:
+    """(figure, 95% interval) of each bank on `sweep.remeasure.images` images per source, the
+    same images for every bank and none the trials were measured on; in one Ray task with a
+    trial's resources (on a cluster the driver may have no GPU)."""
+    import ray
+
+    task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_remeasure)
+    return ray.get(task.remote(job.model_dump(exclude_unset=True), metric, folders, sweep.remeasure.images))
+
+
+def _remeasure(saved: dict, metric: str, folders: list[Path], images: int) -> list:
+    from noiseclr.bank import DirectionBank
+    from noiseclr.card import save_bank
+    from noiseclr.evaluation import blind
+    from noiseclr.models.base import load_model
+    from noiseclr.workflows.discover import blind_protocol, blind_real, oracle_protocol
+
+    job = DiscoveryConfig.from_saved(saved)
+    model = load_model(job.model, device=job.run.device)
+    banks = [DirectionBank.load(f, model) for f in folders]
+    out = []
+    if metric == "alignment":
+        from noiseclr.evaluation import evaluate
+
+        harness = evaluate.Harness(model, oracle_protocol(job, images, fresh=True), progress=False)
+        for bank in banks:
+            graded = harness.evaluate(bank)
+            out.append((graded["alignment"], tuple(graded["scores"]["all"]["intervals"]["alignment"])))
+        return out
+    protocol = blind_protocol(job, images, fresh=True)
+    first = blind_protocol(job)  # the files the trials were measured on are skipped
+    data = job.data.uri or banks[0].metrics["data"]  # the shapes world: the trials' generated folder
+    real = blind_real(job, model, protocol, data, skip=first.n_images + first.calibration_images)
+    harness = blind.BlindHarness(model, protocol, real=real.pixels, real_names=real.files, progress=False)
+    for bank, folder in zip(banks, folders, strict=True):
+        result = harness.measure(bank)
+        bank.store_scores(result)  # the better measurement: kept with the bank that is registered
+        save_bank(bank, folder)
+        figure = result["aggregates"][blind.OBJECTIVE] if metric == "objective" else result
+        out.append((figure["value"] if metric == "objective" else figure["score"], tuple(figure["interval"])))
+    return out
+
+
+def _log_remeasured(
+    job: DiscoveryConfig, run_id: str | None, metric: str, value: float, interval: tuple[float, float]
+) -> None:
+    """The re-measured figure on the trial's MLflow run (nothing without tracking)."""
+    if not run_id:
+        return
+    from mlflow import MlflowClient
+
+    from noiseclr.tracking.runs import tracking_uri
+
+    client = MlflowClient(tracking_uri(job))
+    try:
+        for name, v in (("", value), ("_low", interval[0]), ("_high", interval[1])):
+            client.log_metric(run_id, f"remeasured_{metric}{name}", float(v))
+    except Exception as err:  # the choice stands and is in best.json
+        log.warning("MLflow did not take the re-measurement of run %s (%s)", run_id, err)
 
 
 def _start_parent(job: DiscoveryConfig, sweep: SweepConfig) -> str | None:
@@ -289,20 +449,34 @@ def _start_parent(job: DiscoveryConfig, sweep: SweepConfig) -> str | None:
         return run.info.run_id
 
 
-def results_table(results, sweep: SweepConfig) -> list[dict]:
-    """One row per trial: its sampled values, its last measured step and figures."""
+def results_table(results, sweep: SweepConfig, choice: dict | None = None, chosen: str = "") -> list[dict]:
+    """One row per trial: its sampled values, its last measured step and figures, the sweep's
+    figure's interval, its re-measured figure (leaders only) and which bank was chosen."""
+    again = {row["bank"]: row for row in (choice or {}).get("leaders", [])}
+    m = sweep.metric
     rows = []
     for r in results:
-        if r.metrics is None or sweep.metric not in r.metrics:
+        if r.metrics is None or m not in r.metrics:
             continue
         row = {k: r.config[k] for k in sweep.space}
         job = DiscoveryConfig.from_saved(r.config["_job"])
         row["baseline"] = sweep.baseline and row == job_values(job, sweep)
         oracle = has_oracle(job)  # else no alignment was measured
-        figures = FIGURES[:4] if oracle else ("score", "live")
+        figures = (
+            ("alignment", "coverage", "objective", "score", "live")
+            if oracle
+            else ("objective", "score", "live")
+        )
         row.update({k: r.metrics.get(k) for k in ("steps", *figures, "loss")})
+        row[f"{m}_interval"] = [round(r.metrics.get(f"{m}_{e}", 0.0), 4) for e in ("low", "high")]
+        leader = again.get(r.metrics.get("bank"))
+        row["remeasured"] = (
+            f"{leader['remeasured']:.4g} {[round(v, 4) for v in leader['interval']]}" if leader else ""
+        )
+        row["chosen"] = r.metrics.get("bank") == chosen
+        row["bank"] = r.metrics.get("bank")
         rows.append(row)
-    return sorted(rows, key=lambda row: -(row[sweep.metric] or 0))
+    return sorted(rows, key=lambda row: -(row[m] or 0))
 
 
 def write_results(rows: list[dict], sweep: SweepConfig, out: Path) -> None:
@@ -357,7 +531,7 @@ def _cell(value) -> str:
 
 
 def _register_best(
-    job: DiscoveryConfig, sweep: SweepConfig, best, parent: str | None, out: Path
+    job: DiscoveryConfig, sweep: SweepConfig, best, parent: str | None, out: Path, choice: dict
 ) -> str | None:
     """Register the best trial's bank (in its own MLflow run) and point the alias at it."""
     import mlflow
@@ -374,4 +548,13 @@ def _register_best(
             for name in ("sweep.csv", "sweep.md", "sweep.png"):
                 mlflow.log_artifact(str(out / name))
             mlflow.log_metric(f"best_{sweep.metric}", float(best.metrics[sweep.metric]))
+            chosen = next((row for row in choice["leaders"] if row.get("chosen")), None)
+            if chosen:  # the figure that decided the pick
+                mlflow.log_metric(f"best_remeasured_{sweep.metric}", float(chosen["remeasured"]))
+                for end, v in zip(("low", "high"), chosen["interval"], strict=True):
+                    mlflow.log_metric(f"best_remeasured_{sweep.metric}_{end}", float(v))
+            for end in ("low", "high"):
+                mlflow.log_metric(
+                    f"best_{sweep.metric}_{end}", float(best.metrics.get(f"{sweep.metric}_{end}", 0))
+                )
     return f"models:/{version.name}/{version.version}" if version else None
