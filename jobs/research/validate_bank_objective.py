@@ -26,7 +26,7 @@ import torch
 from noiseclr.bank import DirectionBank, merge_banks
 from noiseclr.domains import shapes
 from noiseclr.evaluation import blind, evaluate
-from noiseclr.evaluation.stats import bootstrap_interval, spearman
+from noiseclr.evaluation.stats import bootstrap_interval, partial_spearman, spearman
 from noiseclr.models.base import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +109,7 @@ def measure(out: Path, n: int) -> None:
             "alignment_interval": graded["scores"]["all"]["intervals"]["alignment"],
             "coverage": graded["coverage"],
             "coverage_count": graded["coverage_count"],
+            "coverage_interval": graded["scores"]["all"]["intervals"]["coverage"],
             "best_per_factor": graded["scores"]["all"].get("best_per_factor"),
             "blind": {k: v for k, v in measured.items() if k != "directions"},
             "seconds": {"blind": round(t1 - t0, 1), "oracle": round(time.perf_counter() - t1, 1)},
@@ -150,21 +151,30 @@ def analyse(out: Path) -> str:
             f"| {r['bank']} | {r['directions']} | {r['alignment']:.3f} {r['alignment_interval']} "
             f"| {', '.join(r['coverage']) or '-'} | " + " | ".join(cells) + " |"
         )
+    ours = np.array([n not in NOT_NOISECLR for n in names])  # what a sweep over NoiseCLR compares
+    size = np.array([r["directions"] for r in records], dtype=float)
+    same_k = ours & (size == 12)  # banks of one k: what a sweep over tau, t and lr compares
     lines += [
         "",
-        "| candidate | Spearman rho with alignment [95% CI over banks] | with coverage [95% CI] |",
-        "|---|---|---|",
+        "| candidate | rho with alignment [95% CI over banks] | with coverage [95% CI] "
+        f"| with alignment, NoiseCLR banks ({int(ours.sum())}) | with alignment, k held out "
+        f"| with alignment, NoiseCLR banks of k 12 ({int(same_k.sum())}) |",
+        "|---|---|---|---|---|---|",
     ]
-    ours = np.array([n not in NOT_NOISECLR for n in names])  # what a sweep over NoiseCLR compares
-    lines[-2] = lines[-2][:-1] + f"| with alignment, NoiseCLR banks only ({int(ours.sum())}) [95% CI] |"
-    lines[-1] += "---|"
-    for c in candidates:
-        v = np.array([aggregates[n][c]["value"] for n in names])
-        rho_a, rho_c, rho_n = spearman(v, align), spearman(v, cover), spearman(v[ours], align[ours])
+    figures = {"directions (k), as a baseline": size}
+    figures.update({c: np.array([aggregates[n][c]["value"] for n in names]) for c in candidates})
+
+    def partial(v: np.ndarray, a: np.ndarray, k: np.ndarray) -> float:
+        return partial_spearman(v, a, k)
+
+    for c, v in figures.items():
         lines.append(
-            f"| {c} | {rho_a:.2f} {bootstrap_interval(spearman, v, align)} "
-            f"| {rho_c:.2f} {bootstrap_interval(spearman, v, cover)} "
-            f"| {rho_n:.2f} {bootstrap_interval(spearman, v[ours], align[ours])} |"
+            f"| {c} | {spearman(v, align):.2f} {bootstrap_interval(spearman, v, align)} "
+            f"| {spearman(v, cover):.2f} {bootstrap_interval(spearman, v, cover)} "
+            f"| {spearman(v[ours], align[ours]):.2f} {bootstrap_interval(spearman, v[ours], align[ours])} "
+            f"| {partial(v, align, size):.2f} {bootstrap_interval(partial, v, align, size)} "
+            f"| {spearman(v[same_k], align[same_k]):.2f} "
+            f"{bootstrap_interval(spearman, v[same_k], align[same_k])} |"
         )
     text = "\n".join(lines)
     (out / "bank-objective.md").write_text(text + "\n")

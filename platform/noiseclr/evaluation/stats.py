@@ -30,3 +30,24 @@ def bootstrap_interval(
     if not vals.size:
         return [float("nan"), float("nan")]
     return [round(float(np.quantile(vals, q)), 3) for q in (0.025, 0.975)]
+
+
+def partial_spearman(a: np.ndarray, b: np.ndarray, given: np.ndarray) -> float:
+    """Spearman's rho between a and b with `given` held out: the correlation of their ranks once
+    each rank is regressed on the ranks of `given` (e.g. a bank figure against the alignment with
+    the number of directions, which lifts both, taken away); nan when undefined."""
+    from scipy.stats import rankdata
+
+    a, b, given = (np.asarray(x, dtype=float) for x in (a, b, given))
+    if len(a) < 4 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    design = np.c_[np.ones(len(a)), rankdata(given)]
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        r = rankdata(x)
+        return r - design @ np.linalg.lstsq(design, r, rcond=None)[0]
+
+    ra, rb = residual(a), residual(b)
+    if ra.std() < 1e-12 or rb.std() < 1e-12:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
