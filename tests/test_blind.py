@@ -269,7 +269,7 @@ def test_bank_aggregates_count_different_edits_once_and_recompute_without_the_mo
 
 
 def test_rank_correlation_and_its_interval_over_banks():
-    from noiseclr.evaluation.stats import bootstrap_interval, spearman
+    from noiseclr.evaluation.stats import bootstrap_interval, partial_spearman, spearman
 
     a = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
     assert spearman(a, a * 3) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
@@ -277,3 +277,8 @@ def test_rank_correlation_and_its_interval_over_banks():
     assert bootstrap_interval(spearman, a, a**2) == [1.0, 1.0]  # every resample keeps the order
     low, high = bootstrap_interval(spearman, a, np.array([0.3, 0.1, 0.5, 0.2, 0.4]))
     assert -1 <= low < high <= 1
+    # two figures that both follow k and otherwise disagree: high rho, negative once k is held out
+    k = np.array([8, 8, 12, 12, 16, 16], dtype=float)
+    x, y = k + np.array([0.1, 0.2] * 3), k + np.array([0.2, 0.1] * 3)
+    assert spearman(x, y) > 0.7 and partial_spearman(x, y, k) == pytest.approx(-1.0)
+    assert np.isnan(partial_spearman(x, k * 2, k))  # a figure that is k alone: nothing left
