@@ -225,7 +225,7 @@ def test_the_sweep_picks_among_finished_leaders_by_the_re_measured_figure(monkey
 
     def remeasure(job, metric, folders, sweep):
         asked.append(([f.name for f in folders], sweep.remeasure.images))
-        return [(0.10, (0.05, 0.15)), (0.25, (0.20, 0.30))]
+        return [(0.10, (0.05, 0.15)), (0.25, (0.20, 0.30))], {"generated": 8, "real": 8, "scores": []}
 
     monkeypatch.setattr(sweep_mod, "remeasure", remeasure)
     cfg = SweepConfig(
@@ -234,6 +234,7 @@ def test_the_sweep_picks_among_finished_leaders_by_the_re_measured_figure(monkey
     best, choice = sweep_mod.choose(results, cfg, None)
     assert asked == [(["a", "b"], 8)] and best.metrics["bank"] == "b"
     assert [r.get("chosen", False) for r in choice["leaders"]] == [False, True]
+    assert "on 8 generated and 8 real images the trials were not scored on" in choice["rule"]
     one = cfg.model_copy(update={"remeasure": sweep_mod.Remeasure(top=1)})
     assert sweep_mod.choose(results, one, None)[0].metrics["bank"] == "a" and len(asked) == 1
 

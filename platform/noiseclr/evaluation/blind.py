@@ -481,11 +481,11 @@ AGGREGATES = (
 
 
 def centred_interval(value: float, resampled: list[float]) -> list[float]:
-    """The 95% spread of the bootstrap resamples, centred on the measured value (the percentile
-    interval moved by median - value). Resampling images with replacement lowers some bank
-    figures by itself (duplicated images make the mean cosines between edits noisier, and a
-    noisier |cosine| is larger: a bank's diversity falls by ~1 of ~6 at 8 images), so the
-    plain percentile interval can lie wholly below the measurement it belongs to."""
+    """The 95% spread of the bootstrap resamples around the measured value (the percentile
+    interval moved by value - median, so its median falls on the value). Resampling images with
+    replacement lowers some bank figures by itself (duplicated images make the mean cosines
+    between edits noisier, and a noisier |cosine| is larger: a bank's diversity falls by ~1 of
+    ~6 at 8 images), so the plain percentile interval can lie wholly below the measurement."""
     if not resampled:
         return [round(float(value), 4)] * 2
     low, mid, high = np.quantile(resampled, [0.025, 0.5, 0.975])

@@ -335,9 +335,10 @@ def objective(sweep: SweepConfig, job: DiscoveryConfig) -> str:
 def choose(results, sweep: SweepConfig, job: DiscoveryConfig) -> tuple[Any, dict]:
     """The trial whose bank the sweep registers, and how it was chosen (Remeasure's rule).
 
-    One measurement on a few images is noisy (docs/sweeps.md: +-0.06 alignment at 4 + 4 images),
-    so the leaders are measured again, on more images that the first measurement did not see,
-    before one is picked. A re-measurement that fails leaves the first measurement's pick."""
+    One measurement on a few images is noisy (alignment intervals 0.13 to 0.40 wide at 4 + 4
+    images, docs/oracle-free.md), so the leaders are measured again, on more images that the first
+    measurement did not see, before one is picked. A re-measurement that fails leaves the first
+    measurement's pick. Where no trial reached the last milestone, every trial is a candidate."""
     metric = sweep.metric
     done = [r for r in results if r.metrics and metric in r.metrics and r.metrics.get("bank")]
     if not done:
@@ -347,7 +348,7 @@ def choose(results, sweep: SweepConfig, job: DiscoveryConfig) -> tuple[Any, dict
     if len(leaders) < 2:
         return leaders[0], {"rule": f"the highest {metric} (no re-measurement)", "leaders": []}
     try:
-        figures = remeasure(job, metric, [Path(r.metrics["bank"]) for r in leaders], sweep)
+        figures, measured = remeasure(job, metric, [Path(r.metrics["bank"]) for r in leaders], sweep)
     except Exception as err:  # the sweep's results stand; the pick falls back to the first figure
         log.warning("the leaders' re-measurement failed (%s): chosen by the first measurement", err)
         return leaders[0], {"rule": f"the highest {metric} (the re-measurement failed: {err})", "leaders": []}
@@ -365,33 +366,48 @@ def choose(results, sweep: SweepConfig, job: DiscoveryConfig) -> tuple[Any, dict
         _log_remeasured(job, r.metrics.get("mlflow_run_id"), metric, value, interval)
     pick = max(range(len(leaders)), key=lambda i: (figures[i][0], leaders[i].metrics[metric]))
     rows[pick]["chosen"] = True
+    if measured["scores"]:  # the oracle-free re-measurement goes with the bank that is registered
+        from noiseclr.bank import DirectionBank
+        from noiseclr.card import save_bank
+
+        folder = Path(leaders[pick].metrics["bank"])
+        bank = DirectionBank.load(folder)
+        bank.store_scores(measured["scores"][pick])
+        save_bank(bank, folder)
+    images = f"{measured['generated']} generated and {measured['real']} real images"
+    if measured.get("same_real"):
+        images += " (the real ones those of the trials: the folder holds no others)"
     rule = (
         f"the {len(leaders)} best trials by {metric} among those that trained to the last milestone, "
-        f"measured again on {sweep.remeasure.images} other images per source; the highest "
-        f"re-measured {metric} wins"
+        f"measured again on {images} the trials were not scored on; the highest re-measured "
+        f"{metric} wins"
     )
-    return leaders[pick], {"rule": rule, "images": sweep.remeasure.images, "leaders": rows}
+    return leaders[pick], {"rule": rule, "images": sweep.remeasure.images, **measured, "leaders": rows}
 
 
 def remeasure(
     job: DiscoveryConfig, metric: str, folders: list[Path], sweep: SweepConfig
-) -> list[tuple[float, tuple[float, float]]]:
+) -> tuple[list[tuple[float, tuple[float, float]]], dict]:
     """(figure, 95% interval) of each bank on `sweep.remeasure.images` images per source, the
-    same images for every bank and none the trials were measured on; in one Ray task with a
-    trial's resources (on a cluster the driver may have no GPU)."""
+    same images for every bank and none the trials were measured on, and what was measured
+    (image counts; the oracle-free scores of each bank); in one Ray task with a trial's resources
+    (on a cluster the driver may have no GPU)."""
     import ray
 
     task = ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_remeasure)
-    return ray.get(task.remote(job.model_dump(exclude_unset=True), metric, folders, sweep.remeasure.images))
+    saved = job.model_dump(exclude_unset=True)
+    return ray.get(task.remote(saved, metric, folders, sweep.remeasure.images, sweep.cpus_per_trial))
 
 
-def _remeasure(saved: dict, metric: str, folders: list[Path], images: int) -> list:
+def _remeasure(saved: dict, metric: str, folders: list[Path], images: int, cpus: float) -> tuple[list, dict]:
+    import torch
+
     from noiseclr.bank import DirectionBank
-    from noiseclr.card import save_bank
     from noiseclr.evaluation import blind
     from noiseclr.models.base import load_model
     from noiseclr.workflows.discover import blind_protocol, blind_real, oracle_protocol
 
+    torch.set_num_threads(max(1, int(cpus)))
     job = DiscoveryConfig.from_saved(saved)
     model = load_model(job.model, device=job.run.device)
     banks = [DirectionBank.load(f, model) for f in folders]
@@ -403,19 +419,25 @@ def _remeasure(saved: dict, metric: str, folders: list[Path], images: int) -> li
         for bank in banks:
             graded = harness.evaluate(bank)
             out.append((graded["alignment"], tuple(graded["scores"]["all"]["intervals"]["alignment"])))
-        return out
+        return out, {"generated": images, "real": images, "scores": []}
     protocol = blind_protocol(job, images, fresh=True)
     first = blind_protocol(job)  # the files the trials were measured on are skipped
     data = job.data.uri or banks[0].metrics["data"]  # the shapes world: the trials' generated folder
-    real = blind_real(job, model, protocol, data, skip=first.n_images + first.calibration_images)
+    skip = first.n_images + first.calibration_images
+    real = blind_real(job, model, protocol, data, skip=skip)
     harness = blind.BlindHarness(model, protocol, real=real.pixels, real_names=real.files, progress=False)
-    for bank, folder in zip(banks, folders, strict=True):
-        result = harness.measure(bank)
-        bank.store_scores(result)  # the better measurement: kept with the bank that is registered
-        save_bank(bank, folder)
+    results = [harness.measure(bank) for bank in banks]
+    for result in results:
         figure = result["aggregates"][blind.OBJECTIVE] if metric == "objective" else result
         out.append((figure["value"] if metric == "objective" else figure["score"], tuple(figure["interval"])))
-    return out
+    first_files = set(blind_real(job, model, first, data).files)
+    measured = {
+        "generated": protocol.n_images,
+        "real": harness.n_real,
+        "same_real": bool(first_files & set(real.files)),
+        "scores": results,
+    }
+    return out, measured
 
 
 def _log_remeasured(
