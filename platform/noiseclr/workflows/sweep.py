@@ -356,7 +356,7 @@ def choose(results, sweep: SweepConfig, job: DiscoveryConfig) -> tuple[Any, dict
     for r, (value, interval) in zip(leaders, figures, strict=True):
         rows.append(
             {
-                "trial": r.path and Path(r.path).name,
+                "trial": r.metrics.get("trial_id") or (r.path and Path(r.path).name),
                 "bank": r.metrics["bank"],
                 metric: r.metrics[metric],
                 "remeasured": value,
