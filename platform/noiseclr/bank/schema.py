@@ -125,7 +125,7 @@ class Scores(Record):
     directions: list[DirectionScore]
     protocol: dict[str, Any] = {}
     # bank-level candidates (evaluation.blind.AGGREGATES); the sweeps' objective is one of them
-    aggregates: dict[str, BankFigure] = {}
+    aggregates: dict[str, BankFigure] | None = None
 
     def dump(self) -> dict[str, Any]:
         out = super().dump()

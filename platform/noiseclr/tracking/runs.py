@@ -281,8 +281,8 @@ def log_discovery(
         s = bank.scores
         figures.update(score=s.score, live_directions=s.live, dead_directions=s.dead)
         figures.update(distinct_live=s.distinct_live, score_low=s.interval[0], score_high=s.interval[1])
-        figures.update({f"bank.{name}": f.value for name, f in s.aggregates.items()})
-        if objective := s.aggregates.get(OBJECTIVE):  # what a sweep maximises off the oracle
+        figures.update({f"bank.{name}": f.value for name, f in (s.aggregates or {}).items()})
+        if objective := (s.aggregates or {}).get(OBJECTIVE):  # what a sweep maximises off the oracle
             figures.update(objective=objective.value)
             figures.update(objective_low=objective.interval[0], objective_high=objective.interval[1])
         figures.update({f"direction_score.{d.index}": d.score for d in s.directions})

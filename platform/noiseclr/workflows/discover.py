@@ -317,7 +317,7 @@ def run_discovery(
             coverage=measured["coverage_count"] if measured else None,
             run_id=run.info.run_id if run else None,
             score=bank.scores.score if bank.scores else None,
-            objective=bank.scores.aggregates.get(OBJECTIVE) if bank.scores else None,
+            objective=(bank.scores.aggregates or {}).get(OBJECTIVE) if bank.scores else None,
             live=bank.scores.live if bank.scores else None,
             card=card,
         )
