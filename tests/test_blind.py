@@ -264,6 +264,7 @@ def test_bank_aggregates_count_different_edits_once_and_recompute_without_the_mo
     for name in ("mean_score", blind.OBJECTIVE):  # resampled images move it; centred on the value
         low, high = a2[name]["interval"]
         assert low < high and low <= value[name] <= high
+    assert score_edits(two, 20)["interval"] == a2["mean_score"]["interval"]  # the score's, one definition
     again = score_edits(blind.unpack_edits(blind.pack_edits(two)), 20)["aggregates"]
     assert {k: v["value"] for k, v in again.items()} == pytest.approx(value, abs=2e-3)
 
@@ -282,3 +283,22 @@ def test_rank_correlation_and_its_interval_over_banks():
     x, y = k + np.array([0.1, 0.2] * 3), k + np.array([0.2, 0.1] * 3)
     assert spearman(x, y) > 0.7 and partial_spearman(x, y, k) == pytest.approx(-1.0)
     assert np.isnan(partial_spearman(x, k * 2, k))  # a figure that is k alone: nothing left
+
+
+def test_real_images_skip_the_first_measurement_s_files_where_the_folder_has_others(tmp_path, caplog):
+    """A re-measurement's real images: the files after those the first measurement read, or,
+    where too few are left, the first ones again, said in the log and in `skipped`."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    model, protocol = SimpleNamespace(resolution=16), blind.BlindProtocol(n_images=2, calibration_images=1)
+    first = blind.real_images(str(tmp_path), model, protocol)
+    assert [f.rsplit("/", 1)[1] for f in first.files] == ["0.png", "1.png", "2.png"] and first.skipped == 0
+    later = blind.real_images(str(tmp_path), model, protocol, skip=3)
+    assert [f.rsplit("/", 1)[1] for f in later.files] == ["3.png", "4.png", "5.png"] and later.skipped == 3
+    assert later.pixels.shape == (3, 3, 16, 16) and not torch.equal(later.pixels, first.pixels)
+    again = blind.real_images(str(tmp_path), model, protocol, skip=6)  # 2 left: fewer than 3
+    assert again.files == first.files and again.skipped == 0 and "too few images" in caplog.text

@@ -128,6 +128,7 @@ def test_a_sweep_over_a_plain_image_folder_maximises_the_oracle_free_score(mlflo
     assert protocol["n_images"] == 3 and protocol["images"]["seeds"][0] != 2000
     first = set(list_images(str(tmp_path / "images"))[:4])
     assert len(protocol["images"]["real_files"]) == 3 and not first & set(protocol["images"]["real_files"])
+    assert best["choice"]["same_real"] is False and "scores" not in best["choice"]  # those: in the bank
     assert bank["edit_defaults"]["calibration"] == "blind"  # no oracle: its own calibration
     client = MlflowClient(mlflow_server.uri)
     parent = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]

@@ -33,6 +33,7 @@ class ImageSet:
     pixels: torch.Tensor  # (N, 3, H, W) in [-1, 1]
     files: list[str]
     bad_files: list[str] = field(default_factory=list)
+    skipped: int = 0  # leading files passed over before these (blind.real_images' skip)
 
 
 def list_images(uri: str, storage_options: dict | None = None) -> list[str]:

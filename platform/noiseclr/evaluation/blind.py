@@ -45,6 +45,7 @@ Bootstrap intervals resample images (calibrated scales fixed).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,8 @@ from noiseclr.errors import DataError
 from noiseclr.evaluation.harness import BaseProtocol, MeasuringHarness, Source
 from noiseclr.models.base import DiffusionModel
 from noiseclr.utils import parallel
+
+log = logging.getLogger(__name__)
 
 DUPLICATE_COS = 0.8  # signed changes this alike on the same images: the same edit
 AREA_THRESHOLD = 0.1  # a pixel counts as disturbed beyond this change (max over channels)
@@ -435,11 +438,18 @@ def score_edits(
         )
     live_count = sum(not d["dead"] for d in directions)
     once = np.array([d["duplicate_of"] is None for d in directions])  # a duplicate group counts once
-    bank_boot = (boots * once).mean(axis=1)
+    # bank-level candidates (AGGREGATES), each with its interval over the same resamples
+    aggregates = {
+        name: {
+            "value": round(float(value), 4),
+            "interval": centred_interval(value, [b[name] for b in agg_boots]),
+        }
+        for name, value in whole.items()
+    }
     return {
         # the bank's: mean over directions of their scores, dead ones and duplicates 0
         "score": round(float((best * once).mean()), 4),
-        "interval": [round(float(np.quantile(bank_boot, q)), 4) for q in (0.025, 0.975)],
+        "interval": aggregates["mean_score"]["interval"],  # one definition for the one figure
         "live": live_count,
         "dead": k - live_count,
         "distinct_live": len(
@@ -451,14 +461,7 @@ def score_edits(
         ),
         "order": order,
         "groups": [g for g in groups if len(g) > 1],
-        # bank-level candidates (AGGREGATES), each with its interval over the same resamples
-        "aggregates": {
-            name: {
-                "value": round(float(value), 4),
-                "interval": centred_interval(value, [b[name] for b in agg_boots]),
-            }
-            for name, value in whole.items()
-        },
+        "aggregates": aggregates,
         "directions": directions,
     }
 
@@ -607,13 +610,25 @@ def duplicate_groups(cross: np.ndarray, live: np.ndarray) -> list[list[int]]:
 
 
 def real_images(
-    uri: str, model: DiffusionModel, protocol: BlindProtocol, storage_options: dict | None = None
+    uri: str,
+    model: DiffusionModel,
+    protocol: BlindProtocol,
+    storage_options: dict | None = None,
+    skip: int = 0,
 ):
-    """The first scored + calibration images under `uri` (an ImageSet: pixels and file names)."""
-    from noiseclr.data.images import load_images
+    """The scored + calibration images under `uri` (an ImageSet: pixels and file names): the
+    first ones after `skip` files (a re-measurement skips those the first measurement read).
+    Where too few are left after `skip`, the first ones again, with a warning; the set's
+    `skipped` says which happened."""
+    from noiseclr.data.images import ImageSet, load_images
 
     want = protocol.n_images + protocol.calibration_images
-    return load_images(uri, model.resolution, limit=want, storage_options=storage_options)
+    found = load_images(uri, model.resolution, limit=skip + want, storage_options=storage_options)
+    if skip and len(found.files) - skip < min(want, 3):
+        log.warning("%s holds too few images to measure on others than the first: measured on those", uri)
+        skip = 0
+    part = slice(skip, skip + want)
+    return ImageSet(found.pixels[part], found.files[part], found.bad_files, skipped=skip)
 
 
 def measure_into(

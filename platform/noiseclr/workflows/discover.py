@@ -55,6 +55,7 @@ class DiscoveryResult:
     coverage: int | None = None  # factors some direction moves cleanly
     run_id: str | None = None  # the MLflow run, when tracked
     score: float | None = None  # the oracle-free measurement (any domain): the bank's score
+    score_interval: tuple[float, float] | None = None  # its 95% bootstrap interval
     live: int | None = None  # directions that edit something (not dead)
     objective: BankFigure | None = None  # the sweeps' objective off the oracle (blind.OBJECTIVE)
     tracking_error: str | None = None  # the run's record did not reach MLflow (the bank is saved)
@@ -180,26 +181,13 @@ def oracle_protocol(cfg: DiscoveryConfig, n: int | None = None, fresh: bool = Fa
     return p.model_copy(update={"seed": p.seed + FRESH_SEED}) if fresh else p
 
 
-def blind_real(cfg: DiscoveryConfig, model: DiffusionModel, protocol, data: str, skip: int = 0):
-    """The real images the oracle-free measurement inverts: the data's first files after `skip`
-    (a re-measurement skips the files the first measurement read, where the folder has enough)."""
-    from noiseclr.data.images import ImageSet, load_images
-
-    want = protocol.n_images + protocol.calibration_images
-    found = load_images(data, model.resolution, limit=skip + want, storage_options=cfg.storage.options)
-    if len(found.files) - skip < min(want, 3):
-        log.warning("%s holds too few images for a re-measurement on others: measured on the same", data)
-        skip = 0
-    return ImageSet(pixels=found.pixels[skip:], files=found.files[skip:], bad_files=found.bad_files)
-
-
 def measure_blind(cfg: DiscoveryConfig, model: DiffusionModel, bank: DirectionBank, data: str) -> None:
     """The oracle-free measurement of `bank`, stored in it: generated images (the gallery's
     prompt) and the first training images, inverted. Works on any model and domain."""
     from noiseclr.evaluation import blind
 
     protocol = blind_protocol(cfg)
-    real = blind_real(cfg, model, protocol, data)
+    real = blind.real_images(data, model, protocol, cfg.storage.options)
     blind.measure_into(model, bank, protocol, real.pixels, real_names=real.files)
     log.info("%s", blind.summary_line(bank.scores))
 
@@ -317,6 +305,7 @@ def run_discovery(
             coverage=measured["coverage_count"] if measured else None,
             run_id=run.info.run_id if run else None,
             score=bank.scores.score if bank.scores else None,
+            score_interval=tuple(bank.scores.interval) if bank.scores else None,
             objective=(bank.scores.aggregates or {}).get(OBJECTIVE) if bank.scores else None,
             live=bank.scores.live if bank.scores else None,
             card=card,

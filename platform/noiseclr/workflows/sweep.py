@@ -170,7 +170,6 @@ def _trial(config: dict) -> None:
     import torch
     from ray import tune
 
-    from noiseclr.bank import DirectionBank
     from noiseclr.workflows.discover import run_discovery
 
     torch.set_num_threads(max(1, int(config["_cpus"])))
@@ -183,11 +182,10 @@ def _trial(config: dict) -> None:
         step_cfg = cfg.replace(steps=steps, register_bank=False, gallery=last and cfg.gallery.enabled)
         result = run_discovery(step_cfg, out, parent_run_id=config.get("_parent"), run_id=run_id)
         run_id = result.run_id
-        bank = DirectionBank.load(result.bank)
         intervals = {
             "alignment": result.alignment_interval or (0.0, 0.0),
             "objective": result.objective.interval if result.objective else (0.0, 0.0),
-            "score": bank.scores.interval if bank.scores else (0.0, 0.0),
+            "score": result.score_interval or (0.0, 0.0),
         }
         tune.report(
             {
@@ -382,7 +380,8 @@ def choose(results, sweep: SweepConfig, job: DiscoveryConfig) -> tuple[Any, dict
         f"measured again on {images} the trials were not scored on; the highest re-measured "
         f"{metric} wins"
     )
-    return leaders[pick], {"rule": rule, "images": sweep.remeasure.images, **measured, "leaders": rows}
+    kept = {k: v for k, v in measured.items() if k != "scores"}  # those are in the chosen bank
+    return leaders[pick], {"rule": rule, "images": sweep.remeasure.images, **kept, "leaders": rows}
 
 
 def remeasure(
@@ -405,7 +404,7 @@ def _remeasure(saved: dict, metric: str, folders: list[Path], images: int, cpus:
     from noiseclr.bank import DirectionBank
     from noiseclr.evaluation import blind
     from noiseclr.models.base import load_model
-    from noiseclr.workflows.discover import blind_protocol, blind_real, oracle_protocol
+    from noiseclr.workflows.discover import blind_protocol, oracle_protocol
 
     torch.set_num_threads(max(1, int(cpus)))
     job = DiscoveryConfig.from_saved(saved)
@@ -424,17 +423,16 @@ def _remeasure(saved: dict, metric: str, folders: list[Path], images: int, cpus:
     first = blind_protocol(job)  # the files the trials were measured on are skipped
     data = job.data.uri or banks[0].metrics["data"]  # the shapes world: the trials' generated folder
     skip = first.n_images + first.calibration_images
-    real = blind_real(job, model, protocol, data, skip=skip)
+    real = blind.real_images(data, model, protocol, job.storage.options, skip=skip)
     harness = blind.BlindHarness(model, protocol, real=real.pixels, real_names=real.files, progress=False)
     results = [harness.measure(bank) for bank in banks]
     for result in results:
         figure = result["aggregates"][blind.OBJECTIVE] if metric == "objective" else result
         out.append((figure["value"] if metric == "objective" else figure["score"], tuple(figure["interval"])))
-    first_files = set(blind_real(job, model, first, data).files)
     measured = {
         "generated": protocol.n_images,
         "real": harness.n_real,
-        "same_real": bool(first_files & set(real.files)),
+        "same_real": real.skipped == 0,  # too few files: measured on the trials' own again
         "scores": results,
     }
     return out, measured
