@@ -11,6 +11,14 @@ intervals over banks.
 
 Stages resume: trained banks (OUT/banks/NAME) and measured ones (OUT/measured/NAME.json, with
 the raw signed changes in NAME.npz, so new aggregates are computed without the model) are kept.
+
+The test-retest study of banks of one k (what a sweep over tau and t range compares):
+
+    python jobs/research/validate_bank_objective.py --same-k --out out/same-k --n 6
+
+trains SAME_K's banks and measures each with both measurements on two disjoint image sets A and
+B, bank by bank (a run cut short keeps whole banks): how reliably the oracle ranks them against
+itself, and how each candidate ranks them against the other half's alignment (OUT/same-k.md).
 """
 
 from __future__ import annotations
@@ -48,13 +56,30 @@ TRIALS: dict[str, dict] = {
 }
 
 
-def train(out: Path) -> dict[str, Path]:
+# Banks of one k (12) from the sweep's space (jobs/bench/benchmark_sweep.py: t range and tau),
+# 200 steps each: what a sweep over tau and t compares, for the test-retest study (--same-k).
+SAME_K: dict[str, dict] = {
+    "t600-tau0.5": {"steps": 200},
+    "t600-tau0.5-seed1": {"steps": 200, "seed": 1},
+    "t600-tau0.15": {"steps": 200, "tau": 0.15},
+    "t600-tau0.26": {"steps": 200, "tau": 0.26},
+    "t600-tau1.0": {"steps": 200, "tau": 1.0},
+    "t999-tau0.26": {"steps": 200, "t_max": 999, "tau": 0.26},
+    "t999-tau0.68": {"steps": 200, "t_max": 999, "tau": 0.68},
+    "t200-800-tau0.35": {"steps": 200, "t_min": 200, "t_max": 800, "tau": 0.35},
+    "t200-800-tau0.9": {"steps": 200, "t_min": 200, "t_max": 800, "tau": 0.9},
+    "t400-tau0.5": {"steps": 200, "t_max": 400},
+}
+HALVES = {"A": 0, "B": 100}  # seed offsets of two disjoint image sets
+
+
+def train(out: Path, trials: dict[str, dict] | None = None) -> dict[str, Path]:
     """Each trial's bank (trained once; its folder kept)."""
     from noiseclr.discovery.config import DiscoveryConfig
     from noiseclr.workflows.discover import run_discovery
 
     folders = {}
-    for name, values in TRIALS.items():
+    for name, values in (TRIALS if trials is None else trials).items():
         folder = out / "banks" / name
         if not (folder / "bank" / "bank.json").exists():
             t0 = time.perf_counter()
@@ -89,37 +114,150 @@ def measure(out: Path, n: int) -> None:
     if not todo:
         return
     (out / "measured").mkdir(parents=True, exist_ok=True)
-    oracle = evaluate.Harness(model, evaluate.Protocol(fixed=FIXED, n_images=n), progress=False)
-    scenes = shapes.sample_scenes(n + 4, seed=4242, fixed=FIXED)  # plain pixels for the blind side
-    real = shapes.render(scenes, model.resolution) * 2 - 1
-    protocol = blind.BlindProtocol(prompt="a shape at middle center", n_images=n, window=oracle.p.window)
-    harness = blind.BlindHarness(model, protocol, real=real, progress=False)
+    oracle, harness = harnesses(model, n, 0)
     for name, bank in todo.items():
-        t0 = time.perf_counter()
-        edits = harness.signed_edits(bank)
-        ladder0 = harness.ladder(bank)[0]
-        measured = blind.score_edits(edits, ladder0=ladder0)
-        t1 = time.perf_counter()
-        graded = oracle.evaluate(bank)
-        np.savez_compressed(out / "measured" / f"{name}.npz", **blind.pack_edits(edits), ladder0=ladder0)
-        record = {
-            "bank": name,
-            "directions": len(bank),
-            "alignment": graded["alignment"],
-            "alignment_interval": graded["scores"]["all"]["intervals"]["alignment"],
-            "coverage": graded["coverage"],
-            "coverage_count": graded["coverage_count"],
-            "coverage_interval": graded["scores"]["all"]["intervals"]["coverage"],
-            "best_per_factor": graded["scores"]["all"].get("best_per_factor"),
-            "blind": {k: v for k, v in measured.items() if k != "directions"},
-            "seconds": {"blind": round(t1 - t0, 1), "oracle": round(time.perf_counter() - t1, 1)},
-        }
-        (out / "measured" / f"{name}.json").write_text(json.dumps(record, indent=1))
-        print(
-            f"{name}: alignment {record['alignment']:.3f}, score {measured['score']:.3f} "
-            f"({record['seconds']})",
-            flush=True,
+        measure_one(oracle, harness, bank, out / "measured", name, name)
+
+
+def harnesses(model, n: int, offset: int) -> tuple:
+    """The oracle's and the oracle-free measurement's harnesses on one image set (seeds + offset)."""
+    oracle = evaluate.Harness(
+        model, evaluate.Protocol(fixed=FIXED, n_images=n, seed=1000 + offset), progress=False
+    )
+    scenes = shapes.sample_scenes(n + 4, seed=4242 + offset, fixed=FIXED)  # plain pixels for the blind side
+    real = shapes.render(scenes, model.resolution) * 2 - 1
+    protocol = blind.BlindProtocol(
+        prompt="a shape at middle center", n_images=n, window=oracle.p.window, seed=2000 + offset
+    )
+    return oracle, blind.BlindHarness(model, protocol, real=real, progress=False)
+
+
+def measure_one(oracle, harness, bank: DirectionBank, folder: Path, stem: str, name: str) -> dict:
+    """Both measurements of one bank; its record and raw signed changes saved as folder/stem.*"""
+    t0 = time.perf_counter()
+    edits = harness.signed_edits(bank)
+    ladder0 = harness.ladder(bank)[0]
+    measured = blind.score_edits(edits, ladder0=ladder0)
+    t1 = time.perf_counter()
+    graded = oracle.evaluate(bank)
+    np.savez_compressed(folder / f"{stem}.npz", **blind.pack_edits(edits), ladder0=ladder0)
+    record = {
+        "bank": name,
+        "directions": len(bank),
+        "alignment": graded["alignment"],
+        "alignment_interval": graded["scores"]["all"]["intervals"]["alignment"],
+        "coverage": graded["coverage"],
+        "coverage_count": graded["coverage_count"],
+        "coverage_interval": graded["scores"]["all"]["intervals"]["coverage"],
+        "best_per_factor": graded["scores"]["all"].get("best_per_factor"),
+        "blind": {k: v for k, v in measured.items() if k != "directions"},
+        "seconds": {"blind": round(t1 - t0, 1), "oracle": round(time.perf_counter() - t1, 1)},
+    }
+    (folder / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    seconds = record["seconds"]
+    print(
+        f"{stem}: alignment {record['alignment']:.3f}, score {measured['score']:.3f} ({seconds})", flush=True
+    )
+    return record
+
+
+def measure_same_k(out: Path, n: int) -> None:
+    """The test-retest study: each bank of SAME_K trained, then measured by both measurements on
+    two disjoint image sets (halves A and B), bank by bank (a cut-short run keeps whole banks)."""
+    model = load_model("shapes", device="cpu")
+    sets = {half: harnesses(model, n, offset) for half, offset in HALVES.items()}
+    (out / "measured").mkdir(parents=True, exist_ok=True)
+    for name in SAME_K:
+        folder = train(out, {name: SAME_K[name]})[name]
+        for half, (oracle, harness) in sets.items():
+            if not (out / "measured" / f"{name}.{half}.json").exists():
+                measure_one(
+                    oracle,
+                    harness,
+                    DirectionBank.load(folder, model),
+                    out / "measured",
+                    f"{name}.{half}",
+                    name,
+                )
+
+
+def analyse_same_k(out: Path) -> str:
+    """How well each half's figures rank the banks as the other half's alignment does."""
+
+    def load(half: str) -> dict[str, dict]:
+        found = {}
+        for p in sorted((out / "measured").glob(f"*.{half}.json")):
+            r = json.loads(p.read_text())
+            z = np.load(p.parent / p.name.replace(".json", ".npz"))
+            r["aggregates"] = blind.score_edits(blind.unpack_edits(z), ladder0=float(z["ladder0"]))[
+                "aggregates"
+            ]
+            found[r["bank"]] = r
+        return found
+
+    a, b = load("A"), load("B")
+    names = [n for n in a if n in b]
+    align = {h: np.array([r[n]["alignment"] for n in names]) for h, r in (("A", a), ("B", b))}
+    cover = {h: np.array([r[n]["coverage_count"] for n in names], float) for h, r in (("A", a), ("B", b))}
+    candidates = list(a[names[0]]["aggregates"])
+    fig = {
+        h: {c: np.array([r[n]["aggregates"][c]["value"] for n in names]) for c in candidates}
+        for h, r in (("A", a), ("B", b))
+    }
+
+    def place(chooser: np.ndarray, judge: np.ndarray) -> int:
+        """The place, by `judge`, of the bank `chooser` ranks first."""
+        return int(1 + (judge > judge[int(np.argmax(chooser))]).sum())
+
+    def crossed(va, vb, wa, wb) -> float:
+        """rho of v on one half with w on the other, both ways averaged (no image in common)."""
+        return (spearman(va, wb) + spearman(vb, wa)) / 2
+
+    def cross(v: dict, w: dict) -> str:
+        cols = (v["A"], v["B"], w["A"], w["B"])
+        return f"{crossed(*cols):.2f} {bootstrap_interval(crossed, *cols)}"
+
+    def pooled(v: dict, w: dict) -> str:
+        """rho of the halves' means: both on all 2n images (sharing them)."""
+        m, mw = (v["A"] + v["B"]) / 2, (w["A"] + w["B"]) / 2
+        return f"{spearman(m, mw):.2f} {bootstrap_interval(spearman, m, mw)}"
+
+    lines = [
+        f"{len(names)} banks of k 12 (200 steps, the sweep's t ranges and tau), each measured with the "
+        "oracle and without it on two disjoint image sets A and B.",
+        "",
+        "| bank | alignment A [95% CI] | alignment B [95% CI] | coverage A / B | "
+        + " | ".join(f"{c} A / B" for c in candidates)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(candidates),
+    ]
+    for i, n in sorted(enumerate(names), key=lambda t: -(align["A"][t[0]] + align["B"][t[0]])):
+        cells = [f"{fig['A'][c][i]:.3g} / {fig['B'][c][i]:.3g}" for c in candidates]
+        lines.append(
+            f"| {n} | {a[n]['alignment']:.3f} {a[n]['alignment_interval']} | {b[n]['alignment']:.3f} "
+            f"{b[n]['alignment_interval']} | {cover['A'][i]:.0f} / {cover['B'][i]:.0f} | "
+            + " | ".join(cells)
+            + " |"
         )
+    q = max(1, len(names) // 4)
+    lines += [
+        "",
+        "| figure | test-retest rho (A with B) [95% CI] | rho with the other half's alignment [95% CI] "
+        "| rho with the alignment, both on A + B [95% CI] "
+        f"| place by alignment B of its first on A, and B on A (top quarter: 1..{q}) |",
+        "|---|---|---|---|---|",
+    ]
+    rows = {"alignment (the oracle itself)": align, "coverage (oracle)": cover}
+    rows.update({c: {h: fig[h][c] for h in "AB"} for c in candidates})
+    for c, v in rows.items():
+        lines.append(
+            f"| {c} | {spearman(v['A'], v['B']):.2f} {bootstrap_interval(spearman, v['A'], v['B'])} "
+            f"| {cross(v, align)} | {pooled(v, align)} "
+            f"| {place(v['A'], align['B'])}, {place(v['B'], align['A'])} |"
+        )
+    text = "\n".join(lines)
+    (out / "same-k.md").write_text(text + "\n")
+    return text
 
 
 def analyse(out: Path) -> str:
@@ -187,13 +325,21 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="generated and real images per measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--analyse-only", action="store_true")
+    ap.add_argument(
+        "--same-k", action="store_true", help="the test-retest study of SAME_K's banks (OUT: its own folder)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    if not args.analyse_only:
-        measure(args.out, args.n)
-    print(analyse(args.out))
+    if args.same_k:
+        if not args.analyse_only:
+            measure_same_k(args.out, args.n)
+        print(analyse_same_k(args.out))
+    else:
+        if not args.analyse_only:
+            measure(args.out, args.n)
+        print(analyse(args.out))
     print(f"{time.perf_counter() - started:.0f} s")
 
 
