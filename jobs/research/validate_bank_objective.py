@@ -181,6 +181,11 @@ def measure_same_k(out: Path, n: int) -> None:
                 )
 
 
+def cell(stat, *cols: np.ndarray) -> str:
+    """A correlation over banks and its bootstrap interval, as a table cell."""
+    return f"{stat(*cols):.2f} {bootstrap_interval(stat, *cols)}"
+
+
 def analyse_same_k(out: Path) -> str:
     """How well each half's figures rank the banks as the other half's alignment does."""
 
@@ -213,14 +218,9 @@ def analyse_same_k(out: Path) -> str:
         """rho of v on one half with w on the other, both ways averaged (no image in common)."""
         return (spearman(va, wb) + spearman(vb, wa)) / 2
 
-    def cross(v: dict, w: dict) -> str:
-        cols = (v["A"], v["B"], w["A"], w["B"])
-        return f"{crossed(*cols):.2f} {bootstrap_interval(crossed, *cols)}"
-
-    def pooled(v: dict, w: dict) -> str:
-        """rho of the halves' means: both on all 2n images (sharing them)."""
-        m, mw = (v["A"] + v["B"]) / 2, (w["A"] + w["B"]) / 2
-        return f"{spearman(m, mw):.2f} {bootstrap_interval(spearman, m, mw)}"
+    def mean(v: dict) -> np.ndarray:
+        """The halves' mean: the figure on all 2n images."""
+        return (v["A"] + v["B"]) / 2
 
     lines = [
         f"{len(names)} banks of k 12 (200 steps, the sweep's t ranges and tau), each measured with the "
@@ -250,9 +250,10 @@ def analyse_same_k(out: Path) -> str:
     rows = {"alignment (the oracle itself)": align, "coverage (oracle)": cover}
     rows.update({c: {h: fig[h][c] for h in "AB"} for c in candidates})
     for c, v in rows.items():
+        halves = (v["A"], v["B"], align["A"], align["B"])
         lines.append(
-            f"| {c} | {spearman(v['A'], v['B']):.2f} {bootstrap_interval(spearman, v['A'], v['B'])} "
-            f"| {cross(v, align)} | {pooled(v, align)} "
+            f"| {c} | {cell(spearman, v['A'], v['B'])} | {cell(crossed, *halves)} "
+            f"| {cell(spearman, mean(v), mean(align))} "
             f"| {place(v['A'], align['B'])}, {place(v['B'], align['A'])} |"
         )
     text = "\n".join(lines)
@@ -302,17 +303,11 @@ def analyse(out: Path) -> str:
     figures = {"directions (k), as a baseline": size}
     figures.update({c: np.array([aggregates[n][c]["value"] for n in names]) for c in candidates})
 
-    def partial(v: np.ndarray, a: np.ndarray, k: np.ndarray) -> float:
-        return partial_spearman(v, a, k)
-
     for c, v in figures.items():
         lines.append(
-            f"| {c} | {spearman(v, align):.2f} {bootstrap_interval(spearman, v, align)} "
-            f"| {spearman(v, cover):.2f} {bootstrap_interval(spearman, v, cover)} "
-            f"| {spearman(v[ours], align[ours]):.2f} {bootstrap_interval(spearman, v[ours], align[ours])} "
-            f"| {partial(v, align, size):.2f} {bootstrap_interval(partial, v, align, size)} "
-            f"| {spearman(v[same_k], align[same_k]):.2f} "
-            f"{bootstrap_interval(spearman, v[same_k], align[same_k])} |"
+            f"| {c} | {cell(spearman, v, align)} | {cell(spearman, v, cover)} "
+            f"| {cell(spearman, v[ours], align[ours])} | {cell(partial_spearman, v, align, size)} "
+            f"| {cell(spearman, v[same_k], align[same_k])} |"
         )
     text = "\n".join(lines)
     (out / "bank-objective.md").write_text(text + "\n")
