@@ -183,6 +183,24 @@ def test_a_sweep_killed_mid_way_resumes(tmp_path):
     assert json.loads((out / "best.json").read_text())["trials"] == 2
 
 
+def test_a_sweep_over_tau_at_one_k_is_warned_off_the_objective(tmp_path, caplog):
+    """Among banks of one k the objective falls as tau rises and the oracle's alignment rises
+    (docs/oracle-free.md): a sweep that searches tau and not k, off the oracle, says so."""
+    from noiseclr.discovery.config import DiscoveryConfig
+    from noiseclr.workflows.sweep import objective
+
+    job = DiscoveryConfig.of(data={"uri": str(tmp_path)})  # plain data: no oracle
+    (tmp_path / "job.yaml").write_text("k: 8\n")
+    for space, warned in (
+        ("tau: {choice: [0.2, 0.5]}", True),
+        ("k: {choice: [8, 12]}\n  tau: {choice: [0.5]}", False),
+    ):
+        caplog.clear()
+        (tmp_path / "s.yaml").write_text(f"job: job.yaml\nbaseline: false\nspace:\n  {space}\n")
+        assert objective(SweepConfig.from_yaml(tmp_path / "s.yaml")[0], job) == "objective"
+        assert ("falls as tau rises" in caplog.text) is warned
+
+
 def test_sweep_config_errors_and_trial_values(tmp_path):
     from noiseclr.discovery.config import DiscoveryConfig
     from noiseclr.errors import ConfigError

@@ -244,17 +244,23 @@ def analyse_same_k(out: Path) -> str:
         "",
         "| figure | test-retest rho (A with B) [95% CI] | rho with the other half's alignment [95% CI] "
         "| rho with the alignment, both on A + B [95% CI] "
-        f"| place by alignment B of its first on A, and B on A (top quarter: 1..{q}) |",
-        "|---|---|---|---|---|",
+        f"| place by alignment B of its first on A, and B on A (top quarter: 1..{q}) | rho with tau, A / B |",
+        "|---|---|---|---|---|---|",
     ]
-    rows = {"alignment (the oracle itself)": align, "coverage (oracle)": cover}
+    tau = np.array([SAME_K[n].get("tau", 0.5) for n in names])  # the job's own: 0.5
+    rows = {
+        "alignment (the oracle itself)": align,
+        "coverage (oracle)": cover,
+        "tau (a setting)": {"A": tau, "B": tau},
+    }
     rows.update({c: {h: fig[h][c] for h in "AB"} for c in candidates})
     for c, v in rows.items():
         halves = (v["A"], v["B"], align["A"], align["B"])
         lines.append(
             f"| {c} | {cell(spearman, v['A'], v['B'])} | {cell(crossed, *halves)} "
             f"| {cell(spearman, mean(v), mean(align))} "
-            f"| {place(v['A'], align['B'])}, {place(v['B'], align['A'])} |"
+            f"| {place(v['A'], align['B'])}, {place(v['B'], align['A'])} "
+            f"| {spearman(v['A'], tau):.2f} / {spearman(v['B'], tau):.2f} |"
         )
     text = "\n".join(lines)
     (out / "same-k.md").write_text(text + "\n")

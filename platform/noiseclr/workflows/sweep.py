@@ -327,7 +327,17 @@ def objective(sweep: SweepConfig, job: DiscoveryConfig) -> str:
             "metric alignment needs the shapes world's oracle (model: shapes, data.uri: null); "
             "on your own images use metric: objective (the oracle-free bank objective) or auto"
         )
-    return sweep.metric if sweep.metric != "auto" else ("alignment" if oracle else "objective")
+    metric = sweep.metric if sweep.metric != "auto" else ("alignment" if oracle else "objective")
+    if metric == "objective" and "tau" in sweep.space and "k" not in sweep.space:
+        from noiseclr.evaluation.blind import OBJECTIVE
+
+        log.warning(
+            "the objective (%s) falls as tau rises among banks of one k, where the oracle's alignment "
+            "rises (docs/oracle-free.md, 'Banks of one k'): search k too, keep tau fixed, or use "
+            "metric: score",
+            OBJECTIVE,
+        )
+    return metric
 
 
 def choose(results, sweep: SweepConfig, job: DiscoveryConfig) -> tuple[Any, dict]:
