@@ -181,6 +181,27 @@ def measure_same_k(out: Path, n: int) -> None:
                 )
 
 
+def load_measured(out: Path, pattern: str) -> list[dict]:
+    """The measured records matching `pattern` under OUT/measured, each with its bank figures
+    (`aggregates`) recomputed from its saved signed changes (so new candidates need no model)."""
+    records = []
+    for p in sorted((out / "measured").glob(pattern)):
+        record = json.loads(p.read_text())
+        z = np.load(p.with_name(p.name.removesuffix(".json") + ".npz"))
+        record["aggregates"] = blind.score_edits(blind.unpack_edits(z), ladder0=float(z["ladder0"]))[
+            "aggregates"
+        ]
+        records.append(record)
+    return records
+
+
+def write_table(lines: list[str], path: Path) -> str:
+    """The report's lines as one markdown text, written to `path` and returned."""
+    text = "\n".join(lines)
+    path.write_text(text + "\n")
+    return text
+
+
 def cell(stat, *cols: np.ndarray) -> str:
     """A correlation over banks and its bootstrap interval, as a table cell."""
     return f"{stat(*cols):.2f} {bootstrap_interval(stat, *cols)}"
@@ -189,18 +210,7 @@ def cell(stat, *cols: np.ndarray) -> str:
 def analyse_same_k(out: Path) -> str:
     """How well each half's figures rank the banks as the other half's alignment does."""
 
-    def load(half: str) -> dict[str, dict]:
-        found = {}
-        for p in sorted((out / "measured").glob(f"*.{half}.json")):
-            r = json.loads(p.read_text())
-            z = np.load(p.parent / p.name.replace(".json", ".npz"))
-            r["aggregates"] = blind.score_edits(blind.unpack_edits(z), ladder0=float(z["ladder0"]))[
-                "aggregates"
-            ]
-            found[r["bank"]] = r
-        return found
-
-    a, b = load("A"), load("B")
+    a, b = ({r["bank"]: r for r in load_measured(out, f"*.{half}.json")} for half in "AB")
     names = [n for n in a if n in b]
     align = {h: np.array([r[n]["alignment"] for n in names]) for h, r in (("A", a), ("B", b))}
     cover = {h: np.array([r[n]["coverage_count"] for n in names], float) for h, r in (("A", a), ("B", b))}
@@ -262,18 +272,12 @@ def analyse_same_k(out: Path) -> str:
             f"| {place(v['A'], align['B'])}, {place(v['B'], align['A'])} "
             f"| {spearman(v['A'], tau):.2f} / {spearman(v['B'], tau):.2f} |"
         )
-    text = "\n".join(lines)
-    (out / "same-k.md").write_text(text + "\n")
-    return text
+    return write_table(lines, out / "same-k.md")
 
 
 def analyse(out: Path) -> str:
-    records = [json.loads(p.read_text()) for p in sorted((out / "measured").glob("*.json"))]
-    aggregates = {}
-    for r in records:
-        edits = blind.unpack_edits(np.load(out / "measured" / f"{r['bank']}.npz"))
-        ladder0 = float(np.load(out / "measured" / f"{r['bank']}.npz")["ladder0"])
-        aggregates[r["bank"]] = blind.score_edits(edits, ladder0=ladder0)["aggregates"]
+    records = load_measured(out, "*.json")
+    aggregates = {r["bank"]: r["aggregates"] for r in records}
     names = [r["bank"] for r in records]
     align = np.array([r["alignment"] for r in records])
     cover = np.array([r["coverage_count"] for r in records], dtype=float)
@@ -315,9 +319,7 @@ def analyse(out: Path) -> str:
             f"| {cell(spearman, v[ours], align[ours])} | {cell(partial_spearman, v, align, size)} "
             f"| {cell(spearman, v[same_k], align[same_k])} |"
         )
-    text = "\n".join(lines)
-    (out / "bank-objective.md").write_text(text + "\n")
-    return text
+    return write_table(lines, out / "bank-objective.md")
 
 
 def main() -> None:
