@@ -2,19 +2,23 @@
 every trial's bank measured by the oracle the sweep never saw.
 
     python jobs/bench/benchmark_sweep.py --out out/bench-sweep [--samples 6] [--milestones 100,200]
+    python jobs/bench/benchmark_sweep.py --out out/bench-sweep-k --sweeps fifo --k 8,12,16 ...
 
 1. `noiseclr world make` writes the discovery domain's images into OUT/world; its factor table is
    deleted, so the folder is plain data (the sweep reads pixels only either way: `data.uri` set
    means no oracle, `metric: auto` maximises the oracle-free bank objective).
 2. The same sweep (same seed, so Optuna proposes the same trials) runs twice: with ASHA
    (`early_stopping: true`) and without (every trial trains to the last milestone). Each picks
-   its bank by re-measuring its leaders (`remeasure`).
+   its bank by re-measuring its leaders (`remeasure`). `--sweeps` runs one of them alone (fifo:
+   every trial fully trained, the cheaper check of the choice); `--k` sets the counts searched.
 3. Every trial bank of both sweeps (identical banks once) is measured by the oracle protocol on
-   one set of images: alignment [95% CI] and coverage.
+   one set of images: alignment [95% CI] and coverage [95% CI].
 
 Prints the wall time of each sweep, its chosen bank, the table of every trial (objective,
-interval, re-measured figure, oracle alignment, coverage) and the chosen bank's place among its
-sweep's trials by oracle alignment. Writes OUT/benchmark.json and OUT/benchmark.md.
+interval, re-measured figure, oracle alignment, coverage), the chosen bank's place among its
+sweep's trials by oracle alignment, and how every candidate bank figure (`blind.AGGREGATES`, as
+each trial measured it) ranks the fully trained banks against the oracle. Writes
+OUT/benchmark.json and OUT/benchmark.md (`--report-only` rewrites them from the json).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def write_sweep(out: Path, world: Path, args, early: bool) -> Path:
             "run": {"checkpoint_every": 50},
         },
         "space": {
-            "k": {"choice": [8, 12]},
+            "k": {"choice": args.k},
             "t_range": {"choice": [[0, 600], [0, 999], [200, 800]]},
             "tau": {"loguniform": [0.1, 1.0]},
         },
@@ -104,6 +108,14 @@ def main() -> None:
     ap.add_argument("--oracle-images", type=int, default=8)
     ap.add_argument("--world", type=int, default=64, help="images in the plain folder")
     ap.add_argument("--seed", type=int, default=0)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ap.add_argument("--k", type=ints, default=[8, 12], help="the direction counts the sweep may pick")
+    ap.add_argument(
+        "--sweeps",
+        type=lambda s: s.split(","),
+        default=["asha", "fifo"],
+        help="asha,fifo (the wall-time comparison) or one of them (fifo: every trial fully trained)",
+    )
     ap.add_argument("--report-only", action="store_true", help="rewrite the tables from OUT/benchmark.json")
     args = ap.parse_args()
     out = args.out.resolve()
@@ -113,8 +125,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     world = write_world(out, args.world)
     report: dict = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "sweeps": {}}
-    for early in (True, False):
-        name = "asha" if early else "fifo"
+    if not args.sweeps or set(args.sweeps) - {"asha", "fifo"}:
+        raise SystemExit(f"--sweeps takes asha, fifo or both, not {args.sweeps}")
+    for name in args.sweeps:
+        early = name == "asha"
         config = write_sweep(out, world, args, early)
         seconds, best = run_sweep(config, out / name)
         report["sweeps"][name] = {"seconds": round(seconds, 1), "best": best, "rows": trial_rows(out / name)}
@@ -141,32 +155,46 @@ def main() -> None:
                     "alignment": g["alignment"],
                     "interval": g["scores"]["all"]["intervals"]["alignment"],
                     "coverage": g["coverage"],
+                    "coverage_interval": g["scores"]["all"]["intervals"].get("coverage"),
                 }
             row["oracle"] = graded[key]
+            stored = json.loads((Path(row["bank"]) / "bank.json").read_text())["scores"]["aggregates"]
+            row["aggregates"] = {name: a["value"] for name, a in stored.items()}
+    (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))  # --report-only
     write_report(report, out)
 
 
 def write_report(report: dict, out: Path) -> None:
     """The tables and the chosen banks' places by oracle alignment: among their own sweep's trials,
-    and among the fully trained banks of the sweep without early stopping (the same trials, so a
-    bank stopped early cannot make the place look better)."""
-    full = sorted(report["sweeps"]["fifo"]["rows"], key=lambda r: -r["oracle"]["alignment"])
+    and among the fully trained banks (the sweep without early stopping where it ran: the same
+    trials, so a bank stopped early cannot make the place look better); then how each candidate
+    bank figure (blind.AGGREGATES, read from each fully trained bank's stored measurement) would
+    have chosen among those banks."""
+    sweeps = report["sweeps"]
+    last = str(report["settings"]["milestones"][-1])
+    full = (
+        sweeps["fifo"]["rows"]
+        if "fifo" in sweeps
+        else [r for r in next(iter(sweeps.values()))["rows"] if r["steps"] == last]
+    )
+    full = sorted(full, key=lambda r: -r["oracle"]["alignment"])
+    quarter = max(1, len(full) // 4)
     lines = []
-    for name, sweep in report["sweeps"].items():
+    for name, sweep in sweeps.items():
         rows = sweep["rows"]
         ranked = sorted(rows, key=lambda r: -r["oracle"]["alignment"])
         chosen = next(r for r in rows if r["chosen"] == "True")
         place = ranked.index(chosen) + 1
         among_full = 1 + sum(r["oracle"]["alignment"] > chosen["oracle"]["alignment"] for r in full)
         sweep["chosen_place"], sweep["chosen_place_among_fully_trained"] = place, among_full
-        sweep["top_quarter"] = among_full <= max(1, len(full) // 4)
+        sweep["top_quarter"] = among_full <= quarter
         lines += [
             f"### {name}: {sweep['seconds']:.0f} s, {len(rows)} trials; the chosen bank (k {chosen['k']}) is "
             f"{place} of {len(rows)} by oracle alignment, {among_full} of {len(full)} among the fully "
-            "trained banks",
+            f"trained banks (top quarter: 1..{quarter})",
             "",
             "| k | t range | tau | steps | objective [95% CI] | re-measured [95% CI] | chosen "
-            "| alignment [95% CI] | coverage |",
+            "| alignment [95% CI] | coverage [95% CI] |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
@@ -175,15 +203,51 @@ def write_report(report: dict, out: Path) -> None:
                 f"| {r['k']} | {r['t_range']} | {float(r['tau']):.3g} | {r['steps']} "
                 f"| {float(r['objective']):.3f} {r['objective_interval']} | {r['remeasured'] or '-'} "
                 f"| {'yes' if r['chosen'] == 'True' else ''} | {o['alignment']:.3f} {o['interval']} "
-                f"| {', '.join(o['coverage']) or '-'} |"
+                f"| {', '.join(o['coverage']) or '-'} {o.get('coverage_interval', '')} |"
             )
         lines.append("")
-    a, f = report["sweeps"]["asha"]["seconds"], report["sweeps"]["fifo"]["seconds"]
-    lines.append(f"wall time with early stopping / without: {a:.0f} s / {f:.0f} s = {a / f:.2f}")
+    lines += candidates(full, quarter)
+    if {"asha", "fifo"} <= set(sweeps):
+        a, f = sweeps["asha"]["seconds"], sweeps["fifo"]["seconds"]
+        lines.append(f"wall time with early stopping / without: {a:.0f} s / {f:.0f} s = {a / f:.2f}")
     text = "\n".join(lines)
     (out / "benchmark.md").write_text(text + "\n")
     (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))
     print(text)
+
+
+def candidates(rows: list[dict], quarter: int) -> list[str]:
+    """Each candidate's rank correlation with the oracle's alignment over the fully trained banks
+    (95% bootstrap interval over banks) and the place by alignment of the bank it puts first: a
+    check on banks none of them was chosen on."""
+    import numpy as np
+
+    from noiseclr.evaluation.blind import AGGREGATES, OBJECTIVE
+    from noiseclr.evaluation.stats import bootstrap_interval, spearman
+
+    align = np.array([r["oracle"]["alignment"] for r in rows])
+    figures = {
+        "k (a setting)": [float(r["k"]) for r in rows],
+        "tau (a setting)": [float(r["tau"]) for r in rows],
+    }
+    figures.update({name: [r["aggregates"][name] for r in rows] for name in AGGREGATES})
+    lines = [
+        f"### Each candidate over the {len(rows)} fully trained banks",
+        "",
+        "| figure | rho with the oracle's alignment [95% CI] | place by alignment of its first |",
+        "|---|---|---|",
+    ]
+    for name, values in figures.items():
+        v = np.array(values)
+        # the places of the banks it puts first (several where they tie: a setting such as k)
+        places = sorted(1 + int(np.sum(align > align[i])) for i in np.flatnonzero(v == v.max()))
+        place = f"{places[0]}" if len(places) == 1 else f"{places[0]}..{places[-1]} (tied)"
+        star = " (the objective)" if name == OBJECTIVE else ""
+        lines.append(
+            f"| {name}{star} | {spearman(v, align):.2f} {bootstrap_interval(spearman, v, align)} "
+            f"| {place}{' (top quarter)' if places[-1] <= quarter else ''} |"
+        )
+    return [*lines, ""]
 
 
 if __name__ == "__main__":
