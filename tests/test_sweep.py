@@ -50,28 +50,49 @@ def sweep_cmd(config: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "noiseclr.cli", "sweep", "--config", str(config), "--out", str(out)]
 
 
-def test_a_small_sweep_tracks_trials_registers_the_best_and_edits_by_alias(
+def test_a_small_sweep_killed_mid_way_resumes_tracks_trials_registers_the_best_and_edits_by_alias(
     mlflow_server, tmp_path, monkeypatch
 ):
+    """Killed (SIGKILL to its whole process group) once its first trial has reported a milestone,
+    the sweep is run again: it resumes, the interrupted trial goes on in its own MLflow run (no
+    second child run), and the finished sweep is tracked, registered and opened by alias."""
     config = write_sweep(tmp_path, mlflow_server.uri, "small", samples=2)
-    config.write_text(config.read_text() + "early_stopping: false\n")  # both trials to the last milestone
-    done = subprocess.run(sweep_cmd(config, tmp_path / "out"), capture_output=True, text=True, timeout=1200)
+    # both trials to the last milestone (two at once): the kill at the first report lands while
+    # both have a milestone left
+    config.write_text(config.read_text() + "early_stopping: false\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(sweep_cmd(config, out), start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:  # kill once the first trial has reported a result
+            if any(p.stat().st_size > 0 for p in (out / "tune" / "small").glob("*/result.json")):
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("no trial reported within 10 minutes")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    assert not (out / "best.json").exists()
+    done = subprocess.run(sweep_cmd(config, out), capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    assert "resuming the sweep" in done.stderr
+    best = json.loads((out / "best.json").read_text())
     assert best["trials"] == 2
-    rows = (tmp_path / "out" / "sweep.md").read_text().splitlines()
+    rows = (out / "sweep.md").read_text().splitlines()
     assert rows[0].startswith("| tau | t_range | baseline | steps | alignment") and len(rows) == 2 + 2
     assert all(row.split(" | ")[3] == "2" for row in rows[2:])  # no trial stopped early
     # the first trial ran the job's own values (tau 0.5, t 0..999), marked and compared
     baseline = [row for row in rows[2:] if "| True |" in row]
     assert len(baseline) == 1 and baseline[0].startswith("| 0.5 | [0, 999] | True |")
     assert best["gain"] == pytest.approx(best["best"]["alignment"] - best["baseline"]["alignment"])
-    assert (tmp_path / "out" / "sweep.png").stat().st_size > 1000
+    assert (out / "sweep.png").stat().st_size > 1000
     client = MlflowClient(mlflow_server.uri)
-    parent = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]
+    parent = json.loads((out / "sweep.json").read_text())["parent_run_id"]
     experiment = client.get_experiment_by_name("sweep-tests")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
-    assert len(children) == 2
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     assert all("alignment" in r.data.metrics and r.data.params["k"] == "2" for r in children)
     assert client.get_run(parent).data.metrics["best_alignment"] == pytest.approx(best["best"]["alignment"])
     # both trials were measured again on the same images; the chosen bank is the higher re-measured
@@ -154,33 +175,6 @@ def test_sweep_metric_alignment_needs_the_oracle(tmp_path):
     assert objective(sweep, folder) == "objective"
     with pytest.raises(ConfigError, match="metric alignment needs the shapes world's oracle"):
         objective(sweep.model_copy(update={"metric": "alignment"}), folder)
-
-
-def test_a_sweep_killed_mid_way_resumes(tmp_path):
-    config = write_sweep(tmp_path, None, "killed", samples=2)
-    # one report each, one trial at a time: the kill lands while the second trial trains (two at
-    # once finish within the poll's second of each other, and the sweep may end before the kill)
-    text = config.read_text().replace("milestones: [1, 2]", "milestones: [2]")
-    config.write_text(text.replace("max_concurrent: 2", "max_concurrent: 1"))
-    out = tmp_path / "out"
-    proc = subprocess.Popen(sweep_cmd(config, out), start_new_session=True, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:  # kill once the first trial has reported a result
-            if any(p.stat().st_size > 0 for p in (out / "tune" / "killed").glob("*/result.json")):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("no trial reported within 10 minutes")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
-    assert not (out / "best.json").exists()
-    again = subprocess.run(sweep_cmd(config, out), capture_output=True, text=True, timeout=1200)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming the sweep" in again.stderr
-    assert json.loads((out / "best.json").read_text())["trials"] == 2
 
 
 def test_a_sweep_over_tau_at_one_k_is_warned_off_the_objective(tmp_path, caplog):

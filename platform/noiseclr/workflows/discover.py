@@ -33,6 +33,7 @@ from noiseclr.models.base import DiffusionModel, load_model, resolve_device
 log = logging.getLogger(__name__)
 
 TRACKING_PENDING = "tracking-pending.json"  # in OUT: the run's record has not reached MLflow yet
+TRIAL_RUN = "mlflow-run-id"  # in a sweep trial's OUT: its MLflow run, continued if the trial restarts
 
 
 @dataclass
@@ -215,11 +216,16 @@ def run_discovery(
         log.warning(
             "distributed.workers is 0 (one process): %s apply to Ray Train workers only", ", ".join(unused)
         )
-    pending = out / TRACKING_PENDING
+    pending, trial_run = out / TRACKING_PENDING, out / TRIAL_RUN
     if fresh:
         shutil.rmtree(checkpoint.checkpoint_dir(out), ignore_errors=True)
         shutil.rmtree(out / "ray", ignore_errors=True)
         pending.unlink(missing_ok=True)
+        trial_run.unlink(missing_ok=True)
+    # A sweep's trial restarted from its first milestone (its sweep killed and resumed) goes on in
+    # the run it started, rather than leaving that one RUNNING forever beside a second child run.
+    if parent_run_id and run_id is None and trial_run.exists():
+        run_id = trial_run.read_text().strip() or None
     model = model or load_model(cfg.model, device="cpu" if cfg.distributed.workers else cfg.run.device)
     state, resumed = start_state(cfg, model, out)  # refuses a changed config before anything is written
     if resumed is not None:
@@ -232,6 +238,8 @@ def run_discovery(
     defer = parent_run_id is None and run_id is None
     with tracked_run(cfg, run_name=run_name, parent=parent_run_id, run_id=run_id, defer=defer) as run:
         out.mkdir(parents=True, exist_ok=True)
+        if run is not None and parent_run_id:
+            trial_run.write_text(run.info.run_id)
         data = cfg.data.uri or generated_data(cfg, out, model.resolution)
         if run is None and defer and tracking_uri(cfg):  # marked now: a run stopped early keeps it
             pending.write_text(json.dumps({"tracking_uri": tracking_uri(cfg), "unlogged": "every step"}))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 SWEPT = ("k", "t_range", "tau", "lr", "negatives")  # what a space may name
 # what a trial reports, besides the loss (and each metric's 95% interval, METRIC_low / METRIC_high)
 FIGURES = ("alignment", "coverage", "objective", "score", "live", "steps")
+MILESTONE = "milestone.json"  # in a trial's Tune checkpoint: how many milestones it has reported
 
 
 class Dimension(BaseModel):
@@ -177,7 +179,16 @@ def _trial(config: dict) -> None:
     cfg = trial_config(job, {k: v for k, v in config.items() if not k.startswith("_")})
     out = Path(config["_out"]) / "trials" / tune.get_context().get_trial_id()
     run_id = None
-    for steps in config["_milestones"]:
+    # A trial restarted by a resumed sweep goes on after the last milestone it reported (its Tune
+    # checkpoint says which): its own checkpoints may be past the earlier ones, which it cannot
+    # train back to, and ASHA's rungs count the reports.
+    reported = 0
+    if saved := tune.get_checkpoint():
+        with saved.as_directory() as d:
+            reported = json.loads((Path(d) / MILESTONE).read_text())["reported"]
+    for i, steps in enumerate(config["_milestones"]):
+        if i < reported:
+            continue
         last = steps == config["_milestones"][-1]
         step_cfg = cfg.replace(steps=steps, register_bank=False, gallery=last and cfg.gallery.enabled)
         result = run_discovery(step_cfg, out, parent_run_id=config.get("_parent"), run_id=run_id)
@@ -187,24 +198,25 @@ def _trial(config: dict) -> None:
             "objective": result.objective.interval if result.objective else (0.0, 0.0),
             "score": result.score_interval or (0.0, 0.0),
         }
-        tune.report(
-            {
-                "alignment": result.alignment if result.alignment is not None else 0.0,
-                "coverage": result.coverage or 0,
-                "objective": result.objective.value if result.objective else 0.0,
-                "score": result.score if result.score is not None else 0.0,
-                **{
-                    f"{m}_{end}": float(v[i])
-                    for m, v in intervals.items()
-                    for i, end in enumerate(("low", "high"))
-                },
-                "live": result.live or 0,
-                "loss": result.final_loss,
-                "steps": steps,
-                "bank": str(result.bank),
-                "mlflow_run_id": run_id or "",
-            }
-        )
+        figures = {
+            "alignment": result.alignment if result.alignment is not None else 0.0,
+            "coverage": result.coverage or 0,
+            "objective": result.objective.value if result.objective else 0.0,
+            "score": result.score if result.score is not None else 0.0,
+            **{
+                f"{m}_{end}": float(v[j])
+                for m, v in intervals.items()
+                for j, end in enumerate(("low", "high"))
+            },
+            "live": result.live or 0,
+            "loss": result.final_loss,
+            "steps": steps,
+            "bank": str(result.bank),
+            "mlflow_run_id": run_id or "",
+        }
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / MILESTONE).write_text(json.dumps({"reported": i + 1, "steps": steps}))
+            tune.report(figures, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict:
@@ -269,7 +281,11 @@ def run_sweep(sweep: SweepConfig, job: DiscoveryConfig, out: str | Path) -> dict
                     max_concurrent=sweep.max_concurrent,
                 ),
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage)),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=str(storage),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # a milestone count, no weights
+            ),
         )
     results = tuner.fit()
     best, choice = choose(results, sweep, job)
