@@ -16,9 +16,9 @@ every trial's bank measured by the oracle the sweep never saw.
 
 Prints the wall time of each sweep, its chosen bank, the table of every trial (objective,
 interval, re-measured figure, oracle alignment, coverage), the chosen bank's place among its
-sweep's trials by oracle alignment, and how every candidate bank figure (`blind.AGGREGATES`, as
-each trial measured it) ranks the fully trained banks against the oracle. Writes
-OUT/benchmark.json and OUT/benchmark.md (`--report-only` rewrites them from the json).
+sweep's trials by oracle alignment, and how every candidate bank figure (`blind.AGGREGATES`,
+every bank re-measured on one image set) ranks the fully trained banks against the oracle.
+Writes OUT/benchmark.json and OUT/benchmark.md (`--report-only` rewrites them from the json).
 """
 
 from __future__ import annotations
@@ -102,13 +102,13 @@ def main() -> None:
     # at most Optuna's 10 random start-up trials: beyond, its proposals learn from results that
     # early stopping cut short, and the two sweeps would no longer try the same trials
     ap.add_argument("--samples", type=int, default=6, choices=range(2, 11), metavar="2..10")
-    ap.add_argument("--milestones", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ap.add_argument("--milestones", type=ints, default=[100, 200])
     ap.add_argument("--images", type=int, default=4, help="scored images per source at each milestone")
     ap.add_argument("--remeasure-images", type=int, default=8)
     ap.add_argument("--oracle-images", type=int, default=8)
     ap.add_argument("--world", type=int, default=64, help="images in the plain folder")
     ap.add_argument("--seed", type=int, default=0)
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     ap.add_argument("--k", type=ints, default=[8, 12], help="the direction counts the sweep may pick")
     ap.add_argument(
         "--sweeps",
@@ -166,8 +166,6 @@ def main() -> None:
                     "coverage_interval": g["scores"]["all"]["intervals"].get("coverage"),
                 }
             row["oracle"] = graded[key]
-            stored = json.loads((Path(row["bank"]) / "bank.json").read_text())["scores"]["aggregates"]
-            row["aggregates"] = {name: a["value"] for name, a in stored.items()}
     (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))  # --report-only
     remeasure_all(report, out)
     write_report(report, out)
@@ -184,17 +182,18 @@ def remeasure_all(report: dict, out: Path) -> None:
     done: dict[str, dict] = {}
     for name, sweep in report["sweeps"].items():
         config, job = SweepConfig.from_yaml(out / f"sweep-{name}.yaml")
-        todo = [r for r in sweep["rows"] if digest(Path(r["bank"])) not in done]
+        keys = [digest(Path(r["bank"])) for r in sweep["rows"]]
+        todo = {key: r for key, r in zip(keys, sweep["rows"], strict=True) if key not in done}
         if todo:
             saved = job.model_dump(exclude_unset=True)
-            folders = [Path(r["bank"]) for r in todo]
+            folders = [Path(r["bank"]) for r in todo.values()]
             _, measured = _remeasure(
                 saved, "objective", folders, config.remeasure.images, config.cpus_per_trial
             )
-            for row, result in zip(todo, measured["scores"], strict=True):
-                done[digest(Path(row["bank"]))] = {a: v["value"] for a, v in result["aggregates"].items()}
-        for row in sweep["rows"]:
-            row["remeasured_aggregates"] = done[digest(Path(row["bank"]))]
+            for key, result in zip(todo, measured["scores"], strict=True):
+                done[key] = {a: v["value"] for a, v in result["aggregates"].items()}
+        for key, row in zip(keys, sweep["rows"], strict=True):
+            row["remeasured_aggregates"] = done[key]
     (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))
 
 
@@ -202,8 +201,8 @@ def write_report(report: dict, out: Path) -> None:
     """The tables and the chosen banks' places by oracle alignment: among their own sweep's trials,
     and among the fully trained banks (the sweep without early stopping where it ran: the same
     trials, so a bank stopped early cannot make the place look better); then how each candidate
-    bank figure (blind.AGGREGATES, read from each fully trained bank's stored measurement) would
-    have chosen among those banks."""
+    bank figure (blind.AGGREGATES, as `remeasure_all` measured every bank) would have chosen among
+    those banks."""
     sweeps = report["sweeps"]
     last = str(report["settings"]["milestones"][-1])
     full = (
@@ -264,18 +263,16 @@ def candidates(rows: list[dict], quarter: int) -> list[str]:
         "k (a setting)": [float(r["k"]) for r in rows],
         "tau (a setting)": [float(r["tau"]) for r in rows],
     }
-    # one image set for every bank where the benchmark re-measured them all (else as stored)
-    key = "remeasured_aggregates" if all("remeasured_aggregates" in r for r in rows) else "aggregates"
-    figures.update({name: [r[key][name] for r in rows] for name in AGGREGATES})
+    title = f"### Each candidate over the {len(rows)} fully trained banks"
+    # only on one image set for every bank: a bank.json holds the trial's measurement, or the
+    # sweep's re-measurement where the bank was chosen
+    if not all("remeasured_aggregates" in r for r in rows):
+        return [title, "", "Not measured: run with --remeasure-only first.", ""]
+    figures.update({name: [r["remeasured_aggregates"][name] for r in rows] for name in AGGREGATES})
     lines = [
-        f"### Each candidate over the {len(rows)} fully trained banks",
+        title,
         "",
-        "Measured "
-        + (
-            "again on one image set for every bank (the sweep's re-measurement's images)."
-            if key == "remeasured_aggregates"
-            else "as each bank.json holds it (the chosen bank's: its re-measurement)."
-        ),
+        "Measured again on one image set for every bank (the sweep's re-measurement's images).",
         "",
         "| figure | rho with the oracle's alignment [95% CI] | place by alignment of its first |",
         "|---|---|---|",
