@@ -186,9 +186,7 @@ def _trial(config: dict) -> None:
     if saved := tune.get_checkpoint():
         with saved.as_directory() as d:
             reported = json.loads((Path(d) / MILESTONE).read_text())["reported"]
-    for i, steps in enumerate(config["_milestones"]):
-        if i < reported:
-            continue
+    for i, steps in enumerate(config["_milestones"][reported:], start=reported):
         last = steps == config["_milestones"][-1]
         step_cfg = cfg.replace(steps=steps, register_bank=False, gallery=last and cfg.gallery.enabled)
         result = run_discovery(step_cfg, out, parent_run_id=config.get("_parent"), run_id=run_id)
