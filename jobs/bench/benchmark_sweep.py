@@ -3,6 +3,7 @@ every trial's bank measured by the oracle the sweep never saw.
 
     python jobs/bench/benchmark_sweep.py --out out/bench-sweep [--samples 6] [--milestones 100,200]
     python jobs/bench/benchmark_sweep.py --out out/bench-sweep-k --sweeps fifo --k 8,12,16 ...
+    python jobs/bench/benchmark_sweep.py --out out/bench-sweep-lr --sweeps fifo --k 8,12,16 --lr 1e-3,1.5e-2
 
 1. `noiseclr world make` writes the discovery domain's images into OUT/world; its factor table is
    deleted, so the folder is plain data (the sweep reads pixels only either way: `data.uri` set
@@ -60,6 +61,7 @@ def write_sweep(out: Path, world: Path, args, early: bool) -> Path:
             "k": {"choice": args.k},
             "t_range": {"choice": [[0, 600], [0, 999], [200, 800]]},
             "tau": {"loguniform": [0.1, 1.0]},
+            **({"lr": {"loguniform": args.lr}} if args.lr else {}),
         },
         "milestones": args.milestones,
         "num_samples": args.samples,
@@ -110,6 +112,13 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=64, help="images in the plain folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--k", type=ints, default=[8, 12], help="the direction counts the sweep may pick")
+    ap.add_argument(
+        "--lr",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        metavar="LOW,HIGH",
+        help="also sweep the learning rate, log-uniform between LOW and HIGH (the job's must lie inside)",
+    )
     ap.add_argument(
         "--sweeps",
         type=lambda s: s.split(","),
@@ -215,6 +224,7 @@ def write_report(report: dict, out: Path) -> None:
     lines = []
     for name, sweep in sweeps.items():
         rows = sweep["rows"]
+        lr = "lr" in rows[0]  # swept (--lr)
         ranked = sorted(rows, key=lambda r: -r["oracle"]["alignment"])
         chosen = next(r for r in rows if r["chosen"] == "True")
         place = ranked.index(chosen) + 1
@@ -226,14 +236,15 @@ def write_report(report: dict, out: Path) -> None:
             f"{place} of {len(rows)} by oracle alignment, {among_full} of {len(full)} among the fully "
             f"trained banks (top quarter: 1..{quarter})",
             "",
-            "| k | t range | tau | steps | objective [95% CI] | re-measured [95% CI] | chosen "
-            "| alignment [95% CI] | coverage [95% CI] |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| k | t range | tau |{' lr |' * lr} steps | objective [95% CI] | re-measured [95% CI] "
+            "| chosen | alignment [95% CI] | coverage [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * lr,
         ]
         for r in rows:
             o = r["oracle"]
+            lr_cell = f" {float(r['lr']):.2g} |" if lr else ""
             lines.append(
-                f"| {r['k']} | {r['t_range']} | {float(r['tau']):.3g} | {r['steps']} "
+                f"| {r['k']} | {r['t_range']} | {float(r['tau']):.3g} |{lr_cell} {r['steps']} "
                 f"| {float(r['objective']):.3f} {r['objective_interval']} | {r['remeasured'] or '-'} "
                 f"| {'yes' if r['chosen'] == 'True' else ''} | {o['alignment']:.3f} {o['interval']} "
                 f"| {', '.join(o['coverage']) or '-'} {o.get('coverage_interval', '')} |"
@@ -262,6 +273,7 @@ def candidates(rows: list[dict], quarter: int) -> list[str]:
     figures = {
         "k (a setting)": [float(r["k"]) for r in rows],
         "tau (a setting)": [float(r["tau"]) for r in rows],
+        **({"lr (a setting)": [float(r["lr"]) for r in rows]} if "lr" in rows[0] else {}),
     }
     title = f"### Each candidate over the {len(rows)} fully trained banks"
     # only on one image set for every bank: a bank.json holds the trial's measurement, or the
