@@ -131,7 +131,17 @@ def main() -> None:
         action="store_true",
         help="re-measure the banks of OUT/benchmark.json, then report",
     )
+    ap.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        metavar="OUT",
+        help="only: rank every candidate within each of these finished runs, and pooled over them",
+    )
     args = ap.parse_args()
+    if args.pool:
+        print(pooled(args.pool))
+        return
     out = args.out.resolve()
     if args.report_only or args.remeasure_only:
         report = json.loads((out / "benchmark.json").read_text())
@@ -206,6 +216,19 @@ def remeasure_all(report: dict, out: Path) -> None:
     (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))
 
 
+def fully_trained(report: dict) -> list[dict]:
+    """The banks trained to the last milestone, best alignment first: the sweep without early
+    stopping where it ran (the same trials), else those of the one sweep that reached it."""
+    sweeps = report["sweeps"]
+    last = str(report["settings"]["milestones"][-1])
+    rows = (
+        sweeps["fifo"]["rows"]
+        if "fifo" in sweeps
+        else [r for r in next(iter(sweeps.values()))["rows"] if r["steps"] == last]
+    )
+    return sorted(rows, key=lambda r: -r["oracle"]["alignment"])
+
+
 def write_report(report: dict, out: Path) -> None:
     """The tables and the chosen banks' places by oracle alignment: among their own sweep's trials,
     and among the fully trained banks (the sweep without early stopping where it ran: the same
@@ -213,13 +236,7 @@ def write_report(report: dict, out: Path) -> None:
     bank figure (blind.AGGREGATES, as `remeasure_all` measured every bank) would have chosen among
     those banks."""
     sweeps = report["sweeps"]
-    last = str(report["settings"]["milestones"][-1])
-    full = (
-        sweeps["fifo"]["rows"]
-        if "fifo" in sweeps
-        else [r for r in next(iter(sweeps.values()))["rows"] if r["steps"] == last]
-    )
-    full = sorted(full, key=lambda r: -r["oracle"]["alignment"])
+    full = fully_trained(report)
     quarter = max(1, len(full) // 4)
     lines = []
     for name, sweep in sweeps.items():
@@ -300,6 +317,62 @@ def candidates(rows: list[dict], quarter: int) -> list[str]:
             f"| {place}{' (top quarter)' if places[-1] <= quarter else ''} |"
         )
     return [*lines, ""]
+
+
+def pooled(outs: list[Path]) -> str:
+    """Each candidate over several finished runs (their fully trained banks, each re-measured on
+    its run's one image set): its rank correlation with the alignment within each sweep, their
+    mean weighted by banks (what a sweep needs: banks compared with the others of their own sweep,
+    never across worlds of settings) with a 95% bootstrap interval over banks, and where its first
+    lands in each sweep."""
+    import numpy as np
+
+    from noiseclr.evaluation.blind import AGGREGATES, OBJECTIVE
+    from noiseclr.evaluation.stats import bootstrap_interval, spearman
+
+    runs = [fully_trained(json.loads((o / "benchmark.json").read_text())) for o in outs]
+    if not all("remeasured_aggregates" in r for rows in runs for r in rows):
+        raise SystemExit("every run needs its banks re-measured: run each with --remeasure-only first")
+    align = np.concatenate([[r["oracle"]["alignment"] for r in rows] for rows in runs])
+    sweep = np.concatenate([[i] * len(rows) for i, rows in enumerate(runs)])
+
+    def within(v: np.ndarray, a: np.ndarray, g: np.ndarray) -> float:
+        rhos = [(spearman(v[g == i], a[g == i]), int((g == i).sum())) for i in np.unique(g)]
+        rhos = [(r, n) for r, n in rhos if np.isfinite(r)]
+        if not rhos:
+            return float("nan")
+        values, weights = zip(*rhos, strict=True)
+        return float(np.average(values, weights=weights))
+
+    names = [str(o) for o in outs]
+    lines = [
+        f"### Each candidate within each sweep ({', '.join(names)}: {len(align)} banks)",
+        "",
+        "| figure | rho with the alignment, each sweep | mean within sweeps [95% CI] "
+        "| place of its first, each sweep (top quarter) |",
+        "|---|---|---|---|",
+    ]
+    for name in ("k", *AGGREGATES):
+        v = np.concatenate(
+            [
+                [float(r["k"]) if name == "k" else r["remeasured_aggregates"][name] for r in rows]
+                for rows in runs
+            ]
+        )
+        each, places = [], []
+        for i, rows in enumerate(runs):
+            vi, ai = v[sweep == i], align[sweep == i]
+            each.append(f"{spearman(vi, ai):.2f}")
+            firsts = sorted(1 + int(np.sum(ai > ai[j])) for j in np.flatnonzero(vi == vi.max()))
+            quarter = max(1, len(rows) // 4)
+            tied = f"{firsts[0]}" if len(firsts) == 1 else f"{firsts[0]}..{firsts[-1]}"
+            places.append(f"{tied}/{len(rows)}{' *' if firsts[-1] <= quarter else ''}")
+        star = " (the objective)" if name == OBJECTIVE else ""
+        lines.append(
+            f"| {name}{star} | {' / '.join(each)} | {within(v, align, sweep):.2f} "
+            f"{bootstrap_interval(within, v, align, sweep)} | {' / '.join(places)} |"
+        )
+    return "\n".join([*lines, "", "\\* its first is in the top quarter of that sweep by alignment"])
 
 
 if __name__ == "__main__":
