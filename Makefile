@@ -6,9 +6,6 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEVICE ?= auto
 OUT ?= out/discovery
-# Test processes: the modules that start Ray run in one of them, in order (tests/conftest.py),
-# the others share the rest; most of the Ray modules' time is waiting on servers and subprocesses.
-TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -42,7 +39,7 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/ruff check platform tests jobs
-	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests jobs

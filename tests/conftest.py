@@ -12,29 +12,6 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# The modules that start Ray (a local instance, a cluster of `ray start` nodes, Ray Serve, Ray
-# Tune) run in one process of a parallel run (`pytest -n 2`, the Makefile's), in their order: one
-# Ray on the machine at a time, as the sweep's kill test ends with `ray stop --force`, which stops
-# every Ray there. The other tests are shared out one by one.
-RAY_MODULES = {"test_cluster", "test_distributed", "test_sd15", "test_serving", "test_sweep"}
-
-
-def ray_module(nodeid: str) -> bool:
-    return nodeid.split("::")[0].rpartition("/")[2].removesuffix(".py") in RAY_MODULES
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """xdist's scope scheduling with one scope for the Ray modules and one per other test.
-    (`--dist loadgroup` with an `xdist_group` mark would say the same, but xdist 3.8 groups by
-    rewriting each test's id, which pytest 9.2 no longer reads.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class RayTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "ray" if ray_module(nodeid) else nodeid
-
-    return RayTogether(config, log)
-
 
 @pytest.fixture(scope="session")
 def shapes_model():
