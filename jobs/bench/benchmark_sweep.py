@@ -308,8 +308,7 @@ def candidates(rows: list[dict], quarter: int) -> list[str]:
     ]
     for name, values in figures.items():
         v = np.array(values)
-        # the places of the banks it puts first (several where they tie: a setting such as k)
-        places = sorted(1 + int(np.sum(align > align[i])) for i in np.flatnonzero(v == v.max()))
+        places = first_places(v, align)
         place = f"{places[0]}" if len(places) == 1 else f"{places[0]}..{places[-1]} (tied)"
         star = " (the objective)" if name == OBJECTIVE else ""
         lines.append(
@@ -317,6 +316,15 @@ def candidates(rows: list[dict], quarter: int) -> list[str]:
             f"| {place}{' (top quarter)' if places[-1] <= quarter else ''} |"
         )
     return [*lines, ""]
+
+
+def first_places(values, align) -> list[int]:
+    """The places by alignment of the banks a figure puts first (several where they tie: a
+    setting such as k)."""
+    import numpy as np
+
+    values, align = np.asarray(values), np.asarray(align)
+    return sorted(1 + int(np.sum(align > align[i])) for i in np.flatnonzero(values == values.max()))
 
 
 def pooled(outs: list[Path]) -> str:
@@ -363,7 +371,7 @@ def pooled(outs: list[Path]) -> str:
         for i, rows in enumerate(runs):
             vi, ai = v[sweep == i], align[sweep == i]
             each.append(f"{spearman(vi, ai):.2f}")
-            firsts = sorted(1 + int(np.sum(ai > ai[j])) for j in np.flatnonzero(vi == vi.max()))
+            firsts = first_places(vi, ai)
             quarter = max(1, len(rows) // 4)
             tied = f"{firsts[0]}" if len(firsts) == 1 else f"{firsts[0]}..{firsts[-1]}"
             places.append(f"{tied}/{len(rows)}{' *' if firsts[-1] <= quarter else ''}")
