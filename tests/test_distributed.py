@@ -503,6 +503,16 @@ def test_an_endpoint_node_lost_under_load_loses_no_request(cluster, mlflow_serve
         serve.shutdown()
 
 
+def test_the_module_a_train_controller_unpickles_does_not_import_diffusers():
+    """Ray Train's controller actor unpickles `train_loop_per_worker`, so it imports this module:
+    diffusers (and transformers, through it) would cost each run's controller seconds of CPU
+    before any worker starts. The workers import them when they load the model."""
+    heavy = "sorted({'diffusers', 'transformers'} & set(sys.modules))"
+    code = f"import sys, noiseclr.training.distributed; print({heavy})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
 def test_a_result_without_its_checkpoint_resumes_from_the_newest_in_storage(tmp_path):
     """Ray Train's Result may name no checkpoint when the run ended before its controller
     registered the last one (seen on ray 2.60): the newest readable TrainState is taken."""
