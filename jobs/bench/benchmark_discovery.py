@@ -28,9 +28,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from noiseclr.conditioning import direction_deltas_sequential, encode_directions
 from noiseclr.discovery.loss import noiseclr_loss
 from noiseclr.editing.sampler import Edit, sample
-from noiseclr.models.base import DiffusionModel, fingerprint, load_model, resolve_dtype
+from noiseclr.models.base import DiffusionModel, fingerprint, load_model
 from noiseclr.models.shapes.architecture import SD_SCHEDULE
 from noiseclr.models.shapes.tokenizer import build_tokenizer
+from noiseclr.utils.precision import resolve_dtype
 
 
 def full_size_model(device: str, dtype: torch.dtype) -> DiffusionModel:

@@ -28,6 +28,7 @@ from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.initial import vocab_norm
 from noiseclr.discovery.loss import delta_features, noiseclr_loss, strength_penalty, symmetric_noiseclr_loss
 from noiseclr.errors import ConfigError
+from noiseclr.utils.precision import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +107,6 @@ def draw(cfg: DiscoveryConfig, gen: torch.Generator) -> tuple[torch.Tensor, torc
     return t, dirs
 
 
-def _dtype(cfg: DiscoveryConfig) -> torch.dtype:
-    """The autocast dtype of cfg.optim.precision. Imported here, not at the top: a Ray Train
-    controller unpickles `train_loop_per_worker` and so imports this module, and
-    noiseclr.models.base brings diffusers (about 5 s of CPU in each such process)."""
-    from noiseclr.models.base import resolve_dtype
-
-    return resolve_dtype(cfg.optim.precision)
-
-
 def _key(seed: int, micro: int, salt: int) -> int:
     return ((seed * 1_000_003 + micro) * 1_000_033 + salt) % (2**63 - 1)
 
@@ -157,7 +149,7 @@ def micro_step_loss(
     noise = image_noise(cfg.optim.seed, micro, index, tuple(x0.shape[1:]))
     ts = t.expand(len(x0)).to(device)
     x_t = scheduler.add_noise(x0.float().to(device), noise.to(device), ts).to(input_dtype)
-    dtype = _dtype(cfg)
+    dtype = resolve_dtype(cfg.optim.precision)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         deltas = deltas_of(x_t, ts, dirs.to(device))
     deltas = deltas.float()
@@ -192,7 +184,7 @@ def want_checkpointing(
     x = torch.randn((2, *latent_shape), device=device, dtype=input_dtype, requires_grad=True)
     ts = torch.full((2,), (cfg.method.t_min + cfg.method.t_max) // 2, device=device)
     dirs = torch.arange(cfg.method.directions_per_step, device=device)
-    dtype = _dtype(cfg)
+    dtype = resolve_dtype(cfg.optim.precision)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         deltas = deltas_of(x, ts, dirs)
     # Gradient to the input only: the same backward through the UNet, nothing accumulates

@@ -35,8 +35,6 @@ PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 EMBEDDED = {"shapes": PRETRAINED_DIR / "shapes", "shapes-xl": PRETRAINED_DIR / "shapes-xl"}
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 Family = Literal["sd", "sdxl"]
 # What `load_model` loads: SD 1.x / 2.x (and the embedded models) or SDXL.
 Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
@@ -55,13 +53,6 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {name!r} asked for, but this machine has no CUDA GPU (use cpu or auto)")
     return device
-
-
-def resolve_dtype(precision: str) -> torch.dtype:
-    """ "fp32" | "bf16" | "fp16" -> the torch dtype."""
-    if precision not in DTYPES:
-        raise ModelLoadError(f"precision {precision!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[precision]
 
 
 @dataclass

@@ -254,7 +254,8 @@ class EditEngine:
     """The model, the banks, and batched edits."""
 
     def __init__(self, cfg: ServeConfig, model: DiffusionModel | None = None):
-        from noiseclr.models.base import load_model, resolve_dtype
+        from noiseclr.models.base import load_model
+        from noiseclr.utils.precision import resolve_dtype
 
         if cfg.tracking_uri:
             os.environ.setdefault("MLFLOW_TRACKING_URI", cfg.tracking_uri)

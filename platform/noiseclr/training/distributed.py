@@ -37,6 +37,7 @@ from noiseclr.discovery.config import DiscoveryConfig
 from noiseclr.discovery.step import FixedNorm, shaped
 from noiseclr.errors import ConfigError, OutOfMemory, Preempted, UserError
 from noiseclr.utils.memory import peak_rss_mib
+from noiseclr.utils.precision import resolve_dtype
 
 # Steps between Ray Train reports (checkpoint steps and the last step always report). A report is
 # a round trip through Ray Train's controller, measured at ~2 s on the 2-core CPU machine: once
@@ -233,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from noiseclr.discovery import step as steps
     from noiseclr.discovery.core import TrainLoop
-    from noiseclr.models.base import load_model, resolve_dtype, scheduler_like
+    from noiseclr.models.base import load_model, scheduler_like
     from noiseclr.training.metrics import DiscoveryMetrics
 
     started = time.perf_counter()
