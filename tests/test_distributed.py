@@ -506,6 +506,23 @@ def test_the_module_a_train_controller_unpickles_does_not_import_diffusers():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
+def test_a_cpu_worker_does_not_compile_deepspeeds_shared_memory_op(monkeypatch):
+    """DeepSpeed's CPU comm backend would JIT-compile its shm all-reduce op (about 30 s of g++ on
+    a machine's first run, and a toolchain on every CPU node) though training never calls it: the
+    engine marks it unavailable first, and DeepSpeed's own builder then returns none."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    from noiseclr.training.distributed import _without_shm_comm_op
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed builds the shm op only on its CPU accelerator")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)  # restored after
+    _without_shm_comm_op()
+    assert build_shm_op() is None
+
+
 def test_a_result_without_its_checkpoint_resumes_from_the_newest_in_storage(tmp_path):
     """Ray Train's Result may name no checkpoint when the run ended before its controller
     registered the last one (seen on ray 2.60): the newest readable TrainState is taken."""

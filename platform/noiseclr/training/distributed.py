@@ -95,6 +95,17 @@ class NoiseCLRModule(nn.Module):
         return direction_deltas(self.unet, self.encoders, None, rows, x_t, t, self.max_rows)
 
 
+def _without_shm_comm_op() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm)
+    when its comm backend starts: about 30 s of g++ on each machine's first run, and a C++
+    toolchain on every CPU worker node. Only `inference_all_reduce` (DeepSpeed's tensor-parallel
+    inference) uses it; ZeRO training reduces through torch.distributed. So this process marks it
+    unavailable, the state DeepSpeed itself takes on a machine where it cannot build."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """`discovery.core.Engine` on DeepSpeed: AdamW on the module's directions inside a DeepSpeed
     engine (ZeRO `zero_stage`), which averages the gradient over the workers, accumulates
@@ -103,6 +114,7 @@ class DeepSpeedEngine:
     def __init__(self, cfg: DiscoveryConfig, module: NoiseCLRModule, world: int, state):
         import deepspeed
 
+        _without_shm_comm_op()
         opt = torch.optim.AdamW([module.directions], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.engine, self.opt, _, _ = deepspeed.initialize(
             model=module, optimizer=opt, config=deepspeed_config(cfg, world)
