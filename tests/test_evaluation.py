@@ -242,6 +242,8 @@ def test_evaluate_cli_writes_reports_labels_and_edit_defaults(shapes_model, tmp_
             "2",
             "--steps",
             "4",
+            "--inversion-steps",
+            "5",
             "--fix",
             "x=center",
             "--windows",
@@ -252,6 +254,7 @@ def test_evaluate_cli_writes_reports_labels_and_edit_defaults(shapes_model, tmp_
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert report["protocol"]["inversion_steps"] == 5  # the real images' steps, as asked
     assert len(report["windows"]) == 2 and {w[0] for w in report["windows"]} <= {400, 600}
     pooled = report["scores"]["all"]
     assert len(pooled["edits"]) == 2 and len(pooled["edits"][0][0]["effect"]) == 7

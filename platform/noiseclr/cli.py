@@ -357,6 +357,9 @@ def evaluate(
         None, help="Domain factor=word (repeatable). Default: the world the bank was trained on."
     ),
     real: bool = typer.Option(True, help="Also edit real (DDIM-inverted) world images."),
+    inversion_steps: int = typer.Option(
+        50, min=2, help="DDIM steps of the real images' inversion and edits (a quick look: fewer)."
+    ),
     out: Path | None = typer.Option(None, help="Default: BANK/../evaluation."),
     label: bool = typer.Option(True, help="Write labels and the measured edit defaults into bank.json."),
     device: str = typer.Option("auto"),
@@ -376,6 +379,7 @@ def evaluate(
         fixed=_parse_fixed(fix) if fix else None,
         n_images=n,
         steps=steps,
+        inversion_steps=inversion_steps,
         real=real,
         window=(window, 0),
         windows=_int_list("--windows", windows),
