@@ -209,7 +209,8 @@ def test_discover_on_the_world_measures_labels_and_calibrates_the_bank(tmp_path)
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         "k: 3\nnegatives: 1\nbatch: 2\nsteps: 2\nn_images: 4\ngallery_seeds: 1\ngallery_steps: 3\n"
-        "gallery_scales: [-1, 0, 1]\nevaluate_images: 2\nevaluate_steps: 6\nname: w\nedit_window: 500\n"
+        "gallery_scales: [-1, 0, 1]\nevaluate_images: 2\nevaluate_steps: 6\ninversion_steps: 7\nname: w\n"
+        "edit_window: 500\n"
         "world_fixed: {x: center, y: middle}\n"
     )
     out = tmp_path / "out"
@@ -223,6 +224,8 @@ def test_discover_on_the_world_measures_labels_and_calibrates_the_bank(tmp_path)
     evaluation = meta["metrics"]["evaluation"]
     assert evaluation["protocol"]["fixed"] == {"x": "center", "y": "middle"}
     assert evaluation["protocol"]["factors"] == ["shape", "hue", "size", "lightness", "pattern"]
+    # both measurements' real images at the job's evaluation.inversion_steps (not 50 and 8)
+    assert evaluation["protocol"]["inversion_steps"] == meta["scores"]["protocol"]["inversion_steps"] == 7
     lo, hi = evaluation["interval"]
     assert 0 <= lo <= evaluation["alignment"] <= hi <= 1
     assert (out / "evaluation" / "evaluation.html").exists()

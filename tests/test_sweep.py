@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 def write_sweep(folder: Path, uri: str | None, name: str, samples: int) -> Path:
     (folder / "job.yaml").write_text(
         "name: swp\nk: 2\nnegatives: 1\nbatch: 2\nn_images: 4\ndevice: cpu\n"
-        "evaluate_images: 2\nevaluate_steps: 4\n"
+        "evaluate_images: 2\nevaluate_steps: 4\ninversion_steps: 5\n"
         "world_fixed: {x: center, y: middle}\ngallery_seeds: 1\ngallery_steps: 2\ngallery_scales: [0, 1]\n"
         "checkpoint_every: 1\nexperiment: sweep-tests\n" + (f"tracking_uri: {uri}\n" if uri else "")
     )

@@ -46,6 +46,7 @@ def tracked(mlflow_server, tmp_path_factory):
         device="cpu",
         evaluate_images=2,
         evaluate_steps=4,
+        inversion_steps=5,
         gallery_seeds=1,
         gallery_steps=2,
         gallery_scales=[0.0, 1.0],

@@ -208,6 +208,9 @@ class EvaluationConfig(BaseModel):
     windows: list[int] = Field(default_factory=list)
     images: int = Field(8, ge=2)  # generated and real images of those measurements
     steps: int = Field(20, ge=2)  # DDIM steps of their generated images
+    # DDIM steps of their real images' inversion and edits; null: the oracle's 50 and the
+    # oracle-free measurement's 1.25 x steps (the figures in docs/ were measured so).
+    inversion_steps: int | None = Field(None, ge=2)
 
 
 class GalleryConfig(BaseModel):

@@ -160,7 +160,7 @@ def blind_protocol(cfg: DiscoveryConfig, n: int | None = None, fresh: bool = Fal
         calibration_images=min(4, n),
         prompt=cfg.gallery.prompt,
         steps=cfg.evaluation.steps,
-        inversion_steps=max(2, round(1.25 * cfg.evaluation.steps)),
+        inversion_steps=cfg.evaluation.inversion_steps or max(2, round(1.25 * cfg.evaluation.steps)),
         window=None,  # each direction in its own edit window (the oracle's choice, else edit_window)
         seed=cfg.optim.seed + 2000 + (FRESH_SEED if fresh else 0),
     )
@@ -178,6 +178,7 @@ def oracle_protocol(cfg: DiscoveryConfig, n: int | None = None, fresh: bool = Fa
         steps=cfg.evaluation.steps,
         window=(cfg.evaluation.edit_window, 0),
         windows=tuple(cfg.evaluation.windows),
+        **({"inversion_steps": cfg.evaluation.inversion_steps} if cfg.evaluation.inversion_steps else {}),
     )
     return p.model_copy(update={"seed": p.seed + FRESH_SEED}) if fresh else p
 
