@@ -385,8 +385,10 @@ def test_a_job_trains_when_mlflow_is_down_at_the_start_and_its_run_is_logged_lat
     from noiseclr.discovery.core import TrainLoop
     from noiseclr.workflows.discover import TRACKING_PENDING
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while it is down
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # How long a job waits for the server to answer at all (default 10 s), at the start and at the
+    # end; MLflow's own retries (about four minutes for a server that does not answer) are left as
+    # a user has them.
+    monkeypatch.setenv("NOISECLR_TRACKING_WAIT_S", "1")
     server = MlflowServer(tmp_path / "mlflow")  # its port is chosen; nothing listens there yet
     job = dict(k=3, negatives=1, batch=2, n_images=2, steps=3, device="cpu", evaluate=False)
     job |= dict(gallery=False, world_fixed={"x": "center", "y": "middle"}, tracking_uri=server.uri)
@@ -427,7 +429,8 @@ def test_a_job_trains_when_mlflow_is_down_at_the_start_and_its_run_is_logged_lat
             run_discovery(DiscoveryConfig.of(name="down", **job), tmp_path / "down", model=shapes_model)
         assert (tmp_path / "down" / TRACKING_PENDING).exists()  # marked from the start: step 1 unlogged
         down = run_discovery(DiscoveryConfig.of(name="down", **job), tmp_path / "down", model=shapes_model)
-        assert down.bank.is_dir() and down.steps == 3 and down.run_id is None and down.tracking_error
+        assert down.bank.is_dir() and down.steps == 3 and down.run_id is None
+        assert f"MLflow at {server.uri} did not answer within 1 s" in down.tracking_error
         assert (tmp_path / "down" / TRACKING_PENDING).exists()
         server.start()
         again = run_discovery(DiscoveryConfig.of(name="down", **job), tmp_path / "down", model=shapes_model)
@@ -436,6 +439,22 @@ def test_a_job_trains_when_mlflow_is_down_at_the_start_and_its_run_is_logged_lat
         assert not (tmp_path / "down" / TRACKING_PENDING).exists()
     finally:
         server.stop()
+
+
+def test_the_wait_for_a_tracking_server_is_bounded_and_its_knob_checked(monkeypatch):
+    """An unknown host (a cluster's service name off the cluster) is not answered for within the
+    wait, not MLflow's minutes of retries; a wait that is not a positive number is refused."""
+    from noiseclr.errors import StorageError
+    from noiseclr.tracking.runs import answer_wait_s, unanswered
+
+    started = time.monotonic()
+    assert unanswered("http://mlflow.noiseclr.invalid:5000", 1.0)  # .invalid never resolves
+    assert time.monotonic() - started < 15
+    assert unanswered("sqlite:///mlflow.db", 1.0) is None  # a store, not a server: nothing to ask
+    for bad in ("0", "ten", "nan", "-3"):
+        monkeypatch.setenv("NOISECLR_TRACKING_WAIT_S", bad)
+        with pytest.raises(StorageError, match="NOISECLR_TRACKING_WAIT_S must be a positive number"):
+            answer_wait_s()
 
 
 def test_an_mlflow_server_that_answers_with_a_refusal_stops_the_job_before_it_trains(tmp_path, shapes_model):

@@ -38,6 +38,45 @@ UNREACHABLE = (
 )
 
 
+def answer_wait_s() -> float:
+    """How long a job waits for its tracking server to answer at all ($NOISECLR_TRACKING_WAIT_S,
+    default 10 s) before it trains without it."""
+    raw = os.environ.get("NOISECLR_TRACKING_WAIT_S", "10")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise StorageError(f"NOISECLR_TRACKING_WAIT_S must be a positive number of seconds, got {raw!r}")
+    return seconds
+
+
+def unanswered(uri: str, seconds: float) -> str | None:
+    """Why the server at `uri` gave no HTTP answer within `seconds` (tried about once a second),
+    or None when it answered (any status: a refusal is MLflow's to explain). Only http(s) URIs
+    are servers. MLflow's own client retries a server that does not answer for about four
+    minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES' backoff), and a job asks twice (at the start and at
+    the end), so a wrong or down server held a job about eight minutes before this."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    deadline, why = time.monotonic() + seconds, "no attempt"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            urllib.request.urlopen(uri, timeout=max(0.5, min(5.0, left))).close()
+            return None
+        except urllib.error.HTTPError:
+            return None  # it answered
+        except (OSError, ValueError) as err:  # refused, unresolved, timed out, not a URL
+            why = str(getattr(err, "reason", err))
+        if time.monotonic() + 1 > deadline:
+            return why
+        time.sleep(1)
+
+
 def tracking_uri(cfg: DiscoveryConfig) -> str | None:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
@@ -88,6 +127,8 @@ def tracked_run(
 def _run(cfg: DiscoveryConfig, uri: str, run_name: str, parent: str | None, run_id: str | None):
     import mlflow
 
+    if why := unanswered(uri, wait := answer_wait_s()):
+        raise TrackingUnreachable(f"MLflow at {uri} did not answer within {wait:g} s ({why})")
     try:
         experiment = mlflow.set_experiment(cfg.tracking.experiment)
     except Exception as err:  # server down, wrong URI: say so before training, not after

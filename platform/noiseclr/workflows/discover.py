@@ -352,13 +352,17 @@ def _log_late(cfg, result, history, data, measured, run_name: str, pending: Path
         log.info("MLflow answered at the end: run %s logged with every step", result.run_id)
     except Exception as err:  # the bank is saved: say how to log it, lose nothing
         pending.write_text(json.dumps({"tracking_uri": tracking_uri(cfg), "error": str(err)}))
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not first.startswith("MLflow at "):
+            first = f"MLflow at {tracking_uri(cfg)} did not answer ({first})"
         log.error(
-            "the bank is saved in %s but MLflow at %s did not answer (%s); run the same command again "
-            "when it answers: it resumes at step %d (nothing to train) and logs the run, every step's "
-            "metrics included, and registers the bank",
+            "the bank is saved in %s but %s; run the same command again when it answers: it resumes "
+            "at step %d (nothing to train) and logs the run, every step's metrics included, and "
+            "registers the bank",
             result.bank,
-            tracking_uri(cfg),
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
+            first
+            if first.startswith("MLflow at ")
+            else f"MLflow at {tracking_uri(cfg)} did not answer ({first})",
             result.steps,
         )
         result.tracking_error = str(err)
