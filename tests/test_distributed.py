@@ -496,12 +496,20 @@ def test_an_endpoint_node_lost_under_load_loses_no_request(cluster, mlflow_serve
         serve.shutdown()
 
 
-def test_the_module_a_train_controller_unpickles_does_not_import_diffusers():
-    """Ray Train's controller actor unpickles `train_loop_per_worker`, so it imports this module:
-    diffusers (and transformers, through it) would cost each run's controller seconds of CPU
-    before any worker starts. The workers import them when they load the model."""
-    heavy = "sorted({'diffusers', 'transformers'} & set(sys.modules))"
-    code = f"import sys, noiseclr.training.distributed; print({heavy})"
+@pytest.mark.parametrize(
+    "module, heavy",
+    [
+        ("noiseclr.training.distributed", ("diffusers", "transformers")),
+        ("noiseclr.data.ray_input", ("torch",)),
+    ],
+)
+def test_what_rays_helper_processes_unpickle_imports_no_heavy_library(module, heavy):
+    """Ray Train's controller actor unpickles `train_loop_per_worker` (training.distributed), and
+    Ray Data's dataset manager, split coordinator and decode actor the pipeline's stages
+    (data.ray_input): diffusers and transformers in the one, torch in the others, would cost each
+    run's processes seconds of CPU (and torch 180 MB each) before any worker steps. The workers
+    and the VAE actor import them where they use them."""
+    code = f"import sys, {module}; print(sorted(set({heavy!r}) & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 

@@ -19,7 +19,6 @@ import uuid
 import fsspec
 import numpy as np
 import ray
-import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from noiseclr.data.images import IMAGE_SUFFIXES, decode_image
@@ -159,6 +158,8 @@ class VaeEncode:
         self.vae = load_model(model, device="auto").pixel_vae
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         from noiseclr.data.images import encode_latents
 
         if len(batch["index"]) == 0:
@@ -201,7 +202,10 @@ def latent_dataset(
         concurrency=1,
         num_cpus=0.25,
     )
-    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
     # Fractional CPUs on CPU-only machines: the decode and encode actors must fit beside the
     # training workers or the read tasks starve (2 workers + these in 4 logical CPUs).
     ds = ds.map_batches(
