@@ -444,6 +444,9 @@ def test_a_job_trains_when_mlflow_is_down_at_the_start_and_its_run_is_logged_lat
 def test_the_wait_for_a_tracking_server_is_bounded_and_its_knob_checked(monkeypatch):
     """An unknown host (a cluster's service name off the cluster) is not answered for within the
     wait, not MLflow's minutes of retries; a wait that is not a positive number is refused."""
+    import http.server
+    import threading
+
     from noiseclr.errors import StorageError
     from noiseclr.tracking.runs import answer_wait_s, unanswered
 
@@ -451,6 +454,12 @@ def test_the_wait_for_a_tracking_server_is_bounded_and_its_knob_checked(monkeypa
     assert unanswered("http://mlflow.noiseclr.invalid:5000", 1.0)  # .invalid never resolves
     assert time.monotonic() - started < 15
     assert unanswered("sqlite:///mlflow.db", 1.0) is None  # a store, not a server: nothing to ask
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:  # any HTTP answer (here a 404 or a listing) counts; credentials in the URI are not the host
+        assert unanswered(f"http://user:secret@127.0.0.1:{httpd.server_address[1]}/no/such", 1.0) is None
+    finally:
+        httpd.shutdown()
     for bad in ("0", "ten", "nan", "-3"):
         monkeypatch.setenv("NOISECLR_TRACKING_WAIT_S", bad)
         with pytest.raises(StorageError, match="NOISECLR_TRACKING_WAIT_S must be a positive number"):

@@ -57,21 +57,27 @@ def unanswered(uri: str, seconds: float) -> str | None:
     are servers. MLflow's own client retries a server that does not answer for about four
     minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES' backoff), and a job asks twice (at the start and at
     the end), so a wrong or down server held a job about eight minutes before this."""
+    import http.client
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     if not uri.startswith(("http://", "https://")):
         return None
+    parts = urllib.parse.urlsplit(uri)
+    url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no user:password@
     deadline, why = time.monotonic() + seconds, "no attempt"
     while True:
         left = deadline - time.monotonic()
         try:
-            urllib.request.urlopen(uri, timeout=max(0.5, min(5.0, left))).close()
+            urllib.request.urlopen(url, timeout=max(0.5, min(5.0, left))).close()
             return None
         except urllib.error.HTTPError:
             return None  # it answered
-        except (OSError, ValueError) as err:  # refused, unresolved, timed out, not a URL
+        except OSError as err:  # refused, unresolved, timed out
             why = str(getattr(err, "reason", err))
+        except (ValueError, http.client.HTTPException):
+            return None  # a malformed URI (say its port): MLflow's client says what is wrong
         if time.monotonic() + 1 > deadline:
             return why
         time.sleep(1)

@@ -360,9 +360,7 @@ def _log_late(cfg, result, history, data, measured, run_name: str, pending: Path
             "at step %d (nothing to train) and logs the run, every step's metrics included, and "
             "registers the bank",
             result.bank,
-            first
-            if first.startswith("MLflow at ")
-            else f"MLflow at {tracking_uri(cfg)} did not answer ({first})",
+            first,
             result.steps,
         )
         result.tracking_error = str(err)
