@@ -442,27 +442,49 @@ def test_a_job_trains_when_mlflow_is_down_at_the_start_and_its_run_is_logged_lat
 
 
 def test_the_wait_for_a_tracking_server_is_bounded_and_its_knob_checked(monkeypatch):
-    """An unknown host (a cluster's service name off the cluster) is not answered for within the
-    wait, not MLflow's minutes of retries; a wait that is not a positive number is refused."""
+    """An unknown host (a cluster's service name off the cluster) and a proxy whose backend is
+    down (503) are not answered for within the wait, not MLflow's minutes of retries; any other
+    status, a redirect to a login page the job cannot reach, or credentials in the URI are a
+    server answering; a wait that is not a number of seconds >= 0 is refused."""
     import http.server
     import threading
 
     from noiseclr.errors import StorageError
     from noiseclr.tracking.runs import answer_wait_s, unanswered
 
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/down"):
+                self.send_response(503)  # a proxy in front of a backend that is down
+            elif self.path.startswith("/login"):
+                self.send_response(302)  # a login gateway: its page is on a host not reachable here
+                self.send_header("Location", "http://login.noiseclr.invalid/")
+            else:
+                self.send_response(404)  # not MLflow: a refusal, for MLflow's client to explain
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
     started = time.monotonic()
     assert unanswered("http://mlflow.noiseclr.invalid:5000", 1.0)  # .invalid never resolves
     assert time.monotonic() - started < 15
     assert unanswered("sqlite:///mlflow.db", 1.0) is None  # a store, not a server: nothing to ask
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:  # any HTTP answer (here a 404 or a listing) counts; credentials in the URI are not the host
-        assert unanswered(f"http://user:secret@127.0.0.1:{httpd.server_address[1]}/no/such", 1.0) is None
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        assert unanswered(f"http://user:secret@{base.removeprefix('http://')}/no/such", 1.0) is None
+        assert unanswered(f"{base}/login", 1.0) is None
+        assert unanswered(f"{base}/down", 1.0) == "HTTP 503: a proxy answers for it"
     finally:
         httpd.shutdown()
-    for bad in ("0", "ten", "nan", "-3"):
+    monkeypatch.setenv("NOISECLR_TRACKING_WAIT_S", "0")  # do not ask first
+    assert answer_wait_s() == 0 and unanswered("http://mlflow.noiseclr.invalid:5000", 0) is None
+    for bad in ("ten", "nan", "-3", "inf"):
         monkeypatch.setenv("NOISECLR_TRACKING_WAIT_S", bad)
-        with pytest.raises(StorageError, match="NOISECLR_TRACKING_WAIT_S must be a positive number"):
+        with pytest.raises(StorageError, match="NOISECLR_TRACKING_WAIT_S must be a number of seconds >= 0"):
             answer_wait_s()
 
 

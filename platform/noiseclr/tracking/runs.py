@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,43 +41,60 @@ UNREACHABLE = (
 
 def answer_wait_s() -> float:
     """How long a job waits for its tracking server to answer at all ($NOISECLR_TRACKING_WAIT_S,
-    default 10 s) before it trains without it."""
+    default 10 s) before it trains without it; 0: it does not ask first (MLflow's client then
+    retries as it is set to)."""
     raw = os.environ.get("NOISECLR_TRACKING_WAIT_S", "10")
     try:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds < float("inf"):
-        raise StorageError(f"NOISECLR_TRACKING_WAIT_S must be a positive number of seconds, got {raw!r}")
+    if not 0 <= seconds < float("inf"):
+        raise StorageError(f"NOISECLR_TRACKING_WAIT_S must be a number of seconds >= 0, got {raw!r}")
     return seconds
 
 
-def unanswered(uri: str, seconds: float) -> str | None:
-    """Why the server at `uri` gave no HTTP answer within `seconds` (tried about once a second),
-    or None when it answered (any status: a refusal is MLflow's to explain). Only http(s) URIs
-    are servers. MLflow's own client retries a server that does not answer for about four
-    minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES' backoff), and a job asks twice (at the start and at
-    the end), so a wrong or down server held a job about eight minutes before this."""
-    import http.client
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+# What a proxy answers for a backend that is down; MLflow's client retries these through the same
+# backoff as a server that does not answer, so they count as no answer.
+PROXY_DOWN = (502, 503, 504)
 
-    if not uri.startswith(("http://", "https://")):
+
+def unanswered(uri: str, seconds: float) -> str | None:
+    """Why the server at `uri` gave no answer within `seconds` (asked about once a second), or
+    None when it answered: any status but a proxy's 502/503/504 (a refusal is MLflow's client's
+    to explain), a redirect (not followed: a login gateway's page may be elsewhere) or a TLS
+    handshake (certificates are MLflow's client's to check, with its settings). Asked through
+    requests, as MLflow's client asks (the same proxy settings). Only http(s) URIs are servers.
+
+    Why ask first: MLflow's client retries a server that does not answer for about four minutes
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES' backoff) and a job asks at its start and at its end, so a
+    wrong or down server held a job about eight minutes. (A resolver that hangs can hold one
+    attempt past `seconds`.)"""
+    import urllib.parse
+    import warnings
+
+    import requests
+
+    if seconds <= 0 or not uri.startswith(("http://", "https://")):
         return None
     parts = urllib.parse.urlsplit(uri)
     url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no user:password@
     deadline, why = time.monotonic() + seconds, "no attempt"
     while True:
-        left = deadline - time.monotonic()
+        timeout = max(0.5, min(5.0, deadline - time.monotonic()))
         try:
-            urllib.request.urlopen(url, timeout=max(0.5, min(5.0, left))).close()
-            return None
-        except urllib.error.HTTPError:
-            return None  # it answered
-        except OSError as err:  # refused, unresolved, timed out
-            why = str(getattr(err, "reason", err))
-        except (ValueError, http.client.HTTPException):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # verify=False: whether it answers, nothing more
+                reply = requests.get(url, timeout=timeout, allow_redirects=False, verify=False)
+            reply.close()
+            if reply.status_code not in PROXY_DOWN:
+                return None
+            why = f"HTTP {reply.status_code}: a proxy answers for it"
+        except requests.exceptions.SSLError:
+            return None  # a TLS handshake: a server is there
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
+            found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))  # urllib3 wraps the OS's reason
+            why = found.group(0) if found else type(err).__name__
+        except requests.exceptions.RequestException:
             return None  # a malformed URI (say its port): MLflow's client says what is wrong
         if time.monotonic() + 1 > deadline:
             return why
@@ -133,7 +151,7 @@ def tracked_run(
 def _run(cfg: DiscoveryConfig, uri: str, run_name: str, parent: str | None, run_id: str | None):
     import mlflow
 
-    if why := unanswered(uri, wait := answer_wait_s()):
+    if uri.startswith(("http://", "https://")) and (why := unanswered(uri, wait := answer_wait_s())):
         raise TrackingUnreachable(f"MLflow at {uri} did not answer within {wait:g} s ({why})")
     try:
         experiment = mlflow.set_experiment(cfg.tracking.experiment)

@@ -102,8 +102,12 @@ def _without_shm_comm_op() -> None:
     inference) uses it; ZeRO training reduces through torch.distributed. So this process marks it
     unavailable, the state DeepSpeed itself takes on a machine where it cannot build."""
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Not asked on other accelerators (CUDA has no such builder): reading the table makes
+    # DeepSpeed probe every op's compatibility, compilers included.
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class DeepSpeedEngine:
